@@ -1,0 +1,408 @@
+"""The model directory as files: config, index, shards, tensors and their raw bytes; atomic writing.
+
+Knows nothing about experts. Reading is lazy: shard headers are parsed (and checked against the file
+size and the index) up front, tensors are read one at a time. The index is the truth about shard names:
+they are never derived from a pattern (released checkpoints have zero-based names with a wrong
+"-of-N"). Writing streams one tensor at a time into a safetensors file, so memory stays bounded by the
+largest tensor, and a whole output directory is built beside its target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reap.errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# weight files of other formats: never copied into a pruned output (they would hold unpruned weights)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard file, dtype name (safetensors spelling), shape, byte range in the file."""
+
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header; returns (header dict, offset of the data section). Checks the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (hlen,) = struct.unpack("<Q", raw_len)
+            if hlen > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {hlen} exceeds the file")
+            header = json.loads(f.read(hlen))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err}); re-download that shard") from None
+    data_start = 8 + hlen
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise UserError(
+            f"{path} is truncated: its header needs {data_start + end} bytes but the file has {size}; "
+            "re-download that shard"
+        )
+    return header, data_start
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """A local directory, or a Hugging Face id resolved from the local cache (never downloads)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise UserError(f"{model} is a file, not a model directory; pass the directory that holds config.json")
+    text = str(model)
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
+    if looks_like_id:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
+            pass
+        raise UserError(
+            f"model {text!r} is not a local directory and is not in the local Hugging Face cache "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it first with "
+            f"`hf download {text}` or pass the path of a model directory"
+        )
+    raise UserError(f"model directory {text} does not exist; pass the directory that holds config.json")
+
+
+class Checkpoint:
+    """A sharded (or single-file) safetensors model directory, validated on open, read lazily."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = resolve_model(path)
+        self.config = self._read_config()
+        self.weight_map = self._read_weight_map()
+        # shards in first-appearance order of the index
+        self.shards: list[str] = list(dict.fromkeys(self.weight_map.values()))
+        self.infos: dict[str, TensorInfo] = {}
+        self._shard_meta: dict[str, dict[str, str]] = {}
+        for shard in self.shards:
+            self._index_shard(shard)
+        self._handles: dict[str, Any] = {}
+
+    # -- opening -----------------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        cfg = self.path / CONFIG_NAME
+        if not cfg.is_file():
+            raise UserError(f"{self.path} has no config.json; pass a Hugging Face model directory")
+        try:
+            config = json.loads(cfg.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{cfg} is not valid JSON ({err}); restore the original config.json") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{cfg} is not a JSON object; restore the original config.json")
+        return config
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+                assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+            except (ValueError, KeyError, AssertionError, TypeError):
+                raise UserError(f"{index} is not a valid safetensors index (no weight_map); re-download it") from None
+            for shard in set(weight_map.values()):
+                if "/" in shard or "\\" in shard or shard.startswith("."):
+                    raise UserError(f"{index} names shard {shard!r} outside the model directory; fix the index")
+            return dict(weight_map)
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            header, _ = read_header(single)
+            return {k: SINGLE_NAME for k in header if k != "__metadata__"}
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+            raise UserError(
+                f"{self.path} holds only pickle weights (.bin/.pt); reap reads safetensors only: convert the "
+                "model with transformers (`save_pretrained(..., safe_serialization=True)`) first"
+            )
+        raise UserError(f"{self.path} has neither {INDEX_NAME} nor {SINGLE_NAME}; pass a safetensors model directory")
+
+    def _index_shard(self, shard: str) -> None:
+        path = self.path / shard
+        if not path.is_file():
+            raise UserError(f"shard {shard} named by the index is missing from {self.path}; re-download it")
+        header, data_start = read_header(path)
+        self._shard_meta[shard] = header.get("__metadata__") or {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            self._add_info(name, shard, info, data_start + begin, data_start + end)
+        missing = [n for n, s in self.weight_map.items() if s == shard and n not in self.infos]
+        if missing:
+            raise UserError(
+                f"the index names {len(missing)} tensor(s) in {shard} that the shard does not hold "
+                f"(e.g. {missing[0]}); the index and shards are from different downloads: re-download the model"
+            )
+
+    def _add_info(self, name: str, shard: str, info: dict[str, Any], start: int, end: int) -> None:
+        # a tensor present in a shard but not in the index is ignored, as transformers does
+        if self.weight_map.get(name) != shard:
+            return
+        self.infos[name] = TensorInfo(name, shard, info["dtype"], tuple(info["shape"]), start, end)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def shard_tensors(self, shard: str) -> list[TensorInfo]:
+        """The index's tensors of one shard, in file order."""
+        return sorted((i for i in self.infos.values() if i.shard == shard), key=lambda i: i.start)
+
+    def shard_metadata(self, shard: str) -> dict[str, str]:
+        return dict(self._shard_meta.get(shard, {}))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def raw(self, name: str) -> bytes:
+        """The tensor's bytes exactly as stored."""
+        info = self.infos[name]
+        with open(self.path / info.shard, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise UserError(f"{info.shard} ended early while reading {name}; re-download that shard")
+        return data
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor as stored (dtype kept), read via a memory map of its shard."""
+        from safetensors import safe_open
+
+        info = self.infos[name]
+        handle = self._handles.get(info.shard)
+        if handle is None:
+            handle = safe_open(str(self.path / info.shard), framework="pt", device="cpu")
+            self._handles[info.shard] = handle
+        return handle.get_tensor(name)
+
+    def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A weight ready for compute: FP8 block-quantized weights are dequantized with their scale."""
+        t = self.tensor(name).to(device, non_blocking=True)
+        scale_name = name + "_scale_inv"
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.infos:
+            scale = self.tensor(scale_name).to(device, non_blocking=True)
+            return dequantize_blocks(t, scale, dtype or torch.bfloat16)
+        return t.to(dtype) if dtype is not None else t
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+
+def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 weight [O, I] x per-block scale [ceil(O/bo), ceil(I/bi)] -> dequantized weight [O, I] in dtype.
+
+    The block size is implied by the shapes (128x128 in the released MiniMax-M2 / DeepSeek-V3).
+    """
+    out_f, in_f = weight.shape
+    so, si = scale_inv.shape
+    bo = -(-out_f // so)
+    bi = -(-in_f // si)
+    w = weight.to(torch.float32).reshape(1, out_f, in_f)
+    if out_f % bo == 0 and in_f % bi == 0 and so * bo == out_f and si * bi == in_f:
+        w = w.view(so, bo, si, bi) * scale_inv.float().view(so, 1, si, 1)
+        return w.reshape(out_f, in_f).to(dtype)
+    scale = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return (w[0] * scale).to(dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A CPU tensor's raw bytes (any dtype, including bf16 and fp8)."""
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor to write: its bytes come from ``fetch()`` when the writer reaches it, or, when ``source``
+    is set, are copied from that file's byte range ``(path, offset)`` kernel-side (no trip through Python)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    fetch: Callable[[], bytes] | None = None
+    source: tuple[Path, int] | None = None
+
+    @classmethod
+    def copy_of(cls, info: TensorInfo, root: Path, name: str | None = None) -> "Entry":
+        return cls(name or info.name, info.dtype, info.shape, info.nbytes, source=(root / info.shard, info.start))
+
+
+def _write_all(f, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def _copy_range(src: Path, offset: int, nbytes: int, dst) -> None:
+    """Append nbytes of src starting at offset to the open file dst."""
+    with open(src, "rb") as f:
+        left = nbytes
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    n = os.copy_file_range(f.fileno(), dst.fileno(), left, offset + nbytes - left)
+                    if n == 0:
+                        break
+                    left -= n
+            except OSError:
+                pass  # filesystem without support: the buffered copy below does the rest
+        if left:
+            f.seek(offset + nbytes - left)
+            while left:
+                chunk = f.read(min(left, 64 << 20))
+                if not chunk:
+                    raise UserError(f"{src} ended early while copying; re-download that shard")
+                _write_all(dst, chunk)
+                left -= len(chunk)
+
+
+def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> int:
+    """Stream entries into a safetensors file, one tensor in memory at a time. Returns the data size."""
+    entries = list(entries)
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for e in entries:
+        expected = ITEMSIZE[e.dtype]
+        for d in e.shape:
+            expected *= d
+        if expected != e.nbytes:
+            raise ValueError(f"{e.name}: {e.nbytes} bytes for {e.dtype}{list(e.shape)} (expected {expected})")
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range and write share the fd offset
+        _write_all(f, struct.pack("<Q", len(blob)) + blob)
+        for e in entries:
+            if e.source is not None:
+                _copy_range(e.source[0], e.source[1], e.nbytes, f)
+                continue
+            data = e.fetch()
+            if len(data) != e.nbytes:
+                raise ValueError(f"{e.name}: fetched {len(data)} bytes, header says {e.nbytes}")
+            _write_all(f, data)
+        os.fsync(f.fileno())
+    return offset
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
+    """Refuse an output that is, or is inside, or contains an input, or exists non-empty (unless overwrite)."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out} is the input model directory or inside it; choose a directory elsewhere")
+        if out in src.parents:
+            raise UserError(f"--out {out} contains the input model {src}; choose a directory that does not")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is a file; choose a new directory")
+        if any(out.iterdir()) and not overwrite:
+            raise UserError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    if not out.parent.exists():
+        raise UserError(f"the parent of --out ({out.parent}) does not exist; create it first")
+    return out
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside target; on success it replaces target, on error it is removed.
+
+    The temporary name starts with a dot and says ``incomplete``, so an interrupted run never leaves a
+    directory that looks like a finished model.
+    """
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def other_files(model_dir: Path, skip: set[str]) -> list[Path]:
+    """Files of the model directory to copy as they are (tokenizer, templates, code, license...).
+
+    Skips names in ``skip`` (relative posix paths), weight files of any format, and VCS/cache folders.
+    """
+    found = []
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir)
+        if any(part in (".git", ".cache", "__pycache__") for part in rel.parts):
+            continue
+        if p.is_dir() or rel.as_posix() in skip or p.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        found.append(p)
+    return found

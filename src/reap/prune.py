@@ -1,0 +1,261 @@
+"""Selection and surgery: which experts stay, and the rewritten checkpoint.
+
+``plan`` turns a ratio + scores or a keep file into per-layer keep lists; ``rewrite`` streams the
+checkpoint shard by shard into a temporary directory beside the target: kept expert tensors are copied
+byte for byte (FP8 values and scales included) and renumbered 0..K-1 in original order, router rows and
+the correction bias are sliced (dtype kept), every other tensor is copied unchanged, the index and
+``config.json`` are rebuilt, other files copied, ``reap_report.json`` written; the result is verified and
+only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reap import __version__
+from reap.arch import MoESpec
+from reap.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Checkpoint,
+    Entry,
+    atomic_directory,
+    other_files,
+    read_header,
+    tensor_bytes,
+    write_json,
+    write_safetensors,
+)
+from reap.errors import UserError
+
+REPORT_NAME = "reap_report.json"
+Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
+
+
+def moe_layers(ckpt: Checkpoint, spec: MoESpec) -> list[int]:
+    """Layers that have a router in this checkpoint (every layer for MiniMax-M2)."""
+    layers = [layer for layer in range(spec.num_layers) if spec.router_name(layer) in ckpt]
+    if not layers:
+        raise UserError(
+            f"no router tensor like {spec.router_name(0)} in {ckpt.path}; the checkpoint does not match the "
+            f"{spec.family.name} entry in src/reap/arch.py"
+        )
+    return layers
+
+
+def experts_to_drop(spec: MoESpec, ratio: float) -> int:
+    """floor(E * ratio), after checking the ratio leaves at least top-k experts."""
+    from reap.saliency import n_to_drop
+
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
+        raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.3")
+    n_drop = n_to_drop(spec.num_experts, ratio)
+    if n_drop == 0:
+        raise UserError(
+            f"--ratio {ratio} drops floor({spec.num_experts} x {ratio}) = 0 experts; use a ratio of at least "
+            f"{1 / spec.num_experts:.4g}"
+        )
+    if spec.num_experts - n_drop < spec.top_k:
+        most = (spec.num_experts - spec.top_k) / spec.num_experts
+        raise UserError(
+            f"--ratio {ratio} keeps {spec.num_experts - n_drop} experts, fewer than the {spec.top_k} each token "
+            f"is routed to; use --ratio {most:.4g} or less"
+        )
+    return n_drop
+
+
+def keep_from_scores(scores: torch.Tensor, layers: list[int], n_drop: int) -> Keep:
+    """scores [L, E] -> per layer, the experts left after dropping the n_drop lowest (ties to the lower index)."""
+    from reap.saliency import choose_experts
+
+    return {layer: choose_experts(scores[layer], n_drop)[0] for layer in layers}
+
+
+def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
+    """A ``{"<layer>": [kept expert ids]}`` JSON file, checked against the model."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"keep file {path} does not exist; pass a JSON file {{\"<layer>\": [expert ids]}}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"keep file {path} is not valid JSON ({err}); it must look like {{\"0\": [0, 3, 5]}}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"keep file {path} must be a JSON object {{\"<layer>\": [kept expert ids]}}")
+    keep: Keep = {}
+    for key, ids in data.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) in layers):
+            raise UserError(f"keep file {path} names layer {key!r}, which is not an MoE layer of the model (0..{spec.num_layers - 1})")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UserError(f"keep file {path}: layer {key} must map to a list of integer expert ids")
+        bad = [i for i in ids if not 0 <= i < spec.num_experts]
+        if bad:
+            raise UserError(f"keep file {path}: layer {key} names expert {bad[0]}, but the model has experts 0..{spec.num_experts - 1}")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise UserError(f"keep file {path}: layer {key} lists expert {dup} more than once")
+        if len(ids) < spec.top_k:
+            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than top-k {spec.top_k}")
+        keep[int(key)] = sorted(ids)
+    missing = [layer for layer in layers if layer not in keep]
+    if missing:
+        raise UserError(f"keep file {path} has no entry for layer(s) {missing[:8]}; give the kept experts of every MoE layer")
+    counts = {len(v) for v in keep.values()}
+    if len(counts) != 1:
+        raise UserError(
+            f"keep file {path} keeps different numbers of experts per layer ({sorted(counts)}); "
+            f"{spec.family.name} stores one expert count in config.json, so keep the same number in every layer"
+        )
+    return keep
+
+
+@dataclass(frozen=True)
+class SurgeryResult:
+    out: Path
+    kept_per_layer: int
+    bytes_written: int
+    seconds: float
+
+
+def rewrite(
+    ckpt: Checkpoint,
+    spec: MoESpec,
+    keep: Keep,
+    out: Path,
+    report: dict[str, Any],
+    progress: bool = True,
+) -> SurgeryResult:
+    """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir)."""
+    start = time.perf_counter()
+    regex = spec.family.expert_regex()
+    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
+    sliced = {}
+    for layer, ids in keep.items():
+        for name in (spec.router_name(layer), spec.router_bias_name(layer)):
+            if name and name in ckpt:
+                sliced[name] = torch.tensor(ids, dtype=torch.long)
+    k = len(next(iter(keep.values())))
+    total = ckpt.total_bytes
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress, file=sys.stderr)
+    with atomic_directory(out) as tmp:
+        weight_map: dict[str, str] = {}
+        written = 0
+        for shard in ckpt.shards:
+            entries = []
+            for info in ckpt.shard_tensors(shard):
+                m = regex.match(info.name)
+                if m is not None and int(m["layer"]) in keep:
+                    layer, expert = int(m["layer"]), int(m["expert"])
+                    if expert in new_id[layer]:
+                        name = spec.expert_name(layer, new_id[layer][expert], m["rest"])
+                        entries.append(Entry.copy_of(info, ckpt.path, name))
+                elif info.name in sliced:
+                    rows = sliced[info.name]
+
+                    def fetch(name=info.name, rows=rows) -> bytes:
+                        return tensor_bytes(ckpt.tensor(name).index_select(0, rows))
+
+                    shape = (len(rows), *info.shape[1:])
+                    entries.append(Entry(info.name, info.dtype, shape, info.nbytes // info.shape[0] * len(rows), fetch))
+                else:
+                    entries.append(Entry.copy_of(info, ckpt.path))
+            if entries:
+                written += write_safetensors(tmp / shard, entries, ckpt.shard_metadata(shard))
+                weight_map.update({e.name: shard for e in entries})
+            bar.update(sum(i.nbytes for i in ckpt.shard_tensors(shard)))
+        bar.close()
+        index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
+        index_meta["total_size"] = written
+        write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
+        config = dict(ckpt.config)
+        config[spec.num_experts_key] = k
+        write_json(tmp / CONFIG_NAME, config)
+        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, *ckpt.shards}
+        for src in other_files(ckpt.path, skip):
+            dst = tmp / src.relative_to(ckpt.path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        report = {**report, "kept_per_layer": k, "bytes_before": total, "bytes_after": written}
+        write_json(tmp / REPORT_NAME, report)
+        verify(tmp, spec, keep)
+    return SurgeryResult(out, k, written, time.perf_counter() - start)
+
+
+def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
+    """Check a written checkpoint: index == shard headers, experts 0..K-1 per layer, router/bias shapes, config.
+
+    A failure here is a bug in reap, not a user error: it raises RuntimeError and nothing is published.
+    """
+    index = json.loads((path / INDEX_NAME).read_text())
+    weight_map: dict[str, str] = index["weight_map"]
+    total = 0
+    shapes: dict[str, list[int]] = {}
+    for shard in set(weight_map.values()):
+        header, _ = read_header(path / shard)
+        names = {n for n in header if n != "__metadata__"}
+        listed = {n for n, s in weight_map.items() if s == shard}
+        if names != listed:
+            raise RuntimeError(f"verify: {shard} holds {sorted(names ^ listed)[:3]} not matching the index")
+        for n in names:
+            total += header[n]["data_offsets"][1] - header[n]["data_offsets"][0]
+            shapes[n] = header[n]["shape"]
+    if total != index["metadata"]["total_size"]:
+        raise RuntimeError(f"verify: index total_size {index['metadata']['total_size']} != {total} bytes in shards")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    k = config[spec.num_experts_key]
+    if k < spec.top_k:
+        raise RuntimeError(f"verify: config expert count {k} < top-k {spec.top_k}")
+    regex = spec.family.expert_regex()
+    per_layer: dict[int, dict[int, set[str]]] = {}
+    for n in weight_map:
+        m = regex.match(n)
+        if m:
+            per_layer.setdefault(int(m["layer"]), {}).setdefault(int(m["expert"]), set()).add(m["rest"])
+    for layer, kept in keep.items():
+        experts = per_layer.get(layer, {})
+        if sorted(experts) != list(range(len(kept))) or len(kept) != k:
+            raise RuntimeError(f"verify: layer {layer} has experts {sorted(experts)[:5]}..., expected 0..{k - 1}")
+        if len({frozenset(v) for v in experts.values()}) != 1:
+            raise RuntimeError(f"verify: layer {layer} experts do not all have the same tensors")
+        router = shapes.get(spec.router_name(layer))
+        if router != [k, spec.hidden_size]:
+            raise RuntimeError(f"verify: layer {layer} router shape {router}, expected [{k}, {spec.hidden_size}]")
+        bias = spec.router_bias_name(layer)
+        if bias and bias in shapes and shapes[bias] != [k]:
+            raise RuntimeError(f"verify: layer {layer} correction bias shape {shapes[bias]}, expected [{k}]")
+
+
+def base_report(ckpt: Checkpoint, spec: MoESpec, method: str, ratio: float | None, keep: Keep,
+                scores: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``reap_report.json`` content (the surgery adds sizes)."""
+    layers = {}
+    for layer, ids in sorted(keep.items()):
+        kept = set(ids)
+        entry: dict[str, Any] = {"kept": ids, "pruned": [e for e in range(spec.num_experts) if e not in kept]}
+        if scores is not None:
+            entry["saliency"] = [float(x) for x in scores[layer].tolist()]
+        layers[str(layer)] = entry
+    return {
+        "tool": "reap",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["reap", *sys.argv[1:]]),
+        "source": str(ckpt.path),
+        "family": spec.family.name,
+        "method": method,
+        "ratio": ratio,
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        **(extra or {}),
+        "layers": layers,
+    }

@@ -43,6 +43,11 @@ class Family:
     renormalize: bool = True  # divide the chosen K weights by their sum
     # attribute of transformers' decoder layer that holds the MoE block (replaced during calibration)
     moe_module: str = "mlp"
+    # non-expert names the layer streamer needs (transformers' parameter names below these prefixes match disk)
+    layer_prefix: str = "model.layers.{layer}."
+    embed_weight: str = "model.embed_tokens.weight"
+    final_norm_weight: str = "model.norm.weight"
+    lm_head_weight: str = "lm_head.weight"
     hidden_act_key: str = "hidden_act"
 
     def expert_regex(self) -> re.Pattern[str]:
@@ -182,3 +187,12 @@ def human_count(n: float) -> str:
             value = n / scale
             return f"{value:.3g}{unit}" if value < 100 else f"{math.floor(value + 0.5)}{unit}"
     return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover

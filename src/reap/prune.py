@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -23,13 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from reap import __version__
-from reap.arch import MoESpec
+from reap.arch import MoESpec, detect, human_bytes
 from reap.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     Checkpoint,
     Entry,
     atomic_directory,
+    check_output_dir,
     other_files,
     read_header,
     tensor_bytes,
@@ -39,6 +41,7 @@ from reap.checkpoint import (
 from reap.errors import UserError
 
 REPORT_NAME = "reap_report.json"
+STATS_NAME = "reap_stats.safetensors"
 Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
 
 
@@ -134,6 +137,7 @@ def rewrite(
     out: Path,
     report: dict[str, Any],
     progress: bool = True,
+    stats=None,
 ) -> SurgeryResult:
     """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir)."""
     start = time.perf_counter()
@@ -180,13 +184,15 @@ def rewrite(
         config = dict(ckpt.config)
         config[spec.num_experts_key] = k
         write_json(tmp / CONFIG_NAME, config)
-        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, *ckpt.shards}
+        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *ckpt.shards}
         for src in other_files(ckpt.path, skip):
             dst = tmp / src.relative_to(ckpt.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
         report = {**report, "kept_per_layer": k, "bytes_before": total, "bytes_after": written}
         write_json(tmp / REPORT_NAME, report)
+        if stats is not None:
+            stats.save(tmp / STATS_NAME)
         verify(tmp, spec, keep)
     return SurgeryResult(out, k, written, time.perf_counter() - start)
 
@@ -259,3 +265,86 @@ def base_report(ckpt: Checkpoint, spec: MoESpec, method: str, ratio: float | Non
         **(extra or {}),
         "layers": layers,
     }
+
+
+# -- the whole job -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything ``reap prune`` needs. Exactly one of keep_file / ratio."""
+
+    model: str
+    out: Path
+    ratio: float | None = None
+    keep_file: Path | None = None
+    method: str = "reap"
+    seed: int = 0
+    stats: Path | None = None  # reuse a `reap calibrate` stats file
+    calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
+    overwrite: bool = False
+    progress: bool = True
+
+
+def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
+    """Check everything, choose the experts (keep file, random, stats file or calibration), rewrite.
+
+    Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None.
+    """
+    from reap.saliency import METHODS, ExpertStats
+
+    ckpt = Checkpoint(opts.model)
+    spec = detect(ckpt.config)
+    out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
+    layers = moe_layers(ckpt, spec)
+    if (opts.keep_file is None) == (opts.ratio is None):
+        raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
+    stats, scores, extra = None, None, {}
+    if opts.keep_file is not None:
+        keep, method = read_keep_file(opts.keep_file, spec, layers), "keep-file"
+        extra["keep_file"] = str(opts.keep_file)
+    else:
+        if opts.method not in METHODS:
+            raise UserError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
+        n_drop = experts_to_drop(spec, opts.ratio)
+        method = opts.method
+        if method == "random":
+            scores = ExpertStats(spec.num_layers, spec.num_experts).scores("random", opts.seed)
+            extra["seed"] = opts.seed
+        else:
+            if opts.stats is not None and opts.calibration is not None:
+                raise UserError("pass either --stats STATS or --dataset DATA, not both")
+            if opts.stats is not None:
+                stats = ExpertStats.load(opts.stats)
+                check_stats(stats, spec, opts.stats)
+            elif opts.calibration is not None:
+                from dataclasses import replace
+
+                from reap.calibrate import calibrate
+
+                stats, summary = calibrate(replace(opts.calibration, model=str(ckpt.path), out=None), ckpt, log=log)
+                log(f"calibrated {summary['tokens']} tokens in {summary['seconds']:.1f}s")
+            else:
+                raise UserError(f"--method {method} needs calibration: pass --dataset DATA (e.g. a .jsonl file) "
+                                "or --stats STATS from `reap calibrate`; or use --method random")
+            scores = stats.scores(method)
+            extra["calibration"] = stats.meta
+        keep = keep_from_scores(scores, layers, n_drop)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
+    k = len(next(iter(keep.values())))
+    log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")
+    result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats)
+    log(f"wrote {out} ({human_bytes(result.bytes_written)} of tensors, was {human_bytes(ckpt.total_bytes)}) "
+        f"in {result.seconds:.1f}s; verified")
+    return result
+
+
+def check_stats(stats, spec: MoESpec, path) -> None:
+    """A stats file must match the model and be complete."""
+    if (stats.num_layers, stats.num_experts) != (spec.num_layers, spec.num_experts):
+        raise UserError(f"stats file {path} is for {stats.num_layers} layers x {stats.num_experts} experts, the model has "
+                        f"{spec.num_layers} x {spec.num_experts}; calibrate this model with `reap calibrate`")
+    missing = sorted(set(range(spec.num_layers)) - stats.completed)
+    if missing:
+        raise UserError(f"stats file {path} is incomplete (layers {missing[:5]}... missing); finish it with "
+                        "`reap calibrate ... --resume`")

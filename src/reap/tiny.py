@@ -20,12 +20,27 @@ FP8_PATTERN = re.compile(r"(experts\.\d+\.w[123]|self_attn\.[qkvo]_proj)\.weight
 FLOAT32_PATTERN = re.compile(r"(\.gate\.weight|e_score_correction_bias)$")
 
 
+def make_byte_tokenizer(path: str | Path) -> None:
+    """Save a byte-level tokenizer (256 byte tokens + <|endoftext|>=256, <|pad|>=257) to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   bos_token="<|endoftext|>")
+    fast.save_pretrained(str(path))
+
+
 def tiny_config(**overrides):
     """A MiniMaxM2Config small enough for a CPU test, shaped like the released model's config."""
     from transformers import MiniMaxM2Config
 
     kwargs = dict(
-        vocab_size=256,
+        vocab_size=258,
         hidden_size=64,
         intermediate_size=32,
         num_hidden_layers=3,
@@ -36,9 +51,9 @@ def tiny_config(**overrides):
         num_experts_per_tok=4,
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=257,
         tie_word_embeddings=False,
     )
     kwargs.update(overrides)
@@ -66,6 +81,7 @@ def make_tiny_model(
             layer.mlp.experts.gate_up_proj.normal_(0.0, 0.1)
             layer.mlp.experts.down_proj.normal_(0.0, 0.1)
     model.save_pretrained(path, max_shard_size=shard_size)
+    make_byte_tokenizer(path)
     config = json.loads((path / "config.json").read_text())
     # fields of the released MiniMax-M2 config that transformers does not know: a pruner must keep them
     config.update({"scoring_func": "sigmoid", "use_routing_bias": True, "use_mtp": True, "num_mtp_modules": 3,

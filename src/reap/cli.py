@@ -1,0 +1,210 @@
+"""The ``reap`` command line: a thin typer layer over plain functions that take frozen options objects.
+
+Each command parses its flags, builds the options, calls one function and maps user errors
+(:class:`reap.errors.UserError`) to a one-line message and exit code 2. No logic of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from reap import __version__
+from reap.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune experts from Mixture-of-Experts checkpoints with REAP (router-weighted expert activation pruning).",
+)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if _is_rank0():
+        typer.echo(msg, err=True)
+
+
+def user_errors(fn):
+    """Run a command; a UserError becomes 'reap: error: ...' on stderr and exit code 2, Ctrl-C exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"reap: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("reap: interrupted; nothing was published (partial outputs are removed)", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# -- shared option groups ------------------------------------------------------------------------------
+DatasetOpt = typer.Option(None, "--dataset", help="Calibration data: a .jsonl/.jsonl.gz/.json/.parquet/.txt file or a "
+                          "Hugging Face dataset (local cache), or a mixture 'specA:count,specB:count'.")
+SamplesOpt = typer.Option(None, "--samples", help="Use the first N records (or N sampled with --shuffle).")
+MaxLenOpt = typer.Option(2048, "--max-length", help="Truncate each sample to its first L tokens.")
+ShuffleOpt = typer.Option(False, "--shuffle", help="Sample records at random (seeded by --seed) instead of file order.")
+PackOpt = typer.Option(False, "--pack", help="Concatenate samples (EOS between) into --max-length chunks.")
+TextFieldOpt = typer.Option("text", "--text-field", help="Record field holding plain text.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for --shuffle and --method random.")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
+DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU).")
+BatchOpt = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch.")
+OffloadOpt = typer.Option("auto", "--offload", help="Hidden states between layers: auto, device, cpu or disk.")
+WorkdirOpt = typer.Option(None, "--workdir", help="Folder for hidden states with --offload disk.")
+RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device, dtype,
+                         batch_tokens, offload, workdir, trust_remote_code, quiet, out=None, resume=False,
+                         overwrite=False):
+    from reap.calibrate import CalibrateOptions, EngineOptions
+    from reap.data import DataOptions
+
+    if dtype == "auto":
+        import torch
+
+        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dtype = "bfloat16" if gpu else "float32"
+    data = DataOptions(dataset=dataset, samples=samples, max_length=max_length, shuffle=shuffle, seed=seed, pack=pack,
+                       text_field=text_field)
+    engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
+                           progress=not quiet, trust_remote_code=trust_remote_code)
+    return CalibrateOptions(model=model, data=data, out=out, engine=engine, resume=resume, overwrite=overwrite)
+
+
+# -- commands --------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def prune(
+    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the pruned checkpoint."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (0 < R < 1)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help='JSON {"<layer>": [kept expert ids]} instead of --ratio.'),
+    method: str = typer.Option("reap", "--method", help="reap, ean, frequency, weighted-frequency or random."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Reuse a stats file from `reap calibrate`."),
+    dataset: Optional[str] = DatasetOpt,
+    samples: Optional[int] = SamplesOpt,
+    max_length: int = MaxLenOpt,
+    shuffle: bool = ShuffleOpt,
+    seed: int = SeedOpt,
+    pack: bool = PackOpt,
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_tokens: int = BatchOpt,
+    offload: str = OffloadOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    trust_remote_code: bool = RemoteOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    quiet: bool = QuietOpt,
+):
+    """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
+    from reap.prune import PruneOptions, prune_model
+
+    calibration = None
+    if dataset is not None:
+        calibration = _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device,
+                                           dtype, batch_tokens, offload, workdir, trust_remote_code, quiet)
+    opts = PruneOptions(model=model, out=out, ratio=ratio, keep_file=keep, method=method, seed=seed, stats=stats,
+                        calibration=calibration, overwrite=overwrite, progress=not quiet)
+    result = prune_model(opts, log=log)
+    if result is not None:
+        typer.echo(str(result.out))
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
+    dataset: str = typer.Option(..., "--dataset", help=DatasetOpt.help),
+    out: Path = typer.Option(..., "--out", "-o", help="Stats file to write (safetensors), updated after every layer."),
+    samples: Optional[int] = SamplesOpt,
+    max_length: int = MaxLenOpt,
+    shuffle: bool = ShuffleOpt,
+    seed: int = SeedOpt,
+    pack: bool = PackOpt,
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_tokens: int = BatchOpt,
+    offload: str = OffloadOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    trust_remote_code: bool = RemoteOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run at its next layer."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing stats file."),
+    quiet: bool = QuietOpt,
+):
+    """Measure every expert's saliency by streaming calibration data through the model layer by layer."""
+    from reap.calibrate import calibrate as run
+
+    opts = _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device, dtype,
+                                batch_tokens, offload, workdir, trust_remote_code, quiet, out=out, resume=resume,
+                                overwrite=overwrite)
+    _, summary = run(opts, log=log)
+    if _is_rank0():
+        typer.echo(json.dumps({"stats": str(out), **summary}))
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Also show the model after pruning at this ratio."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
+    from reap.checkpoint import Checkpoint
+    from reap.summary import describe, format_description
+
+    info = describe(Checkpoint(model), ratio)
+    typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Path = typer.Option(Path("reap-demo"), "--dir", help="Where to put the demo model and its pruned copy."),
+    ratio: float = typer.Option(0.25, "--ratio", help="Fraction of experts to drop."),
+    quiet: bool = QuietOpt,
+):
+    """Generate a tiny MiniMax-M2 checkpoint, calibrate it on reap's own source code, prune it, check it."""
+    from reap.demo import run_demo
+
+    run_demo(workdir, ratio, progress=not quiet, log=log)
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"reap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                       help="Show the version and exit.")):
+    """reap: one-shot expert pruning for Mixture-of-Experts checkpoints."""
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="reap")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The instrumented MoE step used during calibration (and evaluation).
+
+Routes exactly as the family's modeling code (via :func:`reap.arch.route`), computes each expert only on
+the tokens routed to it (pairs sorted by expert; one grouped matmul per projection where the backend has
+one, else a loop over the experts that were hit), and hands each (token, expert) pair's gate weight and
+output norm to a :class:`reap.saliency.LayerAccumulator`.
+
+Legend: T tokens, E experts, K top-k, H hidden, I expert intermediate, N = T*K routed pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reap.arch import Family, route
+
+
+def _grouped_mm_fn():
+    """torch's grouped matmul (F.grouped_mm in torch >= 2.10, torch._grouped_mm before), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class RoutedMoE(nn.Module):
+    """Drop-in replacement for a decoder layer's MoE block: [B, S, H] -> [B, S, H]."""
+
+    def __init__(
+        self,
+        family: Family,
+        top_k: int,
+        router: torch.Tensor,  # [E, H]
+        bias: torch.Tensor | None,  # [E]
+        w_gate: torch.Tensor,  # [E, I, H]
+        w_up: torch.Tensor,  # [E, I, H]
+        w_down: torch.Tensor,  # [E, H, I]
+        act: str = "silu",
+        grouped: bool | None = None,
+    ):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.family, self.top_k = family, top_k
+        self.router, self.bias = router, bias
+        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+        self.act = ACT2FN[act]
+        self.num_experts = router.shape[0]
+        fn = _grouped_mm_fn()
+        if grouped is None:  # grouped matmul where it is fast and exact enough: CUDA, 16-bit weights
+            grouped = fn is not None and w_gate.is_cuda and w_gate.dtype == torch.bfloat16
+        self.grouped = bool(grouped and fn is not None)
+        self.accumulator = None  # set by the streamer: a LayerAccumulator, or None to only compute
+        self.token_mask: torch.Tensor | None = None  # [B*S] bool: which positions are real tokens
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        out = torch.zeros_like(x)
+        if self.token_mask is not None:
+            rows = self.token_mask.nonzero().squeeze(1)
+            out[rows] = self._moe(x[rows])
+        else:
+            out = self._moe(x)
+        return out.reshape(shape)
+
+    def _moe(self, x: torch.Tensor) -> torch.Tensor:
+        T, H = x.shape
+        K, E = self.top_k, self.num_experts
+        logits = F.linear(x.to(self.router.dtype), self.router)  # [T, E]
+        weights, chosen = route(logits, self.bias, K, self.family)  # [T, K] each
+        flat_expert = chosen.reshape(-1)  # [N]
+        expert_sorted, order = torch.sort(flat_expert, stable=True)  # [N]
+        token_sorted = order // K  # [N]
+        gate_sorted = weights.reshape(-1)[order]  # [N] float32
+        counts = torch.bincount(flat_expert, minlength=E)  # [E]
+        xs = x[token_sorted]  # [N, H]
+        y = self._experts(xs, counts)  # [N, H]
+        if self.accumulator is not None:
+            norms = y.float().norm(dim=-1)  # [N]  ||f_j(x)||
+            self.accumulator.add(expert_sorted, gate_sorted, norms)
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
+        return out
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [N, H] sorted by expert, counts [E] -> each expert's output on its rows, [N, H]."""
+        if self.grouped:
+            fn = _grouped_mm_fn()
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
+            xs = xs.to(self.w_gate.dtype)
+            g = fn(xs, self.w_gate.transpose(-2, -1), offs=offs)  # [N, I]
+            u = fn(xs, self.w_up.transpose(-2, -1), offs=offs)
+            return fn(self.act(g) * u, self.w_down.transpose(-2, -1), offs=offs)  # [N, H]
+        y = torch.empty(xs.shape[0], self.w_down.shape[1], dtype=xs.dtype, device=xs.device)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                seg = xs[start : start + n]  # [t_e, H]
+                h = self.act(F.linear(seg, self.w_gate[e])) * F.linear(seg, self.w_up[e])  # [t_e, I]
+                y[start : start + n] = F.linear(h, self.w_down[e])
+                start += n
+        return y
+

@@ -1,0 +1,63 @@
+"""Session fixtures: tiny generated MiniMax-M2 checkpoints (several shards) and the shared fixtures.
+
+The shared fixtures live in ``../shared`` beside the repository (present on developer machines and in
+CI, absent in a user's clone): tests that need them are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def _shared(rel: str) -> Path:
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared fixtures sit beside the repository in CI and on dev machines")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory) -> Path:
+    from reap.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-fp32", seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory) -> Path:
+    from reap.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bf16", seed=1, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tmp_path_factory, tiny_bf16) -> Path:
+    from reap.tiny import convert_to_fp8
+
+    return convert_to_fp8(tiny_bf16, tmp_path_factory.mktemp("models") / "tiny-fp8")
+
+
+@pytest.fixture(scope="session")
+def mini_m2() -> Path:
+    return _shared("fixtures/mini-m2")
+
+
+@pytest.fixture(scope="session")
+def mini_m2_fp8() -> Path:
+    return _shared("fixtures/mini-m2-fp8")
+
+
+@pytest.fixture(scope="session")
+def calibration_data() -> Path:
+    return _shared("data/calibration.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def eval_data() -> Path:
+    return _shared("data/eval.jsonl.gz")

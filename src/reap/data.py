@@ -6,23 +6,24 @@ A *dataset spec* is a comma-separated list of items ``SOURCE[:COUNT]``:
 
   - Local files: ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line), ``.json`` / ``.json.gz`` (a list of
     records, ``{"data": [...]}``, a single object, or JSON-lines content), ``.parquet`` (via pyarrow),
-    ``.txt`` / ``.txt.gz`` (the whole file is ONE record ``{"text": <file content>}``).
-  - If the path exists it is a file. A missing path that looks like a file (known extension, or starts with
-    ``.``, ``/``, ``~``) is an error. Anything else is a Hugging Face datasets name, optionally followed by
-    ``#SUBSET`` and/or ``@SPLIT`` (default split ``train``), e.g. ``open-r1/Mixture-of-Thoughts#code@train``.
-    It is loaded with ``datasets.load_dataset(name, subset, split=split)`` from the local cache only:
-    reap never touches the network (offline mode is forced while loading).
+    ``.txt`` / ``.txt.gz`` (the whole file, verbatim, is ONE record ``{"text": <content>}``).
+  - If the path exists it is a file. A missing path that looks like a file (known extension; starts with
+    ``.``, ``/`` or ``~``; contains a backslash or two ``/``) is an error. Anything else is a Hugging Face
+    datasets name, optionally followed by ``#SUBSET`` and/or ``@SPLIT`` (default split ``train``), e.g.
+    ``open-r1/Mixture-of-Thoughts#code@train``. It is loaded with ``datasets.load_dataset(name, subset,
+    split=split)`` from the local cache only: reap never touches the network (offline mode is forced).
 * ``COUNT`` (the last ``:digits`` of the item) is how many records to take from that source: the first
   ``COUNT`` in file order, or a seeded random sample of ``COUNT`` when shuffling. Without it, all records.
 
 Paths containing ``,`` are not supported. Records of a mixture are concatenated in spec order; then
-``samples=N`` takes the first N of them (or, with ``shuffle``, the whole pool is permuted with the seed and
-the first N taken). Each record is tokenized *without* special tokens (``text`` field) or with the
-tokenizer's chat template (``messages`` field). Records that give no tokens are dropped, not replaced.
-Without ``pack`` each record is one sequence, truncated to ``max_length``; with ``pack`` all sequences are
-joined with EOS between documents and cut into ``max_length`` chunks (the last one may be shorter).
+``samples=N`` takes the first N of them. With ``shuffle`` the per-source samples are drawn with the seed,
+the whole pool is permuted with the seed and the first N are taken (so the order is random too).
 
-Without shuffling, files are streamed and reading stops once enough records were taken.
+Each record is tokenized *without* special tokens (its ``text`` field, verbatim) or with the tokenizer's
+chat template (its ``messages`` field). Records that give no tokens are dropped, not replaced by later
+ones. Without ``pack`` each record is one sequence, truncated to its first ``max_length`` tokens; with
+``pack`` all sequences are joined with EOS between documents and cut into ``max_length`` chunks (the last
+one may be shorter). Without shuffling, files are streamed and reading stops once enough records were taken.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def parse_dataset_spec(spec: str) -> list[DataSource]:
 
 def _parse_item(item: str, spec: str) -> DataSource:
     if not item:
-        raise UserError(f"dataset spec {spec!r} has an empty item: separate sources with single commas, e.g. a.jsonl,b.jsonl:100")
+        raise UserError(f"dataset spec {spec!r} has an empty item: separate sources with single commas, "
+                        "e.g. a.jsonl,b.jsonl:100")
     count: int | None = None
     match = _COUNT_RE.match(item)
     if match:
@@ -125,7 +127,8 @@ def _parse_item(item: str, spec: str) -> DataSource:
     elif not Path(item).expanduser().exists() and ":" in item:
         tail = item.rsplit(":", 1)[1]
         if not any(c in tail for c in "/\\]"):  # not a Windows path, not a split slice like train[:100]
-            raise UserError(f"dataset spec item {item!r} has a bad COUNT {tail!r}: write SOURCE:N with N a positive integer")
+            raise UserError(f"dataset spec item {item!r} has a bad COUNT {tail!r}: "
+                            "write SOURCE:N with N a positive integer")
     if not item:
         raise UserError(f"dataset spec item {item}:{count} has no source: write SOURCE:N, e.g. data.jsonl:{count}")
 
@@ -133,14 +136,16 @@ def _parse_item(item: str, spec: str) -> DataSource:
     if path.exists():
         _check_file(path)
         return DataSource(str(path), count)
-    if item.lower().endswith(FILE_SUFFIXES) or item.startswith((".", "/", "~")) or "\\" in item or item.count("/") > 1:
+    looks_like_path = item.startswith((".", "/", "~")) or "\\" in item or item.count("/") > 1
+    if looks_like_path or item.lower().endswith(FILE_SUFFIXES):
         raise UserError(f"dataset file {item} not found: check the path (or pass a Hugging Face dataset name)")
 
     match = _NAME_RE.fullmatch(item)
     pairs = _SUFFIX_RE.findall(match["rest"]) if match else []
     parts = dict(pairs)
     if not match or len(parts) != len(pairs) or not all(parts.values()):
-        raise UserError(f"dataset spec item {item!r} is malformed: write NAME[#SUBSET][@SPLIT][:COUNT], e.g. org/name#subset@train:512")
+        raise UserError(f"dataset spec item {item!r} is malformed: write NAME[#SUBSET][@SPLIT][:COUNT], "
+                        "e.g. org/name#subset@train:512")
     name = match["name"]
     return DataSource(name, count, split=parts.get("@", DEFAULT_SPLIT), subset=parts.get("#"))
 
@@ -149,7 +154,8 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"dataset path {path} is a directory: pass a file ({', '.join(FILE_SUFFIXES)})")
     if not path.name.lower().endswith(FILE_SUFFIXES):
-        raise UserError(f"dataset file {path} has an unsupported format: convert it to one of {', '.join(FILE_SUFFIXES)}")
+        raise UserError(f"dataset file {path} has an unsupported format: "
+                        f"convert it to one of {', '.join(FILE_SUFFIXES)}")
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -174,7 +180,8 @@ def load_records(src: DataSource, text_field: str = "text") -> Iterator[dict]:
             with _open_text(path) as f:
                 yield from _jsonl_records(f, path)
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
-        raise UserError(f"could not read dataset file {path} ({type(err).__name__}: {_first_line(err)}): check that it is a valid, complete, UTF-8 file") from err
+        raise UserError(f"could not read dataset file {path} ({type(err).__name__}: {_first_line(err)}): "
+                        "check that it is a valid, complete, UTF-8 file") from err
 
 
 def _open_text(path: Path, newline: str | None = None) -> TextIO:
@@ -202,14 +209,15 @@ def _json_records(path: Path) -> Iterator[dict]:
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":
             raise UserError(f"{path} line {err.lineno} is not valid JSON ({err.msg}): fix the file") from err
-        yield from _jsonl_records(text.splitlines(), path)  # JSON-lines content in a .json file
+        yield from _jsonl_records(text.split("\n"), path)  # JSON-lines content in a .json file
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     elif isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}: expected a list of records or {{\"data\": [...]}}")
+        raise UserError(f"{path} holds a JSON {type(data).__name__}: "
+                        'make it a list of records or {"data": [...]}')
     for i, record in enumerate(data):
         yield _as_record(record, f"{path} record {i}")
 
@@ -222,7 +230,8 @@ def _parquet_records(path: Path) -> Iterator[dict]:
     try:
         reader = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid etc. for non-parquet content
-        raise UserError(f"{path} is not a readable parquet file ({_first_line(err)}): check the file or convert it to .jsonl") from err
+        raise UserError(f"{path} is not a readable parquet file ({_first_line(err)}): "
+                        "check the file or convert it to .jsonl") from err
     for batch in reader.iter_batches(batch_size=1024):
         yield from batch.to_pylist()
 
@@ -244,7 +253,7 @@ def _hf_offline() -> Iterator[None]:
 def _hf_records(src: DataSource) -> Iterator[dict]:
     import datasets
 
-    label = src.source + (f"#{src.subset}" if src.subset else "") + f"@{src.split}"
+    label = _label(src)
     try:
         with _hf_offline():
             ds = datasets.load_dataset(src.source, src.subset, split=src.split)
@@ -261,105 +270,114 @@ def _hf_records(src: DataSource) -> Iterator[dict]:
 
 def _as_record(record: Any, where: str) -> dict:
     if not isinstance(record, dict):
-        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object: each record must be an object like {{\"text\": ...}}")
+        raise UserError(f"{where} is a JSON {type(record).__name__}, not an object: "
+                        'make each record an object like {"text": ...}')
     return record
 
 
 # ------------------------------------------------------------------------------------------- selection
 
+_Located = tuple[dict, str]  # a record and where it came from, for error messages
 
-def _select_records(sources: Sequence[DataSource], samples: int | None, shuffle: bool, seed: int, text_field: str) -> list[dict]:
+
+def _select_records(
+    sources: Sequence[DataSource], samples: int | None, shuffle: bool, seed: int, text_field: str
+) -> list[_Located]:
     """The mixture: per-source COUNT, concatenated in spec order, then the first ``samples`` records."""
     if not shuffle:
         stream = itertools.chain.from_iterable(_take_in_order(src, text_field) for src in sources)
-        records = list(itertools.islice(stream, samples))
+        records = list(itertools.islice(stream, samples))  # stops reading as soon as enough were taken
     else:
         records = []
         for i, src in enumerate(sources):
-            pool = list(load_records(src, text_field))
-            _require_records(src, len(pool))
-            rng = random.Random(f"reap:{seed}:{i}")
+            pool = list(_located(src, text_field))
+            _check_available(src, len(pool))
             if src.count is not None:
-                _warn_short(src, len(pool))
-                pool = [pool[j] for j in rng.sample(range(len(pool)), min(src.count, len(pool)))]
+                picks = random.Random(f"reap:{seed}:{i}").sample(range(len(pool)), min(src.count, len(pool)))
+                pool = [pool[j] for j in picks]
             records.extend(pool)
         random.Random(f"reap:{seed}:mixture").shuffle(records)
         records = records[:samples]
     if samples is not None and len(records) < samples:
-        logger.warning("asked for %d samples but the dataset has only %d records; using all of them", samples, len(records))
+        logger.warning("asked for %d samples but the dataset has only %d records; using all of them",
+                       samples, len(records))
     return records
 
 
-def _take_in_order(src: DataSource, text_field: str) -> Iterator[dict]:
+def _located(src: DataSource, text_field: str) -> Iterator[_Located]:
+    label = _label(src)
+    for i, record in enumerate(load_records(src, text_field)):
+        yield record, f"{label} record {i}"
+
+
+def _take_in_order(src: DataSource, text_field: str) -> Iterator[_Located]:
     n = 0
-    for record in itertools.islice(load_records(src, text_field), src.count):
+    for item in itertools.islice(_located(src, text_field), src.count):
         n += 1
-        yield record
-    _require_records(src, n)
-    _warn_short(src, n)
+        yield item
+    _check_available(src, n)  # reached only when the source ran out or gave its COUNT
 
 
-def _require_records(src: DataSource, available: int) -> None:
+def _check_available(src: DataSource, available: int) -> None:
     if available == 0:
-        raise UserError(f"dataset source {src.source} has no records: check the file (or split/subset) or remove it from the spec")
-
-
-def _warn_short(src: DataSource, available: int) -> None:
+        raise UserError(f"dataset source {src.source} has no records: check the file (or split/subset) "
+                        "or remove it from the spec")
     if src.count is not None and available < src.count:
-        logger.warning("dataset source %s has only %d records (asked for %d); taking all of them", src.source, available, src.count)
+        logger.warning("dataset source %s has only %d records (asked for %d); taking all of them",
+                       src.source, available, src.count)
 
 
 # ------------------------------------------------------------------------------------------- tokenization
 
 
-def _tokenize_records(records: Sequence[dict], tokenizer: Any, text_field: str, messages_field: str) -> list[list[int]]:
+def _tokenize_records(
+    records: Sequence[_Located], tokenizer: Any, text_field: str, messages_field: str
+) -> list[list[int]]:
     """Token ids of each record, in order: texts without special tokens, messages via the chat template."""
     from tqdm.auto import tqdm
 
     out: list[list[int]] = []
-    with tqdm(total=len(records), desc="tokenizing", unit="doc", file=sys.stderr,
-              disable=None if len(records) >= _PROGRESS_MIN else True) as bar:
+    show = None if len(records) >= _PROGRESS_MIN else True  # None: only on a terminal
+    with tqdm(total=len(records), desc="tokenizing", unit="doc", file=sys.stderr, disable=show) as bar:
         for start in range(0, len(records), _TOKENIZE_BATCH):
             batch = records[start:start + _TOKENIZE_BATCH]
-            kinds = [_record_kind(r, start + k, text_field, messages_field) for k, r in enumerate(batch)]
-            texts = [r[text_field] for r, kind in zip(batch, kinds) if kind == "text"]
+            is_text = [_is_text(record, where, text_field, messages_field) for record, where in batch]
+            texts = [record[text_field] for (record, _), t in zip(batch, is_text) if t]
             text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-            for k, (record, kind) in enumerate(zip(batch, kinds)):
-                if kind == "text":
-                    out.append(list(next(text_ids)))
-                else:
-                    out.append(_chat_ids(tokenizer, record[messages_field], start + k))
+            for (record, where), t in zip(batch, is_text):
+                out.append(list(next(text_ids)) if t else _chat_ids(tokenizer, record, messages_field, where))
             bar.update(len(batch))
     return out
 
 
-def _record_kind(record: dict, index: int, text_field: str, messages_field: str) -> str:
+def _is_text(record: dict, where: str, text_field: str, messages_field: str) -> bool:
+    """True for a text record, False for a chat record; UserError for anything else."""
     text = record.get(text_field)
     if text is not None:
         if not isinstance(text, str):
-            raise UserError(f"record {index}: field {text_field!r} is a {type(text).__name__}, not a string: pick another field with --text-field")
-        return "text"
+            raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string: "
+                            "name the text field with --text-field")
+        return True
     messages = record.get(messages_field)
     if messages is not None:
         if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-            raise UserError(f"record {index}: field {messages_field!r} must be a list of {{role, content}} objects: fix the data or use --text-field")
-        return "messages"
-    raise UserError(
-        f"record {index} has neither {text_field!r} nor {messages_field!r} (fields: {', '.join(map(str, record)) or 'none'}): "
-        "name the text field with --text-field (or the chat field with --messages-field)"
-    )
+            raise UserError(f"{where}: field {messages_field!r} must be a list of {{role, content}} objects: "
+                            "fix the data or name the text field with --text-field")
+        return False
+    fields = ", ".join(map(str, record)) or "none"
+    raise UserError(f"{where} has neither {text_field!r} nor {messages_field!r} (its fields: {fields}): "
+                    "name the field that holds the text with --text-field")
 
 
-def _chat_ids(tokenizer: Any, messages: list, index: int) -> list[int]:
+def _chat_ids(tokenizer: Any, record: dict, messages_field: str, where: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"record {index} is a chat ({len(messages)} messages) but the tokenizer has no chat template: use plain-text "
-            "records (--text-field) or a model whose tokenizer defines a chat template"
-        )
+        raise UserError(f"{where} is a chat ({messages_field!r}) but the tokenizer has no chat template: use "
+                        "plain-text records (--text-field) or a model whose tokenizer defines a chat template")
     try:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    except Exception as err:  # jinja TemplateError, template raise_exception(...), ...
-        raise UserError(f"the chat template failed on record {index} ({type(err).__name__}: {_first_line(err)}): fix that record's messages") from err
+        ids = tokenizer.apply_chat_template(record[messages_field], tokenize=True)
+    except Exception as err:  # jinja TemplateError, the template's raise_exception(...), ...
+        raise UserError(f"the chat template failed on {where} ({type(err).__name__}: {_first_line(err)}): "
+                        "fix that record's messages") from err
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding by default
         ids = ids["input_ids"]
     if hasattr(ids, "tolist"):
@@ -381,15 +399,18 @@ def calibration_sequences(opts: DataOptions, tokenizer: Any) -> list[list[int]]:
         if opts.max_length is None:
             raise UserError("--pack needs --max-length: pass the chunk length in tokens, e.g. --max-length 2048")
         if eos is None:
-            raise UserError("--pack needs an EOS token but the tokenizer has none: drop --pack or set eos_token in tokenizer_config.json")
+            raise UserError("--pack needs an EOS token but the tokenizer has none: "
+                            "drop --pack or set eos_token in tokenizer_config.json")
 
-    records = _select_records(parse_dataset_spec(opts.dataset), opts.samples, opts.shuffle, opts.seed, opts.text_field)
+    sources = parse_dataset_spec(opts.dataset)
+    records = _select_records(sources, opts.samples, opts.shuffle, opts.seed, opts.text_field)
     seqs = _tokenize_records(records, tokenizer, opts.text_field, opts.messages_field)
-    kept = seqs
+    kept = [s for s in seqs if s]
     if len(kept) < len(seqs):
         logger.warning("dropped %d of %d records that gave no tokens", len(seqs) - len(kept), len(seqs))
     if not kept:
-        raise UserError(f"dataset {opts.dataset} gave no usable samples (every record is empty): check the data and --text-field")
+        raise UserError(f"dataset {opts.dataset} gave no usable samples (every record is empty): "
+                        "check the data and --text-field")
     if not opts.pack:
         return [s[: opts.max_length] for s in kept]
     stream = list(kept[0])
@@ -420,6 +441,12 @@ def eval_token_stream(
         stream.extend(ids)
         stream.append(eos_id)
     return stream
+
+
+def _label(src: DataSource) -> str:
+    if src.is_file:
+        return src.source
+    return src.source + (f"#{src.subset}" if src.subset else "") + f"@{src.split}"
 
 
 def _first_line(err: BaseException) -> str:

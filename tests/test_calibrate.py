@@ -1,0 +1,260 @@
+"""The layer streamer and calibration statistics, checked against transformers' own modeling code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reap.arch import detect
+from reap.calibrate import CalibrateOptions, EngineOptions, LayerStreamer, calibrate, make_batches
+from reap.checkpoint import Checkpoint
+from reap.data import DataOptions
+from reap.moe import RoutedMoE, _grouped_mm_fn
+from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
+
+LENGTHS = (23, 40, 7, 31)
+
+
+def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _reference_layers(model_dir: Path, dtype: torch.dtype, sequences):
+    """transformers' own model: per layer, the (input, output) of each decoder layer for each sequence."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    captured: dict[int, list] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda mod, args, kwargs, out, i=i: captured.setdefault(i, []).append(
+                ((args[0] if args else kwargs["hidden_states"]).detach().clone(), out.detach().clone())),
+            with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for seq in sequences:
+            model.model(torch.tensor([seq]))
+    for h in hooks:
+        h.remove()
+    return model, captured
+
+
+@pytest.mark.parametrize("dtype,fixture,atol", [(torch.float32, "tiny_fp32", 1e-5), (torch.bfloat16, "tiny_bf16", 2e-2)])
+@pytest.mark.parametrize("batch_tokens", [1, 4096])  # one sequence per batch, and padded batches
+def test_layer_output_equals_transformers(request, dtype, fixture, atol, batch_tokens):
+    path = request.getfixturevalue(fixture)
+    ckpt = Checkpoint(path)
+    spec = detect(ckpt.config)
+    seqs = _sequences(ckpt.config["vocab_size"])
+    _, ref = _reference_layers(path, dtype, seqs)
+    streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
+                                                             batch_tokens=batch_tokens, progress=False))
+    assert len(streamer.batches) == (len(seqs) if batch_tokens == 1 else 1)
+    for layer in range(spec.num_layers):
+        # feed transformers' own layer input, compare with its own layer output
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
+            for r, n in enumerate(batch.lengths):
+                h[r, :n] = ref[layer][row + r][0][0]
+            streamer.store.put(i, h)
+            row += len(batch.lengths)
+        streamer.run_layer(layer, LayerAccumulator(spec.num_experts))
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            out = streamer.store.get(i)
+            for r, n in enumerate(batch.lengths):
+                want = ref[layer][row + r][1][0]
+                torch.testing.assert_close(out[r, :n].float(), want.float(), atol=atol, rtol=atol)
+            row += len(batch.lengths)
+    streamer.close()
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    src = sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))
+    return [p.read_text()[:600] for p in src[:6]]
+
+
+def _opts(model, data, **engine) -> CalibrateOptions:
+    engine.setdefault("device", "cpu")
+    engine.setdefault("progress", False)
+    return CalibrateOptions(model=str(model), data=DataOptions(dataset=str(data), max_length=96),
+                            engine=EngineOptions(**engine))
+
+
+def _independent_stats(model_dir: Path, sequences) -> dict[str, torch.Tensor]:
+    """Whole-model forward with hooks on each MoE block; every expert recomputed from transformers' weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    L, E = len(model.model.layers), model.config.num_local_experts
+    acc = {f: torch.zeros(L, E, dtype=torch.float64) for f in FIELDS}
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: inputs.setdefault(i, []).append(a[0].detach()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for seq in sequences:
+            model(torch.tensor([seq]))
+        for i, layer in enumerate(model.model.layers):
+            moe = layer.mlp
+            for x in inputs[i]:
+                x = x.reshape(-1, x.shape[-1])
+                _, weights, chosen = moe.gate(x, moe.e_score_correction_bias)
+                for t in range(x.shape[0]):
+                    for k in range(chosen.shape[1]):
+                        j = int(chosen[t, k])
+                        g, u = (moe.experts.gate_up_proj[j] @ x[t]).chunk(2)
+                        f = moe.experts.down_proj[j] @ (torch.nn.functional.silu(g) * u)
+                        w, norm = float(weights[t, k]), float(f.norm())
+                        acc["count"][i, j] += 1
+                        acc["gate_sum"][i, j] += w
+                        acc["ean_sum"][i, j] += norm
+                        acc["reap_sum"][i, j] += w * norm
+                        acc["max_norm"][i, j] = max(acc["max_norm"][i, j], norm)
+    return acc
+
+
+def test_stats_equal_whole_model_forward_with_hooks(tiny_fp32, tmp_path, texts):
+    from reap.data import calibration_sequences, load_tokenizer
+
+    data = _write_jsonl(tmp_path / "d.jsonl", texts[:3])
+    opts = _opts(tiny_fp32, data, dtype="float32", batch_tokens=200)
+    stats, summary = calibrate(opts)
+    seqs = calibration_sequences(opts.data, load_tokenizer(tiny_fp32))
+    want = _independent_stats(tiny_fp32, seqs)
+    assert summary["tokens"] == sum(len(s) for s in seqs)
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(stats, f), want[f], rtol=1e-5, atol=1e-6, msg=f)
+    assert stats.count.sum(1).tolist() == [summary["tokens"] * 4.0] * 3  # top-4 of the tiny model
+    assert stats.completed == {0, 1, 2}
+
+
+def test_offload_modes_and_batching_give_the_same_stats(tiny_fp32, tmp_path, texts):
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    base, _ = calibrate(_opts(tiny_fp32, data, dtype="float32", batch_tokens=1, offload="device"))
+    for engine in ({"offload": "cpu", "batch_tokens": 500}, {"offload": "disk", "workdir": tmp_path / "w"}):
+        other, _ = calibrate(_opts(tiny_fp32, data, dtype="float32", **engine))
+        for f in FIELDS:
+            torch.testing.assert_close(getattr(other, f), getattr(base, f), rtol=1e-6, atol=1e-7)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_fp32, tmp_path, texts, monkeypatch):
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    full, _ = calibrate(_opts(tiny_fp32, data, dtype="float32"))
+    out = tmp_path / "stats.safetensors"
+    opts = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), max_length=96), out=out,
+                            engine=EngineOptions(device="cpu", dtype="float32", progress=False))
+    original = LayerStreamer.run_layer
+
+    def crash_on_layer_2(self, layer, accumulator=None, desc=None):
+        if layer == 2:
+            raise KeyboardInterrupt
+        return original(self, layer, accumulator, desc)
+
+    monkeypatch.setattr(LayerStreamer, "run_layer", crash_on_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(opts)
+    assert ExpertStats.load(out).completed == {0, 1}
+    monkeypatch.setattr(LayerStreamer, "run_layer", original)
+    from reap.errors import UserError
+
+    with pytest.raises(UserError, match="--resume"):
+        calibrate(opts)
+    resumed, summary = calibrate(CalibrateOptions(**{**opts.__dict__, "resume": True}))
+    assert summary["layers"] == 1
+    assert resumed.completed == {0, 1, 2}
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(resumed, f), getattr(full, f), rtol=1e-9, atol=0)
+    loaded = ExpertStats.load(out)
+    torch.testing.assert_close(loaded.reap_sum, full.reap_sum, rtol=1e-9, atol=0)
+
+
+def test_resume_refuses_different_data(tiny_fp32, tmp_path, texts):
+    from reap.errors import UserError
+
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    out = tmp_path / "s.safetensors"
+    calibrate(CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), max_length=96), out=out,
+                               engine=EngineOptions(device="cpu", progress=False)))
+    with pytest.raises(UserError, match="different data"):
+        calibrate(CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), max_length=50), out=out,
+                                   engine=EngineOptions(device="cpu", progress=False), resume=True))
+
+
+@pytest.mark.skipif(_grouped_mm_fn() is None, reason="this torch has no grouped matmul")
+def test_grouped_matmul_path_equals_loop():
+    from reap.arch import MINIMAX_M2
+
+    g = torch.Generator().manual_seed(0)
+    E, I, H, K, T = 8, 32, 48, 2, 64
+    args = [torch.randn(E, H, generator=g), torch.randn(E, generator=g) * 0.1,
+            torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1,
+            torch.randn(E, H, I, generator=g) * 0.1]
+    x = torch.randn(1, T, H, generator=g)
+    outs = []
+    for grouped in (False, True):
+        moe = RoutedMoE(MINIMAX_M2, K, *args, grouped=grouped)
+        moe.accumulator = LayerAccumulator(E)
+        outs.append((moe(x), moe.accumulator.to_dict()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    for f in FIELDS:
+        torch.testing.assert_close(outs[0][1][f], outs[1][1][f], rtol=1e-4, atol=1e-5)
+
+
+def test_make_batches_respects_budget():
+    seqs = [[1] * n for n in (5, 5, 9, 2, 30, 1)]
+    batches = make_batches(seqs, 20)
+    assert [b.lengths for b in batches] == [[5, 5], [9, 2], [30], [1]]
+    assert all(b.ids.numel() <= 20 or len(b.lengths) == 1 for b in batches)
+
+
+def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
+    """torchrun --nproc-per-node 2 -m reap calibrate == a single process, up to float rounding."""
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    single, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    common = ["calibrate", str(tiny_fp32), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "reap", *common, "--out", str(two)], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ExpertStats.load(single), ExpertStats.load(two)
+    assert b.meta["world_size"] == 2 and a.meta["tokens"] == b.meta["tokens"]
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-9, atol=1e-12)
+
+
+def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):
+    """The same model in FP8 (dequantized on the fly) gives nearly the same saliency and the same choices."""
+    from reap.saliency import choose_experts
+
+    results = []
+    for model in (mini_m2, mini_m2_fp8):
+        opts = CalibrateOptions(model=str(model), data=DataOptions(dataset=str(calibration_data), samples=12,
+                                                                   max_length=256),
+                                engine=EngineOptions(device="cpu", dtype="float32", progress=False))
+        results.append(calibrate(opts)[0].scores("reap"))
+    bf16, fp8 = results
+    for layer in range(bf16.shape[0]):
+        corr = torch.corrcoef(torch.stack([bf16[layer], fp8[layer]]))[0, 1]
+        assert corr > 0.97, (layer, corr)
+        pruned_a = set(choose_experts(bf16[layer], 19)[1])
+        pruned_b = set(choose_experts(fp8[layer], 19)[1])
+        assert len(pruned_a & pruned_b) >= 15, (layer, pruned_a ^ pruned_b)

@@ -119,9 +119,11 @@ def detect(config: dict[str, Any]) -> MoESpec:
     """Find the family entry for ``config.json`` and read its expert count, top-k and sizes."""
     model_type = config.get("model_type")
     archs = tuple(config.get("architectures") or ())
-    family = next(
-        (f for f in FAMILIES if model_type in f.model_types or any(a in f.architectures for a in archs)), None
-    )
+    # model_type decides (it is what transformers builds the model from); architectures only when it is absent
+    if model_type:
+        family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    else:
+        family = next((f for f in FAMILIES if any(a in f.architectures for a in archs)), None)
     if family is None:
         known = ", ".join(f.name for f in FAMILIES)
         raise UserError(

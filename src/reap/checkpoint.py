@@ -234,8 +234,14 @@ class Checkpoint:
         scale_name = name + "_scale_inv"
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.infos:
             scale = self.tensor(scale_name).to(device, non_blocking=True)
-            return dequantize_blocks(t, scale, dtype or torch.bfloat16)
+            return dequantize_blocks(t, scale, dtype or torch.bfloat16, self.block_size)
         return t.to(dtype) if dtype is not None else t
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        """FP8 block size (out, in) from ``quantization_config.weight_block_size``; 128x128 when absent."""
+        block = (self.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+        return int(block[0]), int(block[1])
 
     def close(self) -> None:
         self._handles.clear()
@@ -245,21 +251,28 @@ class Checkpoint:
         return sum(i.nbytes for i in self.infos.values())
 
 
-def dequantize_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block_size: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """FP8 weight [O, I] x per-block scale [ceil(O/bo), ceil(I/bi)] -> dequantized weight [O, I] in dtype.
 
-    The block size is implied by the shapes (128x128 in the released MiniMax-M2 / DeepSeek-V3).
+    ``block_size`` is (bo, bi), the config's ``quantization_config.weight_block_size`` (128x128 in the released
+    MiniMax-M2 / DeepSeek-V3). It cannot be inferred from the shapes when O or I is not a multiple of it.
     """
     out_f, in_f = weight.shape
-    so, si = scale_inv.shape
-    bo = -(-out_f // so)
-    bi = -(-in_f // si)
-    w = weight.to(torch.float32).reshape(1, out_f, in_f)
-    if out_f % bo == 0 and in_f % bi == 0 and so * bo == out_f and si * bi == in_f:
+    bo, bi = (int(b) for b in block_size)
+    so, si = -(-out_f // bo), -(-in_f // bi)
+    if tuple(scale_inv.shape) != (so, si):
+        raise UserError(
+            f"FP8 scale of shape {list(scale_inv.shape)} does not fit a weight of shape {list(weight.shape)} with "
+            f"{bo}x{bi} blocks (expected [{so}, {si}]); check weight_block_size in config.json"
+        )
+    w = weight.to(torch.float32)
+    if out_f % bo == 0 and in_f % bi == 0:
         w = w.view(so, bo, si, bi) * scale_inv.float().view(so, 1, si, 1)
         return w.reshape(out_f, in_f).to(dtype)
     scale = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
-    return (w[0] * scale).to(dtype)
+    return (w * scale).to(dtype)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

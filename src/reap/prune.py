@@ -144,6 +144,7 @@ def rewrite(
     regex = spec.family.expert_regex()
     new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
     sliced = {}
+    biases = {spec.router_bias_name(layer) for layer in keep}
     for layer, ids in keep.items():
         for name in (spec.router_name(layer), spec.router_bias_name(layer)):
             if name and name in ckpt:
@@ -154,6 +155,7 @@ def rewrite(
     with atomic_directory(out) as tmp:
         weight_map: dict[str, str] = {}
         written = 0
+        removed_params = 0  # for the index's "total_parameters" (transformers' count: parameters, not buffers)
         for shard in ckpt.shards:
             entries = []
             for info in ckpt.shard_tensors(shard):
@@ -163,6 +165,8 @@ def rewrite(
                     if expert in new_id[layer]:
                         name = spec.expert_name(layer, new_id[layer][expert], m["rest"])
                         entries.append(Entry.copy_of(info, ckpt.path, name))
+                    elif not info.name.endswith("_scale_inv"):
+                        removed_params += info.numel
                 elif info.name in sliced:
                     rows = sliced[info.name]
 
@@ -170,6 +174,8 @@ def rewrite(
                         return tensor_bytes(ckpt.tensor(name).index_select(0, rows))
 
                     shape = (len(rows), *info.shape[1:])
+                    if info.name not in biases:  # the correction bias is a buffer, not a parameter
+                        removed_params += info.numel // info.shape[0] * (info.shape[0] - len(rows))
                     entries.append(Entry(info.name, info.dtype, shape, info.nbytes // info.shape[0] * len(rows), fetch))
                 else:
                     entries.append(Entry.copy_of(info, ckpt.path))
@@ -180,6 +186,8 @@ def rewrite(
         bar.close()
         index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
         index_meta["total_size"] = written
+        if isinstance(index_meta.get("total_parameters"), int):
+            index_meta["total_parameters"] -= removed_params
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
         config = dict(ckpt.config)
         config[spec.num_experts_key] = k

@@ -1,7 +1,8 @@
 """``reap inspect``: what a checkpoint is, and what it becomes after pruning at a ratio.
 
 Everything comes from ``config.json`` and the shard headers; no weight is read. Parameter counts skip
-quantization scales (``*_scale_inv``); "active" counts the non-expert parameters plus top-k experts' worth.
+quantization scales (``*_scale_inv``); "active" counts the non-expert parameters (the whole router included)
+plus top-k experts' worth.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     spec: MoESpec = detect(ckpt.config)
     layers = moe_layers(ckpt, spec)
     regex = spec.family.expert_regex()
-    per_expert_names = {spec.router_name(layer) for layer in layers}
-    per_expert_names |= {spec.router_bias_name(layer) for layer in layers if spec.router_bias_name(layer)}
-    scaled = {"params": 0, "bytes": 0}  # tensors whose size scales with the expert count
+    router_names = {spec.router_name(layer) for layer in layers}
+    router_names |= {spec.router_bias_name(layer) for layer in layers if spec.router_bias_name(layer)}
+    # experts and router rows scale with the expert count; every router row is used by every token
+    experts = {"params": 0, "bytes": 0}
+    router = {"params": 0, "bytes": 0}
     fixed = {"params": 0, "bytes": 0}
     dtypes: Counter[str] = Counter()
     for name, info in ckpt.infos.items():
-        bucket = scaled if (regex.match(name) or name in per_expert_names) else fixed
+        bucket = experts if regex.match(name) else router if name in router_names else fixed
         bucket["bytes"] += info.nbytes
         if not _is_scale(name):
             bucket["params"] += info.numel
@@ -38,12 +41,12 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     E, K = spec.num_experts, spec.top_k
     quant = ckpt.config.get("quantization_config") or {}
 
-    def sizes(experts: int) -> dict[str, Any]:
-        total = fixed["params"] + scaled["params"] * experts / E
-        active = fixed["params"] + scaled["params"] * K / E
-        disk = fixed["bytes"] + scaled["bytes"] * experts / E
-        return {"experts_per_layer": experts, "total_params": int(total), "active_params": int(active),
-                "disk_bytes": int(disk)}
+    def sizes(n: int) -> dict[str, Any]:
+        # integer arithmetic: every layer holds E equal experts and E router rows, so these divide exactly
+        total = fixed["params"] + (experts["params"] + router["params"]) * n // E
+        active = fixed["params"] + router["params"] * n // E + experts["params"] * K // E
+        disk = fixed["bytes"] + (experts["bytes"] + router["bytes"]) * n // E
+        return {"experts_per_layer": n, "total_params": total, "active_params": active, "disk_bytes": disk}
 
     info: dict[str, Any] = {
         "model": str(ckpt.path),

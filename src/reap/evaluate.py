@@ -1,0 +1,245 @@
+"""``reap eval``: next-token loss and perplexity of a checkpoint, streamed layer by layer.
+
+The evaluation runs through the same :class:`reap.calibrate.LayerStreamer` as calibration (no statistics
+are collected), so a model larger than host or GPU memory can be evaluated: only one decoder layer is
+materialized at a time. After the last layer, each batch goes through the final norm and ``lm_head``
+and the cross-entropy is summed in float32, a slice of tokens at a time (logits are never held for a whole
+batch at once, which matters for 200K-token vocabularies).
+
+Protocol (fixed, so numbers from different runs and tools are comparable):
+
+1. Each document (file order) is tokenized with no special tokens and followed by EOS; all are
+   concatenated into one stream (:func:`reap.data.eval_token_stream`). Only as many documents are read
+   as needed to cover ``max_tokens`` targets.
+2. Windows of S+1 tokens at stride S: window i is ``stream[i*S : i*S+S+1]``; its first S tokens are the
+   inputs, its last S the targets. Every target is scored exactly once, with up to S-1 tokens of context
+   (no context carries over between windows).
+3. The loss is the mean over the first N = min(max_tokens, len(stream) - 1) targets: windows are taken
+   until N targets are covered, the last one only in part.
+
+Legend: B sequences in a batch, S window length, H hidden, V vocabulary, T tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from reap import __version__
+from reap.calibrate import DTYPES, EngineOptions, LayerStreamer, peak_memory
+from reap.errors import UserError
+
+_LOGIT_BYTES = 512 << 20  # float32 logits computed at once (per slice of tokens) in the loss
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything ``reap eval`` needs for one model."""
+
+    model: str
+    dataset: str
+    max_tokens: int = 65536  # number of predicted (target) tokens that are scored
+    seq_len: int = 1024  # window length S (inputs per window)
+    engine: EngineOptions = EngineOptions()
+    text_field: str = "text"
+
+
+# -- data --------------------------------------------------------------------------------------------------
+def eval_stream(dataset: str, tokenizer: Any, eos_id: int, need: int, text_field: str = "text") -> tuple[list[int], int]:
+    """(token stream, documents read): enough documents, in file order, for ``need`` tokens, or all of them.
+
+    Reads a few documents, then more in proportion to the tokens still missing (so a large dataset is not
+    tokenized in full for a small ``need``); stops when the stream is long enough or the dataset ran out.
+    """
+    from reap.data import eval_token_stream
+
+    docs, stream = 16, []
+    while True:
+        longer = eval_token_stream(dataset, tokenizer, eos_id, max_docs=docs, text_field=text_field)
+        # every document adds at least its EOS: a stream that did not grow means the dataset is exhausted
+        exhausted = len(longer) <= len(stream) or longer.count(eos_id) < docs
+        stream = longer
+        if len(stream) >= need or exhausted:
+            return stream, stream.count(eos_id) if exhausted else docs
+        per_doc = max(len(stream) / docs, 1.0)
+        docs = max(docs * 2, math.ceil(need / per_doc * 1.25))
+
+
+def windows(stream: list[int], seq_len: int, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(inputs, targets) per window, covering the first min(max_tokens, len(stream) - 1) targets.
+
+    Window i covers ``stream[i*S : i*S+S+1]``; the last window is cut to the targets that are still needed
+    (its inputs too: with causal attention the later inputs cannot change the earlier predictions).
+    """
+    if seq_len <= 0:
+        raise UserError(f"--seq-len is {seq_len}: it must be a positive number of tokens, e.g. 1024")
+    if max_tokens <= 0:
+        raise UserError(f"--max-tokens is {max_tokens}: it must be a positive number of tokens, e.g. 65536")
+    n = min(max_tokens, len(stream) - 1)
+    if n <= 0:
+        raise UserError("the evaluation data gave fewer than 2 tokens; pass a dataset with some text in it")
+    inputs, targets = [], []
+    for start in range(0, n, seq_len):
+        used = min(seq_len, n - start)
+        inputs.append(stream[start : start + used])
+        targets.append(stream[start + 1 : start + used + 1])
+    return inputs, targets
+
+
+# -- the head ----------------------------------------------------------------------------------------------
+def output_weight_name(ckpt, spec) -> str:
+    """lm_head's tensor, or the embedding's when the config ties them (as transformers does)."""
+    fam = spec.family
+    if ckpt.config.get("tie_word_embeddings", False):
+        return fam.embed_weight
+    if fam.lm_head_weight in ckpt:
+        return fam.lm_head_weight
+    raise UserError(f"{ckpt.path} has no {fam.lm_head_weight} tensor and config.json does not set "
+                    "tie_word_embeddings; the checkpoint is incomplete (re-download its shards)")
+
+
+def summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of float32 cross-entropy of ``targets`` [T] under logits ``hidden [T, H] @ weight[V, H].T``.
+
+    Logits are computed for a slice of tokens at a time (at most about 512 MiB of float32 logits).
+    """
+    step = max(1, _LOGIT_BYTES // (4 * weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], step):
+        logits = F.linear(hidden[start : start + step].float(), weight)  # [t, V] float32
+        total += F.cross_entropy(logits, targets[start : start + step], reduction="sum").double()
+    return total
+
+
+# -- evaluation --------------------------------------------------------------------------------------------
+def _engine(engine: EngineOptions) -> EngineOptions:
+    """Resolve ``dtype="auto"``: bfloat16 on a GPU, float32 on the CPU (as the CLI does for calibration)."""
+    if engine.dtype != "auto":
+        return engine
+    gpu = engine.device.startswith("cuda") or (engine.device == "auto" and torch.cuda.is_available())
+    return replace(engine, dtype="bfloat16" if gpu else "float32")
+
+
+def _fingerprint(inputs: list[list[int]], targets: list[list[int]]) -> str:
+    """A short hash of the scored windows: two evaluations with equal fingerprints saw the same tokens."""
+    h = hashlib.sha256()
+    for inp, tgt in zip(inputs, targets):
+        h.update(torch.tensor(inp + [-1] + tgt, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
+    """Mean next-token loss (nats), perplexity and token count of ``opts.model`` on ``opts.dataset``."""
+    from reap.arch import detect
+    from reap.checkpoint import Checkpoint
+    from reap.data import load_tokenizer
+
+    engine = _engine(opts.engine)
+    if engine.dtype not in DTYPES:
+        raise UserError(f"--dtype {engine.dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
+    ckpt = Checkpoint(opts.model)
+    spec = detect(ckpt.config)
+    head_name = output_weight_name(ckpt, spec)
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code=engine.trust_remote_code)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = ckpt.config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int):
+        raise UserError(f"the tokenizer of {ckpt.path} has no EOS token (and config.json no eos_token_id); "
+                        "set eos_token in tokenizer_config.json")
+    if opts.max_tokens <= 0 or opts.seq_len <= 0:
+        windows([], opts.seq_len, opts.max_tokens)  # raises the UserError that explains it
+    stream, docs = eval_stream(opts.dataset, tokenizer, eos, opts.max_tokens + 1, opts.text_field)
+    inputs, targets = windows(stream, opts.seq_len, opts.max_tokens)
+    n_targets = sum(len(t) for t in targets)
+    if n_targets < opts.max_tokens:
+        log(f"note: {opts.dataset} has only {len(stream)} tokens; scoring {n_targets} instead of {opts.max_tokens}")
+
+    streamer = LayerStreamer(ckpt, spec, inputs, engine)
+    log(f"evaluating {ckpt.path.name}: {n_targets} tokens in {len(inputs)} windows of {opts.seq_len} "
+        f"({docs} documents), {spec.num_layers} layers, {streamer.device} {engine.dtype}, "
+        f"hidden states on {streamer.store.mode}")
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            streamer.prefetch(0)
+            streamer.embed()
+            for layer in range(spec.num_layers):
+                streamer.run_layer(layer, None)
+            weight = ckpt.load(head_name, torch.float32, streamer.device)  # [V, H]
+            total = torch.zeros((), dtype=torch.float64, device=streamer.device)
+            row = 0
+            for i, batch in enumerate(streamer.batches):
+                h = streamer.final_hidden(i)  # [B, S, H]
+                for r, n in enumerate(batch.lengths):
+                    tgt = torch.tensor(targets[row + r], dtype=torch.long, device=streamer.device)  # [n]
+                    total += summed_loss(h[r, :n], weight, tgt)
+                row += len(batch.lengths)
+            del weight
+            loss_sum = float(total.item())
+    finally:
+        streamer.close()
+    seconds = time.perf_counter() - t0
+    loss = loss_sum / n_targets
+    result = {
+        "model": str(ckpt.path),
+        "dataset": opts.dataset,
+        "tokens": n_targets,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "loss_sum": loss_sum,
+        "seq_len": opts.seq_len,
+        "windows": len(inputs),
+        "documents": docs,
+        "data_fingerprint": _fingerprint(inputs, targets),
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "device": str(streamer.device),
+        "dtype": engine.dtype,
+        "seconds": round(seconds, 3),
+        "tool_version": __version__,
+        **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()},
+    }
+    log(f"{ckpt.path.name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n_targets} tokens "
+        f"in {seconds:.1f}s")
+    return result
+
+
+def compare(original: EvalOptions, pruned: EvalOptions, log=print) -> dict[str, Any]:
+    """Evaluate two models (e.g. the original and its pruned copy) on the same tokens; return both and the
+    difference (``pruned - original`` in loss, ``pruned / original`` in perplexity)."""
+    a = evaluate(original, log=log)
+    b = evaluate(pruned, log=log)
+    if a["data_fingerprint"] != b["data_fingerprint"]:
+        raise UserError(
+            f"the two models did not see the same evaluation tokens ({a['tokens']} vs {b['tokens']} tokens, "
+            "different tokenizers or options); compare models that share a tokenizer, with the same "
+            "--dataset, --max-tokens and --seq-len"
+        )
+    diff = {
+        "loss_delta": b["loss"] - a["loss"],
+        "loss_relative": (b["loss"] - a["loss"]) / a["loss"] if a["loss"] else float("nan"),
+        "perplexity_ratio": b["perplexity"] / a["perplexity"],
+    }
+    log(f"loss {a['loss']:.4f} -> {b['loss']:.4f} ({diff['loss_delta']:+.4f}, {100 * diff['loss_relative']:+.2f}%); "
+        f"perplexity {a['perplexity']:.3f} -> {b['perplexity']:.3f} (x{diff['perplexity_ratio']:.4f})")
+    return {"original": a, "pruned": b, **diff}
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> Path:
+    """Save an evaluation (or comparison) result as JSON."""
+    import json
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise UserError(f"the folder of --out ({path.parent}) does not exist; create it first")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -1,0 +1,243 @@
+"""The model directory as files: FP8 block dequantization, the streaming safetensors writer, the lazy reader,
+output-directory checks and the atomic directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reap.checkpoint import (
+    Checkpoint,
+    Entry,
+    TensorInfo,
+    atomic_directory,
+    check_output_dir,
+    dequantize_blocks,
+    other_files,
+    read_header,
+    resolve_model,
+    tensor_bytes,
+    write_safetensors,
+)
+from reap.errors import UserError
+
+FP8 = torch.float8_e4m3fn
+
+
+def naive_dequant(weight: torch.Tensor, scale: torch.Tensor, block=(128, 128)) -> torch.Tensor:
+    """Element by element: value x scale of its block."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    w, s = weight.float().tolist(), scale.float().tolist()
+    for i, row in enumerate(w):
+        srow = s[i // block[0]]
+        out[i] = torch.tensor([v * srow[j // block[1]] for j, v in enumerate(row)], dtype=torch.float32)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (96, 192), (200, 300), (130, 129), (1, 5), (128, 129)])
+def test_dequantize_blocks_against_a_loop(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    weight = (torch.randn(shape, generator=gen) * 100).to(FP8)
+    scale = torch.rand((-(-shape[0] // 128), -(-shape[1] // 128)), generator=gen) + 0.01
+    ref = naive_dequant(weight, scale)
+    assert torch.equal(dequantize_blocks(weight, scale, torch.float32), ref)
+    assert torch.equal(dequantize_blocks(weight, scale, torch.bfloat16), ref.to(torch.bfloat16))
+
+
+def test_dequantize_blocks_other_block_size_and_bad_scale():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(70, 50, generator=gen).to(FP8)
+    scale = torch.rand(3, 2, generator=gen) + 0.5  # 32x32 blocks
+    assert torch.equal(dequantize_blocks(weight, scale, torch.float32, (32, 32)), naive_dequant(weight, scale, (32, 32)))
+    with pytest.raises(UserError, match="weight_block_size"):
+        dequantize_blocks(weight, scale, torch.float32)  # 128x128 blocks need a [1, 1] scale
+
+
+def test_fp8_fixture_loads_close_to_the_bf16_one(mini_m2, mini_m2_fp8):
+    """Checkpoint.load dequantizes exactly like the loop, and lands within FP8 rounding of the bf16 weights."""
+    fp8, bf16 = Checkpoint(mini_m2_fp8), Checkpoint(mini_m2)
+    for name in ("model.layers.0.block_sparse_moe.experts.3.w1.weight",  # [96, 192]: not a multiple of 128
+                 "model.layers.5.block_sparse_moe.experts.60.w2.weight",  # [192, 96]
+                 "model.layers.2.self_attn.q_proj.weight"):
+        with safe_open(str(mini_m2_fp8 / fp8.infos[name].shard), "pt") as f:
+            weight, scale = f.get_tensor(name), f.get_tensor(name + "_scale_inv")
+        got = fp8.load(name, torch.float32)
+        assert weight.dtype == FP8 and got.dtype == torch.float32
+        assert torch.equal(got, naive_dequant(weight, scale))
+        orig = bf16.load(name, torch.float32)
+        per_elem_scale = scale.repeat_interleave(128, 0)[: got.shape[0]].repeat_interleave(128, 1)[:, : got.shape[1]]
+        # e4m3: 3 mantissa bits (relative rounding <= 2^-4), subnormal step 2^-9 in units of the scale
+        assert ((got - orig).abs() <= orig.abs() / 16 + per_elem_scale * 2.0**-9 + 1e-12).all(), name
+    assert fp8.load("model.layers.0.block_sparse_moe.gate.weight").dtype == torch.float32  # not quantized
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "a.bf16": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+        "b.fp8": (torch.randn(130, 129, generator=gen) * 10).to(FP8),
+        "b.fp8_scale_inv": torch.rand(2, 2, generator=gen),
+        "c.f32": torch.randn(3, generator=gen),
+        "d.i64": torch.arange(6).reshape(2, 3),
+        "e.scalar": torch.tensor(2.5),
+        "f.empty": torch.zeros(0, 4),
+    }
+
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_write_safetensors_roundtrip_with_copies(tmp_path):
+    """Fetched and byte-range-copied entries read back identically with safetensors.safe_open."""
+    tensors = _tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src), metadata={"format": "pt"})  # the reference writer
+    with open(src, "rb") as f:  # the byte ranges, from the header parsed here
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    infos = {n: TensorInfo(n, src.name, h["dtype"], tuple(h["shape"]), 8 + hlen + h["data_offsets"][0],
+                           8 + hlen + h["data_offsets"][1]) for n, h in header.items() if n != "__metadata__"}
+    entries = []
+    for name, t in tensors.items():
+        data = tensor_bytes(t)
+        assert data == _as_bytes(t)
+        entries.append(Entry(name, infos[name].dtype, tuple(t.shape), len(data), lambda d=data: d))
+        entries.append(Entry.copy_of(infos[name], tmp_path, name="copy." + name))
+    out = tmp_path / "out.safetensors"
+    size = write_safetensors(out, entries, {"format": "pt", "note": "x"})
+    assert size == 2 * sum(len(tensor_bytes(t)) for t in tensors.values())
+    assert (out.stat().st_size - size) % 8 == 0  # header padded to 8 bytes
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+        assert set(f.keys()) == set(tensors) | {"copy." + n for n in tensors}
+        for name, t in tensors.items():
+            for key in (name, "copy." + name):
+                got = f.get_tensor(key)
+                assert got.dtype == t.dtype and got.shape == t.shape, key
+                assert _as_bytes(got) == _as_bytes(t), key
+
+
+def test_write_safetensors_rejects_wrong_sizes(tmp_path):
+    with pytest.raises(ValueError, match="expected 8"):
+        write_safetensors(tmp_path / "x.safetensors", [Entry("x", "F32", (2,), 4, lambda: b"\0" * 4)])
+    with pytest.raises(ValueError, match="fetched 4 bytes"):
+        write_safetensors(tmp_path / "y.safetensors", [Entry("y", "F32", (2,), 8, lambda: b"\0" * 4)])
+
+
+def test_checkpoint_reads_what_the_index_says(mini_m2_fp8):
+    ckpt = Checkpoint(mini_m2_fp8)
+    weight_map = json.loads((mini_m2_fp8 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert ckpt.shards == list(dict.fromkeys(weight_map.values()))
+    assert sorted(ckpt.shards) == [f"model-{i:05d}-of-00009.safetensors" for i in range(7)]
+    assert set(ckpt.infos) == set(weight_map)
+    name = "model.layers.4.block_sparse_moe.experts.17.w3.weight"
+    with safe_open(str(mini_m2_fp8 / weight_map[name]), "pt") as f:
+        ref = f.get_tensor(name)
+    assert ckpt.raw(name) == _as_bytes(ref)
+    assert torch.equal(ckpt.tensor(name).view(torch.uint8), ref.view(torch.uint8))
+    assert ckpt.total_bytes == json.loads((mini_m2_fp8 / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert ckpt.block_size == (128, 128)
+
+
+def test_single_file_model(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.shards == ["model.safetensors"] and torch.equal(ckpt.tensor("w"), torch.ones(2, 2))
+
+
+def test_read_header_errors(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(100)}, str(good))
+    header, start = read_header(good)
+    assert header["w"]["shape"] == [100] and start == good.stat().st_size - 400
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(good.read_bytes()[:-1])
+    with pytest.raises(UserError, match="truncated"):
+        read_header(short)
+    for blob in (b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 4) + b"{{{{"):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(UserError, match="not a readable safetensors file"):
+            read_header(bad)
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        resolve_model(tmp_path / "file")
+    assert resolve_model(tmp_path) == tmp_path.resolve()
+
+
+def test_pickle_only_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="safetensors"):
+        Checkpoint(tmp_path)
+
+
+def test_check_output_dir(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    assert check_output_dir(tmp_path / "out", [model], False) == (tmp_path / "out").resolve()
+    for bad, needle in ((model, "input model"), (model / "x" / "y", "inside"), (tmp_path, "contains the input")):
+        with pytest.raises(UserError, match=needle):
+            check_output_dir(bad, [model], True)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert check_output_dir(out, [model], False) == out.resolve()  # empty is fine
+    (out / "f").write_text("x")
+    with pytest.raises(UserError, match="--overwrite"):
+        check_output_dir(out, [model], False)
+    assert check_output_dir(out, [model], True) == out.resolve()
+
+
+def test_atomic_directory(tmp_path):
+    target = tmp_path / "t"
+    with atomic_directory(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".t.incomplete-")
+        (tmp / "a").write_text("1")
+        assert not target.exists()
+    assert (target / "a").read_text() == "1"
+    # replaced as a whole on success
+    with atomic_directory(target) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    # an error or an interrupt removes the temporary folder and leaves the target as it was
+    for exc in (RuntimeError("x"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with atomic_directory(target) as tmp:
+                (tmp / "c").write_text("3")
+                raise exc
+        assert [p.name for p in tmp_path.iterdir()] == ["t"]
+        assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+
+def test_other_files_skips_weights_and_vcs(tmp_path):
+    for rel in ("tokenizer.json", "LICENSE", "sub/chat_template.jinja", "model-00001-of-00002.safetensors",
+                "pytorch_model.bin", "consolidated.pth", ".git/HEAD", "__pycache__/x.pyc", "index.json"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    found = [p.relative_to(tmp_path).as_posix() for p in other_files(tmp_path, {"index.json"})]
+    assert found == ["LICENSE", "sub/chat_template.jinja", "tokenizer.json"]
+
+
+def test_copy_range_large_and_unaligned(tmp_path):
+    """Byte-range copies larger than one chunk of copy_file_range / read, at odd offsets."""
+    data = os.urandom((3 << 20) + 7)
+    src = tmp_path / "blob"
+    src.write_bytes(b"\xaa" * 13 + data + b"\xbb" * 5)
+    info = TensorInfo("x", "blob", "U8", (len(data),), 13, 13 + len(data))
+    write_safetensors(tmp_path / "x.safetensors", [Entry.copy_of(info, tmp_path)])
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.get_tensor("x").numpy().tobytes() == data

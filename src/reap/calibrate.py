@@ -256,7 +256,7 @@ class LayerStreamer:
         t = raw[key].to(self.device, non_blocking=True)
         scale = raw.get(key + "_scale_inv")
         if scale is not None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return dequantize_blocks(t, scale.to(self.device), dtype or self.dtype)
+            return dequantize_blocks(t, scale.to(self.device), dtype or self.dtype, self.ckpt.block_size)
         return t.to(dtype or self.dtype)
 
     def load_layer(self, layer: int) -> torch.nn.Module:

@@ -202,8 +202,29 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
 
 
 def main() -> None:
+    """Entry point: typer/click usage errors (unknown flag, bad number) also end as one line and exit code 2.
+
+    Recent typer vendors its own click, so its exceptions are recognised by shape, not by class.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app(prog_name="reap")
+    try:
+        code = app(prog_name="reap", standalone_mode=False)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is one of click's own
+        kind = type(err).__name__
+        if kind == "NoArgsIsHelpError":
+            typer.echo(err.ctx.get_help())
+            code = 0
+        elif kind == "Abort":
+            typer.echo("reap: interrupted", err=True)
+            code = 130
+        elif hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"reap: error: {err.format_message()}{hint}", err=True)
+            code = err.exit_code
+        else:
+            raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

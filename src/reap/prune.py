@@ -306,6 +306,11 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     if (opts.keep_file is None) == (opts.ratio is None):
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
     stats, scores, extra = None, None, {}
+    unused = [flag for flag, given in (("--stats", opts.stats is not None), ("--dataset", opts.calibration is not None))
+              if given and (opts.keep_file is not None or opts.method == "random")]
+    if unused:
+        why = "--keep names the experts itself" if opts.keep_file is not None else "--method random uses no data"
+        raise UserError(f"{' and '.join(unused)} would be ignored: {why}; drop it or choose a saliency --method")
     if opts.keep_file is not None:
         keep, method = read_keep_file(opts.keep_file, spec, layers), "keep-file"
         extra["keep_file"] = str(opts.keep_file)

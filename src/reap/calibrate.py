@@ -269,14 +269,17 @@ class LayerStreamer:
         lp = fam.layer_prefix.format(layer=layer)
         moe_prefix = fam.moe_prefix.format(layer=layer)[len(lp):]
         router_key = spec.router_name(layer)[len(lp):]
-        has_experts = router_key in raw
+        has_experts = router_key in raw  # dense layers (first_k_dense_replace, mlp_only_layers, ...) have no router
         state = {}
         for key in raw:
             if key.endswith("_scale_inv") or (has_experts and key.startswith(moe_prefix)):
                 continue
             state[key] = self._weight(raw, key)
         if has_experts:
-            setattr(module, fam.moe_module, self._routed_moe(layer, raw))
+            if not hasattr(self, "_original_moe"):
+                self._original_moe: dict[int, torch.nn.Module] = {}
+            original = self._original_moe.setdefault(layer, getattr(module, fam.moe_module))
+            setattr(module, fam.moe_module, self._routed_moe(layer, raw, original))
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith(fam.moe_module + ".")] if has_experts else missing
         if missing or unexpected:
@@ -286,23 +289,47 @@ class LayerStreamer:
             )
         return module
 
-    def _routed_moe(self, layer: int, raw: dict[str, torch.Tensor]) -> RoutedMoE:
-        spec, lp = self.spec, self.spec.family.layer_prefix.format(layer=layer)
+    def _routed_moe(self, layer: int, raw: dict[str, torch.Tensor], original: torch.nn.Module) -> RoutedMoE:
+        spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
         key = lambda name: name[len(lp):]  # noqa: E731
         router_raw = raw[key(spec.router_name(layer))]
-        # the router runs in float32 when stored so (released FP8 layouts), else in the compute dtype
-        router = self._weight(raw, key(spec.router_name(layer)),
-                              torch.float32 if router_raw.dtype == torch.float32 else self.dtype)
+        # the router runs in float32 when the family says so or it is stored so (released FP8 layouts), else in
+        # the compute dtype
+        router_dtype = torch.float32 if fam.router_float32 or router_raw.dtype == torch.float32 else self.dtype
+        router = self._weight(raw, key(spec.router_name(layer)), router_dtype)
         bias_name = spec.router_bias_name(layer)
         bias = raw[key(bias_name)].to(self.device) if bias_name and key(bias_name) in raw else None
+        used = {key(spec.router_name(layer))} | ({key(bias_name)} if bias_name else set())
         E, I, H = spec.num_experts, spec.expert_intermediate, spec.hidden_size
         w = {p: torch.empty((E, H, I) if p == "down" else (E, I, H), dtype=self.dtype, device=self.device)
              for p in ("gate", "up", "down")}
         for e in range(E):
             for p in w:
-                w[p][e] = self._weight(raw, key(spec.projection_name(layer, e, p)))
-        act = getattr(self.config, spec.family.hidden_act_key, "silu")
-        return RoutedMoE(spec.family, spec.top_k, router, bias, w["gate"], w["up"], w["down"], act)
+                name = key(spec.projection_name(layer, e, p))
+                w[p][e] = self._weight(raw, name)
+                used.add(name)
+        shared = None
+        if fam.shared_experts:  # transformers' own shared-expert module, loaded with this layer's tensors
+            sp = fam.moe_prefix.format(layer=layer)[len(lp):] + fam.shared_experts + "."
+            sstate = {k[len(sp):]: self._weight(raw, k) for k in raw if k.startswith(sp) and not k.endswith("_scale_inv")}
+            used |= {k for k in raw if k.startswith(sp)}
+            shared = getattr(original, fam.shared_experts)
+            missing, unexpected = shared.load_state_dict(sstate, strict=False, assign=True)
+            if missing or unexpected:
+                raise UserError(f"layer {layer}: the shared experts' tensors do not match transformers' "
+                                f"{type(shared).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        # every tensor of the MoE block must be understood: an unknown one (a gate of its own, say) means the
+        # family entry does not describe this checkpoint and the routing would silently differ
+        moe_prefix = fam.moe_prefix.format(layer=layer)[len(lp):]
+        regex = fam.expert_regex()
+        unknown = [k for k in raw if k.startswith(moe_prefix) and k not in used and not k.endswith("_scale_inv")
+                   and not regex.match(lp + k)]
+        if unknown:
+            raise UserError(f"layer {layer}: MoE tensors {unknown[:3]} are not described by the {fam.name} entry in "
+                            "src/reap/arch.py (reap would route differently from the model); add them there")
+        act = getattr(self.config, fam.hidden_act_key, "silu")
+        return RoutedMoE(fam, spec.top_k, router, bias, w["gate"], w["up"], w["down"], act, routing=spec.routing,
+                         shared=shared)
 
     def free_layer(self, layer: int) -> None:
         self.layers[layer].to("meta")
@@ -390,6 +417,7 @@ class CalibrateOptions:
     engine: EngineOptions = EngineOptions()
     resume: bool = False
     overwrite: bool = False
+    recipe: dict[str, Any] | None = None  # the effective CLI options, recorded in the stats metadata
 
 
 def _data_meta(data) -> dict[str, Any]:
@@ -443,6 +471,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
     streamer = LayerStreamer(ckpt, spec, mine, opts.engine, dist)
     tokens = dist.sum_int(streamer.tokens, streamer.device)
     meta.update({"samples": len(sequences), "tokens": tokens, "world_size": dist.world})
+    if opts.recipe is not None:
+        meta["options"] = opts.recipe
     if stats is None:
         stats = ExpertStats(spec.num_layers, spec.num_experts, meta)
     start_layer = 0

@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from reap import __version__
+from reap.config import effective
 from reap.errors import UserError
 
 app = typer.Typer(
@@ -70,30 +71,46 @@ RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's o
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
-def _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device, dtype,
-                         batch_tokens, offload, workdir, trust_remote_code, quiet, out=None, resume=False,
-                         overwrite=False):
+ConfigOpt = typer.Option(None, "--config", help="YAML recipe with any of these options; flags override it.")
+
+
+def _with_config(ctx, params: dict, command, required: tuple[str, ...]) -> dict:
+    """The command's options merged with its --config recipe; required ones checked after the merge."""
+    from reap.config import apply_config
+
+    params = apply_config(ctx, {k: v for k, v in params.items() if k != "ctx"}, command.__annotations__)
+    missing = [name for name in required if params.get(name) is None]
+    if missing:
+        flags = ", ".join("MODEL" if m == "model" else "--" + m.replace("_", "-") for m in missing)
+        raise UserError(f"missing {flags}: give it on the command line or in the --config recipe")
+    return params
+
+
+def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: bool = False):
     from reap.calibrate import CalibrateOptions, EngineOptions
     from reap.data import DataOptions
 
+    dtype = p["dtype"]
     if dtype == "auto":
         import torch
 
-        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        gpu = p["device"].startswith("cuda") or (p["device"] == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if gpu else "float32"
-    data = DataOptions(dataset=dataset, samples=samples, max_length=max_length, shuffle=shuffle, seed=seed, pack=pack,
-                       text_field=text_field)
-    engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
-                           progress=not quiet, trust_remote_code=trust_remote_code)
-    return CalibrateOptions(model=model, data=data, out=out, engine=engine, resume=resume, overwrite=overwrite)
+    data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
+                       seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
+    engine = EngineOptions(device=p["device"], dtype=dtype, batch_tokens=p["batch_tokens"], offload=p["offload"],
+                           workdir=p["workdir"], progress=not p["quiet"], trust_remote_code=p["trust_remote_code"])
+    return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
+                            recipe=effective(p))
 
 
 # -- commands --------------------------------------------------------------------------------------------
 @app.command()
 @user_errors
 def prune(
-    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the pruned checkpoint."),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the pruned checkpoint."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (0 < R < 1)."),
     keep: Optional[Path] = typer.Option(None, "--keep", help='JSON {"<layer>": [kept expert ids]} instead of --ratio.'),
     method: str = typer.Option("reap", "--method", help="reap, ean, frequency, weighted-frequency or random."),
@@ -113,16 +130,21 @@ def prune(
     trust_remote_code: bool = RemoteOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
 ):
     """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
+    p = _with_config(ctx, locals(), prune, required=("model", "out"))  # first: locals() = the options
     from reap.prune import PruneOptions, prune_model
 
+    typed = ctx.get_parameter_source("dataset")
+    if (typed is None or typed.name != "COMMANDLINE") and (p["stats"] or p["keep"] or p["method"] == "random"):
+        p["dataset"] = None  # a recipe's data is not needed when the stats, the keep list or chance decide
     calibration = None
-    if dataset is not None:
-        calibration = _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device,
-                                           dtype, batch_tokens, offload, workdir, trust_remote_code, quiet)
-    opts = PruneOptions(model=model, out=out, ratio=ratio, keep_file=keep, method=method, seed=seed, stats=stats,
-                        calibration=calibration, overwrite=overwrite, progress=not quiet)
+    if p["dataset"] is not None:
+        calibration = _calibration_options(p)
+    opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
+                        seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
+                        progress=not p["quiet"], recipe=effective(p))
     result = prune_model(opts, log=log)
     if result is not None:
         typer.echo(str(result.out))
@@ -131,9 +153,10 @@ def prune(
 @app.command()
 @user_errors
 def calibrate(
-    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
-    dataset: str = typer.Option(..., "--dataset", help=DatasetOpt.help),
-    out: Path = typer.Option(..., "--out", "-o", help="Stats file to write (safetensors), updated after every layer."),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
+    dataset: Optional[str] = DatasetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Stats file to write (safetensors), updated after every layer."),
     samples: Optional[int] = SamplesOpt,
     max_length: int = MaxLenOpt,
     shuffle: bool = ShuffleOpt,
@@ -149,16 +172,15 @@ def calibrate(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run at its next layer."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing stats file."),
     quiet: bool = QuietOpt,
+    config: Optional[Path] = ConfigOpt,
 ):
     """Measure every expert's saliency by streaming calibration data through the model layer by layer."""
+    p = _with_config(ctx, locals(), calibrate, required=("model", "dataset", "out"))  # first: locals() = the options
     from reap.calibrate import calibrate as run
 
-    opts = _calibration_options(model, dataset, samples, max_length, shuffle, seed, pack, text_field, device, dtype,
-                                batch_tokens, offload, workdir, trust_remote_code, quiet, out=out, resume=resume,
-                                overwrite=overwrite)
-    _, summary = run(opts, log=log)
+    _, summary = run(_calibration_options(p, out=p["out"], resume=p["resume"], overwrite=p["overwrite"]), log=log)
     if _is_rank0():
-        typer.echo(json.dumps({"stats": str(out), **summary}))
+        typer.echo(json.dumps({"stats": str(p["out"]), **summary}))
 
 
 @app.command()

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from reap.chat import to_chat
 from reap.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -351,30 +352,28 @@ def _tokenize_records(
 
 
 def _is_text(record: dict, where: str, text_field: str, messages_field: str) -> bool:
-    """True for a text record, False for a chat record; UserError for anything else."""
+    """True for a text record, False for a chat-shaped one (reap.chat); UserError for anything else."""
     text = record.get(text_field)
     if text is not None:
         if not isinstance(text, str):
             raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string: "
                             "name the text field with --text-field")
         return True
-    messages = record.get(messages_field)
-    if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-            raise UserError(f"{where}: field {messages_field!r} must be a list of {{role, content}} objects: "
-                            "fix the data or name the text field with --text-field")
+    if to_chat(record, where, messages_field) is not None:
         return False
     fields = ", ".join(map(str, record)) or "none"
-    raise UserError(f"{where} has neither {text_field!r} nor {messages_field!r} (its fields: {fields}): "
+    raise UserError(f"{where} has neither {text_field!r} nor a chat shape ({messages_field!r}, conversations, "
+                    f"instruction/output, query/answers, prompt/completion; its fields: {fields}): "
                     "name the field that holds the text with --text-field")
 
 
 def _chat_ids(tokenizer: Any, record: dict, messages_field: str, where: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{where} is a chat ({messages_field!r}) but the tokenizer has no chat template: use "
+        raise UserError(f"{where} is a chat record but the tokenizer has no chat template: use "
                         "plain-text records (--text-field) or a model whose tokenizer defines a chat template")
+    messages, tools = to_chat(record, where, messages_field)
     try:
-        ids = tokenizer.apply_chat_template(record[messages_field], tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)
     except Exception as err:  # jinja TemplateError, the template's raise_exception(...), ...
         raise UserError(f"the chat template failed on {where} ({type(err).__name__}: {_first_line(err)}): "
                         "fix that record's messages") from err

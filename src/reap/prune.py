@@ -46,7 +46,8 @@ Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
 
 
 def moe_layers(ckpt: Checkpoint, spec: MoESpec) -> list[int]:
-    """Layers that have a router in this checkpoint (every layer for MiniMax-M2)."""
+    """Layers that have a router in this checkpoint (every layer for MiniMax-M2 and Mixtral; dense layers of
+    Qwen3-MoE's mlp_only_layers / decoder_sparse_step and DeepSeek-V3's first_k_dense_replace have none)."""
     layers = [layer for layer in range(spec.num_layers) if spec.router_name(layer) in ckpt]
     if not layers:
         raise UserError(
@@ -57,31 +58,55 @@ def moe_layers(ckpt: Checkpoint, spec: MoESpec) -> list[int]:
 
 
 def experts_to_drop(spec: MoESpec, ratio: float) -> int:
-    """floor(E * ratio), after checking the ratio leaves at least top-k experts."""
+    """floor(E * ratio), after checking the ratio leaves enough experts (top-k; with expert groups, rounded
+    down to a multiple of the group count so that every group loses the same number)."""
     from reap.saliency import n_to_drop
 
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
         raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.3")
     n_drop = n_to_drop(spec.num_experts, ratio)
+    groups = spec.routing.n_group
     if n_drop == 0:
         raise UserError(
             f"--ratio {ratio} drops floor({spec.num_experts} x {ratio}) = 0 experts; use a ratio of at least "
             f"{1 / spec.num_experts:.4g}"
         )
-    if spec.num_experts - n_drop < spec.top_k:
-        most = (spec.num_experts - spec.top_k) / spec.num_experts
-        raise UserError(
-            f"--ratio {ratio} keeps {spec.num_experts - n_drop} experts, fewer than the {spec.top_k} each token "
-            f"is routed to; use --ratio {most:.4g} or less"
-        )
+    if groups > 1:
+        n_drop -= n_drop % groups
+        if n_drop == 0:
+            raise UserError(
+                f"--ratio {ratio} drops fewer experts than the {groups} expert groups of {spec.family.name}, and "
+                f"every group must lose the same number; use a ratio of at least {groups / spec.num_experts:.4g}"
+            )
+    if spec.num_experts - n_drop < spec.min_kept():
+        # the largest drop that keeps min_kept experts, as a ratio
+        most = (spec.num_experts - spec.min_kept()) / spec.num_experts
+        why = (f"fewer than the {spec.top_k} each token is routed to" if groups <= 1 else
+               f"fewer than the {spec.min_kept()} that top-{spec.top_k} routing into {spec.routing.topk_group} of "
+               f"{groups} equal groups needs")
+        raise UserError(f"--ratio {ratio} keeps {spec.num_experts - n_drop} experts, {why}; use --ratio "
+                        f"{most:.4g} or less")
     return n_drop
 
 
-def keep_from_scores(scores: torch.Tensor, layers: list[int], n_drop: int) -> Keep:
-    """scores [L, E] -> per layer, the experts left after dropping the n_drop lowest (ties to the lower index)."""
+def keep_from_scores(scores: torch.Tensor, layers: list[int], n_drop: int, n_group: int = 1) -> Keep:
+    """scores [L, E] -> per layer, the experts left after dropping the n_drop lowest (ties to the lower index).
+
+    With ``n_group`` > 1 (contiguous, equally sized expert groups) each group drops n_drop / n_group of its own
+    lowest, so the groups stay equally sized and, renumbered in original order, contiguous.
+    """
     from reap.saliency import choose_experts
 
-    return {layer: choose_experts(scores[layer], n_drop)[0] for layer in layers}
+    if n_group <= 1:
+        return {layer: choose_experts(scores[layer], n_drop)[0] for layer in layers}
+    if n_drop % n_group or scores.shape[1] % n_group:
+        raise ValueError(f"{n_drop} dropped of {scores.shape[1]} experts cannot be split over {n_group} groups")
+    size, per_group = scores.shape[1] // n_group, n_drop // n_group
+    keep: Keep = {}
+    for layer in layers:
+        keep[layer] = [g * size + e for g in range(n_group)
+                       for e in choose_experts(scores[layer, g * size : (g + 1) * size], per_group)[0]]
+    return keep
 
 
 def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
@@ -107,8 +132,18 @@ def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise UserError(f"keep file {path}: layer {key} lists expert {dup} more than once")
-        if len(ids) < spec.top_k:
-            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than top-k {spec.top_k}")
+        if len(ids) < spec.min_kept():
+            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than the {spec.min_kept()} "
+                            f"the routing needs (top-k {spec.top_k}"
+                            + (f", {spec.routing.n_group} groups)" if spec.routing.n_group > 1 else ")"))
+        groups = spec.routing.n_group
+        if groups > 1:
+            size = spec.num_experts // groups
+            per = [sum(1 for i in ids if i // size == g) for g in range(groups)]
+            if len(set(per)) != 1:
+                raise UserError(
+                    f"keep file {path}: layer {key} keeps {per} experts from the {groups} expert groups of "
+                    f"{size}; {spec.family.name} routes by equally sized groups, so keep the same number from each")
         keep[int(key)] = sorted(ids)
     missing = [layer for layer in layers if layer not in keep]
     if missing:
@@ -190,7 +225,8 @@ def rewrite(
             index_meta["total_parameters"] -= removed_params
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
         config = dict(ckpt.config)
-        config[spec.num_experts_key] = k
+        for key in spec.num_experts_keys or (spec.num_experts_key,):  # every key that holds the expert count
+            config[key] = k
         write_json(tmp / CONFIG_NAME, config)
         skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *ckpt.shards}
         for src in other_files(ckpt.path, skip):
@@ -227,8 +263,12 @@ def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
         raise RuntimeError(f"verify: index total_size {index['metadata']['total_size']} != {total} bytes in shards")
     config = json.loads((path / CONFIG_NAME).read_text())
     k = config[spec.num_experts_key]
-    if k < spec.top_k:
-        raise RuntimeError(f"verify: config expert count {k} < top-k {spec.top_k}")
+    if k < spec.min_kept():
+        raise RuntimeError(f"verify: config expert count {k} < {spec.min_kept()} (top-k {spec.top_k})")
+    if any(config[key] != k for key in spec.num_experts_keys):
+        raise RuntimeError(f"verify: config expert counts {[config[key] for key in spec.num_experts_keys]} differ")
+    if spec.routing.n_group > 1 and k % spec.routing.n_group:
+        raise RuntimeError(f"verify: {k} experts do not split into {spec.routing.n_group} equal groups")
     regex = spec.family.expert_regex()
     per_layer: dict[int, dict[int, set[str]]] = {}
     for n in weight_map:
@@ -290,6 +330,7 @@ class PruneOptions:
     calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
     overwrite: bool = False
     progress: bool = True
+    recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
 
 
 def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
@@ -340,9 +381,11 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
                                 "or --stats STATS from `reap calibrate`; or use --method random")
             scores = stats.scores(method)
             extra["calibration"] = stats.meta
-        keep = keep_from_scores(scores, layers, n_drop)
+        keep = keep_from_scores(scores, layers, n_drop, spec.routing.n_group)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
+    if opts.recipe is not None:
+        extra["options"] = opts.recipe
     report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
     k = len(next(iter(keep.values())))
     log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")

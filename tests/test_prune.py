@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import reap
 from reap.cli import app
+from reap.report import CARD_NAME, GENERATED
 
 MODELS = ["tiny_fp32", "tiny_bf16", "tiny_fp8", "mini_m2", "mini_m2_fp8"]
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(.+)$")
@@ -151,8 +152,10 @@ def check_surgery(src: Path, out: Path, keep: dict[int, list[int]]) -> None:
         assert {"LICENSE", "configuration_minimax_m2.py"} <= others
     for name in others:
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
-    assert {p.name for p in out.iterdir()} == others | shards | {
+    # besides the checkpoint: the model card, the summary and (with matplotlib) the pictures
+    assert {p.name for p in out.iterdir()} - {CARD_NAME, *GENERATED} == others | shards | {
         "model.safetensors.index.json", "config.json", "reap_report.json"}
+    assert (out / CARD_NAME).is_file() and (out / "reap_summary.txt").is_file()
 
     # the report
     report = json.loads((out / "reap_report.json").read_text())

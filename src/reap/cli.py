@@ -183,6 +183,65 @@ def calibrate(
         typer.echo(json.dumps({"stats": str(p["out"]), **summary}))
 
 
+@app.command("eval")
+@user_errors
+def eval_(
+    model: str = typer.Argument(..., help="Model directory (e.g. a pruned output) or Hugging Face id (from the local cache)."),
+    dataset: str = typer.Option(..., "--dataset", help="Evaluation text: a .jsonl/.jsonl.gz/.json/.parquet/.txt file or a "
+                                "Hugging Face dataset (local cache); each document is followed by EOS, all concatenated."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Also evaluate this model (e.g. the original) on the "
+                                           "same tokens and report the difference."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Number of predicted tokens to score."),
+    seq_len: int = typer.Option(1024, "--seq-len", help="Window length: windows of S+1 tokens at stride S, no context "
+                                "carried over between windows."),
+    text_field: str = TextFieldOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_tokens: int = BatchOpt,
+    offload: str = OffloadOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    trust_remote_code: bool = RemoteOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON (for `reap report --eval`)."),
+    quiet: bool = QuietOpt,
+):
+    """Next-token loss and perplexity, streamed layer by layer (models larger than memory work too)."""
+    from dataclasses import replace
+
+    from reap.calibrate import EngineOptions
+    from reap.evaluate import EvalOptions, compare, evaluate, write_json
+
+    engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
+                           progress=not quiet, trust_remote_code=trust_remote_code)
+    opts = EvalOptions(model=model, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len, engine=engine,
+                       text_field=text_field)
+    result = compare(replace(opts, model=baseline), opts, log=log) if baseline else evaluate(opts, log=log)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+@user_errors
+def report(
+    path: Path = typer.Argument(..., help="A pruned output directory (with reap_report.json) or a stats file from "
+                                "`reap calibrate`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the pictures and summary (default: the "
+                                       "pruned directory itself, or <stats>-report/ beside a stats file)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="For a stats file: show the cut at this ratio."),
+    method: str = typer.Option("reap", "--method", help="For a stats file: the saliency to show (reap, ean, frequency, "
+                               "weighted-frequency)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="A `reap eval --out` result to add to the model card."),
+):
+    """Pictures (saliency heat map, sorted saliency per layer, frequency vs REAP), a summary and the model card."""
+    from reap.report import SUMMARY_NAME, read_evaluation, render_report
+
+    evaluation = read_evaluation(eval_file) if eval_file is not None else None
+    written = render_report(path, out, ratio, method, evaluation=evaluation, log=log)
+    summary = next((p for p in written if p.name == SUMMARY_NAME), None)
+    if summary is not None:
+        typer.echo(summary.read_text(), nl=False)
+
+
 @app.command()
 @user_errors
 def inspect(

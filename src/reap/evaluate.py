@@ -52,7 +52,8 @@ class EvalOptions:
 
 
 # -- data --------------------------------------------------------------------------------------------------
-def eval_stream(dataset: str, tokenizer: Any, eos_id: int, need: int, text_field: str = "text") -> tuple[list[int], int]:
+def eval_stream(dataset: str, tokenizer: Any, eos_id: int, need: int,
+                text_field: str = "text") -> tuple[list[int], int]:
     """(token stream, documents read): enough documents, in file order, for ``need`` tokens, or all of them.
 
     Reads a few documents, then more in proportion to the tokens still missing (so a large dataset is not

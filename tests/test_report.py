@@ -1,0 +1,206 @@
+"""reap report: pictures, summary and model card from a pruned directory or a stats file; failure-safe in prune."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from reap.calibrate import CalibrateOptions, EngineOptions
+from reap.data import DataOptions
+from reap.errors import UserError
+from reap.prune import PruneOptions, prune_model
+from reap.report import (
+    CARD_NAME,
+    FIGURES,
+    SUMMARY_NAME,
+    _hub_id,
+    load_report_data,
+    render_report,
+    reproduce_command,
+    write_model_card,
+)
+from reap.saliency import ExpertStats, choose_experts
+
+PNG = b"\x89PNG\r\n\x1a\n"
+QUIET = lambda *_: None  # noqa: E731
+SECTIONS = ("## Pruning", "## Size", "## Experts kept per layer", "## Reproduce")
+
+
+def _check_png(path: Path, min_px: int = 200) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG, f"{path} is not a PNG"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_px, im.size
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reportdata") / "calib.jsonl"
+    docs = [f"class C{i}:\n    def m(self, y):\n        return y ** {i % 4} - {i}\n" * (1 + i % 3) for i in range(24)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned_reap(tiny_fp32, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned") / "tiny-reap"
+    calibration = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data_file), max_length=128),
+                                   engine=EngineOptions(device="cpu", dtype="float32", progress=False))
+    prune_model(PruneOptions(model=str(tiny_fp32), out=out, ratio=0.25, method="reap", calibration=calibration,
+                             progress=False), log=QUIET)
+    return out
+
+
+def test_prune_writes_card_pictures_and_summary(pruned_reap, tiny_fp32):
+    report = json.loads((pruned_reap / "reap_report.json").read_text())
+    for name in FIGURES.values():
+        _check_png(pruned_reap / name)
+    card = (pruned_reap / CARD_NAME).read_text()
+    for section in (*SECTIONS, "## Pictures"):
+        assert f"\n{section}\n" in card, section
+    assert card.startswith("---\n") and "tags:" in card.split("---")[1]
+    assert f"# {pruned_reap.name}\n" in card
+    assert str(tiny_fp32) in card and "| Ratio | 0.25 |" in card and "16 -> 12" in card
+    assert "REAP" in card and str(report["calibration"]["data"]["dataset"]) in card
+    assert f"{report['calibration']['tokens']:,}" in card  # calibration tokens
+    assert report["created"] in card and "reap 0.1.0" in card
+    assert f"{report['bytes_before']:,} bytes" in card and f"{report['bytes_after']:,} bytes" in card
+    # parameters before/after from reap.summary.describe
+    from reap.checkpoint import Checkpoint
+    from reap.summary import describe
+
+    before, after = describe(Checkpoint(tiny_fp32))["before"], describe(Checkpoint(pruned_reap))["before"]
+    assert f"{before['total_params']:,}" in card and f"{after['total_params']:,}" in card
+    for layer, entry in report["layers"].items():
+        assert f"| {layer} | 12 | {', '.join(map(str, entry['pruned']))} |" in card
+    for name in FIGURES.values():  # every picture is linked and exists
+        assert f"]({name})" in card
+    # the command: sys.argv was pytest's, so the card rebuilds an equivalent `reap prune` line
+    command = card.split("```bash\n")[1].split("\n```")[0]
+    assert command.startswith(f"reap prune {tiny_fp32} --out {pruned_reap} --ratio 0.25 --method reap --dataset ")
+    summary = (pruned_reap / SUMMARY_NAME).read_text()
+    assert "reap, 16 -> 12 experts (ratio 0.25)" in summary
+    assert "frequency would prune" in summary and "Spearman(frequency, REAP)" in summary
+    assert len([line for line in summary.splitlines() if line[:5].strip().isdigit()]) == 3  # one row per layer
+
+
+def test_render_report_of_a_pruned_dir_is_repeatable(pruned_reap, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(pruned_reap, copy)
+    for name in (*FIGURES.values(), SUMMARY_NAME, CARD_NAME):
+        (copy / name).unlink()
+    evaluation = {"original": {"dataset": "ev.jsonl", "tokens": 4096, "seq_len": 256, "loss": 2.0, "perplexity": 7.389},
+                  "pruned": {"dataset": "ev.jsonl", "tokens": 4096, "seq_len": 256, "loss": 2.1, "perplexity": 8.166}}
+    written = render_report(copy, evaluation=evaluation, log=QUIET)
+    assert {p.name for p in written} == {*FIGURES.values(), SUMMARY_NAME, CARD_NAME}
+    card = (copy / CARD_NAME).read_text()
+    assert "## Evaluation" in card and "| pruned | 2.1000 | 8.166 |" in card and "| change | +0.1000 |" in card
+    lines = lambda d: (d / SUMMARY_NAME).read_text().splitlines()[1:]  # noqa: E731 - the first names the dir
+    assert lines(copy) == lines(pruned_reap)
+    # out_dir elsewhere: pictures and summary there, no card
+    other = tmp_path / "elsewhere"
+    written = render_report(copy, out_dir=other, log=QUIET)
+    assert CARD_NAME not in {p.name for p in written} and (other / FIGURES["heatmap"]).is_file()
+
+
+def test_stats_file_report(pruned_reap, tmp_path):
+    stats_file = tmp_path / "calib.safetensors"
+    shutil.copyfile(pruned_reap / "reap_stats.safetensors", stats_file)
+    data = load_report_data(stats_file, ratio=0.25, method="reap")
+    stats = ExpertStats.load(stats_file)
+    report = json.loads((pruned_reap / "reap_report.json").read_text())
+    for layer in range(stats.num_layers):  # the same cut as the pruner's
+        want = choose_experts(stats.scores("reap")[layer], 4)[1]
+        assert data.pruned[layer] == want == report["layers"][str(layer)]["pruned"]
+    written = render_report(stats_file, ratio=0.25, log=QUIET)
+    out = tmp_path / "calib-report"
+    assert [p.parent for p in written] == [out] * 4
+    assert {p.name for p in written} == {*FIGURES.values(), SUMMARY_NAME}
+    for name in FIGURES.values():
+        _check_png(out / name)
+    # no ratio: saliency only, no cut; another method
+    written = render_report(stats_file, out_dir=tmp_path / "nocut", method="frequency", log=QUIET)
+    assert len(written) == 4
+    assert "frequency" in (tmp_path / "nocut" / SUMMARY_NAME).read_text().splitlines()[0]
+    with pytest.raises(UserError, match="random"):
+        render_report(stats_file, method="random", log=QUIET)
+    with pytest.raises(UserError, match="does not exist"):
+        render_report(tmp_path / "missing.safetensors", log=QUIET)
+    with pytest.raises(UserError, match="neither"):
+        render_report(tmp_path / "nocut", log=QUIET)
+
+
+def test_random_and_keep_file_prunings(tiny_fp32, tmp_path):
+    rnd = tmp_path / "rnd"
+    prune_model(PruneOptions(model=str(tiny_fp32), out=rnd, ratio=0.5, method="random", seed=7, progress=False),
+                log=QUIET)
+    _check_png(rnd / FIGURES["heatmap"])
+    _check_png(rnd / FIGURES["curves"])
+    assert not (rnd / FIGURES["scatter"]).exists()  # no statistics without calibration
+    card = (rnd / CARD_NAME).read_text()
+    assert "random choice (seed 7)" in card and "none (the choice does not use calibration)" in card
+    assert "--method random --seed 7" in card
+    keep = tmp_path / "keep.json"
+    keep.write_text(json.dumps({str(layer): list(range(0, 16, 2)) for layer in range(3)}))
+    kf = tmp_path / "kf"
+    prune_model(PruneOptions(model=str(tiny_fp32), out=kf, keep_file=keep, progress=False), log=QUIET)
+    _check_png(kf / FIGURES["heatmap"])
+    assert not (kf / FIGURES["curves"]).exists()  # nothing to sort without scores
+    card = (kf / CARD_NAME).read_text()
+    assert f"--keep {keep}" in card and "| 0 | 8 | 1, 3, 5, 7, 9, 11, 13, 15 |" in card
+
+
+def test_pruning_without_matplotlib(tiny_fp32, tmp_path, monkeypatch, caplog):
+    """No matplotlib: pruning still succeeds, with card and summary and a logged note; a source's own license
+    is carried into the card, and pictures a source carries from an earlier pruning are not copied."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_fp32, src)
+    (src / CARD_NAME).write_text("---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# the original\n")
+    (src / FIGURES["heatmap"]).write_bytes(PNG + b"stale")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="reap.report"):
+        result = prune_model(PruneOptions(model=str(src), out=out, ratio=0.25, method="random", progress=False),
+                             log=QUIET)
+    assert result.out == out and (out / "reap_report.json").is_file()
+    assert "matplotlib is not installed" in caplog.text
+    assert not any(out.glob("*.png"))
+    card = (out / CARD_NAME).read_text()
+    assert 'license: "apache-2.0"' in card and 'pipeline_tag: "text-generation"' in card
+    assert "# the original" not in card and "## Pictures" not in card
+    assert (out / SUMMARY_NAME).is_file()
+    with pytest.raises(UserError, match="matplotlib"):
+        render_report(out, log=QUIET)
+
+
+def test_card_when_the_source_is_gone(pruned_reap, tmp_path):
+    report = json.loads((pruned_reap / "reap_report.json").read_text())
+    report["source"] = str(tmp_path / "no-longer-here")
+    report["command"] = f"reap prune {report['source']} --out x --ratio 0.25 --stats s.safetensors"
+    path = write_model_card(tmp_path, report, figures=[])
+    card = path.read_text()
+    assert f"{report['bytes_before']:,} bytes" in card and f"{report['bytes_after']:,} bytes" in card
+    assert "| Parameters | - |" in card  # neither checkpoint readable here: no parameter counts
+    assert report["command"] in card  # a recorded `reap prune` command is given verbatim
+    for section in SECTIONS:
+        assert f"\n{section}\n" in card
+
+
+def test_helpers():
+    snapshot = "/home/u/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2/snapshots/abc123"
+    assert _hub_id(snapshot) == "MiniMaxAI/MiniMax-M2"
+    assert _hub_id("/data/models/MiniMax-M2") is None
+    assert reproduce_command({"command": "reap prune m --out o --ratio 0.5"}) == "reap prune m --out o --ratio 0.5"
+    rebuilt = reproduce_command({"command": "reap -k test", "source": "/m", "ratio": 0.5, "method": "ean",
+                                 "calibration": {"data": {"dataset": "d.jsonl", "samples": 8, "max_length": 64,
+                                                          "pack": True}, "dtype": "bfloat16"}}, "/o")
+    assert rebuilt == ("reap prune /m --out /o --ratio 0.5 --method ean --dataset d.jsonl --samples 8 --max-length 64 "
+                       "--pack --dtype bfloat16")

@@ -51,8 +51,8 @@ BASE = {"model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"], "
 @pytest.mark.parametrize(
     "config",
     [{**BASE, "model_type": "llama", "architectures": ["LlamaForCausalLM"]},
-     {**BASE, "model_type": "qwen3_moe"},  # model_type decides, whatever architectures says
-     {k: v for k, v in BASE.items() if k != "model_type"} | {"architectures": ["DeepseekV3ForCausalLM"]},
+     {**BASE, "model_type": "qwen2_moe"},  # model_type decides, whatever architectures says
+     {k: v for k, v in BASE.items() if k != "model_type"} | {"architectures": ["DeepseekV2ForCausalLM"]},
      {"hidden_size": 16}],
 )
 def test_unsupported_family_names_the_table(config):

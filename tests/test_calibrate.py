@@ -86,8 +86,11 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    src = sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))
-    return [p.read_text()[:600] for p in src[:6]]
+    """Six fixed Python snippets (not the repository's own files, which change)."""
+    g = torch.Generator().manual_seed(7)
+    words = ["def", "return", "self", "import", "for", "in", "if", "else", "value", "items", "print", "(", ")", ":"]
+    return ["\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g))
+                      for _ in range(8 + 3 * n)) for n in range(6)]
 
 
 def _opts(model, data, **engine) -> CalibrateOptions:
@@ -237,8 +240,8 @@ def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = ExpertStats.load(single), ExpertStats.load(two)
     assert b.meta["world_size"] == 2 and a.meta["tokens"] == b.meta["tokens"]
-    for f in FIELDS:
-        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-9, atol=1e-12)
+    for f in FIELDS:  # the ranks batch different sequences together: float32 blocking differs slightly
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-6, atol=1e-9)
 
 
 def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):

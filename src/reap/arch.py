@@ -3,8 +3,11 @@
 One :class:`Family` entry per model family, as data: the on-disk tensor names of the router, its
 correction bias and the per-expert tensors (companion tensors such as FP8 ``.weight_scale_inv`` are
 found by the same pattern), the ``config.json`` keys that hold the expert count and top-k, and the
-routing function. :func:`detect` reads ``config.json`` and returns a :class:`MoESpec` (the family plus
-this checkpoint's numbers). Adding a family means adding one entry to :data:`FAMILIES`.
+routing as data: scoring (softmax or sigmoid), correction bias, renormalization and scaling (each a
+default plus the config key that overrides it), group-limited routing, shared experts. :func:`detect`
+reads ``config.json`` and returns a :class:`MoESpec` (the family plus this checkpoint's numbers, its
+:class:`Routing` included); :func:`route` routes exactly as the family's modeling code in transformers.
+Adding a family means adding one entry to :data:`FAMILIES`.
 
 Shapes (legend: T tokens, E experts, K top-k, H hidden): router logits [T, E]; chosen experts and their
 weights [T, K].
@@ -40,7 +43,21 @@ class Family:
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     expert_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
     scoring: str = "softmax"  # "softmax" | "sigmoid"
-    renormalize: bool = True  # divide the chosen K weights by their sum
+    renormalize: bool = True  # divide the chosen K weights by their sum (the default when renormalize_key is absent)
+    renormalize_key: str | None = None  # config key that switches renormalization (e.g. "norm_topk_prob")
+    renormalize_eps: float = 0.0  # added to the sum before dividing (DeepSeek-V3: 1e-20)
+    scaling: float = 1.0  # the chosen weights are multiplied by this (the default when scaling_key is absent)
+    scaling_key: str | None = None  # config key of that factor (e.g. "routed_scaling_factor")
+    # group-limited routing (DeepSeek-V3): experts form n_group contiguous groups; a token picks topk_group groups
+    # by the sum of each group's best `group_score_top` choice scores, then its top-k experts inside them
+    group_keys: tuple[str, ...] = ()  # config keys of the group count; () = no groups
+    topk_group_keys: tuple[str, ...] = ()
+    group_defaults: tuple[int, int] = (1, 1)  # (n_group, topk_group) when the keys are absent
+    group_score_top: int = 2
+    router_float32: bool = False  # the router always runs in float32 (else in the compute dtype, or float32 if stored so)
+    weights_in_logits_dtype: bool = False  # the chosen weights are rounded to the logits' dtype (Qwen3-MoE)
+    # sub-module of transformers' MoE block (same name on disk under moe_prefix) added to the routed output, never pruned
+    shared_experts: str | None = None
     # attribute of transformers' decoder layer that holds the MoE block (replaced during calibration)
     moe_module: str = "mlp"
     # non-expert names the layer streamer needs (transformers' parameter names below these prefixes match disk)
@@ -74,8 +91,68 @@ MINIMAX_M2 = Family(
     renormalize=True,
 )
 
+QWEN3_MOE = Family(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    architectures=("Qwen3MoeForCausalLM",),
+    moe_prefix="model.layers.{layer}.mlp.",
+    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
+    router_weight="model.layers.{layer}.mlp.gate.weight",
+    router_bias=None,
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    # released configs say num_experts; transformers 5 writes num_local_experts (its attribute_map alias)
+    num_experts_keys=("num_experts", "num_local_experts"),
+    top_k_keys=("num_experts_per_tok",),
+    expert_intermediate_keys=("moe_intermediate_size",),
+    scoring="softmax",
+    renormalize=False,  # Qwen3MoeConfig's default for norm_topk_prob
+    renormalize_key="norm_topk_prob",
+    weights_in_logits_dtype=True,
+)
+
+MIXTRAL = Family(
+    name="mixtral",
+    model_types=("mixtral",),
+    architectures=("MixtralForCausalLM",),
+    moe_prefix="model.layers.{layer}.block_sparse_moe.",
+    expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}.",
+    router_weight="model.layers.{layer}.block_sparse_moe.gate.weight",
+    router_bias=None,
+    projections={"gate": "w1", "up": "w3", "down": "w2"},
+    num_experts_keys=("num_local_experts",),
+    top_k_keys=("num_experts_per_tok",),
+    expert_intermediate_keys=("intermediate_size",),
+    scoring="softmax",
+    renormalize=True,
+)
+
+DEEPSEEK_V3 = Family(
+    name="deepseek_v3",
+    model_types=("deepseek_v3",),
+    architectures=("DeepseekV3ForCausalLM",),
+    moe_prefix="model.layers.{layer}.mlp.",
+    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
+    router_weight="model.layers.{layer}.mlp.gate.weight",
+    router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    num_experts_keys=("n_routed_experts",),
+    top_k_keys=("num_experts_per_tok",),
+    expert_intermediate_keys=("moe_intermediate_size",),
+    scoring="sigmoid",
+    renormalize=True,  # DeepseekV3Config's defaults
+    renormalize_key="norm_topk_prob",
+    renormalize_eps=1e-20,
+    scaling=2.5,
+    scaling_key="routed_scaling_factor",
+    group_keys=("n_group",),
+    topk_group_keys=("topk_group",),
+    group_defaults=(8, 4),
+    router_float32=True,
+    shared_experts="shared_experts",
+)
+
 #: Every supported family. To add one, append an entry here (and a test with a tiny checkpoint).
-FAMILIES: tuple[Family, ...] = (MINIMAX_M2,)
+FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3)
 
 
 def _first_key(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
@@ -83,6 +160,25 @@ def _first_key(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any]
         if config.get(key) is not None:
             return key, config[key]
     return None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """This checkpoint's routing numbers (the family's defaults, overridden by ``config.json``)."""
+
+    renormalize: bool = True
+    scaling: float = 1.0
+    n_group: int = 1  # contiguous, equally sized expert groups
+    topk_group: int = 1  # groups a token may route into (group-limited routing when n_group > 1)
+
+    def describe(self, family: "Family") -> str:
+        text = family.scoring + (" + correction bias" if family.router_bias else "")
+        if self.n_group > 1:
+            text += f", top-{self.topk_group} of {self.n_group} groups"
+        text += ", top-k renormalized" if self.renormalize else ", top-k not renormalized"
+        if self.scaling != 1.0:
+            text += f", scaled x{self.scaling:g}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -95,7 +191,9 @@ class MoESpec:
     top_k: int
     hidden_size: int
     expert_intermediate: int
-    num_experts_key: str
+    num_experts_key: str  # the first expert-count key present in config.json
+    num_experts_keys: tuple[str, ...] = ()  # every expert-count key present (all are rewritten)
+    routing: Routing = Routing()
 
     def router_name(self, layer: int) -> str:
         return self.family.router_weight.format(layer=layer)
@@ -112,7 +210,13 @@ class MoESpec:
         return self.expert_name(layer, expert, self.family.projections[proj] + ".weight")
 
     def min_kept(self) -> int:
-        return self.top_k
+        """The fewest experts a layer may keep: top-k, and with groups enough in the allowed groups for top-k
+        (and at least ``group_score_top`` per group, which the group score needs)."""
+        r = self.routing
+        if r.n_group <= 1:
+            return self.top_k
+        per_group = max(-(-self.top_k // r.topk_group), self.family.group_score_top)
+        return per_group * r.n_group
 
 
 def detect(config: dict[str, Any]) -> MoESpec:
@@ -149,6 +253,11 @@ def detect(config: dict[str, Any]) -> MoESpec:
     top_k = found["top-k"][1]
     if top_k > num_experts:
         raise UserError(f"config.json says top-k {top_k} > {num_experts} experts; the checkpoint config is broken")
+    present = tuple(k for k in family.num_experts_keys if config.get(k) is not None)
+    if any(config[k] != num_experts for k in present):
+        raise UserError(f"config.json gives different expert counts under {list(present)} "
+                        f"({[config[k] for k in present]}); the checkpoint config is broken")
+    routing = _routing(config, family, num_experts, top_k)
     return MoESpec(
         family=family,
         num_layers=found["layer count"][1],
@@ -157,17 +266,51 @@ def detect(config: dict[str, Any]) -> MoESpec:
         hidden_size=found["hidden size"][1],
         expert_intermediate=found["expert intermediate size"][1],
         num_experts_key=found["expert count"][0],
+        num_experts_keys=present,
+        routing=routing,
     )
 
 
+def _routing(config: dict[str, Any], family: Family, num_experts: int, top_k: int) -> Routing:
+    renormalize = family.renormalize
+    if family.renormalize_key and config.get(family.renormalize_key) is not None:
+        renormalize = bool(config[family.renormalize_key])
+    scaling = family.scaling
+    if family.scaling_key and config.get(family.scaling_key) is not None:
+        scaling = config[family.scaling_key]
+        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+            raise UserError(f"config.json {family.scaling_key} must be a number (got {scaling!r})")
+        scaling = float(scaling)
+    n_group, topk_group = family.group_defaults if family.group_keys else (1, 1)
+    for what, keys in (("group count", family.group_keys), ("groups per token", family.topk_group_keys)):
+        hit = _first_key(config, keys)
+        if hit is None:
+            continue
+        if not isinstance(hit[1], int) or isinstance(hit[1], bool) or hit[1] <= 0:
+            raise UserError(f"config.json {hit[0]} must be a positive integer (the {what}), got {hit[1]!r}")
+        if what == "group count":
+            n_group = hit[1]
+        else:
+            topk_group = hit[1]
+    if n_group > 1:
+        if num_experts % n_group:
+            raise UserError(f"config.json says {num_experts} experts in {n_group} groups, which do not divide "
+                            "evenly; the checkpoint config is broken")
+        if not 1 <= topk_group <= n_group:
+            raise UserError(f"config.json says top-{topk_group} of {n_group} expert groups; the checkpoint config is broken")
+    return Routing(renormalize=renormalize, scaling=scaling, n_group=n_group, topk_group=topk_group)
+
+
 def route(
-    logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, family: Family
+    logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, family: Family, routing: Routing | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing exactly as the family's modeling code does it.
 
     logits [T, E] (router output in the router's dtype) -> (weights [T, K] float32, chosen [T, K] int64).
-    The weights are what the model multiplies each chosen expert's output by.
+    The weights are what the model multiplies each chosen expert's output by. ``routing`` holds this
+    checkpoint's numbers (``MoESpec.routing``); without it, the family's defaults and no groups.
     """
+    routing = routing or Routing(renormalize=family.renormalize, scaling=family.scaling)
     if family.scoring == "sigmoid":
         scores = torch.sigmoid(logits.float())  # [T, E]
     elif family.scoring == "softmax":
@@ -175,10 +318,22 @@ def route(
     else:  # pragma: no cover - table error
         raise ValueError(f"unknown scoring {family.scoring!r} in family {family.name}")
     choice = scores + bias.float() if bias is not None else scores
+    if routing.n_group > 1:  # group-limited: only experts of the topk_group best groups can be chosen
+        T, E = choice.shape
+        G = routing.n_group
+        group_scores = choice.view(T, G, E // G).topk(family.group_score_top, dim=-1)[0].sum(dim=-1)  # [T, G]
+        group_idx = torch.topk(group_scores, k=routing.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
+        score_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
     _, chosen = torch.topk(choice, top_k, dim=-1, sorted=False)  # [T, K]
     weights = scores.gather(1, chosen)
-    if family.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routing.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + family.renormalize_eps)
+    if routing.scaling != 1.0:
+        weights = weights * routing.scaling
+    if family.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype).float()
     return weights, chosen
 
 

@@ -3,7 +3,8 @@
 Routes exactly as the family's modeling code (via :func:`reap.arch.route`), computes each expert only on
 the tokens routed to it (pairs sorted by expert; one grouped matmul per projection where the backend has
 one, else a loop over the experts that were hit), and hands each (token, expert) pair's gate weight and
-output norm to a :class:`reap.saliency.LayerAccumulator`.
+output norm to a :class:`reap.saliency.LayerAccumulator`. Shared experts (DeepSeek-V3), when the family has
+them, are transformers' own module, run on every token and added to the routed output; they are not tracked.
 
 Legend: T tokens, E experts, K top-k, H hidden, I expert intermediate, N = T*K routed pairs.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reap.arch import Family, route
+from reap.arch import Family, Routing, route
 
 
 def _grouped_mm_fn():
@@ -36,11 +37,14 @@ class RoutedMoE(nn.Module):
         w_down: torch.Tensor,  # [E, H, I]
         act: str = "silu",
         grouped: bool | None = None,
+        routing: Routing | None = None,  # this checkpoint's routing numbers (MoESpec.routing); None = family defaults
+        shared: nn.Module | None = None,  # shared experts (transformers' own module), added to the routed output
     ):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        self.family, self.top_k = family, top_k
+        self.family, self.top_k, self.routing = family, top_k, routing
+        self.shared = shared
         self.router, self.bias = router, bias
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.act = ACT2FN[act]
@@ -67,7 +71,7 @@ class RoutedMoE(nn.Module):
         T, H = x.shape
         K, E = self.top_k, self.num_experts
         logits = F.linear(x.to(self.router.dtype), self.router)  # [T, E]
-        weights, chosen = route(logits, self.bias, K, self.family)  # [T, K] each
+        weights, chosen = route(logits, self.bias, K, self.family, self.routing)  # [T, K] each
         flat_expert = chosen.reshape(-1)  # [N]
         expert_sorted, order = torch.sort(flat_expert, stable=True)  # [N]
         token_sorted = order // K  # [N]
@@ -80,6 +84,8 @@ class RoutedMoE(nn.Module):
             self.accumulator.add(expert_sorted, gate_sorted, norms)
         out = torch.zeros_like(x)
         out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
+        if self.shared is not None:  # shared experts see every token (DeepSeek-V3: routed + shared, in that order)
+            out = out + self.shared(x)
         return out
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

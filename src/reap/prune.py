@@ -133,9 +133,10 @@ def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise UserError(f"keep file {path}: layer {key} lists expert {dup} more than once")
         if len(ids) < spec.min_kept():
-            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than the {spec.min_kept()} "
-                            f"the routing needs (top-k {spec.top_k}"
-                            + (f", {spec.routing.n_group} groups)" if spec.routing.n_group > 1 else ")"))
+            need = (f"top-k {spec.top_k}" if spec.routing.n_group <= 1 else
+                    f"the {spec.min_kept()} that top-k {spec.top_k} in {spec.routing.topk_group} of "
+                    f"{spec.routing.n_group} equal groups needs")
+            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than {need}")
         groups = spec.routing.n_group
         if groups > 1:
             size = spec.num_experts // groups
@@ -228,7 +229,9 @@ def rewrite(
         for key in spec.num_experts_keys or (spec.num_experts_key,):  # every key that holds the expert count
             config[key] = k
         write_json(tmp / CONFIG_NAME, config)
-        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *ckpt.shards}
+        from reap.report import GENERATED, publish  # model card, pictures, summary (never copied from the source)
+
+        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
         for src in other_files(ckpt.path, skip):
             dst = tmp / src.relative_to(ckpt.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +241,7 @@ def rewrite(
         if stats is not None:
             stats.save(tmp / STATS_NAME)
         verify(tmp, spec, keep)
+        publish(tmp, report, stats=stats, source=ckpt.path, published_as=out)  # logs a note instead of failing
     return SurgeryResult(out, k, written, time.perf_counter() - start)
 
 
@@ -267,8 +271,14 @@ def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
         raise RuntimeError(f"verify: config expert count {k} < {spec.min_kept()} (top-k {spec.top_k})")
     if any(config[key] != k for key in spec.num_experts_keys):
         raise RuntimeError(f"verify: config expert counts {[config[key] for key in spec.num_experts_keys]} differ")
-    if spec.routing.n_group > 1 and k % spec.routing.n_group:
-        raise RuntimeError(f"verify: {k} experts do not split into {spec.routing.n_group} equal groups")
+    if spec.routing.n_group > 1:
+        if k % spec.routing.n_group:
+            raise RuntimeError(f"verify: {k} experts do not split into {spec.routing.n_group} equal groups")
+        size = spec.num_experts // spec.routing.n_group
+        for layer, kept in keep.items():
+            per = {sum(1 for e in kept if e // size == g) for g in range(spec.routing.n_group)}
+            if len(per) != 1:
+                raise RuntimeError(f"verify: layer {layer} keeps unequal numbers of experts per group")
     regex = spec.family.expert_regex()
     per_layer: dict[int, dict[int, set[str]]] = {}
     for n in weight_map:

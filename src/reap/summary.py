@@ -1,8 +1,8 @@
 """``reap inspect``: what a checkpoint is, and what it becomes after pruning at a ratio.
 
 Everything comes from ``config.json`` and the shard headers; no weight is read. Parameter counts skip
-quantization scales (``*_scale_inv``); "active" counts the non-expert parameters (the whole router included)
-plus top-k experts' worth.
+quantization scales (``*_scale_inv``); "active" counts the non-expert parameters (the whole router and any shared
+experts included) plus top-k experts' worth.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         "top_k": K,
         "hidden_size": spec.hidden_size,
         "expert_intermediate_size": spec.expert_intermediate,
-        "routing": f"{spec.family.scoring}" + (" + correction bias" if spec.family.router_bias else "")
-                   + (", top-k renormalized" if spec.family.renormalize else ""),
+        "routing": spec.routing.describe(spec.family),
         "dtypes": dict(dtypes.most_common()),
         "quantization": {k: quant[k] for k in ("quant_method", "fmt", "weight_block_size") if k in quant} or None,
         "shards": len(ckpt.shards),

@@ -1,9 +1,10 @@
-"""Tiny generated MiniMax-M2 checkpoints: the built-in default model of ``reap demo`` and the tests.
+"""Tiny generated checkpoints: the built-in default model of ``reap demo`` and the tests.
 
-A random MiniMax-M2-architecture model made with transformers' own classes and ``save_pretrained`` into
-several shards, with a non-zero ``e_score_correction_bias`` so routing depends on it, and optionally
-rewritten in the released FP8 format (128x128 block-quantized ``float8_e4m3fn`` with ``weight_scale_inv``,
-router and bias in float32).
+A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"`` or
+``"deepseek_v3"``) made with transformers' own classes and ``save_pretrained`` into several shards, with a
+spread-out router and, where the family has one, a non-zero ``e_score_correction_bias`` so routing depends on
+it. MiniMax-M2 models can be rewritten in the released FP8 format (128x128 block-quantized
+``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 
 from reap.checkpoint import DTYPE_NAMES, Checkpoint, Entry, tensor_bytes, write_json, write_safetensors
 
-FP8_PATTERN = re.compile(r"(experts\.\d+\.w[123]|self_attn\.[qkvo]_proj)\.weight$")
+# linear layers stored in FP8 by the released checkpoints: experts, shared experts, dense MLPs and attention
+FP8_PATTERN = re.compile(r"(experts\.\d+\.w[123]|self_attn\.[qkvo]_proj|self_attn\.(q_a|q_b|kv_a|kv_b)_proj\w*"
+                         r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj)\.weight$")
 FLOAT32_PATTERN = re.compile(r"(\.gate\.weight|e_score_correction_bias)$")
 
 
@@ -60,34 +63,81 @@ def tiny_config(**overrides):
     return MiniMaxM2Config(**kwargs)
 
 
+def tiny_family_config(family: str = "minimax_m2", **overrides):
+    """A config of ``family`` small enough for a CPU test (dense layers included where the family has them)."""
+    common = dict(vocab_size=258, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+                  bos_token_id=256, eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
+    if family == "minimax_m2":
+        return tiny_config(**overrides)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        kwargs = dict(common, intermediate_size=48, moe_intermediate_size=32, num_hidden_layers=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4, norm_topk_prob=False,
+                      decoder_sparse_step=1, mlp_only_layers=[1], rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 10000.0})
+        return Qwen3MoeConfig(**{**kwargs, **overrides})
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        kwargs = dict(common, intermediate_size=32, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                      num_local_experts=8, num_experts_per_tok=2,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return MixtralConfig(**{**kwargs, **overrides})
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        kwargs = dict(common, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                      num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                      n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                      q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return DeepseekV3Config(**{**kwargs, **overrides})
+    raise ValueError(f"no tiny config for family {family!r}; use minimax_m2, qwen3_moe, mixtral or deepseek_v3")
+
+
 def make_tiny_model(
     path: str | Path,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     shard_size: str = "60KB",
+    family: str = "minimax_m2",
     **config_overrides,
 ) -> Path:
-    """Write a random tiny MiniMax-M2 checkpoint (several shards) to ``path`` and return it."""
-    from transformers import MiniMaxM2ForCausalLM
+    """Write a random tiny checkpoint of ``family`` (several shards) to ``path`` and return it."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     torch.manual_seed(seed)
-    model = MiniMaxM2ForCausalLM(tiny_config(**config_overrides)).to(dtype)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, **config_overrides)).to(dtype)
     with torch.no_grad():
-        # scale the router so that scores are spread, and give the correction bias real values
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 0.5)
-            layer.mlp.e_score_correction_bias.copy_(torch.randn_like(layer.mlp.e_score_correction_bias) * 0.1)
-            layer.mlp.experts.gate_up_proj.normal_(0.0, 0.1)
-            layer.mlp.experts.down_proj.normal_(0.0, 0.1)
+        if family == "minimax_m2":
+            # scale the router so that scores are spread, and give the correction bias real values
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
+                layer.mlp.e_score_correction_bias.copy_(torch.randn_like(layer.mlp.e_score_correction_bias) * 0.1)
+                layer.mlp.experts.gate_up_proj.normal_(0.0, 0.1)
+                layer.mlp.experts.down_proj.normal_(0.0, 0.1)
+        else:
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith("mlp.gate.weight"):  # the router: spread scores
+                    t.normal_(0.0, 0.5)
+                elif name.endswith("e_score_correction_bias"):
+                    t.copy_(torch.randn_like(t) * 0.1)
+                elif ".experts." in name or "shared_experts" in name:
+                    t.normal_(0.0, 0.1)
     model.save_pretrained(path, max_shard_size=shard_size)
     make_byte_tokenizer(path)
     config = json.loads((path / "config.json").read_text())
-    # fields of the released MiniMax-M2 config that transformers does not know: a pruner must keep them
-    config.update({"scoring_func": "sigmoid", "use_routing_bias": True, "use_mtp": True, "num_mtp_modules": 3,
-                   "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"}})
+    if family == "minimax_m2":
+        # fields of the released MiniMax-M2 config that transformers does not know: a pruner must keep them
+        config.update({"scoring_func": "sigmoid", "use_routing_bias": True, "use_mtp": True, "num_mtp_modules": 3,
+                       "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config"}})
+        (path / "configuration_minimax_m2.py").write_text("# remote-code stand-in: reap must copy this file\n")
+    elif family == "qwen3_moe" and "num_local_experts" in config:
+        # the released Qwen3-MoE configs name the expert count num_experts (transformers 5 writes its alias)
+        config["num_experts"] = config.pop("num_local_experts")
     write_json(path / "config.json", config)
-    (path / "configuration_minimax_m2.py").write_text("# remote-code stand-in: reap must copy this file\n")
     (path / "LICENSE").write_text("tiny test model, no rights reserved\n")
     return path
 
@@ -106,7 +156,9 @@ def quantize_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, 
 
 
 def convert_to_fp8(src: str | Path, dst: str | Path) -> Path:
-    """Rewrite a checkpoint in the released MiniMax-M2 FP8 layout (same shards, zero-based file names)."""
+    """Rewrite a checkpoint in the released FP8 layout of MiniMax-M2 (and DeepSeek-V3, Qwen3-MoE-FP8): 128x128
+    block-quantized linear weights with ``weight_scale_inv``, router and bias in float32, the rest bf16 (same
+    shards, zero-based file names)."""
     ckpt = Checkpoint(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

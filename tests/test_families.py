@@ -1,0 +1,579 @@
+"""Qwen3-MoE, Mixtral and DeepSeek-V3 (the families beyond MiniMax-M2), checked against transformers.
+
+For every family, on tiny random checkpoints saved by transformers in several shards:
+
+* routing (:func:`reap.arch.route`) equals transformers' own router module;
+* the layer streamer's output equals transformers' decoder layer output (fp32 tight, bf16 loose), dense layers
+  (Qwen3-MoE ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek-V3 ``first_k_dense_replace``) included;
+* ``reap prune --ratio 0.3 --method random`` through the CLI writes a checkpoint transformers loads, whose
+  logits equal the original's with the pruned experts masked out of routing. Masking means: softmax routers
+  get router logits of -inf for the pruned experts (transformers' own router code runs, only its ``F.linear``
+  is wrapped), so the pruned experts are never chosen *and* their softmax mass vanishes -- exactly what
+  removing the rows does, with or without top-k renormalization; sigmoid routers (DeepSeek-V3) get a
+  correction bias of -inf, since their scores do not depend on the other experts;
+* group-limited routing (DeepSeek-V3) keeps every group equally sized and contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from reap.arch import DEEPSEEK_V3, MIXTRAL, QWEN3_MOE, detect, route
+from reap.calibrate import EngineOptions, LayerStreamer
+from reap.checkpoint import Checkpoint
+from reap.cli import app
+from reap.moe import RoutedMoE
+from reap.saliency import LayerAccumulator
+
+# name -> (family, tiny overrides); the expert count key as the released configs spell it
+MODELS = {
+    "qwen3": ("qwen3_moe", {}),  # norm_topk_prob false (Qwen3MoeConfig default), layer 1 dense (mlp_only_layers)
+    "qwen3_norm": ("qwen3_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+    "mixtral": ("mixtral", {}),
+    "deepseek": ("deepseek_v3", {}),  # 16 experts in 4 groups, top-2 groups, top-4, layer 0 dense, shared expert
+}
+FAMILY = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "deepseek_v3": DEEPSEEK_V3}
+EXPERT = {  # written here, independently of the family table
+    "qwen3_moe": re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$"),
+    "mixtral": re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(.+)$"),
+    "deepseek_v3": re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$"),
+}
+ROUTER = {
+    "qwen3_moe": re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$"),
+    "mixtral": re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$"),
+    "deepseek_v3": re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$"),
+}
+COUNT_KEY = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+LENGTHS = (23, 40, 7, 31)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """Tiny checkpoints made on first use, per (name, dtype)."""
+    from reap.tiny import make_tiny_model
+
+    from reap.tiny import convert_to_fp8
+
+    cache: dict[tuple[str, torch.dtype | str], Path] = {}
+
+    def get(name: str, dtype: torch.dtype | str = torch.float32) -> Path:
+        if dtype == "fp8":  # the released FP8 block layout, made from the bf16 model
+            if (name, dtype) not in cache:
+                cache[name, dtype] = convert_to_fp8(get(name, torch.bfloat16),
+                                                    tmp_path_factory.mktemp("family-models") / f"{name}-fp8")
+            return cache[name, dtype]
+        if (name, dtype) not in cache:
+            family, overrides = MODELS[name]
+            path = tmp_path_factory.mktemp("family-models") / f"{name}-{str(dtype).split('.')[1]}"
+            cache[name, dtype] = make_tiny_model(path, seed=2, dtype=dtype, family=family, **overrides)
+        return cache[name, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pruned_models(tmp_path_factory, family_models):
+    """``reap prune --ratio 0.3 --method random`` through the CLI, once per model."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:  # "NAME" or "NAME-fp8"
+        if name not in cache:
+            src = family_models(name[:-4], "fp8") if name.endswith("-fp8") else family_models(name)
+            out = tmp_path_factory.mktemp("family-pruned") / name
+            res = CliRunner().invoke(app, ["prune", str(src), "--out", str(out), "--ratio", "0.3", "--method",
+                                           "random", "--seed", "5", "-q"])
+            assert res.exit_code == 0, res.output
+            assert res.stdout.strip() == str(out.resolve())
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+def _config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(path / shard), "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    assert set(out) == set(weight_map)
+    return out
+
+
+def _load(path: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+# -- detection ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, numbers, routing, moe_layers", [
+    ("qwen3", (4, 16, 4, 32), (False, 1.0, 1, 1), [0, 2, 3]),
+    ("qwen3_norm", (4, 16, 4, 32), (True, 1.0, 1, 1), [1, 3]),
+    ("mixtral", (3, 8, 2, 32), (True, 1.0, 1, 1), [0, 1, 2]),
+    ("deepseek", (3, 16, 4, 32), (True, 2.5, 4, 2), [1, 2]),
+])
+def test_detect_and_moe_layers(family_models, name, numbers, routing, moe_layers):
+    from reap.prune import moe_layers as find_moe_layers
+
+    path = family_models(name)
+    config = _config(path)
+    spec = detect(config)
+    assert spec.family is FAMILY[MODELS[name][0]]
+    assert (spec.num_layers, spec.num_experts, spec.top_k, spec.expert_intermediate) == numbers
+    r = spec.routing
+    assert (r.renormalize, r.scaling, r.n_group, r.topk_group) == routing
+    assert spec.num_experts_keys == (COUNT_KEY[spec.family.name],)
+    assert find_moe_layers(Checkpoint(path), spec) == moe_layers
+    # transformers agrees on which layers are sparse
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == moe_layers
+
+
+def test_qwen3_config_with_both_count_keys_is_rewritten_in_both():
+    config = {"model_type": "qwen3_moe", "num_experts": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+              "num_hidden_layers": 2, "hidden_size": 16, "moe_intermediate_size": 8}
+    assert detect(config).num_experts_keys == ("num_experts", "num_local_experts")
+    from reap.errors import UserError
+
+    with pytest.raises(UserError, match="different expert counts"):
+        detect({**config, "num_local_experts": 6})
+
+
+@pytest.mark.parametrize("change, needle", [({"n_group": 3}, "do not divide"), ({"topk_group": 5}, "top-5 of 4"),
+                                            ({"n_group": 0}, "positive integer"),
+                                            ({"routed_scaling_factor": "x"}, "must be a number")])
+def test_deepseek_bad_group_config(change, needle):
+    from reap.errors import UserError
+
+    config = {"model_type": "deepseek_v3", "n_routed_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 2,
+              "hidden_size": 16, "moe_intermediate_size": 8, "n_group": 4, "topk_group": 2, **change}
+    with pytest.raises(UserError, match=re.escape(needle)):
+        detect(config)
+
+
+# -- routing against transformers' router modules --------------------------------------------------------------
+def _router_case(family: str, overrides: dict):
+    from reap.tiny import tiny_family_config
+
+    config = tiny_family_config(family, **overrides)
+    if family == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter as Router
+    elif family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter as Router
+    else:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
+    return config, Router(config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen3_moe", {"num_experts": 32, "num_experts_per_tok": 6}),
+    ("qwen3_moe", {"num_experts": 32, "num_experts_per_tok": 6, "norm_topk_prob": True}),
+    ("mixtral", {"num_local_experts": 32, "num_experts_per_tok": 6}),
+    ("deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3}),
+    ("deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 4, "topk_group": 2,
+                     "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
+])
+def test_route_equals_transformers_router(family, overrides, dtype):
+    config, router = _router_case(family, overrides)
+    router = router.to(dtype)
+    spec = detect({"model_type": family, **config.to_dict()})
+    gen = torch.Generator().manual_seed(0)
+    E, H = router.weight.shape
+    bias = None
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, H, generator=gen) * 0.5)
+        if hasattr(router, "e_score_correction_bias"):
+            router.e_score_correction_bias.copy_(torch.randn(E, generator=gen) * 0.3)
+            bias = router.e_score_correction_bias
+    hidden = torch.randn(500, H, generator=gen).to(dtype)
+    with torch.no_grad():
+        _, weights_ref, chosen_ref = router(hidden)
+        w = router.weight.float() if spec.family.router_float32 else router.weight
+        logits = torch.nn.functional.linear(hidden.to(w.dtype), w)
+        weights, chosen = route(logits, bias, spec.top_k, spec.family, spec.routing)
+    assert chosen.shape == (500, spec.top_k) and weights.dtype == torch.float32
+    order, order_ref = chosen.argsort(dim=1), chosen_ref.argsort(dim=1)
+    assert torch.equal(chosen.gather(1, order), chosen_ref.gather(1, order_ref))
+    torch.testing.assert_close(weights.gather(1, order), weights_ref.float().gather(1, order_ref), rtol=1e-6, atol=1e-7)
+    if spec.routing.n_group > 1:  # the group limit matters: plain top-k picks other experts for some tokens
+        from dataclasses import replace
+
+        _, free = route(logits, bias, spec.top_k, spec.family, replace(spec.routing, n_group=1))
+        assert not torch.equal(free.sort(dim=1).values, chosen.sort(dim=1).values)
+        size = E // spec.routing.n_group
+        assert all(len(set((row // size).tolist())) <= spec.routing.topk_group for row in chosen)
+
+
+def test_softmax_pruning_equals_minus_inf_logits_not_choice_masking():
+    """Without renormalization a softmax router's weights depend on every expert's logit: removing rows equals
+    logits of -inf (mass vanishes), not merely forbidding the choice (mass kept in the denominator)."""
+    spec = detect({"model_type": "qwen3_moe", "num_experts": 12, "num_experts_per_tok": 3, "num_hidden_layers": 1,
+                   "hidden_size": 8, "moe_intermediate_size": 4, "norm_topk_prob": False})
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 12, generator=gen)
+    kept = [0, 2, 3, 5, 6, 8, 9, 11]
+    pruned = [e for e in range(12) if e not in kept]
+    w_small, c_small = route(logits[:, kept], None, 3, spec.family, spec.routing)
+    masked = logits.clone()
+    masked[:, pruned] = float("-inf")
+    w_mask, c_mask = route(masked, None, 3, spec.family, spec.routing)
+    ids = torch.tensor(kept)[c_small]
+    o1, o2 = ids.argsort(1), c_mask.argsort(1)
+    assert torch.equal(ids.gather(1, o1), c_mask.gather(1, o2))
+    torch.testing.assert_close(w_small.gather(1, o1), w_mask.gather(1, o2), rtol=1e-6, atol=1e-7)
+    choice_only = logits.softmax(-1).gather(1, c_mask)  # forbidding the choice keeps the full denominator
+    assert (choice_only.gather(1, o2) - w_mask.gather(1, o2)).abs().max() > 1e-2
+
+
+# -- the layer streamer against transformers' decoder layers ----------------------------------------------------
+def _sequences(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _reference_layers(model_dir: Path, dtype: torch.dtype, sequences):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    captured: dict[int, list] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda mod, args, kwargs, out, i=i: captured.setdefault(i, []).append(
+                ((args[0] if args else kwargs["hidden_states"]).detach().clone(), out.detach().clone())),
+            with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for seq in sequences:
+            model.model(torch.tensor([seq]))
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+@pytest.mark.parametrize("name, dtype, atol, batch_tokens", [
+    ("qwen3", torch.float32, 1e-5, 1), ("qwen3", torch.float32, 1e-5, 4096), ("qwen3", torch.bfloat16, 2e-2, 4096),
+    ("qwen3_norm", torch.float32, 1e-5, 4096),
+    ("mixtral", torch.float32, 1e-5, 1), ("mixtral", torch.float32, 1e-5, 4096),
+    ("deepseek", torch.float32, 1e-5, 1), ("deepseek", torch.float32, 1e-5, 4096),
+    ("deepseek", torch.bfloat16, 2e-2, 4096),
+    ("deepseek", "fp8", 1e-5, 4096), ("qwen3", "fp8", 1e-5, 4096),  # FP8 blocks: transformers dequantizes too
+])
+def test_layer_output_equals_transformers(family_models, name, dtype, atol, batch_tokens):
+    from reap.prune import moe_layers
+
+    path = family_models(name, dtype)
+    dtype = torch.float32 if dtype == "fp8" else dtype
+    ckpt = Checkpoint(path)
+    spec = detect(ckpt.config)
+    sparse = moe_layers(ckpt, spec)
+    seqs = _sequences(ckpt.config["vocab_size"])
+    ref = _reference_layers(path, dtype, seqs)
+    streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
+                                                             batch_tokens=batch_tokens, progress=False))
+    for layer in range(spec.num_layers):
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
+            for r, n in enumerate(batch.lengths):
+                h[r, :n] = ref[layer][row + r][0][0]
+            streamer.store.put(i, h)
+            row += len(batch.lengths)
+        acc = LayerAccumulator(spec.num_experts)
+        streamer.run_layer(layer, acc)
+        assert isinstance(getattr(streamer.layers[layer], "mlp"), RoutedMoE) == (layer in sparse)
+        # every real token is routed to top-k experts in a sparse layer, none in a dense one
+        assert acc.count.sum().item() == (sum(LENGTHS) * spec.top_k if layer in sparse else 0)
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            out = streamer.store.get(i)
+            for r, n in enumerate(batch.lengths):
+                torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
+            row += len(batch.lengths)
+    streamer.close()
+
+
+def test_shared_experts_are_computed(family_models):
+    """DeepSeek-V3's layer output needs its shared expert: without it the output differs (the test above is not
+    passing by accident)."""
+    path = family_models("deepseek")
+    ckpt = Checkpoint(path)
+    spec = detect(ckpt.config)
+    seqs = _sequences(ckpt.config["vocab_size"])[:1]
+    streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype="float32", progress=False))
+    module = streamer.load_layer(1)
+    moe = module.mlp
+    assert isinstance(moe, RoutedMoE) and moe.shared is not None
+    x = torch.randn(1, 5, spec.hidden_size)
+    with torch.no_grad():
+        full = moe(x)
+        shared, moe.shared = moe.shared, None
+        routed = moe(x)
+        torch.testing.assert_close(full, routed + shared(x))
+    assert (full - routed).abs().max() > 1e-3
+    streamer.close()
+
+
+# -- pruning through the CLI ---------------------------------------------------------------------------------------
+def _mask_softmax_routers(monkeypatch, model, family: str, pruned: dict[int, list[int]]) -> None:
+    """Router logits of the pruned experts -> -inf, by wrapping the F.linear of transformers' router code."""
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    masks = {}
+    for layer, ids in pruned.items():
+        weight = model.model.layers[layer].mlp.gate.weight
+        mask = torch.zeros(weight.shape[0])
+        mask[ids] = float("-inf")
+        masks[id(weight)] = mask
+
+    class MaskedF:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        def linear(self, x, weight, bias=None):
+            out = torch.nn.functional.linear(x, weight, bias)
+            mask = masks.get(id(weight))
+            return out if mask is None else out + mask.to(out.dtype)
+
+    monkeypatch.setattr(module, "F", MaskedF())
+
+
+PRUNED = [*MODELS, "qwen3-fp8", "deepseek-fp8"]
+
+
+def _source(family_models, name: str) -> Path:
+    return family_models(name[:-4], "fp8") if name.endswith("-fp8") else family_models(name)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", PRUNED)
+def test_pruned_checkpoint_is_exact_surgery(family_models, pruned_models, name):
+    from reap.prune import moe_layers
+
+    src, out = _source(family_models, name), pruned_models(name)
+    family = MODELS[name.removesuffix("-fp8")][0]
+    src_config, config = _config(src), _config(out)
+    report = json.loads((out / "reap_report.json").read_text())
+    spec = detect(src_config)
+    E = spec.num_experts
+    layers = {int(k): v for k, v in report["layers"].items()}
+    drop = math.floor(E * 0.3)
+    if spec.routing.n_group > 1:
+        drop -= drop % spec.routing.n_group
+    k = E - drop
+    assert report["kept_per_layer"] == k and report["family"] == family
+    # config.json: the expert count (under the key the source uses) changes, nothing else
+    assert config == {**src_config, COUNT_KEY[family]: k}
+    before, after = _tensors(src), _tensors(out)
+    expected = {}
+    for name_, t in before.items():
+        m, r = EXPERT[family].match(name_), ROUTER[family].match(name_)
+        if m:
+            layer, expert, rest = int(m[1]), int(m[2]), m[3]
+            if expert in layers[layer]["kept"]:
+                new = layers[layer]["kept"].index(expert)
+                expected[name_.replace(f".experts.{expert}.{rest}", f".experts.{new}.{rest}")] = t
+        elif r:
+            expected[name_] = t[layers[int(r[1])]["kept"]]
+        else:
+            expected[name_] = t  # attention, norms, dense MLPs, shared experts: untouched
+    assert set(after) == set(expected)
+    for n, t in after.items():
+        assert _same(t.contiguous(), expected[n].contiguous()), n
+    if name.endswith("-fp8"):  # the FP8 experts kept their scales, renumbered with them
+        assert any(n.endswith("experts.0.down_proj.weight_scale_inv") for n in after)
+        assert str(next(t for n, t in after.items() if n.endswith("experts.0.down_proj.weight")).dtype) == "torch.float8_e4m3fn"
+    assert sorted(layers) == moe_layers(Checkpoint(src), spec)
+    if family == "deepseek_v3":
+        assert any("shared_experts" in n for n in after)
+
+
+@pytest.mark.parametrize("name", PRUNED)
+def test_pruned_model_equals_original_with_pruned_experts_masked(family_models, pruned_models, name, monkeypatch):
+    src, out = _source(family_models, name), pruned_models(name)
+    family = MODELS[name.removesuffix("-fp8")][0]
+    report = json.loads((out / "reap_report.json").read_text())
+    pruned = {int(layer): entry["pruned"] for layer, entry in report["layers"].items()}
+    original, small = _load(src), _load(out)
+    kept = report["kept_per_layer"]
+    assert small.config.num_local_experts == kept
+    for layer in pruned:
+        assert small.model.layers[layer].mlp.experts.gate_up_proj.shape[0] == kept
+    ids = torch.randint(0, original.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = original(ids).logits
+        got = small(ids).logits
+        if family == "deepseek_v3":  # sigmoid scores: a bias of -inf only forbids the choice, which is all it takes
+            for layer, ids_ in pruned.items():
+                original.model.layers[layer].mlp.gate.e_score_correction_bias[ids_] = float("-inf")
+        else:
+            _mask_softmax_routers(monkeypatch, original, family, pruned)
+        masked = original(ids).logits
+    torch.testing.assert_close(got, masked, atol=1e-4, rtol=1e-4)
+    assert (reference - masked).abs().max() > 1e-3  # pruning changed something: the comparison is not vacuous
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    if "total_parameters" in meta:
+        assert meta["total_parameters"] == small.num_parameters()
+
+
+# -- group-limited routing keeps equal groups ----------------------------------------------------------------------
+def test_deepseek_groups_stay_equal_and_contiguous(family_models, pruned_models):
+    src, out = family_models("deepseek"), pruned_models("deepseek")
+    spec = detect(_config(src))
+    G, size = spec.routing.n_group, spec.num_experts // spec.routing.n_group
+    report = json.loads((out / "reap_report.json").read_text())
+    assert len(report["layers"]) == 2  # layer 0 is dense
+    for entry in report["layers"].values():
+        per_group = [sum(1 for e in entry["kept"] if e // size == g) for g in range(G)]
+        assert per_group == [per_group[0]] * G and per_group[0] == size - 1  # floor(16 x 0.3) = 4 -> 1 per group
+        # renumbered in original order: new group g holds exactly the kept experts of old group g
+        new_size = len(entry["kept"]) // G
+        assert [e // size for e in entry["kept"]] == [i // new_size for i in range(len(entry["kept"]))]
+    config = _config(out)
+    assert (config["n_group"], config["topk_group"], config["n_routed_experts"]) == (4, 2, 12)
+
+
+def test_keep_from_scores_by_group():
+    from reap.prune import keep_from_scores
+
+    scores = torch.tensor([[5.0, 1, 3, 2, 0, 9, 8, 7, 6, 4, 4, 1]])  # 3 groups of 4
+    keep = keep_from_scores(scores, [0], 6, n_group=3)
+    assert keep == {0: [0, 2, 5, 6, 8, 9]}  # the best 2 of each group; among equal scores the lower id stays
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_deepseek_keep_file_and_ratio_errors(family_models, tmp_path):
+    src = family_models("deepseek")
+    keep = tmp_path / "keep.json"
+    # 12 experts but 4 + 2 + 3 + 3 from the groups
+    keep.write_text(json.dumps({"1": [0, 1, 2, 3, 4, 5, 8, 9, 10, 12, 13, 14], "2": list(range(12))}))
+    res = _run("prune", src, "--out", tmp_path / "o", "--keep", keep, "-q")
+    assert res.exit_code == 2 and "same number from each" in res.output and "\n" not in res.output.strip()
+    # 0.1 drops floor(1.6) = 1 < 4 groups
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.1", "--method", "random", "-q")
+    assert res.exit_code == 2 and "expert groups" in res.output
+    # 0.75 would leave 1 per group: top-4 in 2 groups needs 2 per group
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.75", "--method", "random", "-q")
+    assert res.exit_code == 2 and "--ratio 0.5 or less" in res.output, res.output
+    assert not (tmp_path / "o").exists()
+    # an explicit equal-group keep file works
+    keep.write_text(json.dumps({str(layer): [0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14, 15] for layer in (1, 2)}))
+    res = _run("prune", src, "--out", tmp_path / "o", "--keep", keep, "-q")
+    assert res.exit_code == 0, res.output
+    assert _config(tmp_path / "o")["n_routed_experts"] == 12
+
+
+@pytest.mark.parametrize("name, routing", [
+    ("qwen3", "softmax, top-k not renormalized"), ("qwen3_norm", "softmax, top-k renormalized"),
+    ("mixtral", "softmax, top-k renormalized"),
+    ("deepseek", "sigmoid + correction bias, top-2 of 4 groups, top-k renormalized, scaled x2.5"),
+])
+def test_inspect(family_models, name, routing):
+    from reap.summary import describe
+
+    info = describe(Checkpoint(family_models(name)), ratio=0.3)
+    assert info["routing"] == routing and info["family"] == MODELS[name][0]
+    assert info["after"]["experts_per_layer"] == (12 if name == "deepseek" else info["experts"] - math.floor(info["experts"] * 0.3))
+    assert info["after"]["total_params"] < info["before"]["total_params"]
+
+
+def test_every_expert_count_key_is_rewritten(family_models, tmp_path):
+    """A Qwen3-MoE config that holds the count under both spellings gets both updated."""
+    import shutil
+
+    src = tmp_path / "both"
+    shutil.copytree(family_models("qwen3"), src)
+    config = _config(src)
+    config["num_local_experts"] = config["num_experts"]
+    (src / "config.json").write_text(json.dumps(config))
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.25", "--method", "random", "-q")
+    assert res.exit_code == 0, res.output
+    out = _config(tmp_path / "o")
+    assert out["num_experts"] == out["num_local_experts"] == 12
+    assert out == {**config, "num_experts": 12, "num_local_experts": 12}
+
+
+def test_unknown_moe_tensor_is_refused_by_the_streamer(family_models, tmp_path):
+    """A tensor in the MoE block that the family entry does not describe (a Qwen2-MoE-style shared expert gate)
+    would make reap route differently from the model: calibration refuses it with a one-line error."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from reap.errors import UserError
+
+    src = tmp_path / "extra"
+    shutil.copytree(family_models("qwen3"), src)
+    name = "model.layers.0.mlp.shared_expert_gate.weight"
+    save_file({name: torch.zeros(1, 64)}, str(src / "extra.safetensors"), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "extra.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    ckpt = Checkpoint(src)
+    streamer = LayerStreamer(ckpt, detect(ckpt.config), [[1, 2, 3]], EngineOptions(device="cpu", progress=False))
+    with pytest.raises(UserError, match="shared_expert_gate.*not described by the qwen3_moe entry"):
+        streamer.load_layer(0)
+    streamer.close()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek"])
+def test_calibrate_then_prune_by_reap_score(family_models, tmp_path, name):
+    """The whole pipeline: calibration statistics (dense layers have none), then `prune --method reap --stats`."""
+    from reap.calibrate import CalibrateOptions, calibrate
+    from reap.data import DataOptions
+    from reap.prune import moe_layers
+
+    src = family_models(name)
+    texts = [p.read_text()[:400] for p in sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:4]]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stats_path = tmp_path / "s.safetensors"
+    stats, summary = calibrate(CalibrateOptions(model=str(src), data=DataOptions(dataset=str(data), max_length=64),
+                                                out=stats_path, engine=EngineOptions(device="cpu", progress=False)))
+    spec = detect(_config(src))
+    sparse = moe_layers(Checkpoint(src), spec)
+    for layer in range(spec.num_layers):
+        assert stats.count[layer].sum().item() == (summary["tokens"] * spec.top_k if layer in sparse else 0)
+    assert stats.completed == set(range(spec.num_layers))
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.3", "--stats", stats_path, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "reap_report.json").read_text())
+    scores = stats.scores("reap")
+    for layer, entry in report["layers"].items():
+        kept, pruned = entry["kept"], entry["pruned"]
+        s = scores[int(layer)]
+        if spec.routing.n_group > 1:  # the lowest of each group go
+            size = spec.num_experts // spec.routing.n_group
+            for g in range(spec.routing.n_group):
+                ks = [s[e] for e in kept if e // size == g]
+                ps = [s[e] for e in pruned if e // size == g]
+                assert len(ps) == 1 and min(ks) >= max(ps)
+        else:
+            assert min(s[kept]) >= max(s[pruned])

@@ -122,8 +122,16 @@ class HiddenStore:
         if self.mode == "device":
             self._items[i] = h
         elif self.mode == "cpu":
-            cpu = h.to("cpu", non_blocking=False)
-            self._items[i] = cpu.pin_memory() if self.device.type == "cuda" else cpu
+            if self.device.type != "cuda":
+                self._items[i] = h
+                return
+            # one pinned buffer per batch, reused every layer: a single device-to-host copy, no re-pinning;
+            # the stream orders it after this layer's reads of the same buffer
+            buf = self._items.get(i)
+            if buf is None or buf.shape != h.shape or buf.dtype != h.dtype:
+                buf = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+                self._items[i] = buf
+            buf.copy_(h, non_blocking=True)
         else:
             from safetensors.torch import save_file
 

@@ -80,10 +80,18 @@ class RoutedMoE(nn.Module):
         xs = x[token_sorted]  # [N, H]
         y = self._experts(xs, counts)  # [N, H]
         if self.accumulator is not None:
-            norms = y.float().norm(dim=-1)  # [N]  ||f_j(x)||
+            # [N]  ||f_j(x)||, in float32 (on GPU without an fp32 copy of y)
+            norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
             self.accumulator.add(expert_sorted, gate_sorted, norms)
-        out = torch.zeros_like(x)
-        out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
+        if y.is_cuda:
+            # combine by un-sorting and summing each token's K outputs in float32: deterministic, and faster on
+            # GPU than a 16-bit index_add_ (atomics)
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(order.numel(), device=order.device)
+            out = (y[inv].view(T, K, H) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
+        else:  # CPU: one pass in expert order, the same summation order as transformers' eager experts
+            out = torch.zeros_like(x)
+            out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
         if self.shared is not None:  # shared experts see every token (DeepSeek-V3: routed + shared, in that order)
             out = out + self.shared(x)
         return out

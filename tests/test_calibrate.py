@@ -219,6 +219,21 @@ def test_grouped_matmul_path_equals_loop():
         torch.testing.assert_close(outs[0][1][f], outs[1][1][f], rtol=1e-4, atol=1e-5)
 
 
+def test_layers_are_freed_after_use(tiny_fp32):
+    """Only one layer's weights at a time: after run_layer nothing of it stays materialized."""
+    ckpt = Checkpoint(tiny_fp32)
+    spec = detect(ckpt.config)
+    streamer = LayerStreamer(ckpt, spec, _sequences(ckpt.config["vocab_size"]),
+                             EngineOptions(device="cpu", progress=False))
+    streamer.embed()
+    for layer in range(spec.num_layers):
+        streamer.run_layer(layer, LayerAccumulator(spec.num_experts))
+        module = streamer.layers[layer]
+        assert not any(isinstance(m, RoutedMoE) for m in module.modules())
+        assert all(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    streamer.close()
+
+
 def test_make_batches_respects_budget():
     seqs = [[1] * n for n in (5, 5, 9, 2, 30, 1)]
     batches = make_batches(seqs, 20)

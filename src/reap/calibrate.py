@@ -220,6 +220,7 @@ class LayerStreamer:
         self.store = HiddenStore(self._offload_mode(), self.device, opts.workdir)
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
         self._pending: dict[int, cf.Future] = {}
+        self._original_moe: dict[int, torch.nn.Module] = {}  # transformers' MoE blocks (meta) while swapped out
         self.stats = StreamStats(tokens=self.tokens)
 
     # -- placement
@@ -284,8 +285,6 @@ class LayerStreamer:
                 continue
             state[key] = self._weight(raw, key)
         if has_experts:
-            if not hasattr(self, "_original_moe"):
-                self._original_moe: dict[int, torch.nn.Module] = {}
             original = self._original_moe.setdefault(layer, getattr(module, fam.moe_module))
             setattr(module, fam.moe_module, self._routed_moe(layer, raw, original))
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
@@ -340,7 +339,13 @@ class LayerStreamer:
                          shared=shared)
 
     def free_layer(self, layer: int) -> None:
-        self.layers[layer].to("meta")
+        """Drop the layer's weights: the instrumented MoE (plain tensors, which .to("meta") would not move)
+        goes, transformers' block comes back, and every parameter returns to the meta device."""
+        module = self.layers[layer]
+        original = self._original_moe.pop(layer, None)
+        if original is not None:
+            setattr(module, self.spec.family.moe_module, original)
+        module.to("meta")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_sequences, reference_layers
 
 from reap.arch import detect
 from reap.calibrate import CalibrateOptions, EngineOptions, LayerStreamer, calibrate, make_batches
@@ -23,29 +24,7 @@ LENGTHS = (23, 40, 7, 31)
 
 
 def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def _reference_layers(model_dir: Path, dtype: torch.dtype, sequences):
-    """transformers' own model: per layer, the (input, output) of each decoder layer for each sequence."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    captured: dict[int, list] = {}
-    hooks = [
-        layer.register_forward_hook(
-            lambda mod, args, kwargs, out, i=i: captured.setdefault(i, []).append(
-                ((args[0] if args else kwargs["hidden_states"]).detach().clone(), out.detach().clone())),
-            with_kwargs=True)
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        for seq in sequences:
-            model.model(torch.tensor([seq]))
-    for h in hooks:
-        h.remove()
-    return model, captured
+    return random_sequences(vocab, LENGTHS, seed)
 
 
 @pytest.mark.parametrize("dtype,fixture,atol", [(torch.float32, "tiny_fp32", 1e-5), (torch.bfloat16, "tiny_bf16", 2e-2)])
@@ -55,7 +34,7 @@ def test_layer_output_equals_transformers(request, dtype, fixture, atol, batch_t
     ckpt = Checkpoint(path)
     spec = detect(ckpt.config)
     seqs = _sequences(ckpt.config["vocab_size"])
-    _, ref = _reference_layers(path, dtype, seqs)
+    ref = reference_layers(path, dtype, seqs)
     streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
                                                              batch_tokens=batch_tokens, progress=False))
     assert len(streamer.batches) == (len(seqs) if batch_tokens == 1 else 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_sequences, reference_layers
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -247,28 +248,7 @@ def test_softmax_pruning_equals_minus_inf_logits_not_choice_masking():
 
 # -- the layer streamer against transformers' decoder layers ----------------------------------------------------
 def _sequences(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def _reference_layers(model_dir: Path, dtype: torch.dtype, sequences):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    captured: dict[int, list] = {}
-    hooks = [
-        layer.register_forward_hook(
-            lambda mod, args, kwargs, out, i=i: captured.setdefault(i, []).append(
-                ((args[0] if args else kwargs["hidden_states"]).detach().clone(), out.detach().clone())),
-            with_kwargs=True)
-        for i, layer in enumerate(model.model.layers)
-    ]
-    with torch.no_grad():
-        for seq in sequences:
-            model.model(torch.tensor([seq]))
-    for h in hooks:
-        h.remove()
-    return captured
+    return random_sequences(vocab, LENGTHS)
 
 
 @pytest.mark.parametrize("name, dtype, atol, batch_tokens", [
@@ -288,7 +268,7 @@ def test_layer_output_equals_transformers(family_models, name, dtype, atol, batc
     spec = detect(ckpt.config)
     sparse = moe_layers(ckpt, spec)
     seqs = _sequences(ckpt.config["vocab_size"])
-    ref = _reference_layers(path, dtype, seqs)
+    ref = reference_layers(path, dtype, seqs)
     streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
                                                              batch_tokens=batch_tokens, progress=False))
     for layer in range(spec.num_layers):

@@ -21,7 +21,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ class EngineOptions:
     workdir: Path | None = None  # for offload=disk (default: a temporary directory)
     progress: bool = True
     trust_remote_code: bool = False
+
+    def resolved(self) -> "EngineOptions":
+        """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
+        if self.dtype != "auto":
+            return self
+        gpu = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return replace(self, dtype="bfloat16" if gpu else "float32")
 
 
 # -- torch.distributed -------------------------------------------------------------------------------
@@ -195,6 +202,7 @@ class LayerStreamer:
                  dist: Dist | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        opts = opts.resolved()
         self.ckpt, self.spec, self.opts = ckpt, spec, opts
         self.dist = dist or Dist()
         self.device = resolve_device(opts.device, self.dist)
@@ -446,6 +454,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
     from reap.data import calibration_sequences, load_tokenizer
     from reap.saliency import ExpertStats, LayerAccumulator
 
+    opts = replace(opts, engine=opts.engine.resolved())
     ckpt = ckpt or Checkpoint(opts.model)
     spec = detect(ckpt.config)
     out = Path(opts.out) if opts.out else None

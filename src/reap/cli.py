@@ -90,15 +90,9 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
     from reap.calibrate import CalibrateOptions, EngineOptions
     from reap.data import DataOptions
 
-    dtype = p["dtype"]
-    if dtype == "auto":
-        import torch
-
-        gpu = p["device"].startswith("cuda") or (p["device"] == "auto" and torch.cuda.is_available())
-        dtype = "bfloat16" if gpu else "float32"
     data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
                        seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
-    engine = EngineOptions(device=p["device"], dtype=dtype, batch_tokens=p["batch_tokens"], offload=p["offload"],
+    engine = EngineOptions(device=p["device"], dtype=p["dtype"], batch_tokens=p["batch_tokens"], offload=p["offload"],
                            workdir=p["workdir"], progress=not p["quiet"], trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
                             recipe=effective(p))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +120,6 @@ def summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
-def _engine(engine: EngineOptions) -> EngineOptions:
-    """Resolve ``dtype="auto"``: bfloat16 on a GPU, float32 on the CPU (as the CLI does for calibration)."""
-    if engine.dtype != "auto":
-        return engine
-    gpu = engine.device.startswith("cuda") or (engine.device == "auto" and torch.cuda.is_available())
-    return replace(engine, dtype="bfloat16" if gpu else "float32")
-
-
 def _fingerprint(inputs: list[list[int]], targets: list[list[int]]) -> str:
     """A short hash of the scored windows: two evaluations with equal fingerprints saw the same tokens."""
     h = hashlib.sha256()
@@ -142,7 +134,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     from reap.checkpoint import Checkpoint
     from reap.data import load_tokenizer
 
-    engine = _engine(opts.engine)
+    engine = opts.engine.resolved()
     if engine.dtype not in DTYPES:
         raise UserError(f"--dtype {engine.dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     ckpt = Checkpoint(opts.model)

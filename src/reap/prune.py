@@ -194,7 +194,8 @@ def rewrite(
         removed_params = 0  # for the index's "total_parameters" (transformers' count: parameters, not buffers)
         for shard in ckpt.shards:
             entries = []
-            for info in ckpt.shard_tensors(shard):
+            infos = ckpt.shard_tensors(shard)
+            for info in infos:
                 m = regex.match(info.name)
                 if m is not None and int(m["layer"]) in keep:
                     layer, expert = int(m["layer"]), int(m["expert"])
@@ -218,7 +219,7 @@ def rewrite(
             if entries:
                 written += write_safetensors(tmp / shard, entries, ckpt.shard_metadata(shard))
                 weight_map.update({e.name: shard for e in entries})
-            bar.update(sum(i.nbytes for i in ckpt.shard_tensors(shard)))
+            bar.update(sum(i.nbytes for i in infos))
         bar.close()
         index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
         index_meta["total_size"] = written

@@ -241,3 +241,81 @@ def test_copy_range_large_and_unaligned(tmp_path):
     write_safetensors(tmp_path / "x.safetensors", [Entry.copy_of(info, tmp_path)])
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.get_tensor("x").numpy().tobytes() == data
+
+
+def _infos(path) -> dict[str, TensorInfo]:
+    """Byte ranges of a safetensors file, from its header parsed here (independent of Checkpoint)."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    return {n: TensorInfo(n, path.name, h["dtype"], tuple(h["shape"]), 8 + hlen + h["data_offsets"][0],
+                          8 + hlen + h["data_offsets"][1]) for n, h in header.items() if n != "__metadata__"}
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 5, 6, 9], [3], [9, 8, 0, 1, 4], list(range(10))])
+def test_rows_of_equals_index_select(tmp_path, rows):
+    """Rows taken from the stored bytes (router rows, bias entries, fused [E, ...] experts) == torch.index_select,
+    for 1-, 2- and 3-D tensors of several dtypes, consecutive rows or not, in any order."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "router": torch.randn(10, 6, generator=g, dtype=torch.float32),
+        "bias": torch.randn(10, generator=g).to(torch.bfloat16),
+        "fused": torch.randn(10, 4, 3, generator=g).to(FP8),
+        "blocks": torch.randint(0, 255, (10, 2, 3, 16), generator=g, dtype=torch.uint8),
+    }
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src))
+    infos = _infos(src)
+    entries = [Entry.rows_of(infos[n], tmp_path, rows, name="sel." + n) for n in tensors]
+    write_safetensors(tmp_path / "out.safetensors", entries)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        for name, t in tensors.items():
+            got, want = f.get_tensor("sel." + name), t.index_select(0, torch.tensor(rows))
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert _as_bytes(got) == _as_bytes(want), name
+    runs = 1 + sum(1 for a, b in zip(rows, rows[1:]) if b != a + 1)
+    assert len(entries[0].source[1]) == runs  # consecutive rows are one byte range
+    with pytest.raises(ValueError, match="has 10 rows"):
+        Entry.rows_of(infos["router"], tmp_path, [10])
+
+
+def test_ranges_from_several_files_interleaved(tmp_path):
+    """Ranges that continue each other are merged only within one source file: entries alternating between two
+    files whose ranges happen to line up still copy the right bytes."""
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    da, db = os.urandom(4096), os.urandom(4096)
+    a.write_bytes(da)
+    b.write_bytes(db)
+    entries = [
+        Entry("a0", "U8", (100,), 100, source=(a, ((0, 100),))),
+        Entry("b1", "U8", (100,), 100, source=(b, ((100, 100),))),  # continues a0's offsets, other file
+        Entry("a2", "U8", (50,), 50, source=(a, ((200, 50),))),
+        Entry("a3", "U8", (150,), 150, source=(a, ((250, 100), (1000, 50)))),  # continues a2, then a jump
+        Entry("f", "U8", (3,), 3, fetch=lambda: b"xyz"),
+        Entry("a4", "U8", (10,), 10, source=(a, ((1050, 10),))),  # continues a3, but after a fetched entry
+    ]
+    write_safetensors(tmp_path / "out.safetensors", entries)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        got = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+    assert got == {"a0": da[:100], "b1": db[100:200], "a2": da[200:250], "a3": da[250:350] + da[1000:1050],
+                   "f": b"xyz", "a4": da[1050:1060]}
+    with pytest.raises(ValueError, match="expected"):  # ranges that do not add up to the size
+        write_safetensors(tmp_path / "bad.safetensors", [Entry("x", "U8", (4,), 4, source=(a, ((0, 3),)))])
+
+
+def test_background_sync_flushes_and_reports_failures(tmp_path):
+    from reap.checkpoint import BackgroundSync
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    with BackgroundSync() as sync:
+        sync.submit_tree(tmp_path)
+        sync.wait()  # files and folders can be flushed
+        sync.submit(tmp_path / "missing")
+        with pytest.raises(UserError, match="flushing the output to disk failed"):
+            sync.wait()
+        sync.submit(tmp_path / "d" / "f")  # the error was reported once; later work goes on
+        sync.wait()
+    with BackgroundSync(enabled=False) as off:  # --no-fsync: nothing queued, nothing raised
+        off.submit(tmp_path / "missing")
+        off.wait()

@@ -285,11 +285,11 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     calls = []
 
     def make_failing(exc):
-        def failing(path, entries, metadata=None):
+        def failing(path, entries, metadata=None, **kw):
             calls.append(path)
             if len(calls) > 2:
                 raise exc
-            return real(path, entries, metadata)
+            return real(path, entries, metadata, **kw)
 
         return failing
 
@@ -322,3 +322,21 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in target.iterdir()] == ["precious.txt"]
     assert snapshot(tiny_fp32) == before
+
+
+def test_no_fsync_writes_the_same_checkpoint(tiny_fp8, tmp_path):
+    """--no-fsync changes when bytes reach the disk, never which bytes: same files, same contents (the report
+    and card differ only in their timestamps and command line)."""
+    from reap.prune import PruneOptions, prune_model
+
+    outs = {}
+    for fsync in (True, False):
+        outs[fsync] = tmp_path / f"out-{fsync}"
+        prune_model(PruneOptions(model=str(tiny_fp8), out=outs[fsync], ratio=0.3, method="random", seed=1,
+                                 fsync=fsync, progress=False), log=lambda *_: None)
+    files = {fsync: sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) for fsync, out in outs.items()}
+    assert files[True] == files[False]
+    for rel in files[True]:
+        if rel.endswith((".safetensors", ".json")) and rel != "reap_report.json":
+            assert (outs[True] / rel).read_bytes() == (outs[False] / rel).read_bytes(), rel
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

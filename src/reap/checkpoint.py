@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -30,23 +33,25 @@ CONFIG_NAME = "config.json"
 # weight files of other formats: never copied into a pruned output (they would hold unpruned weights)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
             "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                 "U8": "uint8", "BOOL": "bool"}
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (safetensors name -> torch dtype) and ``DTYPE_NAMES`` (the reverse), built on first use so that
+    copying a checkpoint (``reap prune --keep``, ``reap inspect``) never pays for importing torch."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        import torch
+
+        dtypes = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items()}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,8 @@ class Checkpoint:
 
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """A weight ready for compute: FP8 block-quantized weights are dequantized with their scale."""
+        import torch
+
         t = self.tensor(name).to(device, non_blocking=True)
         scale_name = name + "_scale_inv"
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.infos:
@@ -259,6 +266,8 @@ def dequantize_blocks(
     ``block_size`` is (bo, bi), the config's ``quantization_config.weight_block_size`` (128x128 in the released
     MiniMax-M2 / DeepSeek-V3). It cannot be inferred from the shapes when O or I is not a multiple of it.
     """
+    import torch
+
     out_f, in_f = weight.shape
     bo, bi = (int(b) for b in block_size)
     so, si = -(-out_f // bo), -(-in_f // bi)
@@ -277,25 +286,52 @@ def dequantize_blocks(
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """A CPU tensor's raw bytes (any dtype, including bf16 and fp8)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+Ranges = tuple[tuple[int, int], ...]  # (file offset, length) byte ranges, concatenated in order
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One tensor to write: its bytes come from ``fetch()`` when the writer reaches it, or, when ``source``
-    is set, are copied from that file's byte range ``(path, offset)`` kernel-side (no trip through Python)."""
+    """One tensor to write: its bytes come from ``fetch()`` when the writer reaches it, or, when ``source`` is
+    set, are the concatenated byte ranges of that file, copied kernel-side (no trip through Python)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
     fetch: Callable[[], bytes] | None = None
-    source: tuple[Path, int] | None = None
+    source: tuple[Path, Ranges] | None = None
 
     @classmethod
     def copy_of(cls, info: TensorInfo, root: Path, name: str | None = None) -> "Entry":
-        return cls(name or info.name, info.dtype, info.shape, info.nbytes, source=(root / info.shard, info.start))
+        return cls(name or info.name, info.dtype, info.shape, info.nbytes,
+                   source=(root / info.shard, ((info.start, info.nbytes),)))
+
+    @classmethod
+    def rows_of(cls, info: TensorInfo, root: Path, rows: Sequence[int], name: str | None = None) -> "Entry":
+        """The tensor's rows ``rows`` (indices along dim 0, in that order) as a new tensor, straight from the
+        stored bytes: router rows, correction-bias entries, experts of a fused [E, ...] tensor. Runs of
+        consecutive rows become one byte range."""
+        if not info.shape:
+            raise ValueError(f"{info.name} is a scalar; it has no rows to select")
+        n = info.shape[0]
+        if any(not 0 <= r < n for r in rows):
+            raise ValueError(f"{info.name} has {n} rows; cannot select {list(rows)}")
+        row = info.nbytes // n
+        ranges: list[list[int]] = []
+        for r in rows:
+            offset = info.start + r * row
+            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                ranges[-1][1] += row
+            else:
+                ranges.append([offset, row])
+        return cls(name or info.name, info.dtype, (len(rows), *info.shape[1:]), row * len(rows),
+                   source=(root / info.shard, tuple((o, k) for o, k in ranges)))
 
 
 def _write_all(f, data: bytes) -> None:
@@ -304,31 +340,35 @@ def _write_all(f, data: bytes) -> None:
         view = view[f.write(view):]
 
 
-def _copy_range(src: Path, offset: int, nbytes: int, dst) -> None:
-    """Append nbytes of src starting at offset to the open file dst."""
-    with open(src, "rb") as f:
-        left = nbytes
-        if hasattr(os, "copy_file_range"):
-            try:
-                while left:
-                    n = os.copy_file_range(f.fileno(), dst.fileno(), left, offset + nbytes - left)
-                    if n == 0:
-                        break
-                    left -= n
-            except OSError:
-                pass  # filesystem without support: the buffered copy below does the rest
-        if left:
-            f.seek(offset + nbytes - left)
+def _copy_range(src, offset: int, nbytes: int, dst) -> None:
+    """Append nbytes of the open file src, starting at offset, to the open file dst."""
+    left = nbytes
+    if hasattr(os, "copy_file_range"):
+        try:
             while left:
-                chunk = f.read(min(left, 64 << 20))
-                if not chunk:
-                    raise UserError(f"{src} ended early while copying; re-download that shard")
-                _write_all(dst, chunk)
-                left -= len(chunk)
+                n = os.copy_file_range(src.fileno(), dst.fileno(), left, offset + nbytes - left)
+                if n == 0:
+                    break
+                left -= n
+        except OSError:
+            pass  # filesystem without support: the buffered copy below does the rest
+    if left:
+        src.seek(offset + nbytes - left)
+        while left:
+            chunk = src.read(min(left, 64 << 20))
+            if not chunk:
+                raise UserError(f"{src.name} ended early while copying; re-download that shard")
+            _write_all(dst, chunk)
+            left -= len(chunk)
 
 
-def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> int:
-    """Stream entries into a safetensors file, one tensor in memory at a time. Returns the data size."""
+def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
+                      fsync: bool = True) -> int:
+    """Stream entries into a safetensors file, one tensor in memory at a time. Returns the data size.
+
+    Byte ranges that continue each other in the same source file (kept experts stored side by side) are
+    copied as one range. ``fsync=False`` leaves flushing to the caller (e.g. a :class:`BackgroundSync`).
+    """
     entries = list(entries)
     header: dict[str, Any] = {}
     if metadata:
@@ -338,24 +378,114 @@ def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, 
         expected = ITEMSIZE[e.dtype]
         for d in e.shape:
             expected *= d
-        if expected != e.nbytes:
+        if expected != e.nbytes or (e.source is not None and sum(n for _, n in e.source[1]) != e.nbytes):
             raise ValueError(f"{e.name}: {e.nbytes} bytes for {e.dtype}{list(e.shape)} (expected {expected})")
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range and write share the fd offset
-        _write_all(f, struct.pack("<Q", len(blob)) + blob)
-        for e in entries:
-            if e.source is not None:
-                _copy_range(e.source[0], e.source[1], e.nbytes, f)
-                continue
-            data = e.fetch()
-            if len(data) != e.nbytes:
-                raise ValueError(f"{e.name}: fetched {len(data)} bytes, header says {e.nbytes}")
-            _write_all(f, data)
-        os.fsync(f.fileno())
+    sources: dict[Path, Any] = {}  # each source file opened once
+    try:
+        with open(path, "wb", buffering=0) as f:  # unbuffered: copy_file_range and write share the fd offset
+            _write_all(f, struct.pack("<Q", len(blob)) + blob)
+            run: list[Any] = []  # [source path, offset, length]: the byte range being extended
+
+            def flush_run() -> None:
+                if run:
+                    src = run[0]
+                    if src not in sources:
+                        sources[src] = open(src, "rb")
+                    _copy_range(sources[src], run[1], run[2], f)
+                    run.clear()
+
+            for e in entries:
+                if e.source is not None:
+                    for start, n in e.source[1]:
+                        if run and run[0] == e.source[0] and run[1] + run[2] == start:
+                            run[2] += n
+                        else:
+                            flush_run()
+                            run.extend((e.source[0], start, n))
+                    continue
+                flush_run()
+                data = e.fetch()
+                if len(data) != e.nbytes:
+                    raise ValueError(f"{e.name}: fetched {len(data)} bytes, header says {e.nbytes}")
+                _write_all(f, data)
+            flush_run()
+            if fsync:
+                os.fsync(f.fileno())
+    finally:
+        for src in sources.values():
+            src.close()
     return offset
+
+
+class BackgroundSync:
+    """Flushes finished files to disk on a worker thread while the next ones are written (``fsync`` waits for
+    the disk; overlapping it with the copying costs far less than a flush after each file).
+
+    ``submit(path)`` queues a file (or directory); ``wait()`` returns once everything queued is on disk and
+    re-raises the first failure. Use as a context manager; without ``enabled`` it does nothing (``--no-fsync``).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="reap-fsync", daemon=True) if enabled else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _work(self) -> None:
+        while (path := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = err
+            finally:
+                self._queue.task_done()
+
+    def submit(self, path: Path) -> None:
+        if self.enabled:
+            self._queue.put(Path(path))
+
+    def submit_tree(self, root: Path) -> None:
+        """Every file below root, then the directories themselves (deepest first), so new names are durable."""
+        if not self.enabled:
+            return
+        dirs = [Path(root)]
+        for p in sorted(Path(root).rglob("*")):
+            if p.is_dir():
+                dirs.append(p)
+            else:
+                self.submit(p)
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            self.submit(d)
+
+    def wait(self) -> None:
+        if self.enabled:
+            self._queue.join()
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise UserError(f"flushing the output to disk failed ({err}); check the disk and run again") from None
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "BackgroundSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -382,7 +512,7 @@ def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside target; on success it replaces target, on error it is removed.
 
     The temporary name starts with a dot and says ``incomplete``, so an interrupted run never leaves a
@@ -401,8 +531,23 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     os.replace(tmp, target)
+    if durable:
+        _fsync_dir(target.parent)  # the rename itself survives a crash (a no-op where directories cannot be synced)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def other_files(model_dir: Path, skip: set[str]) -> list[Path]:

@@ -123,6 +123,8 @@ def prune(
     workdir: Optional[Path] = WorkdirOpt,
     trust_remote_code: bool = RemoteOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Flush the output to disk before publishing it "
+                               "(--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -138,7 +140,7 @@ def prune(
         calibration = _calibration_options(p)
     opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
                         seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
-                        progress=not p["quiet"], recipe=effective(p))
+                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p))
     result = prune_model(opts, log=log)
     if result is not None:
         typer.echo(str(result.out))

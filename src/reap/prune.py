@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from reap import __version__
@@ -28,17 +28,20 @@ from reap.arch import MoESpec, detect, human_bytes
 from reap.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
+    BackgroundSync,
     Checkpoint,
     Entry,
     atomic_directory,
     check_output_dir,
     other_files,
     read_header,
-    tensor_bytes,
     write_json,
     write_safetensors,
 )
 from reap.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
+    import torch
 
 REPORT_NAME = "reap_report.json"
 STATS_NAME = "reap_stats.safetensors"
@@ -174,63 +177,31 @@ def rewrite(
     report: dict[str, Any],
     progress: bool = True,
     stats=None,
+    fsync: bool = True,
 ) -> SurgeryResult:
-    """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir)."""
+    """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir).
+
+    Everything but the shards is written first (index, config, report, other files); the pictures are drawn
+    on a thread while the shards are copied, and each finished shard is flushed to disk on another
+    (``fsync=False`` leaves flushing to the OS, as ``cp`` does). Verified before it is renamed into place.
+    """
     start = time.perf_counter()
-    regex = spec.family.expert_regex()
-    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
-    sliced = {}
-    biases = {spec.router_bias_name(layer) for layer in keep}
-    for layer, ids in keep.items():
-        for name in (spec.router_name(layer), spec.router_bias_name(layer)):
-            if name and name in ckpt:
-                sliced[name] = torch.tensor(ids, dtype=torch.long)
+    plan, removed_params = plan_shards(ckpt, spec, keep)
+    written = sum(e.nbytes for entries in plan.values() for e in entries)
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress, file=sys.stderr)
-    with atomic_directory(out) as tmp:
-        weight_map: dict[str, str] = {}
-        written = 0
-        removed_params = 0  # for the index's "total_parameters" (transformers' count: parameters, not buffers)
-        for shard in ckpt.shards:
-            entries = []
-            infos = ckpt.shard_tensors(shard)
-            for info in infos:
-                m = regex.match(info.name)
-                if m is not None and int(m["layer"]) in keep:
-                    layer, expert = int(m["layer"]), int(m["expert"])
-                    if expert in new_id[layer]:
-                        name = spec.expert_name(layer, new_id[layer][expert], m["rest"])
-                        entries.append(Entry.copy_of(info, ckpt.path, name))
-                    elif not info.name.endswith("_scale_inv"):
-                        removed_params += info.numel
-                elif info.name in sliced:
-                    rows = sliced[info.name]
-
-                    def fetch(name=info.name, rows=rows) -> bytes:
-                        return tensor_bytes(ckpt.tensor(name).index_select(0, rows))
-
-                    shape = (len(rows), *info.shape[1:])
-                    if info.name not in biases:  # the correction bias is a buffer, not a parameter
-                        removed_params += info.numel // info.shape[0] * (info.shape[0] - len(rows))
-                    entries.append(Entry(info.name, info.dtype, shape, info.nbytes // info.shape[0] * len(rows), fetch))
-                else:
-                    entries.append(Entry.copy_of(info, ckpt.path))
-            if entries:
-                written += write_safetensors(tmp / shard, entries, ckpt.shard_metadata(shard))
-                weight_map.update({e.name: shard for e in entries})
-            bar.update(sum(i.nbytes for i in infos))
-        bar.close()
+    with atomic_directory(out, durable=fsync) as tmp, BackgroundSync(enabled=fsync) as syncer:
         index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
         index_meta["total_size"] = written
         if isinstance(index_meta.get("total_parameters"), int):
             index_meta["total_parameters"] -= removed_params
+        weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
         config = dict(ckpt.config)
         for key in spec.num_experts_keys or (spec.num_experts_key,):  # every key that holds the expert count
             config[key] = k
         write_json(tmp / CONFIG_NAME, config)
-        from reap.report import GENERATED, publish  # model card, pictures, summary (never copied from the source)
+        from reap.report import GENERATED, publish_assets, publish_card  # never copied from the source
 
         skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
         for src in other_files(ckpt.path, skip):
@@ -241,9 +212,60 @@ def rewrite(
         write_json(tmp / REPORT_NAME, report)
         if stats is not None:
             stats.save(tmp / STATS_NAME)
+        assets: list[Path] = []  # pictures + summary, drawn beside the copying (they read only the report)
+        drawer = threading.Thread(target=lambda: assets.extend(publish_assets(tmp, stats)), name="reap-report",
+                                  daemon=True)
+        drawer.start()
+        try:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress, file=sys.stderr)
+            for shard in ckpt.shards:
+                if plan[shard]:
+                    write_safetensors(tmp / shard, plan[shard], ckpt.shard_metadata(shard), fsync=False)
+                    syncer.submit(tmp / shard)
+                bar.update(sum(i.nbytes for i in ckpt.shard_tensors(shard)))
+            bar.close()
+        finally:
+            drawer.join()  # before the staging folder can be removed on an error
         verify(tmp, spec, keep)
-        publish(tmp, report, stats=stats, source=ckpt.path, published_as=out)  # logs a note instead of failing
+        publish_card(tmp, report, source=ckpt.path, figures=[p.name for p in assets if p.suffix == ".png"],
+                     published_as=out)
+        syncer.submit_tree(tmp)  # the small files and the folders; the shards are already (being) flushed
+        syncer.wait()
     return SurgeryResult(out, k, written, time.perf_counter() - start)
+
+
+def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, list[Entry]], int]:
+    """What each output shard holds, in the input's order: kept expert tensors renamed, router rows and correction
+    bias sliced (from the stored bytes, dtype kept), everything else as it is; and the number of parameters
+    removed (for the index's ``total_parameters``, which counts parameters, not buffers or FP8 scales)."""
+    regex = spec.family.expert_regex()
+    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
+    sliced: dict[str, list[int]] = {}
+    for layer, ids in keep.items():
+        for name in (spec.router_name(layer), spec.router_bias_name(layer)):
+            if name and name in ckpt:
+                sliced[name] = ids
+    biases = {spec.router_bias_name(layer) for layer in keep}
+    plan: dict[str, list[Entry]] = {}
+    removed = 0
+    for shard in ckpt.shards:
+        entries = plan.setdefault(shard, [])
+        for info in ckpt.shard_tensors(shard):
+            m = regex.match(info.name)
+            if m is not None and int(m["layer"]) in keep:
+                layer, expert = int(m["layer"]), int(m["expert"])
+                if expert in new_id[layer]:
+                    entries.append(Entry.copy_of(info, ckpt.path, spec.expert_name(layer, new_id[layer][expert], m["rest"])))
+                elif not info.name.endswith("_scale_inv"):
+                    removed += info.numel
+            elif info.name in sliced:
+                rows = sliced[info.name]
+                if info.name not in biases:  # the correction bias is a buffer, not a parameter
+                    removed += info.numel // info.shape[0] * (info.shape[0] - len(rows))
+                entries.append(Entry.rows_of(info, ckpt.path, rows))
+            else:
+                entries.append(Entry.copy_of(info, ckpt.path))
+    return plan, removed
 
 
 def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
@@ -341,6 +363,7 @@ class PruneOptions:
     calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
     overwrite: bool = False
     progress: bool = True
+    fsync: bool = True  # flush the output to disk before publishing it (False: leave it to the OS, like cp)
     recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
 
 
@@ -400,7 +423,7 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
     k = len(next(iter(keep.values())))
     log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")
-    result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats)
+    result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync)
     log(f"wrote {out} ({human_bytes(result.bytes_written)} of tensors, was {human_bytes(ckpt.total_bytes)}) "
         f"in {result.seconds:.1f}s; verified")
     return result

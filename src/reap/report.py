@@ -736,6 +736,14 @@ def publish(out_dir: str | Path, report: dict[str, Any], stats=None, source: str
     Called by the pruner on its staging directory: a failure here (matplotlib missing, anything else) is
     logged and skipped, because the pruned checkpoint itself is already complete and verified.
     """
+    written = publish_assets(out_dir, stats, log)
+    return written + publish_card(out_dir, report, source, [p.name for p in written if p.suffix == ".png"],
+                                  published_as, log)
+
+
+def publish_assets(out_dir: str | Path, stats=None, log=None) -> list[Path]:
+    """The pictures and text summary of ``out_dir``'s ``reap_report.json`` (they do not read the weights, so
+    the pruner draws them while it copies the shards); never raises, logs a note instead."""
     note = log or logger.warning
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -754,10 +762,16 @@ def publish(out_dir: str | Path, report: dict[str, Any], stats=None, source: str
         written.append(out_dir / SUMMARY_NAME)
     except Exception as err:  # noqa: BLE001
         note(f"note: the pruning summary failed ({type(err).__name__}: {err}); skipped")
+    return written
+
+
+def publish_card(out_dir: str | Path, report: dict[str, Any], source: str | Path | None = None,
+                 figures: list[str] | None = None, published_as: str | Path | None = None, log=None) -> list[Path]:
+    """The model card of a finished output directory (it reads the shard headers for the sizes); never raises."""
+    note = log or logger.warning
     try:
-        written.append(write_model_card(out_dir, report, source=source,
-                                        figures=[p.name for p in written if p.suffix == ".png"],
-                                        published_as=published_as))
+        return [write_model_card(Path(out_dir), report, source=source, figures=figures or [],
+                                 published_as=published_as)]
     except Exception as err:  # noqa: BLE001
         note(f"note: the model card failed ({type(err).__name__}: {err}); skipped")
-    return written
+        return []

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported in route(): detecting a family (reap inspect, prune --keep) needs no torch
+    import torch
 
 from reap.errors import UserError
 
@@ -310,6 +311,8 @@ def route(
     The weights are what the model multiplies each chosen expert's output by. ``routing`` holds this
     checkpoint's numbers (``MoESpec.routing``); without it, the family's defaults and no groups.
     """
+    import torch
+
     routing = routing or Routing(renormalize=family.renormalize, scaling=family.scaling)
     if family.scoring == "sigmoid":
         scores = torch.sigmoid(logits.float())  # [T, E]

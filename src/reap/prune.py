@@ -372,8 +372,6 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
 
     Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None.
     """
-    from reap.saliency import METHODS, ExpertStats
-
     ckpt = Checkpoint(opts.model)
     spec = detect(ckpt.config)
     out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
@@ -390,6 +388,8 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
         keep, method = read_keep_file(opts.keep_file, spec, layers), "keep-file"
         extra["keep_file"] = str(opts.keep_file)
     else:
+        from reap.saliency import METHODS, ExpertStats  # torch: not needed to copy with a keep file
+
         if opts.method not in METHODS:
             raise UserError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
         n_drop = experts_to_drop(spec, opts.ratio)

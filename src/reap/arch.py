@@ -4,7 +4,8 @@ One :class:`Family` entry per model family, as data: the on-disk tensor names of
 correction bias and the per-expert tensors (companion tensors such as FP8 ``.weight_scale_inv`` are
 found by the same pattern), the ``config.json`` keys that hold the expert count and top-k, and the
 routing as data: scoring (softmax or sigmoid), correction bias, renormalization and scaling (each a
-default plus the config key that overrides it), group-limited routing, shared experts. :func:`detect`
+default plus the config key that overrides it), group-limited routing, shared experts (and the sigmoid gate some
+families put on them). :func:`detect`
 reads ``config.json`` and returns a :class:`MoESpec` (the family plus this checkpoint's numbers, its
 :class:`Routing` included); :func:`route` routes exactly as the family's modeling code in transformers.
 Adding a family means adding one entry to :data:`FAMILIES`.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported in route(): detecting a family (reap inspect, prune --keep) needs no torch
@@ -59,6 +60,11 @@ class Family:
     weights_in_logits_dtype: bool = False  # the chosen weights are rounded to the logits' dtype (Qwen3-MoE)
     # sub-module of transformers' MoE block (same name on disk under moe_prefix) added to the routed output, never pruned
     shared_experts: str | None = None
+    # sub-module (a Linear H -> 1) whose sigmoid scales the shared experts' output per token (Qwen3-Next), never pruned
+    shared_expert_gate: str | None = None
+    # the transformers model_type the layers are built with, when config.json's model_type is not one transformers
+    # knows (Kimi-K2 says "kimi_k2" and is DeepSeek-V3 in transformers); None = config.json's model_type
+    transformers_model_type: str | None = None
     # attribute of transformers' decoder layer that holds the MoE block (replaced during calibration)
     moe_module: str = "mlp"
     # non-expert names the layer streamer needs (transformers' parameter names below these prefixes match disk)
@@ -152,8 +158,59 @@ DEEPSEEK_V3 = Family(
     shared_experts="shared_experts",
 )
 
+# Kimi-K2 (Moonshot): DeepSeek-V3's architecture and tensor names under model_type "kimi_k2" (its config class is remote
+# code); its config.json sets n_group/topk_group 1 and routed_scaling_factor itself. Built with transformers' DeepSeek-V3.
+KIMI_K2 = replace(DEEPSEEK_V3, name="kimi_k2", model_types=("kimi_k2",), architectures=(),
+                  transformers_model_type="deepseek_v3")
+
+GLM4_MOE = Family(
+    name="glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6 (Glm4MoeForCausalLM)
+    model_types=("glm4_moe",),
+    architectures=("Glm4MoeForCausalLM",),
+    moe_prefix="model.layers.{layer}.mlp.",
+    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
+    router_weight="model.layers.{layer}.mlp.gate.weight",
+    router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    # the released configs say n_routed_experts; transformers' alias num_local_experts is rewritten too if present
+    num_experts_keys=("n_routed_experts", "num_local_experts"),
+    top_k_keys=("num_experts_per_tok",),
+    expert_intermediate_keys=("moe_intermediate_size",),
+    scoring="sigmoid",
+    renormalize=True,  # Glm4MoeConfig's defaults (the releases set routed_scaling_factor 2.5, n_group 1)
+    renormalize_key="norm_topk_prob",
+    renormalize_eps=1e-20,
+    scaling=1.0,
+    scaling_key="routed_scaling_factor",
+    group_keys=("n_group",),
+    topk_group_keys=("topk_group",),
+    group_defaults=(1, 1),
+    router_float32=True,
+    shared_experts="shared_experts",
+)
+
+QWEN3_NEXT = Family(
+    name="qwen3_next",  # Qwen3-Next-80B-A3B (hybrid Gated DeltaNet / gated full attention layers)
+    model_types=("qwen3_next",),
+    architectures=("Qwen3NextForCausalLM",),
+    moe_prefix="model.layers.{layer}.mlp.",
+    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
+    router_weight="model.layers.{layer}.mlp.gate.weight",
+    router_bias=None,
+    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    num_experts_keys=("num_experts",),  # Qwen3NextConfig has no num_local_experts alias
+    top_k_keys=("num_experts_per_tok",),
+    expert_intermediate_keys=("moe_intermediate_size",),
+    scoring="softmax",
+    renormalize=True,  # Qwen3NextConfig's default for norm_topk_prob
+    renormalize_key="norm_topk_prob",
+    weights_in_logits_dtype=True,
+    shared_experts="shared_expert",
+    shared_expert_gate="shared_expert_gate",
+)
+
 #: Every supported family. To add one, append an entry here (and a test with a tiny checkpoint).
-FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3)
+FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, QWEN3_NEXT)
 
 
 def _first_key(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:

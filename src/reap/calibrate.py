@@ -4,7 +4,8 @@ The model skeleton is built from ``config.json`` on the meta device with transfo
 attention, norms and rotary embedding). Then, layer by layer: the layer's tensors are read from the
 shards (by a background thread, one layer ahead), FP8 blocks are dequantized on the compute device, the
 MoE block is swapped for the instrumented :class:`reap.moe.RoutedMoE`, every calibration batch's hidden
-states go through transformers' decoder layer, the statistics are accumulated (float64) and the layer is
+states go through transformers' decoder layer (with the mask its kind needs: causal for attention, padding
+only for linear attention, by ``config.layer_types``), the statistics are accumulated (float64) and the layer is
 freed. Hidden states stay on the GPU when they fit, else in (pinned) CPU memory, else on disk.
 
 Data parallel: under ``torchrun`` each rank takes every WORLD_SIZE-th sequence, statistics are
@@ -214,6 +215,9 @@ class LayerStreamer:
         cfg = dict(ckpt.config)
         cfg.pop("quantization_config", None)  # weights are dequantized by reap itself
         model_type = cfg.pop("model_type")
+        if spec.family.transformers_model_type:  # e.g. kimi_k2 -> deepseek_v3: transformers' classes, not remote code
+            model_type = spec.family.transformers_model_type
+            cfg.pop("auto_map", None)
         self.config = AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
@@ -323,16 +327,20 @@ class LayerStreamer:
                 name = key(spec.projection_name(layer, e, p))
                 w[p][e] = self._weight(raw, name)
                 used.add(name)
-        shared = None
-        if fam.shared_experts:  # transformers' own shared-expert module, loaded with this layer's tensors
-            sp = fam.moe_prefix.format(layer=layer)[len(lp):] + fam.shared_experts + "."
+        # shared experts and their gate: transformers' own sub-modules of the MoE block, loaded with this layer's tensors
+        shared = {}
+        for attr in (fam.shared_experts, fam.shared_expert_gate):
+            if not attr:
+                continue
+            sp = fam.moe_prefix.format(layer=layer)[len(lp):] + attr + "."
             sstate = {k[len(sp):]: self._weight(raw, k) for k in raw if k.startswith(sp) and not k.endswith("_scale_inv")}
             used |= {k for k in raw if k.startswith(sp)}
-            shared = getattr(original, fam.shared_experts)
-            missing, unexpected = shared.load_state_dict(sstate, strict=False, assign=True)
+            shared[attr] = getattr(original, attr)
+            missing, unexpected = shared[attr].load_state_dict(sstate, strict=False, assign=True)
             if missing or unexpected:
-                raise UserError(f"layer {layer}: the shared experts' tensors do not match transformers' "
-                                f"{type(shared).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+                raise UserError(f"layer {layer}: the tensors under {sp} do not match transformers' "
+                                f"{type(shared[attr]).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                                f"check the {fam.name} entry in src/reap/arch.py")
         # every tensor of the MoE block must be understood: an unknown one (a gate of its own, say) means the
         # family entry does not describe this checkpoint and the routing would silently differ
         moe_prefix = fam.moe_prefix.format(layer=layer)[len(lp):]
@@ -344,7 +352,7 @@ class LayerStreamer:
                             "src/reap/arch.py (reap would route differently from the model); add them there")
         act = getattr(self.config, fam.hidden_act_key, "silu")
         return RoutedMoE(fam, spec.top_k, router, bias, w["gate"], w["up"], w["down"], act, routing=spec.routing,
-                         shared=shared)
+                         shared=shared.get(fam.shared_experts), shared_gate=shared.get(fam.shared_expert_gate))
 
     def free_layer(self, layer: int) -> None:
         """Drop the layer's weights: the instrumented MoE (plain tensors, which .to("meta") would not move)
@@ -364,9 +372,23 @@ class LayerStreamer:
             self.store.put(i, F.embedding(b.ids.to(self.device), weight))
         del weight
 
-    def _inputs(self, b: Batch, h: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask
+    def _mask_function(self, layer: int):
+        """transformers' mask builder for this layer's kind (``config.layer_types``; full attention without it):
+        the 4D causal mask for attention, the 2D padding mask for linear attention (Qwen3-Next's Gated DeltaNet),
+        exactly as the model's own forward picks it."""
+        from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask
 
+        kinds = getattr(self.config, "layer_types", None)
+        if not kinds:
+            return create_causal_mask
+        fn = LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.get(kinds[layer])
+        if not callable(fn):
+            raise UserError(f"layer {layer} is of kind {kinds[layer]!r} (config.json layer_types), for which "
+                            "transformers has no mask builder that reap knows how to call; upgrade transformers or "
+                            "add the kind to LayerStreamer._mask_function in src/reap/calibrate.py")
+        return fn
+
+    def _inputs(self, b: Batch, h: torch.Tensor, layer: int = 0):
         B, S = b.ids.shape
         pos = torch.arange(S, device=self.device).unsqueeze(0).expand(B, S)
         mask2d = None
@@ -374,8 +396,8 @@ class LayerStreamer:
             mask2d = torch.zeros(B, S, dtype=torch.long, device=self.device)
             for row, n in enumerate(b.lengths):
                 mask2d[row, :n] = 1
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d,
-                                  past_key_values=None, position_ids=pos)
+        mask = self._mask_function(layer)(config=self.config, inputs_embeds=h, attention_mask=mask2d,
+                                          past_key_values=None, position_ids=pos)
         return pos, mask, (mask2d.reshape(-1).bool() if mask2d is not None else None)
 
     @torch.inference_mode()
@@ -391,7 +413,7 @@ class LayerStreamer:
                    disable=not self.opts.progress or self.dist.rank != 0)
         for i, b in enumerate(self.batches):
             h = self.store.get(i)
-            pos, mask, token_mask = self._inputs(b, h)
+            pos, mask, token_mask = self._inputs(b, h, layer)
             if isinstance(moe, RoutedMoE):
                 moe.token_mask = token_mask
             out = module(h, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,

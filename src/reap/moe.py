@@ -3,8 +3,9 @@
 Routes exactly as the family's modeling code (via :func:`reap.arch.route`), computes each expert only on
 the tokens routed to it (pairs sorted by expert; one grouped matmul per projection where the backend has
 one, else a loop over the experts that were hit), and hands each (token, expert) pair's gate weight and
-output norm to a :class:`reap.saliency.LayerAccumulator`. Shared experts (DeepSeek-V3), when the family has
-them, are transformers' own module, run on every token and added to the routed output; they are not tracked.
+output norm to a :class:`reap.saliency.LayerAccumulator`. Shared experts (DeepSeek-V3, GLM-4.5, Qwen3-Next), when
+the family has them, are transformers' own module, run on every token and added to the routed output, scaled per
+token by sigmoid(shared_gate(x)) where the family gates them (Qwen3-Next); they are not tracked.
 
 Legend: T tokens, E experts, K top-k, H hidden, I expert intermediate, N = T*K routed pairs.
 """
@@ -39,12 +40,13 @@ class RoutedMoE(nn.Module):
         grouped: bool | None = None,
         routing: Routing | None = None,  # this checkpoint's routing numbers (MoESpec.routing); None = family defaults
         shared: nn.Module | None = None,  # shared experts (transformers' own module), added to the routed output
+        shared_gate: nn.Module | None = None,  # [H] -> [1]: the shared output is scaled by sigmoid(shared_gate(x))
     ):
         super().__init__()
         from transformers.activations import ACT2FN
 
         self.family, self.top_k, self.routing = family, top_k, routing
-        self.shared = shared
+        self.shared, self.shared_gate = shared, shared_gate
         self.router, self.bias = router, bias
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.act = ACT2FN[act]
@@ -93,7 +95,10 @@ class RoutedMoE(nn.Module):
             out = torch.zeros_like(x)
             out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
         if self.shared is not None:  # shared experts see every token (DeepSeek-V3: routed + shared, in that order)
-            out = out + self.shared(x)
+            shared = self.shared(x)  # [T, H]
+            if self.shared_gate is not None:  # Qwen3-Next: sigmoid(gate(x)) [T, 1] x shared, then routed + that
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         return out
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Tiny generated checkpoints: the built-in default model of ``reap demo`` and the tests.
 
-A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"`` or
-``"deepseek_v3"``) made with transformers' own classes and ``save_pretrained`` into several shards, with a
-spread-out router and, where the family has one, a non-zero ``e_score_correction_bias`` so routing depends on
-it. MiniMax-M2 models can be rewritten in the released FP8 format (128x128 block-quantized
-``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32).
+A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"``,
+``"deepseek_v3"``, ``"kimi_k2"``, ``"glm4_moe"`` or ``"qwen3_next"``) made with transformers' own classes and
+``save_pretrained`` into several shards, with a spread-out router and, where the family has one, a non-zero
+``e_score_correction_bias`` so routing depends on it. Kimi-K2 is a DeepSeek-V3 model saved under the released
+config's ``model_type`` ("kimi_k2") and remote-code ``auto_map``. Models can be rewritten in the released FP8
+format (128x128 block-quantized ``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from reap.checkpoint import DTYPE_NAMES, Checkpoint, Entry, tensor_bytes, write_
 
 # linear layers stored in FP8 by the released checkpoints: experts, shared experts, dense MLPs and attention
 FP8_PATTERN = re.compile(r"(experts\.\d+\.w[123]|self_attn\.[qkvo]_proj|self_attn\.(q_a|q_b|kv_a|kv_b)_proj\w*"
-                         r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj)\.weight$")
+                         r"|linear_attn\.(in_proj_qkvz|in_proj_ba|out_proj)"
+                         r"|mlp\.(experts\.\d+\.|shared_experts?\.)?(gate|up|down)_proj)\.weight$")
 FLOAT32_PATTERN = re.compile(r"(\.gate\.weight|e_score_correction_bias)$")
 
 
@@ -93,7 +95,34 @@ def tiny_family_config(family: str = "minimax_m2", **overrides):
                       q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
         return DeepseekV3Config(**{**kwargs, **overrides})
-    raise ValueError(f"no tiny config for family {family!r}; use minimax_m2, qwen3_moe, mixtral or deepseek_v3")
+    if family == "kimi_k2":  # DeepSeek-V3 shaped as the Kimi-K2 release: no expert groups, one dense layer
+        return tiny_family_config("deepseek_v3", **{"n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+                                                     **overrides})
+    if family == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        # shaped like GLM-4.5: q/k norms, attention bias, partial rotary 0.5, no expert groups, scaling 2.5
+        kwargs = dict(common, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                      num_key_value_heads=2, head_dim=16, n_routed_experts=16, num_experts_per_tok=4, n_group=1,
+                      topk_group=1, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                      norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        return Glm4MoeConfig(**{**kwargs, **overrides})
+    if family == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        # both attention kinds (linear, full, linear, full) and one dense layer among the MoE layers
+        kwargs = dict(common, intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      num_hidden_layers=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2], full_attention_interval=2,
+                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                      linear_value_head_dim=32, linear_conv_kernel_dim=4,
+                      # in_proj_qkvz is [384, 64]: whole 128-row FP8 blocks (transformers' CPU dequantization
+                      # infers the block from the scale grid, wrong for a partial block after a full one)
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+        return Qwen3NextConfig(**{**kwargs, **overrides})
+    raise ValueError(f"no tiny config for family {family!r}; use minimax_m2, qwen3_moe, mixtral, deepseek_v3, "
+                     "kimi_k2, glm4_moe or qwen3_next")
 
 
 def make_tiny_model(
@@ -120,12 +149,14 @@ def make_tiny_model(
                 layer.mlp.experts.down_proj.normal_(0.0, 0.1)
         else:
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
-                if name.endswith("mlp.gate.weight"):  # the router: spread scores
+                if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers: spread scores
                     t.normal_(0.0, 0.5)
                 elif name.endswith("e_score_correction_bias"):
                     t.copy_(torch.randn_like(t) * 0.1)
-                elif ".experts." in name or "shared_experts" in name:
+                elif ".experts." in name or "shared_expert" in name:
                     t.normal_(0.0, 0.1)
+                elif family == "qwen3_next" and name.endswith("norm.weight"):  # (1 + weight) norms: not all ones
+                    t.normal_(0.0, 0.2)
     model.save_pretrained(path, max_shard_size=shard_size)
     make_byte_tokenizer(path)
     config = json.loads((path / "config.json").read_text())
@@ -137,6 +168,14 @@ def make_tiny_model(
     elif family == "qwen3_moe" and "num_local_experts" in config:
         # the released Qwen3-MoE configs name the expert count num_experts (transformers 5 writes its alias)
         config["num_experts"] = config.pop("num_local_experts")
+    elif family == "qwen3_next":  # the released configs hold both the interval and the layer_types it implies
+        config["full_attention_interval"] = config_overrides.get("full_attention_interval", 2)
+    elif family == "kimi_k2":  # the released config: its own model_type, remote code, DeepSeek-V3 architecture
+        config.update({"model_type": "kimi_k2", "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                       "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                    "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                                    "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}})
+        (path / "configuration_deepseek.py").write_text("# remote-code stand-in: reap must copy this file\n")
     write_json(path / "config.json", config)
     (path / "LICENSE").write_text("tiny test model, no rights reserved\n")
     return path

@@ -12,11 +12,24 @@ def random_sequences(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def load_causal_lm(model_dir: Path, **kwargs):
+    """transformers' own model for the checkpoint (``from_pretrained`` kwargs pass through). Kimi-K2's model_type
+    "kimi_k2" is remote code for DeepSeek-V3: it loads with transformers' DeepSeek-V3 classes, from its config.json
+    under model_type deepseek_v3 (transformers picks the checkpoint conversion by the config's model_type)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") == "kimi_k2":
+        config = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
+        return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**config), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
 def reference_layers(model_dir: Path, dtype: torch.dtype, sequences) -> dict[int, list]:
     """transformers' own model: per decoder layer, the (input, output) hidden states for each sequence."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = load_causal_lm(model_dir, dtype=dtype)
     captured: dict[int, list] = {}
     hooks = [
         layer.register_forward_hook(

@@ -1,17 +1,21 @@
-"""Qwen3-MoE, Mixtral and DeepSeek-V3 (the families beyond MiniMax-M2), checked against transformers.
+"""Qwen3-MoE, Mixtral, DeepSeek-V3, Kimi-K2, GLM-4.5 and Qwen3-Next (the families beyond MiniMax-M2), checked
+against transformers.
 
 For every family, on tiny random checkpoints saved by transformers in several shards:
 
 * routing (:func:`reap.arch.route`) equals transformers' own router module;
 * the layer streamer's output equals transformers' decoder layer output (fp32 tight, bf16 loose), dense layers
-  (Qwen3-MoE ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek-V3 ``first_k_dense_replace``) included;
+  (Qwen3-MoE / Qwen3-Next ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek-V3 / GLM-4.5
+  ``first_k_dense_replace``), shared experts (gated by a sigmoid in Qwen3-Next) and both attention kinds of
+  Qwen3-Next (Gated DeltaNet linear attention, by transformers' torch fallback, and full attention) included;
+  Kimi-K2 (``model_type`` "kimi_k2", remote code) against transformers' DeepSeek-V3 classes;
 * ``reap prune --ratio 0.3 --method random`` through the CLI writes a checkpoint transformers loads, whose
   logits equal the original's with the pruned experts masked out of routing. Masking means: softmax routers
   get router logits of -inf for the pruned experts (transformers' own router code runs, only its ``F.linear``
   is wrapped), so the pruned experts are never chosen *and* their softmax mass vanishes -- exactly what
   removing the rows does, with or without top-k renormalization; sigmoid routers (DeepSeek-V3) get a
   correction bias of -inf, since their scores do not depend on the other experts;
-* group-limited routing (DeepSeek-V3) keeps every group equally sized and contiguous.
+* group-limited routing (DeepSeek-V3, GLM-4.5 with ``n_group`` > 1) keeps every group equally sized and contiguous.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_sequences, reference_layers
+from helpers import load_causal_lm, random_sequences, reference_layers
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from reap.arch import DEEPSEEK_V3, MIXTRAL, QWEN3_MOE, detect, route
+from reap.arch import DEEPSEEK_V3, GLM4_MOE, KIMI_K2, MIXTRAL, QWEN3_MOE, QWEN3_NEXT, detect, route
 from reap.calibrate import EngineOptions, LayerStreamer
 from reap.checkpoint import Checkpoint
 from reap.cli import app
@@ -40,19 +44,31 @@ MODELS = {
     "qwen3_norm": ("qwen3_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
     "mixtral": ("mixtral", {}),
     "deepseek": ("deepseek_v3", {}),  # 16 experts in 4 groups, top-2 groups, top-4, layer 0 dense, shared expert
+    "kimi": ("kimi_k2", {}),  # DeepSeek-V3 as Kimi-K2 ships it: model_type kimi_k2, no groups, scaling 2.827
+    "glm": ("glm4_moe", {}),  # as GLM-4.5: no groups, scaling 2.5, layer 0 dense, shared expert, q/k norm, qkv bias
+    "glm_grouped": ("glm4_moe", {"n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.0, "use_qk_norm": False,
+                                 "attention_bias": False}),
+    "qwen3_next": ("qwen3_next", {}),  # linear/full/linear/full attention, layer 2 dense, gated shared expert
 }
-FAMILY = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "deepseek_v3": DEEPSEEK_V3}
+FAMILY = {"qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL, "deepseek_v3": DEEPSEEK_V3, "kimi_k2": KIMI_K2,
+          "glm4_moe": GLM4_MOE, "qwen3_next": QWEN3_NEXT}
+SIGMOID = ("deepseek_v3", "kimi_k2", "glm4_moe")  # routers with a correction bias (masked by a bias of -inf)
+SHARED = {"deepseek_v3": "shared_experts", "kimi_k2": "shared_experts", "glm4_moe": "shared_experts",
+          "qwen3_next": "shared_expert"}
 EXPERT = {  # written here, independently of the family table
     "qwen3_moe": re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$"),
     "mixtral": re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(.+)$"),
     "deepseek_v3": re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$"),
 }
+EXPERT |= {f: EXPERT["deepseek_v3"] for f in ("kimi_k2", "glm4_moe", "qwen3_next")}
 ROUTER = {
     "qwen3_moe": re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$"),
     "mixtral": re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$"),
     "deepseek_v3": re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$"),
 }
-COUNT_KEY = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+ROUTER |= {"kimi_k2": ROUTER["deepseek_v3"], "glm4_moe": ROUTER["deepseek_v3"], "qwen3_next": ROUTER["qwen3_moe"]}
+COUNT_KEY = {"qwen3_moe": "num_experts", "mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts",
+             "kimi_k2": "n_routed_experts", "glm4_moe": "n_routed_experts", "qwen3_next": "num_experts"}
 LENGTHS = (23, 40, 7, 31)
 
 
@@ -115,9 +131,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load(path: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    model, info = load_causal_lm(path, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -128,6 +142,10 @@ def _load(path: Path, dtype=torch.float32):
     ("qwen3_norm", (4, 16, 4, 32), (True, 1.0, 1, 1), [1, 3]),
     ("mixtral", (3, 8, 2, 32), (True, 1.0, 1, 1), [0, 1, 2]),
     ("deepseek", (3, 16, 4, 32), (True, 2.5, 4, 2), [1, 2]),
+    ("kimi", (3, 16, 4, 32), (True, 2.827, 1, 1), [1, 2]),
+    ("glm", (3, 16, 4, 32), (True, 2.5, 1, 1), [1, 2]),
+    ("glm_grouped", (3, 16, 4, 32), (True, 1.0, 4, 2), [1, 2]),
+    ("qwen3_next", (4, 16, 4, 32), (True, 1.0, 1, 1), [0, 1, 3]),
 ])
 def test_detect_and_moe_layers(family_models, name, numbers, routing, moe_layers):
     from reap.prune import moe_layers as find_moe_layers
@@ -142,10 +160,13 @@ def test_detect_and_moe_layers(family_models, name, numbers, routing, moe_layers
     assert spec.num_experts_keys == (COUNT_KEY[spec.family.name],)
     assert find_moe_layers(Checkpoint(path), spec) == moe_layers
     # transformers agrees on which layers are sparse
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        if spec.family is KIMI_K2:  # transformers' DeepSeek-V3 classes (the checkpoint's own are remote code)
+            model = DeepseekV3ForCausalLM(DeepseekV3Config.from_pretrained(path))
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == moe_layers
 
 
@@ -180,7 +201,11 @@ def _router_case(family: str, overrides: dict):
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter as Router
     elif family == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter as Router
-    else:
+    elif family == "glm4_moe":
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter as Router
+    elif family == "qwen3_next":
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextTopKRouter as Router
+    else:  # deepseek_v3, kimi_k2
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
     return config, Router(config)
 
@@ -193,11 +218,18 @@ def _router_case(family: str, overrides: dict):
     ("deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3}),
     ("deepseek_v3", {"n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 4, "topk_group": 2,
                      "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
+    ("kimi_k2", {"n_routed_experts": 32, "num_experts_per_tok": 6}),
+    ("glm4_moe", {"n_routed_experts": 32, "num_experts_per_tok": 6}),  # as released: no groups, scaling 2.5
+    ("glm4_moe", {"n_routed_experts": 32, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3,
+                  "norm_topk_prob": False, "routed_scaling_factor": 1.0}),
+    ("qwen3_next", {"num_experts": 32, "num_experts_per_tok": 6}),
+    ("qwen3_next", {"num_experts": 32, "num_experts_per_tok": 6, "norm_topk_prob": False}),
 ])
 def test_route_equals_transformers_router(family, overrides, dtype):
     config, router = _router_case(family, overrides)
     router = router.to(dtype)
-    spec = detect({"model_type": family, **config.to_dict()})
+    spec = detect({**config.to_dict(), "model_type": family})
+    assert spec.family is FAMILY[family]
     gen = torch.Generator().manual_seed(0)
     E, H = router.weight.shape
     bias = None
@@ -258,6 +290,12 @@ def _sequences(vocab: int) -> list[list[int]]:
     ("deepseek", torch.float32, 1e-5, 1), ("deepseek", torch.float32, 1e-5, 4096),
     ("deepseek", torch.bfloat16, 2e-2, 4096),
     ("deepseek", "fp8", 1e-5, 4096), ("qwen3", "fp8", 1e-5, 4096),  # FP8 blocks: transformers dequantizes too
+    ("kimi", torch.float32, 1e-5, 4096),
+    ("glm", torch.float32, 1e-5, 1), ("glm", torch.float32, 1e-5, 4096), ("glm", torch.bfloat16, 2e-2, 4096),
+    ("glm_grouped", torch.float32, 1e-5, 4096), ("glm", "fp8", 1e-5, 4096),
+    # one sequence per batch, and all four right-padded in one batch (the linear attention's padding mask)
+    ("qwen3_next", torch.float32, 1e-5, 1), ("qwen3_next", torch.float32, 1e-5, 4096),
+    ("qwen3_next", torch.bfloat16, 2e-2, 4096), ("qwen3_next", "fp8", 1e-5, 4096),
 ])
 def test_layer_output_equals_transformers(family_models, name, dtype, atol, batch_tokens):
     from reap.prune import moe_layers
@@ -294,10 +332,11 @@ def test_layer_output_equals_transformers(family_models, name, dtype, atol, batc
     streamer.close()
 
 
-def test_shared_experts_are_computed(family_models):
-    """DeepSeek-V3's layer output needs its shared expert: without it the output differs (the test above is not
-    passing by accident)."""
-    path = family_models("deepseek")
+@pytest.mark.parametrize("name", ["deepseek", "glm", "qwen3_next"])
+def test_shared_experts_are_computed(family_models, name):
+    """The layer output needs the shared expert (and, in Qwen3-Next, its sigmoid gate): without it the output
+    differs (the test above is not passing by accident)."""
+    path = family_models(name)
     ckpt = Checkpoint(path)
     spec = detect(ckpt.config)
     seqs = _sequences(ckpt.config["vocab_size"])[:1]
@@ -305,12 +344,18 @@ def test_shared_experts_are_computed(family_models):
     module = streamer.load_layer(1)
     moe = module.mlp
     assert isinstance(moe, RoutedMoE) and moe.shared is not None
+    assert (moe.shared_gate is not None) == (name == "qwen3_next")
     x = torch.randn(1, 5, spec.hidden_size)
     with torch.no_grad():
         full = moe(x)
         shared, moe.shared = moe.shared, None
         routed = moe(x)
-        torch.testing.assert_close(full, routed + shared(x))
+        if moe.shared_gate is None:
+            torch.testing.assert_close(full, routed + shared(x))
+        else:
+            gate = torch.sigmoid(moe.shared_gate(x))  # [1, 5, 1]
+            torch.testing.assert_close(full, routed + gate * shared(x))
+            assert (full - routed - shared(x)).abs().max() > 1e-3  # the gate is not the identity
     assert (full - routed).abs().max() > 1e-3
     streamer.close()
 
@@ -340,7 +385,7 @@ def _mask_softmax_routers(monkeypatch, model, family: str, pruned: dict[int, lis
     monkeypatch.setattr(module, "F", MaskedF())
 
 
-PRUNED = [*MODELS, "qwen3-fp8", "deepseek-fp8"]
+PRUNED = [*MODELS, "qwen3-fp8", "deepseek-fp8", "glm-fp8", "qwen3_next-fp8"]
 
 
 def _source(family_models, name: str) -> Path:
@@ -389,8 +434,10 @@ def test_pruned_checkpoint_is_exact_surgery(family_models, pruned_models, name):
         assert any(n.endswith("experts.0.down_proj.weight_scale_inv") for n in after)
         assert str(next(t for n, t in after.items() if n.endswith("experts.0.down_proj.weight")).dtype) == "torch.float8_e4m3fn"
     assert sorted(layers) == moe_layers(Checkpoint(src), spec)
-    if family == "deepseek_v3":
-        assert any("shared_experts" in n for n in after)
+    if family in SHARED:  # shared experts (and Qwen3-Next's shared expert gate) are kept, byte for byte (above)
+        assert any(f"mlp.{SHARED[family]}.down_proj.weight" in n for n in after)
+        if family == "qwen3_next":
+            assert all(f"model.layers.{layer}.mlp.shared_expert_gate.weight" in after for layer in layers)
 
 
 @pytest.mark.parametrize("name", PRUNED)
@@ -401,14 +448,14 @@ def test_pruned_model_equals_original_with_pruned_experts_masked(family_models, 
     pruned = {int(layer): entry["pruned"] for layer, entry in report["layers"].items()}
     original, small = _load(src), _load(out)
     kept = report["kept_per_layer"]
-    assert small.config.num_local_experts == kept
+    assert getattr(small.config, COUNT_KEY[family]) == kept
     for layer in pruned:
         assert small.model.layers[layer].mlp.experts.gate_up_proj.shape[0] == kept
     ids = torch.randint(0, original.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = original(ids).logits
         got = small(ids).logits
-        if family == "deepseek_v3":  # sigmoid scores: a bias of -inf only forbids the choice, which is all it takes
+        if family in SIGMOID:  # sigmoid scores: a bias of -inf only forbids the choice, which is all it takes
             for layer, ids_ in pruned.items():
                 original.model.layers[layer].mlp.gate.e_score_correction_bias[ids_] = float("-inf")
         else:
@@ -422,8 +469,9 @@ def test_pruned_model_equals_original_with_pruned_experts_masked(family_models, 
 
 
 # -- group-limited routing keeps equal groups ----------------------------------------------------------------------
-def test_deepseek_groups_stay_equal_and_contiguous(family_models, pruned_models):
-    src, out = family_models("deepseek"), pruned_models("deepseek")
+@pytest.mark.parametrize("name", ["deepseek", "glm_grouped"])
+def test_groups_stay_equal_and_contiguous(family_models, pruned_models, name):
+    src, out = family_models(name), pruned_models(name)
     spec = detect(_config(src))
     G, size = spec.routing.n_group, spec.num_experts // spec.routing.n_group
     report = json.loads((out / "reap_report.json").read_text())
@@ -475,13 +523,18 @@ def test_deepseek_keep_file_and_ratio_errors(family_models, tmp_path):
     ("qwen3", "softmax, top-k not renormalized"), ("qwen3_norm", "softmax, top-k renormalized"),
     ("mixtral", "softmax, top-k renormalized"),
     ("deepseek", "sigmoid + correction bias, top-2 of 4 groups, top-k renormalized, scaled x2.5"),
+    ("kimi", "sigmoid + correction bias, top-k renormalized, scaled x2.827"),
+    ("glm", "sigmoid + correction bias, top-k renormalized, scaled x2.5"),
+    ("glm_grouped", "sigmoid + correction bias, top-2 of 4 groups, top-k renormalized"),
+    ("qwen3_next", "softmax, top-k renormalized"),
 ])
 def test_inspect(family_models, name, routing):
-    from reap.summary import describe
+    from reap.summary import describe, format_description
 
     info = describe(Checkpoint(family_models(name)), ratio=0.3)
     assert info["routing"] == routing and info["family"] == MODELS[name][0]
-    assert info["after"]["experts_per_layer"] == (12 if name == "deepseek" else info["experts"] - math.floor(info["experts"] * 0.3))
+    assert info["after"]["experts_per_layer"] == (12 if name in ("deepseek", "glm_grouped") else info["experts"] - math.floor(info["experts"] * 0.3))
+    assert f"family      {MODELS[name][0]} ({info['moe_layers']}/{info['layers']} layers" in format_description(info)
     assert info["after"]["total_params"] < info["before"]["total_params"]
 
 
@@ -524,7 +577,7 @@ def test_unknown_moe_tensor_is_refused_by_the_streamer(family_models, tmp_path):
     streamer.close()
 
 
-@pytest.mark.parametrize("name", ["qwen3", "deepseek"])
+@pytest.mark.parametrize("name", ["qwen3", "deepseek", "kimi", "qwen3_next"])
 def test_calibrate_then_prune_by_reap_score(family_models, tmp_path, name):
     """The whole pipeline: calibration statistics (dense layers have none), then `prune --method reap --stats`."""
     from reap.calibrate import CalibrateOptions, calibrate

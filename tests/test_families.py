@@ -538,6 +538,33 @@ def test_inspect(family_models, name, routing):
     assert info["after"]["total_params"] < info["before"]["total_params"]
 
 
+def test_inspect_after_equals_the_pruned_checkpoint_with_an_mtp_layer(family_models, tmp_path):
+    """GLM-4.5 ships a multi-token-prediction layer past num_hidden_layers (model.layers.92) with its own experts:
+    pruning copies it whole, and `reap inspect`'s prediction (parameters, bytes) equals what prune writes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from reap.summary import describe
+
+    src = tmp_path / "mtp"
+    shutil.copytree(family_models("glm"), src)
+    n = _config(src)["num_hidden_layers"]  # the MTP layer: a copy of the last layer under index n
+    extra = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): t
+             for k, t in _tensors(src).items() if k.startswith(f"model.layers.{n - 1}.")}
+    save_file(extra, str(src / "mtp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    info = describe(Checkpoint(src), ratio=0.3)
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.3", "--method", "random", "-q")
+    assert res.exit_code == 0, res.output
+    after = _tensors(tmp_path / "o")
+    assert all(_same(after[k], t) for k, t in extra.items())  # the MTP layer, all 16 experts, untouched
+    assert info["after"]["total_params"] == sum(t.numel() for t in after.values())
+    assert info["after"]["disk_bytes"] == sum(t.numel() * t.element_size() for t in after.values())
+
+
 def test_every_expert_count_key_is_rewritten(family_models, tmp_path):
     """A Qwen3-MoE config that holds the count under both spellings gets both updated."""
     import shutil

@@ -2,7 +2,8 @@
 
 Everything comes from ``config.json`` and the shard headers; no weight is read. Parameter counts skip
 quantization scales (``*_scale_inv``); "active" counts the non-expert parameters (the whole router and any shared
-experts included) plus top-k experts' worth.
+experts included) plus top-k experts' worth. Experts outside the pruned layers (a multi-token-prediction layer past
+``num_hidden_layers``, as GLM-4.5's ``model.layers.92``) are kept whole by pruning and counted so.
 """
 
 from __future__ import annotations
@@ -31,9 +32,15 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     experts = {"params": 0, "bytes": 0}
     router = {"params": 0, "bytes": 0}
     fixed = {"params": 0, "bytes": 0}
+    unpruned = {"params": 0, "bytes": 0}  # experts of layers that pruning leaves whole (MTP layers)
+    pruned_layers = set(layers)
     dtypes: Counter[str] = Counter()
     for name, info in ckpt.infos.items():
-        bucket = experts if regex.match(name) else router if name in router_names else fixed
+        m = regex.match(name)
+        if m:
+            bucket = experts if int(m["layer"]) in pruned_layers else unpruned
+        else:
+            bucket = router if name in router_names else fixed
         bucket["bytes"] += info.nbytes
         if not _is_scale(name):
             bucket["params"] += info.numel
@@ -43,9 +50,9 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
 
     def sizes(n: int) -> dict[str, Any]:
         # integer arithmetic: every layer holds E equal experts and E router rows, so these divide exactly
-        total = fixed["params"] + (experts["params"] + router["params"]) * n // E
-        active = fixed["params"] + router["params"] * n // E + experts["params"] * K // E
-        disk = fixed["bytes"] + (experts["bytes"] + router["bytes"]) * n // E
+        total = fixed["params"] + unpruned["params"] + (experts["params"] + router["params"]) * n // E
+        active = fixed["params"] + router["params"] * n // E + (experts["params"] + unpruned["params"]) * K // E
+        disk = fixed["bytes"] + unpruned["bytes"] + (experts["bytes"] + router["bytes"]) * n // E
         return {"experts_per_layer": n, "total_params": total, "active_params": active, "disk_bytes": disk}
 
     info: dict[str, Any] = {

@@ -170,6 +170,18 @@ def test_detect_and_moe_layers(family_models, name, numbers, routing, moe_layers
     assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == moe_layers
 
 
+@pytest.mark.parametrize("model_type, architectures, family", [
+    ("kimi_k2", ["DeepseekV3ForCausalLM"], "kimi_k2"),  # model_type decides
+    (None, ["DeepseekV3ForCausalLM"], "deepseek_v3"),  # without one, the architecture: Kimi-K2 is DeepSeek-V3
+    (None, ["Glm4MoeForCausalLM"], "glm4_moe"), (None, ["Qwen3NextForCausalLM"], "qwen3_next"),
+])
+def test_detect_new_families(model_type, architectures, family):
+    config = {"architectures": architectures, "n_routed_experts": 8, "num_experts": 8, "num_experts_per_tok": 2,
+              "num_hidden_layers": 2, "hidden_size": 16, "moe_intermediate_size": 8, "n_group": 1, "topk_group": 1,
+              **({"model_type": model_type} if model_type else {})}
+    assert detect(config).family is FAMILY[family]
+
+
 def test_qwen3_config_with_both_count_keys_is_rewritten_in_both():
     config = {"model_type": "qwen3_moe", "num_experts": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
               "num_hidden_layers": 2, "hidden_size": 16, "moe_intermediate_size": 8}

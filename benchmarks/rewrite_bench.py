@@ -1,6 +1,6 @@
 """Rewrite (surgery) benchmark at MiniMax-M2 width: `reap prune --keep` against `cp -r`, on this machine.
 
-    python benchmarks/rewrite_bench.py [--workdir /tmp/reap-rewrite-bench] [--layers 1 2] [--repeats 3]
+    python benchmarks/rewrite_bench.py [--workdir /tmp/reap-rewrite-bench] [--layers 1 2] [--repeats 3] [--cold]
                                        [--naive] [--out results.json]
 
 1. Generates a MiniMax-M2-shaped FP8 checkpoint of N full-width decoder layers (hidden 3072, 256 experts of
@@ -238,7 +238,18 @@ def clear(path: Path) -> None:
     os.sync()
 
 
-def bench_layers(workdir: Path, num_layers: int, repeats: int, log=print) -> dict:
+def evict(root: Path) -> None:
+    """Drop root's files from the page cache (clean pages only: call after a sync)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def bench_layers(workdir: Path, num_layers: int, repeats: int, log=print, cold: bool = False) -> dict:
     model = make_m2_checkpoint(workdir / f"m2-{num_layers}L", num_layers, log=log)
     keep = keep_file(workdir / f"keep-{num_layers}L.json", num_layers, M2["experts"], 180)
     out_reap, out_cp = workdir / f"pruned-{num_layers}L", workdir / f"copy-{num_layers}L"
@@ -248,27 +259,22 @@ def bench_layers(workdir: Path, num_layers: int, repeats: int, log=print) -> dic
     os.sync()
     times = {"reap": [], "reap --no-fsync": [], "cp": [], "cp+fsync": []}
     rss = []
+    commands = {"reap": reap_cmd, "reap --no-fsync": reap_cmd + ["--no-fsync"], "cp": cp_cmd, "cp+fsync": cp_cmd}
     for rep in range(repeats + 1):  # rep 0 = warm-up (fills the page cache with the model)
-        clear(out_reap)
-        wall, _, peak = run_child(reap_cmd)
-        if rep:
-            times["reap"].append(wall)
-            rss.append(peak)
-        clear(out_reap)
-        wall, _, peak = run_child(reap_cmd + ["--no-fsync"])
-        if rep:
-            times["reap --no-fsync"].append(wall)
-            rss.append(peak)
-        clear(out_cp)
-        wall, _, _ = run_child(cp_cmd)
-        if rep:
-            times["cp"].append(wall)
-        clear(out_cp)
-        t0 = time.perf_counter()
-        run_child(cp_cmd)
-        fsync_tree(out_cp)
-        if rep:
-            times["cp+fsync"].append(time.perf_counter() - t0)
+        for what, cmd in commands.items():
+            out = out_cp if cmd is cp_cmd else out_reap
+            clear(out)
+            if cold:
+                evict(model)
+            t0 = time.perf_counter()
+            _, _, peak = run_child(cmd)
+            if what == "cp+fsync":
+                fsync_tree(out_cp)
+            wall = time.perf_counter() - t0
+            if rep:
+                times[what].append(wall)
+                if what.startswith("reap"):
+                    rss.append(peak)
         if rep:
             log(f"  {num_layers}L rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     # the fixed cost of a reap process: interpreter + the imports of the --keep path (torch is not among them)
@@ -277,7 +283,7 @@ def bench_layers(workdir: Path, num_layers: int, repeats: int, log=print) -> dic
              "pruned_bytes": sum(p.stat().st_size for p in out_reap.glob("*.safetensors"))}
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {
-        "layers": num_layers, **sizes, "repeats": repeats,
+        "layers": num_layers, **sizes, "repeats": repeats, "page_cache": "cold" if cold else "warm",
         "reap_s": times["reap"], "reap_no_fsync_s": times["reap --no-fsync"], "cp_s": times["cp"],
         "cp_fsync_s": times["cp+fsync"],
         "reap_median_s": med["reap"], "reap_no_fsync_median_s": med["reap --no-fsync"], "cp_median_s": med["cp"],
@@ -370,6 +376,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive", action="store_true", help="also run transformers from_pretrained + save_pretrained (1 layer)")
     ap.add_argument("--naive-limit-gb", type=float, default=14.0)
+    ap.add_argument("--cold", action="store_true", help="evict the model from the page cache before every timed command")
     ap.add_argument("--keep-files", action="store_true", help="do not delete the generated checkpoints")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -383,7 +390,7 @@ def main() -> None:
                           "load_avg_start": os.getloadavg()}, "runs": []}
     try:
         for n in args.layers:
-            r = bench_layers(args.workdir, n, args.repeats)
+            r = bench_layers(args.workdir, n, args.repeats, cold=args.cold)
             print(json.dumps(r), flush=True)
             result["runs"].append(r)
             if args.naive and n == 1:

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from reap import __version__
 from reap.arch import MoESpec, detect
-from reap.checkpoint import Checkpoint, dequantize_blocks
+from reap.checkpoint import Checkpoint, dequantize_blocks, dequantize_mxfp4
 from reap.errors import UserError
-from reap.moe import RoutedMoE
+from reap.moe import FusedClampedSwiGLUMoE, RoutedMoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,7 +217,8 @@ class LayerStreamer:
         self.config = AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                self.config, attn_implementation="sdpa", trust_remote_code=opts.trust_remote_code
+                self.config, attn_implementation=spec.family.attn_implementation,
+                trust_remote_code=opts.trust_remote_code
             )
         self.config = self.model.config
         self.layers = self.model.model.layers
@@ -305,6 +306,8 @@ class LayerStreamer:
         return module
 
     def _routed_moe(self, layer: int, raw: dict[str, torch.Tensor], original: torch.nn.Module) -> RoutedMoE:
+        if self.spec.family.fused_experts:
+            return self._fused_moe(layer, raw)
         spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
         key = lambda name: name[len(lp):]  # noqa: E731
         router_raw = raw[key(spec.router_name(layer))]
@@ -346,6 +349,53 @@ class LayerStreamer:
         return RoutedMoE(fam, spec.top_k, router, bias, w["gate"], w["up"], w["down"], act, routing=spec.routing,
                          shared=shared)
 
+    def _fused_weight(self, raw: dict[str, torch.Tensor], key: str) -> tuple[torch.Tensor, set[str]]:
+        """A fused expert tensor in the compute dtype (dequantized from MXFP4 ``_blocks``/``_scales`` when stored so),
+        and the raw keys it used."""
+        if key in raw:
+            return self._weight(raw, key), {key}
+        blocks, scales = raw.get(key + "_blocks"), raw.get(key + "_scales")
+        if blocks is None or scales is None:
+            raise UserError(f"the checkpoint has neither {key} nor {key}_blocks + {key}_scales (MXFP4); it does not "
+                            f"match the {self.spec.family.name} entry in src/reap/arch.py")
+        w = dequantize_mxfp4(blocks.to(self.device), scales.to(self.device), self.dtype)
+        return w, {key + "_blocks", key + "_scales"}
+
+    def _fused_moe(self, layer: int, raw: dict[str, torch.Tensor]) -> FusedClampedSwiGLUMoE:
+        """The instrumented MoE of a fused-expert family (gpt-oss), with every MoE tensor of the layer accounted for."""
+        spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
+        key = lambda name: name[len(lp):]  # noqa: E731
+        router_key = key(spec.router_name(layer))
+        router_raw = raw[router_key]
+        router_dtype = torch.float32 if fam.router_float32 or router_raw.dtype == torch.float32 else self.dtype
+        router = self._weight(raw, router_key, router_dtype)
+        used = {router_key}
+        logit_bias = None
+        bias_name = spec.router_logit_bias_name(layer)
+        if bias_name and key(bias_name) in raw:
+            logit_bias = self._weight(raw, key(bias_name), router_dtype)
+            used.add(key(bias_name))
+        w = {}
+        for part, name in fam.fused_names(layer).items():
+            w[part], keys = self._fused_weight(raw, key(name))
+            used |= keys
+        E, I, H = spec.num_experts, spec.expert_intermediate, spec.hidden_size
+        want = {"gate_up": (E, H, 2 * I), "gate_up_bias": (E, 2 * I), "down": (E, I, H), "down_bias": (E, H)}
+        bad = {p: tuple(t.shape) for p, t in w.items() if tuple(t.shape) != want.get(p, tuple(t.shape))}
+        if bad:
+            raise UserError(f"layer {layer}: fused expert tensors of shape {bad}, expected {want}; config.json and the "
+                            "weights disagree")
+        moe_prefix = fam.moe_prefix.format(layer=layer)[len(lp):]
+        unknown = [k for k in raw if k.startswith(moe_prefix) and k not in used]
+        if unknown:
+            raise UserError(f"layer {layer}: MoE tensors {unknown[:3]} are not described by the {fam.name} entry in "
+                            "src/reap/arch.py (reap would compute differently from the model); add them there")
+        limit = fam.swiglu_limit
+        if fam.swiglu_limit_key and isinstance(self.ckpt.config.get(fam.swiglu_limit_key), (int, float)):
+            limit = float(self.ckpt.config[fam.swiglu_limit_key])
+        return FusedClampedSwiGLUMoE(fam, spec.top_k, router, logit_bias, w["gate_up"], w["gate_up_bias"], w["down"],
+                                     w["down_bias"], alpha=fam.swiglu_alpha, limit=limit, routing=spec.routing)
+
     def free_layer(self, layer: int) -> None:
         """Drop the layer's weights: the instrumented MoE (plain tensors, which .to("meta") would not move)
         goes, transformers' block comes back, and every parameter returns to the meta device."""
@@ -364,8 +414,8 @@ class LayerStreamer:
             self.store.put(i, F.embedding(b.ids.to(self.device), weight))
         del weight
 
-    def _inputs(self, b: Batch, h: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask
+    def _inputs(self, b: Batch, h: torch.Tensor, layer: int | None = None):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         B, S = b.ids.shape
         pos = torch.arange(S, device=self.device).unsqueeze(0).expand(B, S)
@@ -374,8 +424,12 @@ class LayerStreamer:
             mask2d = torch.zeros(B, S, dtype=torch.long, device=self.device)
             for row, n in enumerate(b.lengths):
                 mask2d[row, :n] = 1
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d,
-                                  past_key_values=None, position_ids=pos)
+        # per-layer attention types (gpt-oss alternates sliding-window and full layers): the layer's own mask
+        layer_types = getattr(self.config, "layer_types", None)
+        sliding = layer is not None and layer_types is not None and layer_types[layer] == "sliding_attention"
+        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = make_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d, past_key_values=None,
+                         position_ids=pos)
         return pos, mask, (mask2d.reshape(-1).bool() if mask2d is not None else None)
 
     @torch.inference_mode()
@@ -391,7 +445,7 @@ class LayerStreamer:
                    disable=not self.opts.progress or self.dist.rank != 0)
         for i, b in enumerate(self.batches):
             h = self.store.get(i)
-            pos, mask, token_mask = self._inputs(b, h)
+            pos, mask, token_mask = self._inputs(b, h, layer)
             if isinstance(moe, RoutedMoE):
                 moe.token_mask = token_mask
             out = module(h, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False,

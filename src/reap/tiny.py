@@ -1,10 +1,11 @@
 """Tiny generated checkpoints: the built-in default model of ``reap demo`` and the tests.
 
-A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"`` or
-``"deepseek_v3"``) made with transformers' own classes and ``save_pretrained`` into several shards, with a
+A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"``,
+``"deepseek_v3"`` or ``"gpt_oss"``) made with transformers' own classes and ``save_pretrained`` into several shards, with a
 spread-out router and, where the family has one, a non-zero ``e_score_correction_bias`` so routing depends on
 it. MiniMax-M2 models can be rewritten in the released FP8 format (128x128 block-quantized
-``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32).
+``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32); gpt-oss models in the released MXFP4
+layout (``convert_to_mxfp4``).
 """
 
 from __future__ import annotations

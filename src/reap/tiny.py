@@ -135,7 +135,7 @@ def make_tiny_model(
                     t.copy_(torch.randn_like(t) * 0.5)
                 elif name.endswith("self_attn.sinks"):  # gpt-oss attention sinks that matter
                     t.copy_(torch.randn_like(t))
-                elif name.endswith("experts.gate_up_proj"):  # gpt-oss: large enough that the clamp at 7 is hit
+                elif family == "gpt_oss" and name.endswith("experts.gate_up_proj"):  # the clamp at 7 is hit
                     t.normal_(0.0, 0.5)
                 elif name.endswith("e_score_correction_bias"):
                     t.copy_(torch.randn_like(t) * 0.1)

@@ -126,8 +126,14 @@ def test_family_table_is_consistent():
     names = [f.name for f in FAMILIES]
     assert len(set(names)) == len(names)
     for family in FAMILIES:
-        assert family.scoring in ("softmax", "sigmoid")
-        assert set(family.projections) == {"gate", "up", "down"}
+        assert family.scoring in ("softmax", "sigmoid", "topk_softmax")
+        assert family.expert_fn in ("glu", "clamped_swiglu")
+        if family.fused_experts:  # gpt-oss: one [E, ...] tensor per projection and its bias
+            assert not family.projections
+            assert set(family.fused_experts) == {"gate_up", "gate_up_bias", "down", "down_bias"}
+            assert all(family.is_fused_expert(n) for n in family.fused_names(3).values())
+        else:
+            assert set(family.projections) == {"gate", "up", "down"}
         name = family.expert_prefix.format(layer=3, expert=11) + "w1.weight"
         m = family.expert_regex().match(name)
         assert m and (m["layer"], m["expert"]) == ("3", "11")

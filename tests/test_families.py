@@ -650,3 +650,368 @@ def test_calibrate_then_prune_by_reap_score(family_models, tmp_path, name):
                 assert len(ps) == 1 and min(ks) >= max(ps)
         else:
             assert min(s[kept]) >= max(s[pruned])
+
+
+# -- gpt-oss: fused experts with biases, a router bias, clamped GLU, sliding/full attention, MXFP4 -----------------
+# Independent of the family table: transformers' GptOss modules are the reference throughout; the MXFP4 checkpoint
+# is loaded by transformers, which dequantizes it to bf16 on the CPU with its own code.
+GPT_OSS_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+GPT_OSS_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.router\.(weight|bias)$")
+GPT_OSS_LENGTHS = (23, 40, 7, 31)  # the tiny config's sliding window is 8 tokens
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_models(tmp_path_factory):
+    """Tiny gpt-oss checkpoints per kind: float32, bfloat16 (saved by transformers, several shards), and "mxfp4"
+    (the bf16 one in the released MXFP4 layout)."""
+    from reap.tiny import convert_to_mxfp4, make_tiny_model
+
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp("gpt-oss")
+            if kind == "mxfp4":
+                cache[kind] = convert_to_mxfp4(get("bfloat16"), root / "mxfp4")
+            else:
+                cache[kind] = make_tiny_model(root / kind, seed=2, dtype=getattr(torch, kind), family="gpt_oss")
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_pruned(tmp_path_factory, gpt_oss_models):
+    """``reap prune --ratio 0.3 --method random`` through the CLI, once per kind."""
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp("gpt-oss-pruned") / kind
+            res = CliRunner().invoke(app, ["prune", str(gpt_oss_models(kind)), "--out", str(out), "--ratio", "0.3",
+                                           "--method", "random", "--seed", "5", "-q"])
+            assert res.exit_code == 0, res.output
+            cache[kind] = out
+        return cache[kind]
+
+    return get
+
+
+def test_gpt_oss_detect(gpt_oss_models):
+    from reap.arch import GPT_OSS
+    from reap.prune import moe_layers
+
+    path = gpt_oss_models("float32")
+    config = _config(path)
+    spec = detect(config)
+    assert spec.family is GPT_OSS
+    assert (spec.num_layers, spec.num_experts, spec.top_k, spec.expert_intermediate) == (3, 16, 4, 32)
+    assert spec.num_experts_keys == ("num_local_experts",)
+    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert config["sliding_window"] == 8 < min(n for n in GPT_OSS_LENGTHS if n != 7)
+    assert moe_layers(Checkpoint(path), spec) == [0, 1, 2]
+    # the released config also says experts_per_token (top-k, unchanged by pruning) and swiglu_limit
+    released = {**config, "experts_per_token": 4, "swiglu_limit": 7.0}
+    released.pop("num_experts_per_tok")
+    assert detect(released).top_k == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_route_equals_transformers_router(dtype):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    from reap.tiny import tiny_family_config
+
+    config = tiny_family_config("gpt_oss", num_local_experts=32, num_experts_per_tok=4)
+    router = GptOssTopKRouter(config)
+    spec = detect({"model_type": "gpt_oss", **config.to_dict()})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(32, 64, generator=gen) * 0.5)
+        router.bias.copy_(torch.randn(32, generator=gen))
+    router = router.to(dtype)
+    hidden = torch.randn(500, 64, generator=gen).to(dtype)
+    with torch.no_grad():
+        _, scores_ref, chosen_ref = router(hidden)
+        logits = torch.nn.functional.linear(hidden, router.weight, router.bias)
+        weights, chosen = route(logits, None, spec.top_k, spec.family, spec.routing)
+        no_bias = route(torch.nn.functional.linear(hidden, router.weight), None, spec.top_k, spec.family)[1]
+    assert torch.equal(chosen, chosen_ref)  # same order too (top-k sorted, as transformers)
+    torch.testing.assert_close(weights, scores_ref.float(), rtol=0, atol=0)
+    assert not torch.equal(no_bias, chosen)  # the router bias matters
+    if dtype == torch.float32:  # == softmax over all E, renormalized over the chosen K
+        full = logits.softmax(-1).gather(1, chosen)
+        torch.testing.assert_close(weights, full / full.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
+def _gpt_oss_reference(path: Path, dtype: torch.dtype, seqs):
+    """transformers' model: per layer and sequence, (layer input, layer output, MoE input), and the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ref = reference_layers(path, dtype, seqs)
+    moe_in: dict[int, list] = {}
+    hooks = [layer.mlp.register_forward_hook(lambda mod, args, out, i=i: moe_in.setdefault(i, []).append(args[0][0].clone()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for seq in seqs:
+            model.model(torch.tensor([seq]))
+    for h in hooks:
+        h.remove()
+    return ref, moe_in, model
+
+
+def _independent_stats(mlp, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per expert, float64: tokens routed, sum of gate weights, sum of ||f_e(x)||, sum of g x ||f_e(x)||, with
+    transformers' own router and experts (one expert at a time, routing weight 1)."""
+    E = mlp.router.num_experts
+    count, gate, ean, reap = (torch.zeros(E, dtype=torch.float64) for _ in range(4))
+    with torch.no_grad():
+        _, scores, chosen = mlp.router(x)
+        for e in range(E):
+            tok, pos = (chosen == e).nonzero(as_tuple=True)
+            if not len(tok):
+                continue
+            f = mlp.experts(x[tok], torch.full((len(tok), 1), e), torch.ones(len(tok), 1, dtype=x.dtype))
+            norm, g = f.double().norm(dim=-1), scores[tok, pos].double()
+            count[e], gate[e], ean[e], reap[e] = len(tok), g.sum(), norm.sum(), (g * norm).sum()
+    return count, gate, ean, reap
+
+
+@pytest.mark.parametrize("kind, atol, batch_tokens", [
+    ("float32", 1e-5, 1), ("float32", 1e-5, 4096), ("bfloat16", 1e-2, 4096),
+    ("mxfp4", 1e-2, 4096),  # dequantized by reap on the fly vs by transformers on load (bf16 compute)
+])
+def test_gpt_oss_layer_output_and_stats_equal_transformers(gpt_oss_models, kind, atol, batch_tokens):
+    """Each decoder layer, sliding-window and full, on sequences longer than the window (padded batches too):
+    the streamed output equals transformers' GptOssDecoderLayer, and the per-expert statistics equal an
+    independent recomputation with transformers' router and experts."""
+    path = gpt_oss_models(kind)
+    dtype = torch.bfloat16 if kind == "mxfp4" else getattr(torch, kind)
+    ckpt = Checkpoint(path)
+    spec = detect(ckpt.config)
+    seqs = random_sequences(ckpt.config["vocab_size"], GPT_OSS_LENGTHS)
+    ref, moe_in, model = _gpt_oss_reference(path, dtype, seqs)
+    streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
+                                                             batch_tokens=batch_tokens, progress=False))
+    assert streamer.config._attn_implementation == "eager"
+    clamped = 0
+    for layer in range(spec.num_layers):
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
+            for r, n in enumerate(batch.lengths):
+                h[r, :n] = ref[layer][row + r][0][0]
+            streamer.store.put(i, h)
+            row += len(batch.lengths)
+        acc = LayerAccumulator(spec.num_experts)
+        streamer.run_layer(layer, acc)
+        row = 0
+        for i, batch in enumerate(streamer.batches):
+            out = streamer.store.get(i)
+            for r, n in enumerate(batch.lengths):
+                torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
+            row += len(batch.lengths)
+        mlp = model.model.layers[layer].mlp
+        x = torch.cat(moe_in[layer])  # [T, H]: every real token's MoE input
+        expected = _independent_stats(mlp, x)
+        got = (acc.count, acc.gate_sum, acc.ean_sum, acc.reap_sum)
+        assert acc.count.sum().item() == sum(GPT_OSS_LENGTHS) * spec.top_k
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for what, a, b in zip(("count", "gate", "ean", "reap"), got, expected):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"layer {layer} {what}")
+        with torch.no_grad():  # the clamp at 7 is exercised: some gate values exceed it
+            gate_up = torch.einsum("th,ehi->tei", x.float(), mlp.experts.gate_up_proj.float())
+            clamped += int((gate_up[..., ::2] > 7.0).sum())
+    assert clamped > 0
+    streamer.close()
+
+
+def test_gpt_oss_sliding_window_mask_matters(gpt_oss_models):
+    """The sliding layers' own mask is needed: with the full causal mask the output of layer 0 differs."""
+    path = gpt_oss_models("float32")
+    ckpt = Checkpoint(path)
+    spec = detect(ckpt.config)
+    seqs = random_sequences(ckpt.config["vocab_size"], (40,))
+    outs = []
+    for types in (None, ["full_attention"] * spec.num_layers):
+        streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", progress=False))
+        if types:
+            streamer.config.layer_types = types
+        streamer.embed()
+        streamer.run_layer(0)
+        outs.append(streamer.store.get(0))
+        streamer.close()
+        ckpt = Checkpoint(path)
+    assert torch.equal(outs[0][:, :8], outs[1][:, :8])  # within the window: the same
+    assert (outs[0][:, 8:] - outs[1][:, 8:]).abs().max() > 1e-3
+
+
+def test_mxfp4_dequantization_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from reap.checkpoint import dequantize_mxfp4
+
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=gen, dtype=torch.uint8)  # every code, both nibbles
+    scales = torch.randint(110, 140, (3, 10, 4), generator=gen, dtype=torch.uint8)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    got = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    assert got.shape == ref.shape == (3, 128, 10) and torch.equal(got, ref)
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ref.float(), rtol=0, atol=0)
+    # one value by hand: code 0x7 (6.0) in the low nibble, 0xA (-1.0) in the high one, scale 2^(128-127)
+    b, s = torch.zeros(1, 1, 1, 16, dtype=torch.uint8), torch.full((1, 1, 1), 128, dtype=torch.uint8)
+    b[0, 0, 0, 0] = 0xA7
+    w = dequantize_mxfp4(b, s, torch.float32)
+    assert w[0, :2, 0].tolist() == [12.0, -2.0] and w.abs().sum() == 14.0
+
+
+def _gpt_oss_expected(src: dict, kept: dict[int, list[int]]) -> dict:
+    out = {}
+    for n, t in src.items():
+        m = GPT_OSS_FUSED.match(n) or GPT_OSS_ROUTER.match(n)
+        out[n] = t[kept[int(m[1])]] if m else t
+    return out
+
+
+@pytest.mark.parametrize("kind", ["float32", "mxfp4"])
+def test_gpt_oss_pruned_checkpoint_is_exact_surgery(gpt_oss_models, gpt_oss_pruned, kind):
+    src, out = gpt_oss_models(kind), gpt_oss_pruned(kind)
+    report = json.loads((out / "reap_report.json").read_text())
+    kept = {int(layer): entry["kept"] for layer, entry in report["layers"].items()}
+    k = 16 - math.floor(16 * 0.3)
+    assert sorted(kept) == [0, 1, 2] and all(len(ids) == k for ids in kept.values()) and report["family"] == "gpt_oss"
+    assert _config(out) == {**_config(src), "num_local_experts": k}
+    before, after = _tensors(src), _tensors(out)
+    expected = _gpt_oss_expected(before, kept)
+    assert set(after) == set(expected)
+    for n, t in after.items():
+        assert _same(t.contiguous(), expected[n].contiguous()), n
+    fused = [n for n in after if GPT_OSS_FUSED.match(n)]
+    assert len(fused) == 3 * (4 if kind == "mxfp4" else 2) + 3 * 2  # (blocks + scales | weight) x 2 + 2 biases
+    if kind == "mxfp4":
+        t = after["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+        assert t.dtype == torch.uint8 and tuple(t.shape) == (k, 64, 2, 16)
+        assert after["model.layers.0.mlp.experts.down_proj_scales"].shape == (k, 64, 1)
+    assert after["model.layers.1.mlp.router.bias"].shape == (k,)
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["total_size"] == sum(t.numel() * t.element_size() for t in after.values())
+
+
+@pytest.mark.parametrize("kind", ["float32", "mxfp4"])
+def test_gpt_oss_pruned_model_equals_original_with_pruned_experts_masked(gpt_oss_models, gpt_oss_pruned, kind):
+    """Logits of the pruned model == the original's with the pruned experts' router bias at -inf (never chosen,
+    and absent from the softmax over the chosen K). Sequences longer than the sliding window."""
+    src, out = gpt_oss_models(kind), gpt_oss_pruned(kind)
+    report = json.loads((out / "reap_report.json").read_text())
+    pruned = {int(layer): entry["pruned"] for layer, entry in report["layers"].items()}
+    dtype = torch.bfloat16 if kind == "mxfp4" else torch.float32
+    original, small = _load(src, dtype), _load(out, dtype)
+    k = report["kept_per_layer"]
+    assert small.config.num_local_experts == k
+    assert all(layer.mlp.experts.gate_up_proj.shape[0] == k for layer in small.model.layers)
+    ids = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = original(ids).logits.float()
+        got = small(ids).logits.float()
+        for layer, experts in pruned.items():
+            original.model.layers[layer].mlp.router.bias[experts] = float("-inf")
+        masked = original(ids).logits.float()
+    atol = 1e-4 if kind == "float32" else 0.0  # bf16: the same operations on the same values, bit for bit
+    torch.testing.assert_close(got, masked, atol=atol, rtol=atol)
+    assert (reference - masked).abs().max() > 1e-3  # pruning changed something: the comparison is not vacuous
+    meta = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]
+    if kind == "float32":  # the router bias is a parameter: total_parameters counts it
+        assert meta["total_parameters"] == small.num_parameters()
+
+
+@pytest.mark.parametrize("kind", ["float32", "mxfp4"])
+def test_gpt_oss_inspect(gpt_oss_models, gpt_oss_pruned, kind):
+    """`reap inspect` counts fused expert tensors (MXFP4 blocks as two parameters a byte) as experts: its numbers
+    equal transformers' parameter count and the pruned checkpoint's size."""
+    src, out = gpt_oss_models(kind), gpt_oss_pruned(kind)
+    res = _run("inspect", src, "--ratio", "0.3", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["family"] == "gpt_oss" and info["routing"] == "softmax over the top-k logits (router bias)"
+    assert info["after"]["experts_per_layer"] == 12
+    dtype = torch.bfloat16 if kind == "mxfp4" else torch.float32
+    original, small = _load(src, dtype), _load(out, dtype)
+    assert info["before"]["total_params"] == original.num_parameters()
+    assert info["after"]["total_params"] == small.num_parameters()
+    total_size = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert info["after"]["disk_bytes"] == total_size
+    per_expert = 3 * (64 * 64 + 64 + 32 * 64 + 64)  # layers x (gate_up + its bias + down + its bias)
+    router_row = 3 * (64 + 1)
+    assert info["before"]["active_params"] == original.num_parameters() - 12 * per_expert
+    assert info["before"]["total_params"] - info["after"]["total_params"] == 4 * (per_expert + router_row)
+    if kind == "mxfp4":
+        assert info["quantization"] == {"quant_method": "mxfp4"} and "FP4" in info["dtypes"]
+    text = _run("inspect", out)
+    assert text.exit_code == 0 and "gpt_oss" in text.output and "12 experts/layer" in text.output
+
+
+def test_gpt_oss_calibrate_mxfp4_then_prune_by_reap_score(gpt_oss_models, tmp_path):
+    """The whole pipeline on the MXFP4 checkpoint: calibration (dequantized on the fly), `prune --method reap`."""
+    from reap.calibrate import CalibrateOptions, calibrate
+    from reap.data import DataOptions
+
+    src = gpt_oss_models("mxfp4")
+    texts = [p.read_text()[:300] for p in sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:3]]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stats_path = tmp_path / "s.safetensors"
+    stats, summary = calibrate(CalibrateOptions(model=str(src), data=DataOptions(dataset=str(data), max_length=48),
+                                                out=stats_path, engine=EngineOptions(device="cpu", progress=False)))
+    assert all(stats.count[layer].sum().item() == summary["tokens"] * 4 for layer in range(3))
+    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.3", "--stats", stats_path, "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "reap_report.json").read_text())
+    scores = stats.scores("reap")
+    for layer, entry in report["layers"].items():
+        assert min(scores[int(layer)][entry["kept"]]) >= max(scores[int(layer)][entry["pruned"]])
+
+
+def test_gpt_oss_verify_checks_fused_shapes():
+    from reap.prune import _verify_fused
+
+    spec = detect({"model_type": "gpt_oss", "num_local_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 1,
+                   "hidden_size": 64, "intermediate_size": 32})
+    p = "model.layers.0.mlp."
+    good = {p + "experts.gate_up_proj_blocks": [12, 64, 2, 16], p + "experts.gate_up_proj_scales": [12, 64, 2],
+            p + "experts.gate_up_proj_bias": [12, 64], p + "experts.down_proj": [12, 32, 64],
+            p + "experts.down_proj_bias": [12, 64], p + "router.bias": [12]}
+    _verify_fused(good, spec, 0, 12)
+    for name, shape in ((p + "experts.gate_up_proj_scales", [16, 64, 2]), (p + "router.bias", [16])):
+        with pytest.raises(RuntimeError, match="expected"):
+            _verify_fused({**good, name: shape}, spec, 0, 12)
+    with pytest.raises(RuntimeError, match="no fused expert tensor"):
+        _verify_fused({n: s for n, s in good.items() if "down_proj_bias" not in n}, spec, 0, 12)
+
+
+def test_gpt_oss_grouped_matmul_path_equals_loop():
+    """The grouped-matmul expert path (used on GPU) == the per-expert loop (CPU), biases and clamp included, with
+    experts that get no token."""
+    from reap.arch import GPT_OSS
+    from reap.moe import FusedClampedSwiGLUMoE, _grouped_mm_fn
+
+    if _grouped_mm_fn() is None:
+        pytest.skip("this torch has no grouped matmul")
+    g = torch.Generator().manual_seed(0)
+    E, I, H, K, T = 8, 32, 48, 2, 64
+    bias = torch.randn(E, generator=g)
+    bias[5] = -1e4  # expert 5 gets no token
+    args = [torch.randn(E, H, generator=g), bias, torch.randn(E, H, 2 * I, generator=g) * 0.5,
+            torch.randn(E, 2 * I, generator=g), torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, H, generator=g)]
+    x = torch.randn(1, T, H, generator=g)
+    outs = []
+    for grouped in (False, True):
+        moe = FusedClampedSwiGLUMoE(GPT_OSS, K, *args, grouped=grouped)
+        moe.accumulator = LayerAccumulator(E)
+        out, scores = moe(x)
+        assert scores is None
+        outs.append((out, moe.accumulator))
+    assert outs[0][1].count[5] == 0 and outs[0][1].count.sum() == T * K
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    for f in ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm"):
+        torch.testing.assert_close(getattr(outs[0][1], f), getattr(outs[1][1], f), rtol=1e-4, atol=1e-4)

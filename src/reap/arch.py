@@ -73,6 +73,31 @@ class Family:
     final_norm_weight: str = "model.norm.weight"
     lm_head_weight: str = "lm_head.weight"
     hidden_act_key: str = "hidden_act"
+    # fused experts (gpt-oss): one tensor per projection and layer, the experts along dim 0. Maps "gate_up",
+    # "gate_up_bias", "down", "down_bias" -> the on-disk name under moe_prefix. Every tensor whose name starts with
+    # one of these (MXFP4 "_blocks"/"_scales" companions included) is sliced along dim 0 by the surgery.
+    # {} = one set of tensors per expert (expert_prefix/projections).
+    fused_experts: dict[str, str] = field(default_factory=dict)
+    router_logit_bias: str | None = None  # a bias of the router linear itself (a parameter), sliced with its rows
+    # the expert function: "glu" = down(act(gate(x)) * up(x)); "clamped_swiglu" = gpt-oss's biased, clamped GLU
+    # (gate and up interleaved in gate_up; gate <= limit, |up| <= limit; (up + 1) * gate * sigmoid(alpha * gate))
+    expert_fn: str = "glu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0  # the default when swiglu_limit_key is absent
+    swiglu_limit_key: str | None = None
+    attn_implementation: str = "sdpa"  # the attention the layer streamer asks transformers for
+
+    def fused_names(self, layer: int) -> dict[str, str]:
+        """The fused expert tensors of layer ``layer`` (full on-disk names; bf16/fp32 spelling)."""
+        prefix = self.moe_prefix.format(layer=layer)
+        return {k: prefix + v for k, v in self.fused_experts.items()}
+
+    def is_fused_expert(self, name: str) -> bool:
+        """Whether ``name`` is (a companion of) a fused expert tensor of some layer."""
+        if not self.fused_experts:
+            return False
+        m = re.match(r"^" + re.escape(self.moe_prefix).replace(re.escape("{layer}"), r"\d+") + r"(.+)$", name)
+        return m is not None and any(m[1].startswith(v) for v in self.fused_experts.values())
 
     def expert_regex(self) -> re.Pattern[str]:
         """Matches every tensor of one expert: groups ``layer``, ``expert`` and ``rest`` (e.g. ``w1.weight``)."""
@@ -209,8 +234,34 @@ QWEN3_NEXT = Family(
     shared_expert_gate="shared_expert_gate",
 )
 
+GPT_OSS = Family(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    architectures=("GptOssForCausalLM",),
+    moe_prefix="model.layers.{layer}.mlp.",
+    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",  # never on disk: the experts are fused
+    router_weight="model.layers.{layer}.mlp.router.weight",
+    router_bias=None,
+    router_logit_bias="model.layers.{layer}.mlp.router.bias",
+    # [E, H, 2I] (gate/up interleaved in the last dim), [E, 2I], [E, I, H], [E, H]; the released MXFP4 checkpoints
+    # store gate_up_proj_blocks [E, 2I, H/32, 16] + gate_up_proj_scales [E, 2I, H/32] (uint8) instead
+    fused_experts={"gate_up": "experts.gate_up_proj", "gate_up_bias": "experts.gate_up_proj_bias",
+                   "down": "experts.down_proj", "down_bias": "experts.down_proj_bias"},
+    # GptOssConfig's attribute_map makes num_experts an alias of num_local_experts; experts_per_token is top-k
+    num_experts_keys=("num_local_experts", "num_experts"),
+    top_k_keys=("num_experts_per_tok", "experts_per_token"),
+    expert_intermediate_keys=("intermediate_size",),
+    scoring="topk_softmax",  # logits = x W^T + b; top-k on the logits; softmax over the K chosen logits
+    renormalize=True,
+    weights_in_logits_dtype=True,  # GptOssTopKRouter's softmax runs in the logits' dtype
+    expert_fn="clamped_swiglu",
+    swiglu_limit_key="swiglu_limit",
+    attn_implementation="eager",  # GptOss has no sdpa path (attention sinks)
+)
+
 #: Every supported family. To add one, append an entry here (and a test with a tiny checkpoint).
-FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, QWEN3_NEXT)
+FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, QWEN3_NEXT,
+                                 GPT_OSS)
 
 
 def _first_key(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
@@ -230,6 +281,8 @@ class Routing:
     topk_group: int = 1  # groups a token may route into (group-limited routing when n_group > 1)
 
     def describe(self, family: "Family") -> str:
+        if family.scoring == "topk_softmax":
+            return "softmax over the top-k logits" + (" (router bias)" if family.router_logit_bias else "")
         text = family.scoring + (" + correction bias" if family.router_bias else "")
         if self.n_group > 1:
             text += f", top-{self.topk_group} of {self.n_group} groups"
@@ -258,6 +311,10 @@ class MoESpec:
 
     def router_bias_name(self, layer: int) -> str | None:
         bias = self.family.router_bias
+        return bias.format(layer=layer) if bias else None
+
+    def router_logit_bias_name(self, layer: int) -> str | None:
+        bias = self.family.router_logit_bias
         return bias.format(layer=layer) if bias else None
 
     def expert_name(self, layer: int, expert: int, rest: str) -> str:
@@ -371,6 +428,8 @@ def route(
     import torch
 
     routing = routing or Routing(renormalize=family.renormalize, scaling=family.scaling)
+    if family.scoring == "topk_softmax":  # gpt-oss: choose by the logits, softmax over the chosen K only
+        return _route_topk_softmax(logits, bias, top_k, family, routing)
     if family.scoring == "sigmoid":
         scores = torch.sigmoid(logits.float())  # [T, E]
     elif family.scoring == "softmax":
@@ -390,6 +449,22 @@ def route(
     weights = scores.gather(1, chosen)
     if routing.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + family.renormalize_eps)
+    if routing.scaling != 1.0:
+        weights = weights * routing.scaling
+    if family.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype).float()
+    return weights, chosen
+
+
+def _route_topk_softmax(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, family: Family,
+                        routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """GptOssTopKRouter: top-k of the logits (the router's own bias is already in them), softmax over those K
+    (== softmax over all E, renormalized over the chosen K). A correction bias, if any, only shifts the choice."""
+    import torch
+
+    choice = logits.float() + bias.float() if bias is not None else logits.float()
+    _, chosen = torch.topk(choice, top_k, dim=-1)  # [T, K]
+    weights = torch.softmax(logits.float().gather(1, chosen), dim=-1)
     if routing.scaling != 1.0:
         weights = weights * routing.scaling
     if family.weights_in_logits_dtype:

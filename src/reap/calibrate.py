@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from reap import __version__
 from reap.arch import MoESpec, detect
-from reap.checkpoint import Checkpoint, dequantize_blocks
+from reap.checkpoint import Checkpoint, dequantize_blocks, dequantize_mxfp4
 from reap.errors import UserError
-from reap.moe import RoutedMoE
+from reap.moe import FusedClampedSwiGLUMoE, RoutedMoE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,7 +221,8 @@ class LayerStreamer:
         self.config = AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                self.config, attn_implementation="sdpa", trust_remote_code=opts.trust_remote_code
+                self.config, attn_implementation=spec.family.attn_implementation,
+                trust_remote_code=opts.trust_remote_code
             )
         self.config = self.model.config
         self.layers = self.model.model.layers
@@ -309,6 +310,8 @@ class LayerStreamer:
         return module
 
     def _routed_moe(self, layer: int, raw: dict[str, torch.Tensor], original: torch.nn.Module) -> RoutedMoE:
+        if self.spec.family.fused_experts:
+            return self._fused_moe(layer, raw)
         spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
         key = lambda name: name[len(lp):]  # noqa: E731
         router_raw = raw[key(spec.router_name(layer))]
@@ -353,6 +356,53 @@ class LayerStreamer:
         act = getattr(self.config, fam.hidden_act_key, "silu")
         return RoutedMoE(fam, spec.top_k, router, bias, w["gate"], w["up"], w["down"], act, routing=spec.routing,
                          shared=shared.get(fam.shared_experts), shared_gate=shared.get(fam.shared_expert_gate))
+
+    def _fused_weight(self, raw: dict[str, torch.Tensor], key: str) -> tuple[torch.Tensor, set[str]]:
+        """A fused expert tensor in the compute dtype (dequantized from MXFP4 ``_blocks``/``_scales`` when stored so),
+        and the raw keys it used."""
+        if key in raw:
+            return self._weight(raw, key), {key}
+        blocks, scales = raw.get(key + "_blocks"), raw.get(key + "_scales")
+        if blocks is None or scales is None:
+            raise UserError(f"the checkpoint has neither {key} nor {key}_blocks + {key}_scales (MXFP4); it does not "
+                            f"match the {self.spec.family.name} entry in src/reap/arch.py")
+        w = dequantize_mxfp4(blocks.to(self.device), scales.to(self.device), self.dtype)
+        return w, {key + "_blocks", key + "_scales"}
+
+    def _fused_moe(self, layer: int, raw: dict[str, torch.Tensor]) -> FusedClampedSwiGLUMoE:
+        """The instrumented MoE of a fused-expert family (gpt-oss), with every MoE tensor of the layer accounted for."""
+        spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
+        key = lambda name: name[len(lp):]  # noqa: E731
+        router_key = key(spec.router_name(layer))
+        router_raw = raw[router_key]
+        router_dtype = torch.float32 if fam.router_float32 or router_raw.dtype == torch.float32 else self.dtype
+        router = self._weight(raw, router_key, router_dtype)
+        used = {router_key}
+        logit_bias = None
+        bias_name = spec.router_logit_bias_name(layer)
+        if bias_name and key(bias_name) in raw:
+            logit_bias = self._weight(raw, key(bias_name), router_dtype)
+            used.add(key(bias_name))
+        w = {}
+        for part, name in fam.fused_names(layer).items():
+            w[part], keys = self._fused_weight(raw, key(name))
+            used |= keys
+        E, I, H = spec.num_experts, spec.expert_intermediate, spec.hidden_size
+        want = {"gate_up": (E, H, 2 * I), "gate_up_bias": (E, 2 * I), "down": (E, I, H), "down_bias": (E, H)}
+        bad = {p: tuple(t.shape) for p, t in w.items() if tuple(t.shape) != want.get(p, tuple(t.shape))}
+        if bad:
+            raise UserError(f"layer {layer}: fused expert tensors of shape {bad}, expected {want}; config.json and the "
+                            "weights disagree")
+        moe_prefix = fam.moe_prefix.format(layer=layer)[len(lp):]
+        unknown = [k for k in raw if k.startswith(moe_prefix) and k not in used]
+        if unknown:
+            raise UserError(f"layer {layer}: MoE tensors {unknown[:3]} are not described by the {fam.name} entry in "
+                            "src/reap/arch.py (reap would compute differently from the model); add them there")
+        limit = fam.swiglu_limit
+        if fam.swiglu_limit_key and isinstance(self.ckpt.config.get(fam.swiglu_limit_key), (int, float)):
+            limit = float(self.ckpt.config[fam.swiglu_limit_key])
+        return FusedClampedSwiGLUMoE(fam, spec.top_k, router, logit_bias, w["gate_up"], w["gate_up_bias"], w["down"],
+                                     w["down_bias"], alpha=fam.swiglu_alpha, limit=limit, routing=spec.routing)
 
     def free_layer(self, layer: int) -> None:
         """Drop the layer's weights: the instrumented MoE (plain tensors, which .to("meta") would not move)

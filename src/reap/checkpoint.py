@@ -284,6 +284,32 @@ def dequantize_blocks(
     return (w * scale).to(dtype)
 
 
+#: the 16 FP4 (e2m1) values, indexed by the 4-bit code (sign bit 3)
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (the released gpt-oss experts) -> dense weights, as transformers' ``convert_moe_packed_tensors``.
+
+    blocks uint8 [E, R, G, 16] (two FP4 e2m1 codes per byte, low nibble first: 32 values per group) and scales
+    uint8 [E, R, G] (a shared power of two 2^(s - 127) per group of 32) -> [E, G*32, R] in ``dtype``: the stored
+    [E, out, in] weight transposed to the [E, in, out] layout of GptOssExperts (gate_up_proj [E, H, 2I],
+    down_proj [E, I, H]). Exact in float32 and bfloat16 (FP4 values times powers of two).
+    """
+    import torch
+
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise UserError(f"MXFP4 blocks {list(blocks.shape)} {blocks.dtype} and scales {list(scales.shape)} "
+                        f"{scales.dtype} do not fit (expected uint8 [..., G, 16] and [..., G])")
+    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=blocks.device)
+    *prefix, groups, nbytes = blocks.shape
+    out = torch.empty(*prefix, groups, nbytes * 2, dtype=torch.float32, device=blocks.device)
+    out[..., 0::2] = lut[(blocks & 0x0F).long()]
+    out[..., 1::2] = lut[(blocks >> 4).long()]
+    out = torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
+    return out.reshape(*prefix, groups * nbytes * 2).transpose(1, 2).to(dtype).contiguous()
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """A CPU tensor's raw bytes (any dtype, including bf16 and fp8)."""
     import torch

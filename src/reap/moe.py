@@ -72,7 +72,7 @@ class RoutedMoE(nn.Module):
     def _moe(self, x: torch.Tensor) -> torch.Tensor:
         T, H = x.shape
         K, E = self.top_k, self.num_experts
-        logits = F.linear(x.to(self.router.dtype), self.router)  # [T, E]
+        logits = F.linear(x.to(self.router.dtype), self.router, getattr(self, "logit_bias", None))  # [T, E]
         weights, chosen = route(logits, self.bias, K, self.family, self.routing)  # [T, K] each
         flat_expert = chosen.reshape(-1)  # [N]
         expert_sorted, order = torch.sort(flat_expert, stable=True)  # [N]
@@ -120,3 +120,66 @@ class RoutedMoE(nn.Module):
                 start += n
         return y
 
+
+
+class FusedClampedSwiGLUMoE(RoutedMoE):
+    """gpt-oss's MoE block (GptOssMLP): a router with a bias of its own, top-k on the logits, softmax over the
+    chosen K (:func:`reap.arch.route`); fused expert weights with biases and a clamped GLU, computed only on the
+    routed tokens. Returns ``(hidden, None)``, as GptOssDecoderLayer unpacks ``(hidden, router_scores)``.
+
+    Per expert e on its rows x [t_e, H]: gate_up = x @ W_gu[e] + b_gu[e] [t_e, 2I]; gate, up = gate_up[:, ::2],
+    gate_up[:, 1::2]; gate = min(gate, limit); up = clamp(up, -limit, limit); f(x) = ((up + 1) * gate *
+    sigmoid(alpha * gate)) @ W_d[e] + b_d[e] [t_e, H]. Statistics as :class:`RoutedMoE` (||f(x)|| includes b_d).
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        top_k: int,
+        router: torch.Tensor,  # [E, H]
+        logit_bias: torch.Tensor | None,  # [E], added to the router logits
+        w_gate_up: torch.Tensor,  # [E, H, 2I]
+        b_gate_up: torch.Tensor,  # [E, 2I]
+        w_down: torch.Tensor,  # [E, I, H]
+        b_down: torch.Tensor,  # [E, H]
+        alpha: float = 1.702,
+        limit: float = 7.0,
+        grouped: bool | None = None,
+        routing: Routing | None = None,
+    ):
+        fn = _grouped_mm_fn()
+        if grouped is None:
+            grouped = fn is not None and w_gate_up.is_cuda and w_gate_up.dtype == torch.bfloat16
+        # the parent keeps the router and the bookkeeping; its gate/up/down slots hold the fused tensors
+        super().__init__(family, top_k, router, None, w_gate_up, w_gate_up, w_down, grouped=grouped, routing=routing)
+        self.logit_bias = logit_bias
+        self.w_gate_up, self.b_gate_up, self.b_down = w_gate_up, b_gate_up, b_down
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return super().forward(hidden_states), None
+
+    def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [N, H] sorted by expert, counts [E] -> each expert's output on its rows, [N, H]."""
+        if self.grouped:
+            fn = _grouped_mm_fn()
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
+            ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # [N]
+            xs = xs.to(self.w_gate_up.dtype)
+            gu = fn(xs, self.w_gate_up, offs=offs) + self.b_gate_up[ids]  # [N, 2I]
+            return fn(self._glu(gu), self.w_down, offs=offs) + self.b_down[ids]  # [N, H]
+        y = torch.empty(xs.shape[0], self.w_down.shape[2], dtype=xs.dtype, device=xs.device)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                seg = xs[start : start + n]  # [t_e, H]
+                h = self._glu(seg @ self.w_gate_up[e] + self.b_gate_up[e])  # [t_e, I]
+                y[start : start + n] = h @ self.w_down[e] + self.b_down[e]
+                start += n
+        return y

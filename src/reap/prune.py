@@ -246,12 +246,19 @@ def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, 
             if name and name in ckpt:
                 sliced[name] = ids
     biases = {spec.router_bias_name(layer) for layer in keep}
+    sliced.update(_fused_rows(ckpt, spec, keep))
     plan: dict[str, list[Entry]] = {}
     removed = 0
     for shard in ckpt.shards:
         entries = plan.setdefault(shard, [])
         for info in ckpt.shard_tensors(shard):
             m = regex.match(info.name)
+            if info.name in sliced and (spec.family.fused_experts or spec.family.router_logit_bias):
+                # fused experts (MXFP4 blocks/scales included) and a router's own bias: rows of the kept experts
+                rows = sliced[info.name]
+                removed += _params_per_row(info) * (info.shape[0] - len(rows))
+                entries.append(Entry.rows_of(info, ckpt.path, rows))
+                continue
             if m is not None and int(m["layer"]) in keep:
                 layer, expert = int(m["layer"]), int(m["expert"])
                 if expert in new_id[layer]:
@@ -266,6 +273,49 @@ def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, 
             else:
                 entries.append(Entry.copy_of(info, ckpt.path))
     return plan, removed
+
+
+def _fused_rows(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> dict[str, list[int]]:
+    """Tensors sliced along dim 0 to the kept experts, beyond the router and correction bias: every fused expert
+    tensor of a pruned layer (and its MXFP4 ``_blocks``/``_scales``) and the router's own bias (gpt-oss)."""
+    fam = spec.family
+    out: dict[str, list[int]] = {}
+    if not (fam.fused_experts or fam.router_logit_bias):
+        return out
+    for layer, ids in keep.items():
+        bias = spec.router_logit_bias_name(layer)
+        if bias and bias in ckpt:
+            out[bias] = ids
+        for name in fam.fused_names(layer).values():
+            for n in ckpt.infos:
+                if n.startswith(name) and fam.is_fused_expert(n):
+                    out[n] = ids
+    return out
+
+
+def _params_per_row(info) -> int:
+    """Parameters in one dim-0 row of a sliced tensor: MXFP4 ``_blocks`` hold two FP4 values per byte, quantization
+    scales count none (as ``reap inspect`` counts them)."""
+    if info.name.endswith(("_scales", "_scale_inv")):
+        return 0
+    per_row = info.numel // info.shape[0]
+    return per_row * 2 if info.name.endswith("_blocks") and info.dtype == "U8" else per_row
+
+
+def _verify_fused(shapes: dict[str, list[int]], spec: MoESpec, layer: int, k: int) -> None:
+    """Every fused expert tensor of the layer (and each MXFP4 companion) holds k experts along dim 0."""
+    fam = spec.family
+    for part, name in fam.fused_names(layer).items():
+        found = {n: s for n, s in shapes.items() if n.startswith(name) and fam.is_fused_expert(n)
+                 and n[len(name):] in ("", "_blocks", "_scales")}
+        if not found:
+            raise RuntimeError(f"verify: layer {layer} has no fused expert tensor {name}")
+        for n, shape in found.items():
+            if not shape or shape[0] != k:
+                raise RuntimeError(f"verify: layer {layer} fused expert tensor {n} has shape {shape}, expected [{k}, ...]")
+    bias = spec.router_logit_bias_name(layer)
+    if bias and bias in shapes and shapes[bias] != [k]:
+        raise RuntimeError(f"verify: layer {layer} router bias shape {shapes[bias]}, expected [{k}]")
 
 
 def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
@@ -310,9 +360,13 @@ def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
             per_layer.setdefault(int(m["layer"]), {}).setdefault(int(m["expert"]), set()).add(m["rest"])
     for layer, kept in keep.items():
         experts = per_layer.get(layer, {})
-        if sorted(experts) != list(range(len(kept))) or len(kept) != k:
+        if spec.family.fused_experts:
+            if experts or len(kept) != k:
+                raise RuntimeError(f"verify: layer {layer} keeps {len(kept)} experts ({len(experts)} unfused), config {k}")
+            _verify_fused(shapes, spec, layer, k)
+        elif sorted(experts) != list(range(len(kept))) or len(kept) != k:
             raise RuntimeError(f"verify: layer {layer} has experts {sorted(experts)[:5]}..., expected 0..{k - 1}")
-        if len({frozenset(v) for v in experts.values()}) != 1:
+        elif len({frozenset(v) for v in experts.values()}) != 1:
             raise RuntimeError(f"verify: layer {layer} experts do not all have the same tensors")
         router = shapes.get(spec.router_name(layer))
         if router != [k, spec.hidden_size]:

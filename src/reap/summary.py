@@ -16,7 +16,7 @@ from reap.checkpoint import Checkpoint
 
 
 def _is_scale(name: str) -> bool:
-    return name.endswith(("_scale_inv", "_scale", ".scales"))
+    return name.endswith(("_scale_inv", "_scale", ".scales", "_scales"))
 
 
 def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
@@ -28,6 +28,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     regex = spec.family.expert_regex()
     router_names = {spec.router_name(layer) for layer in layers}
     router_names |= {spec.router_bias_name(layer) for layer in layers if spec.router_bias_name(layer)}
+    router_names |= {spec.router_logit_bias_name(layer) for layer in layers if spec.router_logit_bias_name(layer)}
     # experts and router rows scale with the expert count; every router row is used by every token
     experts = {"params": 0, "bytes": 0}
     router = {"params": 0, "bytes": 0}
@@ -39,12 +40,16 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         m = regex.match(name)
         if m:
             bucket = experts if int(m["layer"]) in pruned_layers else unpruned
+        elif spec.family.is_fused_expert(name):  # fused [E, ...] tensors (gpt-oss)
+            bucket = experts
         else:
             bucket = router if name in router_names else fixed
         bucket["bytes"] += info.nbytes
         if not _is_scale(name):
-            bucket["params"] += info.numel
-            dtypes[info.dtype] += info.numel
+            # MXFP4 blocks (uint8) hold two FP4 parameters per byte
+            numel = info.numel * 2 if name.endswith("_blocks") and info.dtype == "U8" else info.numel
+            bucket["params"] += numel
+            dtypes["FP4" if numel != info.numel else info.dtype] += numel
     E, K = spec.num_experts, spec.top_k
     quant = ckpt.config.get("quantization_config") or {}
 

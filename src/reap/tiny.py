@@ -1,11 +1,12 @@
 """Tiny generated checkpoints: the built-in default model of ``reap demo`` and the tests.
 
 A random model of a supported family (MiniMax-M2 by default; ``family="qwen3_moe"``, ``"mixtral"``,
-``"deepseek_v3"``, ``"kimi_k2"``, ``"glm4_moe"`` or ``"qwen3_next"``) made with transformers' own classes and
-``save_pretrained`` into several shards, with a spread-out router and, where the family has one, a non-zero
-``e_score_correction_bias`` so routing depends on it. Kimi-K2 is a DeepSeek-V3 model saved under the released
-config's ``model_type`` ("kimi_k2") and remote-code ``auto_map``. Models can be rewritten in the released FP8
-format (128x128 block-quantized ``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32).
+``"deepseek_v3"``, ``"kimi_k2"``, ``"glm4_moe"``, ``"qwen3_next"`` or ``"gpt_oss"``) made with transformers' own
+classes and ``save_pretrained`` into several shards, with a spread-out router and, where the family has one, a
+non-zero ``e_score_correction_bias`` so routing depends on it. Kimi-K2 is a DeepSeek-V3 model saved under the
+released config's ``model_type`` ("kimi_k2") and remote-code ``auto_map``. Models can be rewritten in the released
+FP8 format (128x128 block-quantized ``float8_e4m3fn`` with ``weight_scale_inv``, router and bias in float32);
+gpt-oss models in the released MXFP4 layout (``convert_to_mxfp4``).
 """
 
 from __future__ import annotations
@@ -121,8 +122,16 @@ def tiny_family_config(family: str = "minimax_m2", **overrides):
                       # infers the block from the scale grid, wrong for a partial block after a full one)
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
         return Qwen3NextConfig(**{**kwargs, **overrides})
+    if family == "gpt_oss":
+        from transformers import GptOssConfig
+
+        # alternating sliding-window (8 tokens, so test sequences exceed it) and full attention layers
+        kwargs = dict(common, intermediate_size=32, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                      num_local_experts=16, num_experts_per_tok=4, sliding_window=8,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return GptOssConfig(**{**kwargs, **overrides})
     raise ValueError(f"no tiny config for family {family!r}; use minimax_m2, qwen3_moe, mixtral, deepseek_v3, "
-                     "kimi_k2, glm4_moe or qwen3_next")
+                     "kimi_k2, glm4_moe, qwen3_next or gpt_oss")
 
 
 def make_tiny_model(
@@ -149,7 +158,13 @@ def make_tiny_model(
                 layer.mlp.experts.down_proj.normal_(0.0, 0.1)
         else:
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
-                if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):  # routers: spread scores
+                if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "mlp.router.weight")):  # routers: spread scores
+                    t.normal_(0.0, 0.5)
+                elif name.endswith("mlp.router.bias"):  # gpt-oss: a real bias in the logits
+                    t.copy_(torch.randn_like(t) * 0.5)
+                elif name.endswith("self_attn.sinks"):  # gpt-oss attention sinks that matter
+                    t.copy_(torch.randn_like(t))
+                elif family == "gpt_oss" and name.endswith("experts.gate_up_proj"):  # the clamp at 7 is hit
                     t.normal_(0.0, 0.5)
                 elif name.endswith("e_score_correction_bias"):
                     t.copy_(torch.randn_like(t) * 0.1)
@@ -231,6 +246,65 @@ def convert_to_fp8(src: str | Path, dst: str | Path) -> Path:
         "weight_block_size": [128, 128],
         "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
     }
+    write_json(dst / "config.json", config)
+    for p in ckpt.path.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., R, C] (C a multiple of 32) -> (blocks uint8 [..., R, C/32, 16], scales uint8 [..., R, C/32]):
+    per group of 32 a power-of-two scale 2^(s-127) with the group's absmax at most 6, values rounded to the nearest
+    FP4 e2m1 code, two codes per byte (low nibble first). The inverse of :func:`reap.checkpoint.dequantize_mxfp4`
+    up to rounding."""
+    from reap.checkpoint import FP4_E2M1_VALUES
+
+    *prefix, rows, cols = weight.shape
+    w = weight.float().reshape(*prefix, rows, cols // 32, 32)
+    amax = w.abs().amax(dim=-1).clamp(min=2.0 ** -100)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)  # [..., R, G]
+    scaled = w / torch.pow(2.0, exp).unsqueeze(-1)
+    lut = torch.tensor(FP4_E2M1_VALUES[:8])
+    mag = (scaled.abs().unsqueeze(-1) - lut).abs().argmin(dim=-1)  # nearest magnitude code 0..7
+    codes = (mag + 8 * (scaled < 0)).to(torch.uint8)  # sign bit 3
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+def convert_to_mxfp4(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a gpt-oss checkpoint in the released MXFP4 layout: every ``mlp.experts.{gate_up,down}_proj`` [E, in,
+    out] becomes ``_blocks`` [E, out, in/32, 16] + ``_scales`` [E, out, in/32] (uint8), the rest bf16 (same shards,
+    zero-based file names), ``quantization_config: {quant_method: mxfp4}``."""
+    ckpt = Checkpoint(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    n = len(ckpt.shards)
+    names = {s: f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i, s in enumerate(ckpt.shards)}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in ckpt.shards:
+        entries = []
+        for info in ckpt.shard_tensors(shard):
+            t = ckpt.tensor(info.name)
+            if re.search(r"mlp\.experts\.(gate_up|down)_proj$", info.name):
+                blocks, scales = quantize_mxfp4(t.transpose(1, 2))
+                outs = [(info.name + "_blocks", blocks), (info.name + "_scales", scales)]
+            else:
+                outs = [(info.name, t.to(torch.bfloat16))]
+            for name, tensor in outs:
+                data = tensor_bytes(tensor)
+                entries.append(Entry(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), len(data), lambda d=data: d))
+                weight_map[name] = names[shard]
+        total += write_safetensors(dst / names[shard], entries, {"format": "pt"})
+    write_json(dst / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = dict(ckpt.config)
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"],
+    }
+    config["dtype"] = "bfloat16"
     write_json(dst / "config.json", config)
     for p in ckpt.path.iterdir():
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):

@@ -4,7 +4,7 @@ transformers' own model on CUDA (run on a CUDA machine; nothing is downloaded).
     python benchmarks/family_gpu_check.py --data calibration.jsonl.gz [--families NAME ...] [--out results.json]
 
 For each family that reap.tiny can build (random weights, saved by transformers in several shards; an FP8 copy
-in the released block-FP8 layout where the family ships FP8):
+in the released block-FP8 layout where the family ships FP8, MXFP4 for gpt-oss):
 
 1. ``calibrate`` on the CPU in float32 and on CUDA in float32 and bfloat16 (64 samples x 256 tokens): the largest
    relative difference of the REAP scores (CUDA fp32 vs CPU fp32), and how many of the experts a 0.3 prune drops
@@ -31,7 +31,7 @@ from reap.data import DataOptions
 from reap.evaluate import EvalOptions, evaluate, eval_stream, windows
 from reap.prune import PruneOptions, prune_model
 from reap.saliency import choose_experts, n_to_drop
-from reap.tiny import convert_to_fp8, make_tiny_model
+from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
 
 FP8_FAMILIES = {"minimax_m2", "deepseek_v3", "qwen3_moe", "glm4_moe", "qwen3_next"}
 DEVICE = "cuda"  # --device cpu: a dry run of this script on a machine without a GPU
@@ -47,7 +47,15 @@ def transformers_loss(model_dir: Path, data: str, dtype: torch.dtype, max_tokens
     tok = load_tokenizer(model_dir)
     stream, _ = eval_stream(data, tok, tok.eos_token_id, max_tokens + 1)
     inputs, targets = windows(stream, seq_len, max_tokens)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEVICE).eval()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") == "kimi_k2":  # remote code in the release: load it as the DeepSeek-V3 it is
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("model_type", "auto_map")})
+        model = DeepseekV3ForCausalLM.from_pretrained(model_dir, config=cfg, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(DEVICE).eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for x, y in zip(inputs, targets):
@@ -63,9 +71,11 @@ def transformers_loss(model_dir: Path, data: str, dtype: torch.dtype, max_tokens
 def check_family(name: str, data: str, work: Path) -> dict:
     res: dict = {"family": name}
     src = make_tiny_model(work / name, family=name, shard_size="200KB")
-    models = {"bf16-weights": src}
+    models = {"fp32": src}
     if name in FP8_FAMILIES:
         models["fp8"] = convert_to_fp8(src, work / f"{name}-fp8")
+    if name == "gpt_oss":  # released in MXFP4
+        models["mxfp4"] = convert_to_mxfp4(src, work / f"{name}-mxfp4")
     cal = DataOptions(dataset=data, samples=64, max_length=256)
     for label, model in models.items():
         r: dict = {}
@@ -90,7 +100,7 @@ def check_family(name: str, data: str, work: Path) -> dict:
         for dtype, tdtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             ev = evaluate(EvalOptions(model=str(model), dataset=data, max_tokens=4096, seq_len=512,
                                       engine=EngineOptions(device=DEVICE, dtype=dtype, progress=False)), log=quiet)
-            if label == "bf16-weights":  # transformers dequantizes FP8 its own way; compare on the plain copy
+            if label == "fp32":  # transformers dequantizes FP8 its own way; compare on the plain copy
                 ref_loss = transformers_loss(model, data, tdtype, 4096, 512)
                 r[f"eval_{dtype}_reap"] = round(ev["loss"], 6)
                 r[f"eval_{dtype}_transformers"] = round(ref_loss, 6)
@@ -104,7 +114,7 @@ def check_family(name: str, data: str, work: Path) -> dict:
                                                               engine=EngineOptions(device=DEVICE, dtype="bfloat16",
                                                                                    progress=False))), log=quiet)
         r["prune_cuda_s"] = round(time.perf_counter() - t0, 2)
-        if label == "bf16-weights":
+        if label == "fp32":
             r["pruned_loss_transformers_fp32"] = round(transformers_loss(out, data, torch.float32, 4096, 512), 6)
         res[label] = r
     return res

@@ -550,31 +550,56 @@ def test_inspect(family_models, name, routing):
     assert info["after"]["total_params"] < info["before"]["total_params"]
 
 
-def test_inspect_after_equals_the_pruned_checkpoint_with_an_mtp_layer(family_models, tmp_path):
-    """GLM-4.5 ships a multi-token-prediction layer past num_hidden_layers (model.layers.92) with its own experts:
-    pruning copies it whole, and `reap inspect`'s prediction (parameters, bytes) equals what prune writes."""
+@pytest.mark.parametrize("name, mtp_key, prefix", [
+    ("glm", "num_nextn_predict_layers", None),  # GLM-4.5: model.layers.92 past num_hidden_layers
+    ("deepseek", "num_nextn_predict_layers", None),  # DeepSeek-V3: model.layers.61
+    ("qwen3_next", "mtp_num_hidden_layers", "mtp.layers.0."),  # Qwen3-Next: mtp.*
+])
+def test_mtp_module_is_left_out_and_inspect_predicts_the_output(family_models, tmp_path, name, mtp_key, prefix):
+    """A multi-token-prediction module (its own router and experts, which transformers never loads) would no longer
+    match the pruned expert count: prune leaves it out and sets its config key to 0, the rest is the same surgery
+    as without it, transformers loads the result, and `reap inspect`'s prediction equals what prune writes."""
     import shutil
 
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
     from reap.summary import describe
 
     src = tmp_path / "mtp"
-    shutil.copytree(family_models("glm"), src)
-    n = _config(src)["num_hidden_layers"]  # the MTP layer: a copy of the last layer under index n
-    extra = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): t
+    shutil.copytree(family_models(name), src)
+    config = _config(src)
+    n = config["num_hidden_layers"]
+    target = prefix or f"model.layers.{n}."  # the MTP module: a copy of the last layer, plus its own projection
+    extra = {k.replace(f"model.layers.{n - 1}.", target): t
              for k, t in _tensors(src).items() if k.startswith(f"model.layers.{n - 1}.")}
+    extra[target + "eh_proj.weight"] = torch.randn(config["hidden_size"], 2 * config["hidden_size"])
     save_file(extra, str(src / "mtp.safetensors"), metadata={"format": "pt"})
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"].update({k: "mtp.safetensors" for k in extra})
+    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in extra.values())
+    index["metadata"]["total_parameters"] += sum(t.numel() for k, t in extra.items()
+                                                 if not k.endswith("e_score_correction_bias"))  # a buffer
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "config.json").write_text(json.dumps({**config, mtp_key: 1}))
     info = describe(Checkpoint(src), ratio=0.3)
-    res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.3", "--method", "random", "-q")
-    assert res.exit_code == 0, res.output
-    after = _tensors(tmp_path / "o")
-    assert all(_same(after[k], t) for k, t in extra.items())  # the MTP layer, all 16 experts, untouched
+    assert info["mtp"] == {"tensors": len(extra), "params": sum(t.numel() for t in extra.values())}
+    with_mtp, without = tmp_path / "o", tmp_path / "plain"
+    for model, out in ((src, with_mtp), (family_models(name), without)):
+        res = _run("prune", model, "--out", out, "--ratio", "0.3", "--method", "random", "--seed", "3", "-q")
+        assert res.exit_code == 0, res.output
+    after = _tensors(with_mtp)
+    assert not any(k in after for k in extra)
+    assert after.keys() == _tensors(without).keys()  # otherwise the same checkpoint
+    assert all(_same(after[k], t) for k, t in _tensors(without).items())
+    assert _config(with_mtp) == {**_config(without), mtp_key: 0}
+    assert "dropped_mtp_tensors" in json.loads((with_mtp / "reap_report.json").read_text())
     assert info["after"]["total_params"] == sum(t.numel() for t in after.values())
     assert info["after"]["disk_bytes"] == sum(t.numel() * t.element_size() for t in after.values())
+    meta = json.loads((with_mtp / "model.safetensors.index.json").read_text())["metadata"]
+    assert meta["total_size"] == info["after"]["disk_bytes"]
+    model = AutoModelForCausalLM.from_pretrained(with_mtp)
+    assert meta["total_parameters"] == model.num_parameters()
 
 
 def test_every_expert_count_key_is_rewritten(family_models, tmp_path):

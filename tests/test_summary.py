@@ -194,3 +194,24 @@ def test_inspect_full_size_minimax_m2(tmp_path):
     assert 225 << 30 > info["before"]["disk_bytes"] > 205 << 30  # ~230 GB of FP8 on disk
     assert info["shards"] == 4 and info["experts"] == 256 and info["top_k"] == 8 and info["layers"] == 62
     assert info["dtypes"]["F8_E4M3"] > 0.97 * total
+
+
+def test_inspect_families_lists_every_family_with_what_was_verified():
+    """`reap inspect --families` shows each entry of the family table (detection, layout, routing) and what was
+    verified; a family added to the table without saying what was checked fails here."""
+    from typer.testing import CliRunner
+
+    from reap.arch import FAMILIES
+    from reap.cli import app
+    from reap.summary import VERIFIED
+
+    assert set(VERIFIED) == {f.name for f in FAMILIES}
+    res = CliRunner().invoke(app, ["inspect", "--families", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["family"] for r in rows] == [f.name for f in FAMILIES]
+    assert all(r["verified"] and r["experts"] and r["routing"] for r in rows)
+    text = CliRunner().invoke(app, ["inspect", "--families"]).output
+    assert all(f"{f.name}  (" in text for f in FAMILIES) and "MTP module left out" in text
+    bad = CliRunner().invoke(app, ["inspect", "--families", "--ratio", "0.3"])
+    assert bad.exit_code == 2 and "takes no model" in bad.output

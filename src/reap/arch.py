@@ -65,6 +65,11 @@ class Family:
     # the transformers model_type the layers are built with, when config.json's model_type is not one transformers
     # knows (Kimi-K2 says "kimi_k2" and is DeepSeek-V3 in transformers); None = config.json's model_type
     transformers_model_type: str | None = None
+    # multi-token-prediction (MTP) modules stored beside the decoder layers (DeepSeek-V3's model.layers.61, GLM-4.5's
+    # model.layers.92, Qwen3-Next's mtp.*): transformers never loads them, and their experts would no longer match
+    # the pruned expert count, so the output drops them and sets these config keys to 0
+    mtp_keys: tuple[str, ...] = ()
+    mtp_prefix: str | None = None  # where they live; None = the layers numbered from num_hidden_layers on
     # attribute of transformers' decoder layer that holds the MoE block (replaced during calibration)
     moe_module: str = "mlp"
     # non-expert names the layer streamer needs (transformers' parameter names below these prefixes match disk)
@@ -181,6 +186,7 @@ DEEPSEEK_V3 = Family(
     group_defaults=(8, 4),
     router_float32=True,
     shared_experts="shared_experts",
+    mtp_keys=("num_nextn_predict_layers",),
 )
 
 # Kimi-K2 (Moonshot): DeepSeek-V3's architecture and tensor names under model_type "kimi_k2" (its config class is remote
@@ -212,6 +218,7 @@ GLM4_MOE = Family(
     group_defaults=(1, 1),
     router_float32=True,
     shared_experts="shared_experts",
+    mtp_keys=("num_nextn_predict_layers",),  # GLM-4.5: model.layers.92
 )
 
 QWEN3_NEXT = Family(
@@ -232,6 +239,8 @@ QWEN3_NEXT = Family(
     weights_in_logits_dtype=True,
     shared_experts="shared_expert",
     shared_expert_gate="shared_expert_gate",
+    mtp_keys=("mtp_num_hidden_layers",),
+    mtp_prefix="mtp.",
 )
 
 GPT_OSS = Family(
@@ -312,6 +321,19 @@ class MoESpec:
     def router_bias_name(self, layer: int) -> str | None:
         bias = self.family.router_bias
         return bias.format(layer=layer) if bias else None
+
+    def is_mtp(self, name: str) -> bool:
+        """Whether tensor ``name`` belongs to a multi-token-prediction module (see ``Family.mtp_keys``)."""
+        fam = self.family
+        if not fam.mtp_keys:
+            return False
+        if fam.mtp_prefix is not None:
+            return name.startswith(fam.mtp_prefix)
+        head, _, tail = fam.layer_prefix.partition("{layer}")
+        if not name.startswith(head):
+            return False
+        index = name[len(head):].partition(tail)[0]
+        return index.isdigit() and int(index) >= self.num_layers
 
     def router_logit_bias_name(self, layer: int) -> str | None:
         bias = self.family.router_logit_bias

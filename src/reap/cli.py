@@ -241,13 +241,23 @@ def report(
 @app.command()
 @user_errors
 def inspect(
-    model: str = typer.Argument(..., help="Model directory or Hugging Face id (from the local cache)."),
+    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Also show the model after pruning at this ratio."),
+    families: bool = typer.Option(False, "--families", help="List the supported model families and what was verified."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
+    from reap.summary import describe, describe_families, format_description, format_families
+
+    if families:
+        if model is not None or ratio is not None:
+            raise UserError("--families lists the supported families; it takes no model or --ratio")
+        rows = describe_families()
+        typer.echo(json.dumps(rows, indent=2) if as_json else format_families(rows))
+        return
+    if model is None:
+        raise UserError("pass a model directory (or Hugging Face id) to inspect, or --families to list the families")
     from reap.checkpoint import Checkpoint
-    from reap.summary import describe, format_description
 
     info = describe(Checkpoint(model), ratio)
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))

@@ -167,6 +167,7 @@ class SurgeryResult:
     kept_per_layer: int
     bytes_written: int
     seconds: float
+    dropped_mtp: int = 0  # multi-token-prediction tensors left out
 
 
 def rewrite(
@@ -186,7 +187,7 @@ def rewrite(
     (``fsync=False`` leaves flushing to the OS, as ``cp`` does). Verified before it is renamed into place.
     """
     start = time.perf_counter()
-    plan, removed_params = plan_shards(ckpt, spec, keep)
+    plan, removed_params, mtp = plan_shards(ckpt, spec, keep)
     written = sum(e.nbytes for entries in plan.values() for e in entries)
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
@@ -200,6 +201,8 @@ def rewrite(
         config = dict(ckpt.config)
         for key in spec.num_experts_keys or (spec.num_experts_key,):  # every key that holds the expert count
             config[key] = k
+        if mtp:  # the multi-token-prediction modules are not in the output
+            config.update({key: 0 for key in spec.family.mtp_keys if key in config})
         write_json(tmp / CONFIG_NAME, config)
         from reap.report import GENERATED, publish_assets, publish_card  # never copied from the source
 
@@ -209,6 +212,8 @@ def rewrite(
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
         report = {**report, "kept_per_layer": k, "bytes_before": total, "bytes_after": written}
+        if mtp:
+            report["dropped_mtp_tensors"] = mtp
         write_json(tmp / REPORT_NAME, report)
         if stats is not None:
             stats.save(tmp / STATS_NAME)
@@ -226,18 +231,20 @@ def rewrite(
             bar.close()
         finally:
             drawer.join()  # before the staging folder can be removed on an error
-        verify(tmp, spec, keep)
+        verify(tmp, spec, keep, mtp_dropped=bool(mtp))
         publish_card(tmp, report, source=ckpt.path, figures=[p.name for p in assets if p.suffix == ".png"],
                      published_as=out)
         syncer.submit_tree(tmp)  # the small files and the folders; the shards are already (being) flushed
         syncer.wait()
-    return SurgeryResult(out, k, written, time.perf_counter() - start)
+    return SurgeryResult(out, k, written, time.perf_counter() - start, mtp)
 
 
-def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, list[Entry]], int]:
+def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, list[Entry]], int, int]:
     """What each output shard holds, in the input's order: kept expert tensors renamed, router rows and correction
-    bias sliced (from the stored bytes, dtype kept), everything else as it is; and the number of parameters
-    removed (for the index's ``total_parameters``, which counts parameters, not buffers or FP8 scales)."""
+    bias sliced (from the stored bytes, dtype kept), everything else as it is; the number of parameters removed
+    (for the index's ``total_parameters``, which counts parameters, not buffers or FP8 scales); and the number of
+    multi-token-prediction tensors left out (their experts would no longer match the expert count, see
+    ``Family.mtp_keys``)."""
     regex = spec.family.expert_regex()
     new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
     sliced: dict[str, list[int]] = {}
@@ -248,10 +255,15 @@ def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, 
     biases = {spec.router_bias_name(layer) for layer in keep}
     sliced.update(_fused_rows(ckpt, spec, keep))
     plan: dict[str, list[Entry]] = {}
-    removed = 0
+    removed = mtp = 0
     for shard in ckpt.shards:
         entries = plan.setdefault(shard, [])
         for info in ckpt.shard_tensors(shard):
+            if spec.is_mtp(info.name):
+                mtp += 1
+                if not info.name.endswith("e_score_correction_bias"):  # a buffer, not a parameter
+                    removed += _params_per_row(info) * info.shape[0] if info.shape else 1
+                continue
             m = regex.match(info.name)
             if info.name in sliced and (spec.family.fused_experts or spec.family.router_logit_bias):
                 # fused experts (MXFP4 blocks/scales included) and a router's own bias: rows of the kept experts
@@ -272,7 +284,7 @@ def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, 
                 entries.append(Entry.rows_of(info, ckpt.path, rows))
             else:
                 entries.append(Entry.copy_of(info, ckpt.path))
-    return plan, removed
+    return plan, removed, mtp
 
 
 def _fused_rows(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> dict[str, list[int]]:
@@ -318,8 +330,9 @@ def _verify_fused(shapes: dict[str, list[int]], spec: MoESpec, layer: int, k: in
         raise RuntimeError(f"verify: layer {layer} router bias shape {shapes[bias]}, expected [{k}]")
 
 
-def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
-    """Check a written checkpoint: index == shard headers, experts 0..K-1 per layer, router/bias shapes, config.
+def verify(path: Path, spec: MoESpec, keep: Keep, mtp_dropped: bool = False) -> None:
+    """Check a written checkpoint: index == shard headers, experts 0..K-1 per layer, router/bias shapes, config,
+    no multi-token-prediction module left (its config keys 0 when one was dropped).
 
     A failure here is a bug in reap, not a user error: it raises RuntimeError and nothing is published.
     """
@@ -344,6 +357,9 @@ def verify(path: Path, spec: MoESpec, keep: Keep) -> None:
         raise RuntimeError(f"verify: config expert count {k} < {spec.min_kept()} (top-k {spec.top_k})")
     if any(config[key] != k for key in spec.num_experts_keys):
         raise RuntimeError(f"verify: config expert counts {[config[key] for key in spec.num_experts_keys]} differ")
+    left = [n for n in weight_map if spec.is_mtp(n)]
+    if left or (mtp_dropped and any(config.get(key, 0) != 0 for key in spec.family.mtp_keys)):
+        raise RuntimeError(f"verify: multi-token-prediction tensors {left[:3]} or config keys {spec.family.mtp_keys} left")
     if spec.routing.n_group > 1:
         if k % spec.routing.n_group:
             raise RuntimeError(f"verify: {k} experts do not split into {spec.routing.n_group} equal groups")
@@ -478,6 +494,11 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     k = len(next(iter(keep.values())))
     log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")
     result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync)
+    if result.dropped_mtp:
+        keys = [key for key in spec.family.mtp_keys if key in ckpt.config]
+        log(f"left out the multi-token-prediction module ({result.dropped_mtp} tensors"
+            + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
+            "expert count; serve without MTP speculative decoding")
     log(f"wrote {out} ({human_bytes(result.bytes_written)} of tensors, was {human_bytes(ckpt.total_bytes)}) "
         f"in {result.seconds:.1f}s; verified")
     return result

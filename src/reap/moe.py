@@ -48,6 +48,7 @@ class RoutedMoE(nn.Module):
         self.family, self.top_k, self.routing = family, top_k, routing
         self.shared, self.shared_gate = shared, shared_gate
         self.router, self.bias = router, bias
+        self.logit_bias: torch.Tensor | None = None  # [E], a router bias of its own added to the logits (gpt-oss)
         self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
         self.act = ACT2FN[act]
         self.num_experts = router.shape[0]
@@ -72,7 +73,7 @@ class RoutedMoE(nn.Module):
     def _moe(self, x: torch.Tensor) -> torch.Tensor:
         T, H = x.shape
         K, E = self.top_k, self.num_experts
-        logits = F.linear(x.to(self.router.dtype), self.router, getattr(self, "logit_bias", None))  # [T, E]
+        logits = F.linear(x.to(self.router.dtype), self.router, self.logit_bias)  # [T, E]
         weights, chosen = route(logits, self.bias, K, self.family, self.routing)  # [T, K] each
         flat_expert = chosen.reshape(-1)  # [N]
         expert_sorted, order = torch.sort(flat_expert, stable=True)  # [N]
@@ -119,7 +120,6 @@ class RoutedMoE(nn.Module):
                 y[start : start + n] = F.linear(h, self.w_down[e])
                 start += n
         return y
-
 
 
 class FusedClampedSwiGLUMoE(RoutedMoE):

@@ -44,3 +44,25 @@ def reference_layers(model_dir: Path, dtype: torch.dtype, sequences) -> dict[int
     for h in hooks:
         h.remove()
     return captured
+
+
+def feed_reference_inputs(streamer, ref: dict[int, list], layer: int, dtype: torch.dtype) -> None:
+    """Put transformers' own inputs of decoder layer ``layer`` (from :func:`reference_layers`) into the streamer's
+    hidden-state store, batch by batch (padded rows stay zero)."""
+    row = 0
+    for i, batch in enumerate(streamer.batches):
+        h = torch.zeros(*batch.ids.shape, streamer.spec.hidden_size, dtype=dtype)
+        for r, n in enumerate(batch.lengths):
+            h[r, :n] = ref[layer][row + r][0][0]
+        streamer.store.put(i, h)
+        row += len(batch.lengths)
+
+
+def assert_reference_outputs(streamer, ref: dict[int, list], layer: int, atol: float) -> None:
+    """The streamer's hidden states after ``layer`` equal transformers' outputs of that layer (real tokens only)."""
+    row = 0
+    for i, batch in enumerate(streamer.batches):
+        out = streamer.store.get(i)
+        for r, n in enumerate(batch.lengths):
+            torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
+        row += len(batch.lengths)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_sequences, reference_layers
+from helpers import assert_reference_outputs, feed_reference_inputs, random_sequences, reference_layers
 
 from reap.arch import detect
 from reap.calibrate import CalibrateOptions, EngineOptions, LayerStreamer, calibrate, make_batches
@@ -40,21 +40,9 @@ def test_layer_output_equals_transformers(request, dtype, fixture, atol, batch_t
     assert len(streamer.batches) == (len(seqs) if batch_tokens == 1 else 1)
     for layer in range(spec.num_layers):
         # feed transformers' own layer input, compare with its own layer output
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
-            for r, n in enumerate(batch.lengths):
-                h[r, :n] = ref[layer][row + r][0][0]
-            streamer.store.put(i, h)
-            row += len(batch.lengths)
+        feed_reference_inputs(streamer, ref, layer, dtype)
         streamer.run_layer(layer, LayerAccumulator(spec.num_experts))
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            out = streamer.store.get(i)
-            for r, n in enumerate(batch.lengths):
-                want = ref[layer][row + r][1][0]
-                torch.testing.assert_close(out[r, :n].float(), want.float(), atol=atol, rtol=atol)
-            row += len(batch.lengths)
+        assert_reference_outputs(streamer, ref, layer, atol)
     streamer.close()
 
 

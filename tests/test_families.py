@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_causal_lm, random_sequences, reference_layers
+from helpers import (assert_reference_outputs, feed_reference_inputs, load_causal_lm, random_sequences,
+                     reference_layers)
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -322,25 +323,14 @@ def test_layer_output_equals_transformers(family_models, name, dtype, atol, batc
     streamer = LayerStreamer(ckpt, spec, seqs, EngineOptions(device="cpu", dtype=str(dtype).split(".")[1],
                                                              batch_tokens=batch_tokens, progress=False))
     for layer in range(spec.num_layers):
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
-            for r, n in enumerate(batch.lengths):
-                h[r, :n] = ref[layer][row + r][0][0]
-            streamer.store.put(i, h)
-            row += len(batch.lengths)
+        feed_reference_inputs(streamer, ref, layer, dtype)
         acc = LayerAccumulator(spec.num_experts)
         streamer.run_layer(layer, acc)
         # the instrumented MoE ran exactly in the sparse layers: every real token is routed to top-k experts in a
         # sparse layer, none in a dense one (after the layer, transformers' block is back and on meta)
         assert not isinstance(getattr(streamer.layers[layer], "mlp"), RoutedMoE)
         assert acc.count.sum().item() == (sum(LENGTHS) * spec.top_k if layer in sparse else 0)
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            out = streamer.store.get(i)
-            for r, n in enumerate(batch.lengths):
-                torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
-            row += len(batch.lengths)
+        assert_reference_outputs(streamer, ref, layer, atol)
     streamer.close()
 
 
@@ -822,21 +812,10 @@ def test_gpt_oss_layer_output_and_stats_equal_transformers(gpt_oss_models, kind,
     assert streamer.config._attn_implementation == "eager"
     clamped = 0
     for layer in range(spec.num_layers):
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            h = torch.zeros(*batch.ids.shape, spec.hidden_size, dtype=dtype)
-            for r, n in enumerate(batch.lengths):
-                h[r, :n] = ref[layer][row + r][0][0]
-            streamer.store.put(i, h)
-            row += len(batch.lengths)
+        feed_reference_inputs(streamer, ref, layer, dtype)
         acc = LayerAccumulator(spec.num_experts)
         streamer.run_layer(layer, acc)
-        row = 0
-        for i, batch in enumerate(streamer.batches):
-            out = streamer.store.get(i)
-            for r, n in enumerate(batch.lengths):
-                torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
-            row += len(batch.lengths)
+        assert_reference_outputs(streamer, ref, layer, atol)
         mlp = model.model.layers[layer].mlp
         x = torch.cat(moe_in[layer])  # [T, H]: every real token's MoE input
         expected = _independent_stats(mlp, x)

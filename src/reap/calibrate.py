@@ -310,7 +310,13 @@ class LayerStreamer:
         return module
 
     def _routed_moe(self, layer: int, raw: dict[str, torch.Tensor], original: torch.nn.Module) -> RoutedMoE:
-        if self.spec.family.fused_experts:
+        fam = self.spec.family
+        if fam.expert_fn != ("clamped_swiglu" if fam.fused_experts else "glu"):  # the two kinds moe.py computes
+            layout = "fused" if fam.fused_experts else "per-expert"
+            raise UserError(f"family {fam.name}: expert_fn {fam.expert_fn!r} with {layout} tensors is not implemented; "
+                            "src/reap/moe.py computes glu experts from per-expert tensors and clamped_swiglu ones from "
+                            "fused tensors")
+        if fam.fused_experts:  # one tensor per projection, experts along dim 0 (gpt-oss)
             return self._fused_moe(layer, raw)
         spec, fam, lp = self.spec, self.spec.family, self.spec.family.layer_prefix.format(layer=layer)
         key = lambda name: name[len(lp):]  # noqa: E731

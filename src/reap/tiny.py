@@ -209,48 +209,46 @@ def quantize_fp8(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, 
     return q[:out_f, :in_f].contiguous(), scale
 
 
-def convert_to_fp8(src: str | Path, dst: str | Path) -> Path:
-    """Rewrite a checkpoint in the released FP8 layout of MiniMax-M2 (and DeepSeek-V3, Qwen3-MoE-FP8): 128x128
-    block-quantized linear weights with ``weight_scale_inv``, router and bias in float32, the rest bf16 (same
-    shards, zero-based file names)."""
+def _rewrite_tensors(src: str | Path, dst: str | Path, convert, shard_name, quantization: dict, **config) -> Path:
+    """Copy a checkpoint tensor by tensor through ``convert(name, tensor) -> [(name, tensor), ...]``, into shards named
+    ``shard_name(i, n)`` (released checkpoints' zero-based names), with ``quantization_config`` (and ``config``
+    fields) set in config.json and every other file copied."""
     ckpt = Checkpoint(src)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    n = len(ckpt.shards)
-    names = {s: f"model-{i:05d}-of-{n + 2:05d}.safetensors" for i, s in enumerate(ckpt.shards)}
+    names = {s: shard_name(i, len(ckpt.shards)) for i, s in enumerate(ckpt.shards)}
     weight_map: dict[str, str] = {}
     total = 0
     for shard in ckpt.shards:
         entries = []
         for info in ckpt.shard_tensors(shard):
-            t = ckpt.tensor(info.name)
-            outs = []
-            if FP8_PATTERN.search(info.name):
-                q, s = quantize_fp8(t)
-                outs = [(info.name, q), (info.name + "_scale_inv", s)]
-            elif FLOAT32_PATTERN.search(info.name):
-                outs = [(info.name, t.float())]
-            else:
-                outs = [(info.name, t.to(torch.bfloat16))]
-            for name, tensor in outs:
+            for name, tensor in convert(info.name, ckpt.tensor(info.name)):
                 data = tensor_bytes(tensor)
                 entries.append(Entry(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), len(data), lambda d=data: d))
                 weight_map[name] = names[shard]
         total += write_safetensors(dst / names[shard], entries, {"format": "pt"})
     write_json(dst / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    config = dict(ckpt.config)
-    config["quantization_config"] = {
-        "activation_scheme": "dynamic",
-        "fmt": "float8_e4m3fn",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-        "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
-    }
-    write_json(dst / "config.json", config)
+    write_json(dst / "config.json", {**ckpt.config, "quantization_config": quantization, **config})
     for p in ckpt.path.iterdir():
         if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
             (dst / p.name).write_bytes(p.read_bytes())
     return dst
+
+
+def convert_to_fp8(src: str | Path, dst: str | Path) -> Path:
+    """Rewrite a checkpoint in the released FP8 layout of MiniMax-M2 (and DeepSeek-V3, Qwen3-MoE-FP8): 128x128
+    block-quantized linear weights with ``weight_scale_inv``, router and bias in float32, the rest bf16 (same
+    shards, zero-based file names)."""
+
+    def convert(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if FP8_PATTERN.search(name):
+            q, s = quantize_fp8(t)
+            return [(name, q), (name + "_scale_inv", s)]
+        return [(name, t.float() if FLOAT32_PATTERN.search(name) else t.to(torch.bfloat16))]
+
+    quantization = {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                    "weight_block_size": [128, 128], "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
+    return _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i:05d}-of-{n + 2:05d}.safetensors", quantization)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,37 +274,14 @@ def convert_to_mxfp4(src: str | Path, dst: str | Path) -> Path:
     """Rewrite a gpt-oss checkpoint in the released MXFP4 layout: every ``mlp.experts.{gate_up,down}_proj`` [E, in,
     out] becomes ``_blocks`` [E, out, in/32, 16] + ``_scales`` [E, out, in/32] (uint8), the rest bf16 (same shards,
     zero-based file names), ``quantization_config: {quant_method: mxfp4}``."""
-    ckpt = Checkpoint(src)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    n = len(ckpt.shards)
-    names = {s: f"model-{i:05d}-of-{n - 1:05d}.safetensors" for i, s in enumerate(ckpt.shards)}
-    weight_map: dict[str, str] = {}
-    total = 0
-    for shard in ckpt.shards:
-        entries = []
-        for info in ckpt.shard_tensors(shard):
-            t = ckpt.tensor(info.name)
-            if re.search(r"mlp\.experts\.(gate_up|down)_proj$", info.name):
-                blocks, scales = quantize_mxfp4(t.transpose(1, 2))
-                outs = [(info.name + "_blocks", blocks), (info.name + "_scales", scales)]
-            else:
-                outs = [(info.name, t.to(torch.bfloat16))]
-            for name, tensor in outs:
-                data = tensor_bytes(tensor)
-                entries.append(Entry(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), len(data), lambda d=data: d))
-                weight_map[name] = names[shard]
-        total += write_safetensors(dst / names[shard], entries, {"format": "pt"})
-    write_json(dst / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    config = dict(ckpt.config)
-    config["quantization_config"] = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-                                   "lm_head"],
-    }
-    config["dtype"] = "bfloat16"
-    write_json(dst / "config.json", config)
-    for p in ckpt.path.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "model.safetensors.index.json"):
-            (dst / p.name).write_bytes(p.read_bytes())
-    return dst
+
+    def convert(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if re.search(r"mlp\.experts\.(gate_up|down)_proj$", name):
+            blocks, scales = quantize_mxfp4(t.transpose(1, 2))
+            return [(name + "_blocks", blocks), (name + "_scales", scales)]
+        return [(name, t.to(torch.bfloat16))]
+
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i:05d}-of-{n - 1:05d}.safetensors", quantization,
+                            dtype="bfloat16")

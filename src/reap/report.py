@@ -27,12 +27,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reap import __version__
 from reap.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where scores are computed: a keep file without statistics needs none, so the
+    import torch   # pictures drawn beside `reap prune --keep`'s copy do not spend seconds of CPU importing it
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ReportData:
             return sorted(self.pruned)
         if self.scores is None:
             return []
-        return [i for i in range(self.num_layers) if not torch.isnan(self.scores[i]).any()]
+        return [i for i in range(self.num_layers) if not self.scores[i].isnan().any()]
 
     def kept_count(self, layer: int) -> int | None:
         return self.num_experts - len(self.pruned[layer]) if layer in self.pruned else None
@@ -87,8 +88,6 @@ def _stats_scores(stats, method: str) -> torch.Tensor:
 
 def load_report_data(path: str | Path, ratio: float | None = None, method: str = "reap") -> ReportData:
     """Read a pruned output directory or a stats file (``ratio``/``method`` choose the cut for a stats file)."""
-    from reap.saliency import METHODS, ExpertStats, choose_experts, n_to_drop
-
     path = Path(path).expanduser()
     if path.is_dir() and (path / REPORT_NAME).is_file():
         try:
@@ -98,11 +97,17 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{path / REPORT_NAME} is not a valid reap report ({type(err).__name__}: {err}); "
                             "prune again to regenerate it") from None
-        stats = ExpertStats.load(path / STATS_NAME) if (path / STATS_NAME).is_file() else None
+        stats = None
+        if (path / STATS_NAME).is_file():
+            from reap.saliency import ExpertStats
+
+            stats = ExpertStats.load(path / STATS_NAME)
         num_layers = stats.num_layers if stats is not None else max(layers) + 1
         shown = report.get("method", "reap")
         scores = None
         if all("saliency" in v for v in layers.values()):
+            import torch
+
             scores = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
             for layer, v in layers.items():
                 scores[layer] = torch.tensor(v["saliency"], dtype=torch.float64)
@@ -110,6 +115,8 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
             shown, scores = "reap", _stats_scores(stats, "reap")
         return ReportData(num_layers, num_experts, shown, scores, {k: list(v["pruned"]) for k, v in layers.items()},
                           report.get("ratio"), stats, report, str(report.get("source", "")))
+    from reap.saliency import METHODS, ExpertStats, choose_experts, n_to_drop
+
     if path.is_dir() and (path / STATS_NAME).is_file():
         path = path / STATS_NAME
     if not path.exists():
@@ -146,6 +153,8 @@ def _figure(width: float, height: float):
 
 def _relative(scores: torch.Tensor) -> torch.Tensor:
     """Each layer's scores divided by that layer's largest (rows of zeros stay zero)."""
+    import torch
+
     top = scores.abs().amax(dim=1, keepdim=True)
     return scores / torch.where(top > 0, top, torch.ones_like(top))
 
@@ -218,7 +227,7 @@ def curves(data: ReportData, path: Path) -> Path:
         ax.set_xlim(-0.5, data.num_experts - 0.5)
         ax.set_ylim(*ylim)
         if rel is not None:
-            values = torch.sort(rel[layer], descending=True).values.numpy()
+            values = rel[layer].sort(descending=True).values.numpy()
             ax.plot(range(len(values)), values, lw=1.2, color="tab:blue")
         k = data.kept_count(layer)
         if k is not None:
@@ -241,7 +250,7 @@ def curves(data: ReportData, path: Path) -> Path:
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(torch.argsort(x)).double()
+    return x.argsort().argsort().double()
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -261,6 +270,8 @@ def _frequency(stats) -> tuple[torch.Tensor, str]:
 
 def scatter(data: ReportData, path: Path) -> Path:
     """Routing frequency against REAP score, every (layer, expert); pruned experts in red."""
+    import torch
+
     stats = data.stats
     freq, xlabel = _frequency(stats)
     reap = stats.scores("reap")
@@ -310,8 +321,6 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
 def summary_text(data: ReportData) -> str:
     """Per layer: experts kept, share of the saliency kept, the margin at the cut, never-routed experts, and
     how far other criteria agree with the choice."""
-    from reap.saliency import choose_experts
-
     lines = [f"reap {__version__} report: {_title(data)}"]
     if data.source:
         lines.append(f"source       {data.source}")
@@ -330,10 +339,10 @@ def summary_text(data: ReportData) -> str:
     for layer in data.layers:
         s = data.scores[layer] if data.scores is not None else None
         pruned = data.pruned.get(layer, [])
-        kept_mask = torch.ones(data.num_experts, dtype=torch.bool)
-        kept_mask[pruned] = False
-        row = f"{layer:>5} {int(kept_mask.sum()):>5}"
+        row = f"{layer:>5} {data.num_experts - len(set(pruned)):>5}"
         if s is not None and pruned and float(s.sum()) > 0:
+            kept_mask = s.new_ones(data.num_experts).bool()
+            kept_mask[pruned] = False
             share = float(s[kept_mask].sum() / s.sum())
             shares.append(share)
             lo, hi = float(s[kept_mask].min()), float(s[~kept_mask].max())
@@ -345,6 +354,8 @@ def summary_text(data: ReportData) -> str:
         for m in others:
             width = max(13, len(m) + 8)
             if pruned:
+                from reap.saliency import choose_experts  # others are only there with statistics (and torch)
+
                 theirs = set(choose_experts(data.stats.scores(m)[layer], len(pruned))[1])
                 overlap = len(theirs & set(pruned)) / len(pruned)
                 agree[m].append(overlap)

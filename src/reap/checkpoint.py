@@ -4,7 +4,10 @@ Knows nothing about experts. Reading is lazy: shard headers are parsed (and chec
 size and the index) up front, tensors are read one at a time. The index is the truth about shard names:
 they are never derived from a pattern (released checkpoints have zero-based names with a wrong
 "-of-N"). Writing streams one tensor at a time into a safetensors file, so memory stays bounded by the
-largest tensor, and a whole output directory is built beside its target and renamed into place.
+largest tensor: stored tensors (or rows of them) are copied as byte ranges kernel-side, ranges that continue
+each other merged into one copy; finished files are flushed on a background thread (:class:`BackgroundSync`);
+a whole output directory is built beside its target and renamed into place. FP8 block and MXFP4
+dequantization live here too, next to the dtypes they read.
 """
 
 from __future__ import annotations
@@ -542,7 +545,8 @@ def atomic_directory(target: Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside target; on success it replaces target, on error it is removed.
 
     The temporary name starts with a dot and says ``incomplete``, so an interrupted run never leaves a
-    directory that looks like a finished model.
+    directory that looks like a finished model. With ``durable``, the rename is flushed too (the caller flushes
+    the contents before leaving the block).
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}"

@@ -631,20 +631,27 @@ def test_unknown_moe_tensor_is_refused_by_the_streamer(family_models, tmp_path):
     streamer.close()
 
 
+def _calibrate_on_source(model: Path, tmp_path: Path, stats_path: Path, files: int, chars: int, max_length: int):
+    """`calibrate` on CPU with the first ``chars`` characters of reap's first ``files`` source files as the data;
+    the statistics are also written to ``stats_path``. Returns (stats, summary)."""
+    from reap.calibrate import CalibrateOptions, calibrate
+    from reap.data import DataOptions
+
+    sources = sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:files]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": p.read_text()[:chars]}) + "\n" for p in sources))
+    return calibrate(CalibrateOptions(model=str(model), data=DataOptions(dataset=str(data), max_length=max_length),
+                                      out=stats_path, engine=EngineOptions(device="cpu", progress=False)))
+
+
 @pytest.mark.parametrize("name", ["qwen3", "deepseek", "kimi", "qwen3_next"])
 def test_calibrate_then_prune_by_reap_score(family_models, tmp_path, name):
     """The whole pipeline: calibration statistics (dense layers have none), then `prune --method reap --stats`."""
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
     from reap.prune import moe_layers
 
     src = family_models(name)
-    texts = [p.read_text()[:400] for p in sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:4]]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     stats_path = tmp_path / "s.safetensors"
-    stats, summary = calibrate(CalibrateOptions(model=str(src), data=DataOptions(dataset=str(data), max_length=64),
-                                                out=stats_path, engine=EngineOptions(device="cpu", progress=False)))
+    stats, summary = _calibrate_on_source(src, tmp_path, stats_path, files=4, chars=400, max_length=64)
     spec = detect(_config(src))
     sparse = moe_layers(Checkpoint(src), spec)
     for layer in range(spec.num_layers):
@@ -957,16 +964,9 @@ def test_gpt_oss_inspect(gpt_oss_models, gpt_oss_pruned, kind):
 
 def test_gpt_oss_calibrate_mxfp4_then_prune_by_reap_score(gpt_oss_models, tmp_path):
     """The whole pipeline on the MXFP4 checkpoint: calibration (dequantized on the fly), `prune --method reap`."""
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
-
     src = gpt_oss_models("mxfp4")
-    texts = [p.read_text()[:300] for p in sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:3]]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     stats_path = tmp_path / "s.safetensors"
-    stats, summary = calibrate(CalibrateOptions(model=str(src), data=DataOptions(dataset=str(data), max_length=48),
-                                                out=stats_path, engine=EngineOptions(device="cpu", progress=False)))
+    stats, summary = _calibrate_on_source(src, tmp_path, stats_path, files=3, chars=300, max_length=48)
     assert all(stats.count[layer].sum().item() == summary["tokens"] * 4 for layer in range(3))
     res = _run("prune", src, "--out", tmp_path / "o", "--ratio", "0.3", "--stats", stats_path, "-q")
     assert res.exit_code == 0, res.output

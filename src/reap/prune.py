@@ -264,24 +264,21 @@ def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, 
                 if not info.name.endswith("e_score_correction_bias"):  # a buffer, not a parameter
                     removed += _params_per_row(info) * info.shape[0] if info.shape else 1
                 continue
-            m = regex.match(info.name)
-            if info.name in sliced and (spec.family.fused_experts or spec.family.router_logit_bias):
-                # fused experts (MXFP4 blocks/scales included) and a router's own bias: rows of the kept experts
+            if info.name in sliced:
+                # router rows, correction bias, a router's own bias, fused experts (MXFP4 blocks/scales included):
+                # the rows of the kept experts
                 rows = sliced[info.name]
-                removed += _params_per_row(info) * (info.shape[0] - len(rows))
+                if info.name not in biases:  # the correction bias is a buffer, not a parameter
+                    removed += _params_per_row(info) * (info.shape[0] - len(rows))
                 entries.append(Entry.rows_of(info, ckpt.path, rows))
                 continue
+            m = regex.match(info.name)
             if m is not None and int(m["layer"]) in keep:
                 layer, expert = int(m["layer"]), int(m["expert"])
                 if expert in new_id[layer]:
                     entries.append(Entry.copy_of(info, ckpt.path, spec.expert_name(layer, new_id[layer][expert], m["rest"])))
                 elif not info.name.endswith("_scale_inv"):
                     removed += info.numel
-            elif info.name in sliced:
-                rows = sliced[info.name]
-                if info.name not in biases:  # the correction bias is a buffer, not a parameter
-                    removed += info.numel // info.shape[0] * (info.shape[0] - len(rows))
-                entries.append(Entry.rows_of(info, ckpt.path, rows))
             else:
                 entries.append(Entry.copy_of(info, ckpt.path))
     return plan, removed, mtp

@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 
 TINY_LAYERS = 4  # L: room for a dense layer, two MoE layers and both attention kinds
+MAX_LAYERS = 6  # more distinct layer kinds than this: the family's layer lists belong in OVERRIDES
+INDEX_LISTS = ("mlp_only_layers", "local_layer_ids", "mtp_local_layer_ids")  # lists of (0-based) layer indices
 
 # generic shrink: key -> tiny value, applied when the config class declares the key and its default is set
 # (not None, not 0: a 0 / None default means "absent in this family" and stays so)
@@ -35,7 +37,7 @@ SHRINK: dict[str, object] = {
     "q_lora_rank": 32, "kv_lora_rank": 16, "o_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
     "v_head_dim": 16,
     # sparse-attention indexers (DeepSeek-V3.2 family)
-    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "indexer_n_heads": 2, "indexer_kv_heads": 1,
+    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "index_kpool": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1,
     "indexer_head_dim": 16, "indexer_budget": 8,
     # linear attention (gated delta net, KDA, lightning)
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
@@ -63,17 +65,26 @@ OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
     "inkling_text": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
     "jamba": {"attn_layer_period": 4, "attn_layer_offset": 2},  # mamba, mamba, attention, mamba; MoE on 1 and 3
-    "laguna": {"layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
-               "num_attention_heads_per_layer": [4, 4, 4, 4]},
+    "laguna": {"layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},  # the default is None
     "mellum": {"layer_types": ["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
+    "muse_spark": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
     "minimax_m3_vl": {"layer_types": ["full_attention", "minimax_m3_sparse", "full_attention", "minimax_m3_sparse"],
                       "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], "index_n_heads": 2,
                       "index_head_dim": 16, "index_block_size": 4, "index_topk_blocks": 2, "index_local_blocks": 1},
     "nemotron_h": {"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "moe"]},
     "zaya": {"num_experts_per_tok": 1, "sliding_window": 8,  # ZayaConfig.validate_architecture: top-1 only
              "layer_types": ["hybrid", "hybrid_sliding", "hybrid", "hybrid_sliding"]},
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # the default is None
+    # mrope sections of the 16-wide heads (the modeling's default [22, 22, 20] is for 128)
+    "ernie4_5_vl_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}},
+    "glm4v_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                      "mrope_section": [2, 1, 1]}},  # the modeling's default: [8, 12, 12]
+    # attention-residual blocks of 2 layers (default 6: none would close in 4 layers); layers 2-3 looped twice
+    "inkling2": {"n_layers_per_attn_res_block": 2},
+    "inkling2_loop": {"n_layers_per_attn_res_block": 2, "loop_layer_index_start": 2, "loop_layer_index_end": 4,
+                      "loop_num_passes": 2},
     # families whose MoE or sparse attention is off (or unset) by default
     "dots1": {"n_shared_experts": 1},
     "gemma4": {"enable_moe_block": True, "moe_intermediate_size": 32},
@@ -91,8 +102,120 @@ OVERRIDES: dict[str, dict] = {
                                         "qk_rope_head_dim": 8, "v_head_dim": 16}},
 }
 
-UNSUPPORTED: dict[str, str] = {}
-NOTES: dict[str, str] = {}
+# vision / audio encoders of composite configs: one layer, widths meeting the tiny text model (64)
+ENCODER: dict[str, object] = {
+    "mlp_dim": 128, "output_channels": 32, "downsample_channels": 64,  # SAM-style encoders (OCR models)
+    "downsample_hidden_size": 32, "hidden_sizes": 16, "num_position_embeddings": 64, "max_image_size": 128,
+    "num_hidden_layers": 1, "depth": 1, "encoder_layers": 1, "n_layers": 1, "num_heads": 4, "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128, "d_model": 64, "out_hidden_size": 64, "text_hidden_size": 64, "output_dim": 64,
+    "projection_intermediate_size": 128, "projector_hidden_size": 128, "projection_hidden_dim": 128,
+}
+LAYER_COUNTS = ("num_hidden_layers", "depth", "encoder_layers", "n_layers")
+ENCODER_OVERRIDES: dict[str, dict] = {}  # "model_type.sub_config_key" -> kwargs
+COMPOSITE_OVERRIDES: dict[str, dict] = {  # model_type -> kwargs of the composite config itself
+    # Qwen3OmniMoeThinkerForConditionalGeneration.get_rope_index reads config.vision_start_token_id, a field of the
+    # talker config only (modeling_qwen3_omni_moe.py:291): the released thinker_config carries it as an extra key
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+}
+
+# why a type is not covered (MoE types of the interface without a causal LM; MoE types outside the interface). The
+# module attribute UNSUPPORTED holds those of the installed transformers, computed on first use (see __getattr__).
+LISTED_UNSUPPORTED: dict[str, str] = {
+    "diffusion_gemma": "block-diffusion LM (DiffusionGemmaForBlockDiffusion is its only head): encoder + bidirectional "
+                       "decoder over a noised canvas (modeling_diffusion_gemma.py:374), not a causal LM",
+    "openai_privacy_filter": "bidirectional token classifier (OpenAIPrivacyFilterForTokenClassification, is_causal=False "
+                             "at modeling_openai_privacy_filter.py:184): no LM head",
+    # experts outside @use_experts_implementation: reap's fused-experts slicing does not apply
+    "dbrx": "experts outside the interface: DbrxExperts holds w1/v1/w2 as flat [E*I, H] parameters "
+            "(modeling_dbrx.py:247-256)",
+    "doge": "product-key retrieval experts (DogeCDMoE: sqrt(E) keys, embedding-table experts, modeling_doge.py:380), "
+            "not gated-MLP experts",
+    "jetmoe": "experts outside the interface: JetMoeParallelExperts [E, out, in] (modeling_jetmoe.py:115) plus a "
+              "mixture of attention heads (JetMoeMoA)",
+    "llama4": "experts outside the interface: Llama4TextExperts keeps gate_up_proj [E, H, 2I] transposed with its own "
+              "forward (modeling_llama4.py:55)",
+    "longcat_flash": "experts outside the interface: LongcatFlashExperts adds zero (identity) experts, gate_up_proj "
+                     "[E+Z, 2I, H] vs down_proj [E, H, I] (modeling_longcat_flash.py:158)",
+    "nllb-moe": "encoder-decoder translation model; experts a ModuleDict of expert_{i} dense blocks with capacity "
+                "(modeling_nllb_moe.py:342)",
+    "step3p7": "experts outside the interface: Step3p7Experts, plain 3D parameters with its own forward "
+               "(modeling_step3p7.py:537)",
+    "switch_transformers": "T5 encoder-decoder; top-1 experts a ModuleDict of expert_{i} with capacity "
+                           "(modeling_switch_transformers.py:161)",
+    "vitpose_backbone": "vision backbone; VitPoseNaiveMoe is a ModuleList of per-dataset expert MLPs without a router "
+                        "(modeling_vitpose_backbone.py:219)",
+}
+
+
+# What a layer-by-layer streamer must know about a supported type (transformers 5.24 line references; "router" means
+# tensors with one row / entry per expert besides the experts' own). Types not listed are standard: decoder layer
+# (hidden_states [B, S, H], attention_mask, position_embeddings, position_ids, cache) -> hidden_states, experts fed
+# B*S tokens of width H, router weight [E, H] (+ e_score_correction_bias [E]), final norm, plain lm_head.
+# MTP: no type builds multi-token-prediction modules in from_config; checkpoints of deepseek_v3/v4, glm4_moe,
+# bailing_hybrid, mellum, nemotron_h, inkling, qwen3_next/3_5_moe... keep them (model.layers.{L}.* or mtp.*), which
+# from_pretrained ignores (_keys_to_ignore_on_load_unexpected) and transformers.modeling_layers.MtpModel (:380)
+# builds separately for generate(use_mtp=True). A pruner must prune (or keep consistent) those MoE layers too.
+NOTES: dict[str, str] = {
+    "afmoe": "router: mlp.expert_bias [E] fp32 (modeling_afmoe.py:211), not named e_score_correction_bias; "
+             "mup_enabled scales embeddings (:568)",
+    "beam": "layers take attention_scaling (per layer type, from the model's rotary, modeling_beam.py:560-579); "
+            "lm_head logits soft-capped by final_logit_softcapping (:636-641)",
+    "bailing_hybrid": "MTP layers stored as model.layers.{L..L+num_mtp_layers-1} (modeling_bailing_hybrid.py:964)",
+    "cohere2_moe": "logits * logit_scale (modeling_cohere2_moe.py:626); dense prefix layers via mlp_layer_types",
+    "deepseek_v4": "hidden states [B, S, hc_mult, H] between layers: embeddings expanded to hc_mult streams "
+                   "(modeling_deepseek_v4.py:1363), collapsed by hc_head before the final norm (:1380); layers take "
+                   "input_ids (hash routing); hash_moe layers route by the buffer gate.tid2eid [vocab, top_k] of expert "
+                   "ids (:1115, :1123; zeros from from_config, :1281): pruning must remap it; experts see B*S tokens",
+    "ernie4_5_moe": "router: gate.moe_statics.e_score_correction_bias [1, E] (modeling_ernie4_5_moe.py:269-282)",
+    "ernie4_5_vl_moe": "two expert sets per MoE layer, mlp.text_moe and mlp.vision_moe, each with its own router; "
+                       "layers take moe_mm_token_type_ids and each set sees only its modality's tokens "
+                       "(modeling_ernie4_5_vl_moe.py:432-473): text-only calibration never reaches vision_moe",
+    "gemma4": "router and experts are direct children of the decoder layer (layer.router, layer.experts, "
+              "modeling_gemma4.py:1353-1358), beside a dense mlp; the experts see the pre-MLP residual (:1395); "
+              "router: router.per_expert_scale [E] (:1305); layers take per_layer_input (PLE, [B, S, n_layers, "
+              "hidden_size_per_layer_input] computed from input_ids, :1626-1684) and shared_kv_states; embeddings "
+              "* sqrt(H) (:1551); layer_scalar buffer; optional final_logit_softcapping (:1920)",
+    "glm_moe_dsa": "layers return (hidden_states, topk_indices) and take prev_topk_indices: 'shared' indexer layers "
+                   "reuse the previous layer's top-k (modeling_glm_moe_dsa.py:713-723)",
+    "glm5_next": "hidden states [B, S, hc_mult, H] (modeling_glm5_next.py:1505, hc_head :1521); layers return "
+                 "(hidden_states, topk_indices), take prev_topk_indices and input_ids; NoPE (position_embeddings=None)",
+    "gpt_oss": "router bias [E] (modeling_gpt_oss.py:124); attention sinks",
+    "granitemoe": "embeddings * embedding_multiplier, residual * residual_multiplier, logits / logits_scaling "
+                  "(modeling_granitemoe.py:447, :359, :614); same in granitemoe_swa / shared / hybrid",
+    "hunyuan_v1_moe": "router weight is gate.wg.weight [E, H] fp32 (modeling_hunyuan_v1_moe.py:232)",
+    "hy_v3": "router: mlp.e_score_correction_bias [E] on the MoE block, not on the gate (modeling_hy_v3.py:346)",
+    "hy_v4": "hidden states [B, S, hc_mult, H] (modeling_hy_v4.py:844, hc_head :860); layers return (hidden_states, "
+             "topk_indices) and take prev_topk_indices (indexer_types 'shared', :855); same in hy_v4_vl",
+    "inkling_text": "router weight [E + n_shared, H]: shared experts are gated by the last rows "
+                    "(modeling_inkling.py:339-368) and stored stacked ([n_shared, I, H], :382); layers take conv_mask; "
+                    "logits from hidden / logits_mup_width_multiplier, cut to unpadded_vocab_size (:797-802)",
+    "inkling2": "layers take block_states (attention residuals over finished blocks of n_layers_per_attn_res_block "
+                "layers, grown by the model loop, modeling_inkling2.py:1421-1437), relative_distance, conv_mask; "
+                "sliding / full layers are different classes; final_input mixes block_states before the norm (:1437); "
+                "lm_head has unpadded_vocab_size rows, logits soft-capped (:1458-1516)",
+    "inkling2_loop": "as inkling2, and layers loop_layer_index_start..end run loop_num_passes times, later passes "
+                     "restarting from the pre-loop states with messages from the previous pass "
+                     "(modeling_inkling2_loop.py:1350-1420): a layer is visited more than once per forward",
+    "jamba": "attention and mamba layers are different classes; the MoE block is layer.feed_forward",
+    "lfm2_moe": "router: feed_forward.expert_bias [E] buffer (modeling_lfm2_moe.py:205); the MoE block is "
+                "layer.feed_forward; conv (short convolution) layers",
+    "minimax_m2": "router: mlp.e_score_correction_bias [E] on the MoE block (modeling_minimax_m2.py:114)",
+    "mistral_large4": "layers return (hidden_states, topk_indices) and take prev_topk_indices and shared_kv_states "
+                      "(kv_source_layers, modeling_mistral_large4.py:771-788); logits soft-capped (:1111-1116)",
+    "muse_spark": "experts work at width moe_hidden_size: mlp.pre_expert_proj / post_expert_proj around them "
+                  "(modeling_muse_spark.py:238-241); residual gates; NoPE layers where layer_rope_theta is 0 (:645); "
+                  "logits * output_multiplier then soft-capped (:1664-1667)",
+    "nemotron_h": "one mixer per layer (mamba, attention, moe or mlp: layer.mixer, modeling_nemotron_h.py:957); "
+                  "moe_latent_size (None here) would project experts' inputs to a latent width (:669, :736)",
+    "qwen3_omni_moe": "built as its MoE thinker alone (Qwen3OmniMoeThinkerForConditionalGeneration): released "
+                      "checkpoints prefix it thinker.* and add a MoE talker (talker.*) this config leaves out",
+    "qwen4_exp": "hidden states [B, S, hc_count * H]: embeddings repeated hc_count times (modeling_qwen4_exp.py:1479), "
+                 "mixed back by hyper_connection_mixer instead of a final norm (:1492); layers take ple_input_ids "
+                 "(input_ids, padding replaced by eos, :1475) for n-gram per-layer embeddings, and conv_mask",
+    "zaya": "layers take and return prev_router_hidden_states (router state carried layer to layer) and an "
+            "attention_mask dict {'causal', 'conv'} (modeling_zaya.py:764-778); router has E + 1 classes (a skip "
+            "expert): router_mlp.out_proj [E+1, r], balancing_biases [E+1] (:523-536); top-1 only",
+}
 
 
 def _transformers_dir() -> Path:
@@ -150,30 +273,49 @@ def _text_key(config_cls) -> str | None:
     return next((k for k in TEXT_KEYS if k in subs), None)
 
 
-def causal_lm_class(model_type: str) -> type | None:
-    """The class that builds ``model_type`` as a causal LM: AutoModelForCausalLM's entry for the type; else the
-    modeling module's own ``*ForCausalLM`` of the same config class (mistral4: only in the pretraining and
-    image-text mappings); else AutoModelForCausalLM's entry for the type's text sub-config; else None."""
+def causal_lm_class(model_type: str, strict: bool = False) -> type | None:
+    """The class that builds ``model_type`` as a causal LM: AutoModelForCausalLM's entry for the type. Unless
+    ``strict``, where it has none: the modeling module's own ``*ForCausalLM`` of the same config class (mistral4's is
+    only in the pretraining and image-text mappings); AutoModelForCausalLM's entry for the type's text sub-config
+    (aria -> aria_text); the image-text-to-text ``*ForConditionalGeneration``, whose forward takes ``input_ids``
+    alone (qwen3_vl_moe, glm4v_moe...). None where there is none."""
     import transformers
     from transformers.models.auto.configuration_auto import model_type_to_module_name
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if name is not None:
-        return getattr(transformers, name)
+    if name is not None or strict:
+        return getattr(transformers, name) if name else None
     config_cls = _config_class(model_type)
-    module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}.modeling_"
-                                     f"{model_type_to_module_name(model_type)}")
+    module_name = model_type_to_module_name(model_type)
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     for attr in dir(module):
         cls = getattr(module, attr)
         if attr.endswith("ForCausalLM") and isinstance(cls, type) and getattr(cls, "config_class", None) is config_cls:
             return cls
     key = _text_key(config_cls)
     if key is not None:
-        text_type = getattr(config_cls.sub_configs[key], "model_type", None)
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_type)
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(_sub_config_class(config_cls, key).model_type)
         if name is not None:
             return getattr(transformers, name)
+    name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+    if name is not None and name.endswith("ForConditionalGeneration"):
+        return getattr(transformers, name)
+    sub = _delegate(model_type)
+    return causal_lm_class(sub) if sub else None
+
+
+def _delegate(model_type: str) -> str | None:
+    """The sub-config type that stands for a composite without a text_config nor a class of its own (qwen3_omni_moe,
+    generate-only: its MoE thinker ``qwen3_omni_moe_thinker``)."""
+    config_cls = _config_class(model_type)
+    if _text_key(config_cls) is not None:
+        return None
+    for key in getattr(config_cls, "sub_configs", {}) or {}:
+        sub_type = getattr(_sub_config_class(config_cls, key), "model_type", "")
+        if sub_type and sub_type != model_type and causal_lm_class(sub_type) is not None:
+            return sub_type
     return None
 
 
@@ -214,6 +356,13 @@ def _scaled(value, default, tiny):
     return value
 
 
+def _split(total: int, parts: list[int]) -> list[int]:
+    """``total`` split in proportion to ``parts`` (each at least 1)."""
+    out = [max(1, total * p // sum(parts)) for p in parts]
+    out[out.index(max(out))] += total - sum(out)
+    return out
+
+
 def _layer_selection(signatures: list[tuple], n: int) -> list[int]:
     """Indices of ``n`` layers (sorted) that keep one layer of every distinct signature (first occurrences), then
     fill up with the most common signature (the family's typical MoE layer)."""
@@ -235,17 +384,15 @@ def _layer_selection(signatures: list[tuple], n: int) -> list[int]:
     return sorted(sel)
 
 
-def _shrink(config_cls, overrides: dict) -> dict:
+def _shrink(config_cls, overrides: dict, encoder: bool = False) -> dict:
     """kwargs of a tiny ``config_cls``: the generic table, experts, then the per-layer pattern cut to a few layers."""
     overrides = dict(overrides)
     layer_table = overrides.pop("per_layer_shrink", {})
     defaults = _fields(config_cls)
-    base = config_cls()
+    base = _base(config_cls)
     get = functools.partial(_get, base)
     kw: dict[str, object] = {}
-    for key, tiny in SHRINK.items():
-        if key in defaults and (get(key) not in (None, 0) or key in ALWAYS):
-            kw[key] = tiny
+    kw.update(_table(config_cls, {**SHRINK, **(ENCODER if encoder else {})}))
     heads, kv = get("num_attention_heads"), defaults.get("num_key_value_heads")
     if "num_key_value_heads" in defaults:  # MHA (and MLA, which expands k/v to every head) stays MHA, MQA stays MQA
         kw["num_key_value_heads"] = 4 if kv in (None, heads) else 1 if kv == 1 else 2
@@ -262,21 +409,30 @@ def _shrink(config_cls, overrides: dict) -> dict:
         kw["first_k_dense_replace"] = 1
     if "num_dense_layers" in defaults:
         kw["num_dense_layers"] = 1
-    # the per-layer pattern: lists of one value per layer, index lists, per_layer_config
-    n0 = get("num_hidden_layers")
-    per_layer = {k: get(k) for k in defaults
-                 if isinstance(get(k), (list, tuple)) and len(get(k)) == n0 and n0 > 1}
-    index_lists = {k: list(get(k)) for k in ("mlp_only_layers", "ple_layer_ids", "local_layer_ids",
-                                                        "mtp_local_layer_ids") if isinstance(get(k),
-                                                                                             (list, tuple))}
+    # the per-layer pattern: lists of one value per layer (layer kinds; layer references such as kv_source_layers,
+    # remapped), index lists (mlp_only_layers...), per_layer_config; cut to a few layers that keep every kind
+    n0 = get("num_hidden_layers") or 0
+    per_layer = {k: list(get(k)) for k in defaults
+                 if isinstance(get(k), (list, tuple)) and len(get(k)) == n0 > 1 and k not in overrides}
+    refs = {k: v for k, v in per_layer.items() if v == list(range(n0))}
+    kinds = {k: v for k, v in per_layer.items() if k not in refs}
+    index_lists = {k: list(get(k)) for k in INDEX_LISTS if isinstance(get(k), (list, tuple))}
     plc = _per_layer_overrides(base)
-    signatures = [tuple(v[i] for v in per_layer.values()) + tuple(i in v for v in index_lists.values())
-                  + (str(plc.get(i)), i < (get("first_k_dense_replace") or 0)) for i in range(n0)]
-    n = overrides.get("num_hidden_layers", TINY_LAYERS)
-    sel = _layer_selection(signatures, n)
-    kw["num_hidden_layers"] = len(sel)
-    for key, values in per_layer.items():
-        kw[key] = [values[i] for i in sel]
+    dense_k = get("first_k_dense_replace") or 0
+    signatures = [tuple(v[i] for v in kinds.values()) + tuple(i in v for v in index_lists.values())
+                  + (str(plc.get(i)), i < dense_k) for i in range(n0)]
+    n = overrides.get("num_hidden_layers", 1 if encoder else TINY_LAYERS)
+    sel = list(range(min(n, n0 or 1))) if encoder else _layer_selection(signatures, n)
+    if len(sel) > MAX_LAYERS:
+        raise ValueError(f"{config_cls.__name__}: {len(sel)} distinct layer kinds; give its layer lists in OVERRIDES")
+    if "num_hidden_layers" in defaults:
+        kw["num_hidden_layers"] = len(sel)
+    for key, values in kinds.items():
+        # per-layer sizes (laguna's num_attention_heads_per_layer) follow the global key's shrink
+        glob = key.removesuffix("_per_layer")
+        kw[key] = [_scaled(values[i], get(glob), kw[glob]) if glob in kw else values[i] for i in sel]
+    for key in refs:
+        kw[key] = list(range(len(sel)))
     for key, values in index_lists.items():
         kw[key] = [j for j, i in enumerate(sel) if i in values]
     if "mlp_only_layers" in index_lists and not kw["mlp_only_layers"] and defaults.get("decoder_sparse_step"):
@@ -285,23 +441,100 @@ def _shrink(config_cls, overrides: dict) -> dict:
         kw["per_layer_config"] = {f"{j:02d}": {k: layer_table[k] if k in layer_table else _scaled(v, get(k), kw.get(k))
                                                for k, v in plc[i].items()}
                                   for j, i in enumerate(sel) if i in plc}
+    rope = get("rope_parameters")
+    if isinstance(rope, dict) and "mrope_section" in rope and "rope_parameters" not in overrides:
+        # multimodal RoPE: (t, h, w) sections of the rotary half-dimension, shrunk with the heads
+        head = kw.get("qk_rope_head_dim") or kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
+        kw["rope_parameters"] = {**rope, "mrope_section": _split(int(head * rope.get("partial_rotary_factor", 1.0)) // 2,
+                                                                 rope["mrope_section"])}
     if "moe_layer_start_index" in defaults:
         kw.update(moe_layer_start_index=1, moe_layer_end_index=len(sel) - 1)
     kw.update(overrides)
     return {k: v for k, v in kw.items() if k in defaults or k in overrides or k == "per_layer_config"}
 
 
+def _table(config_cls, table: dict) -> dict:
+    """The entries of ``table`` for the keys ``config_cls`` declares and sets (see :data:`SHRINK`); a list default
+    (ernie4_5_vl_moe's per-modality expert sizes) shrinks element-wise in proportion."""
+    defaults, base, out = _fields(config_cls), _base(config_cls), {}
+    for key, tiny in table.items():
+        value = _get(base, key)
+        if key in defaults and (value not in (None, 0) or key in ALWAYS):
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value) and isinstance(tiny, int):
+                tiny = [_scaled(v, value[0], tiny) for v in value]
+            out[key] = tiny
+    return out
+
+
+@functools.cache
+def _base_cached(config_cls):
+    return config_cls()
+
+
+def _base(config_cls):
+    """The config class's default instance (cached; never handed out)."""
+    return _base_cached(config_cls)
+
+
+def _sub_config_class(config_cls, key: str):
+    """The class of a composite's sub-config (the default's class where it is declared as AutoConfig)."""
+    sub = config_cls.sub_configs[key]
+    return sub if dataclasses.is_dataclass(sub) else type(_get(_base(config_cls), key))
+
+
+def _shrink_encoder(config_cls, overrides: dict) -> dict:
+    """kwargs of a tiny vision / audio sub-config (only built, never run here): the generic table, one layer, widths
+    that meet the text model's, nested sub-configs shrunk the same way."""
+    kw = _shrink(config_cls, overrides, encoder=True)
+    for key, sub in (getattr(config_cls, "sub_configs", {}) or {}).items():
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and key not in kw:
+            kw[key] = sub(**_shrink_encoder(sub, {}))
+    return kw
+
+
 def tiny_config(model_type: str, **overrides):
-    """A tiny config of ``model_type`` for ``causal_lm_class(model_type).from_config`` (and AutoModelForCausalLM):
-    the text config alone where the causal LM is text-only, else the composite with a tiny text config."""
+    """A tiny config of ``model_type`` for ``causal_lm_class(model_type)._from_config`` (and AutoModelForCausalLM
+    where it maps the type): the text config alone where the class is text-only, else the composite config with a
+    tiny text config and tiny (one-layer) vision / audio configs. ``overrides`` go to the text config."""
     config_cls = _config_class(model_type)
     lm = causal_lm_class(model_type)
+    if lm is not None and getattr(lm, "config_class", config_cls) is not config_cls and (sub := _delegate(model_type)):
+        return tiny_config(sub, **{**OVERRIDES.get(model_type, {}), **overrides})
     key = _text_key(config_cls)
     table = {**OVERRIDES.get(model_type, {}), **overrides}
     if key is None:
         return config_cls(**_shrink(config_cls, table))
-    text_cls = config_cls.sub_configs[key]
+    text_cls = _sub_config_class(config_cls, key)
     text = text_cls(**_shrink(text_cls, table))
     if lm is not None and getattr(lm, "config_class", None) is text_cls:
         return text
-    return config_cls(**{key: text})
+    kw: dict[str, object] = {key: text}
+    base = _base(config_cls)
+    for sub_key, sub_cls in config_cls.sub_configs.items():
+        if sub_key == key or _get(base, sub_key) is None:  # optional encoders left out by default stay out
+            continue
+        sub_cls = _sub_config_class(config_cls, sub_key)
+        kw[sub_key] = sub_cls(**_shrink_encoder(sub_cls, ENCODER_OVERRIDES.get(f"{model_type}.{sub_key}", {})))
+    kw.update({k: v for k, v in _table(config_cls, {**SHRINK, **ENCODER}).items() if k not in LAYER_COUNTS})
+    kw.update(COMPOSITE_OVERRIDES.get(model_type, {}))
+    return config_cls(**kw)
+
+
+def _unsupported() -> dict[str, str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    out = {t: r for t, r in LISTED_UNSUPPORTED.items() if t in CONFIG_MAPPING_NAMES}
+    for model_type in moe_model_types():
+        if causal_lm_class(model_type) is None:
+            out.setdefault(model_type, "no causal-LM class: no AutoModelForCausalLM entry, no *ForCausalLM in its module, "
+                                       "no image-text-to-text *ForConditionalGeneration")
+        else:
+            out.pop(model_type, None)
+    return dict(sorted(out.items()))
+
+
+def __getattr__(name: str):
+    if name == "UNSUPPORTED":  # computed once (it imports the modeling modules without a causal-LM entry)
+        globals()["UNSUPPORTED"] = _unsupported()
+        return globals()["UNSUPPORTED"]
+    raise AttributeError(name)

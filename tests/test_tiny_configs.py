@@ -13,6 +13,8 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from reap import tiny_configs
 
@@ -71,6 +73,8 @@ def test_tiny_config(model_type, tmp_path):
     torch.manual_seed(0)
     model = cls._from_config(config).eval()
     assert time.perf_counter() - start < 3.0, "the tiny model should build in well under a second"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # the config is ready for AutoModelForCausalLM too
+        assert type(AutoModelForCausalLM.from_config(config)) is cls
 
     # experts and layer pattern
     text = config.get_text_config()

@@ -13,6 +13,7 @@ Legend: L layers, E routed experts, H hidden size, I expert intermediate size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -37,8 +38,8 @@ SHRINK: dict[str, object] = {
     "q_lora_rank": 32, "kv_lora_rank": 16, "o_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
     "v_head_dim": 16,
     # sparse-attention indexers (DeepSeek-V3.2 family)
-    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "index_kpool": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1,
-    "indexer_head_dim": 16, "indexer_budget": 8,
+    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "index_kpool": 4, "indexer_n_heads": 2,
+    "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
     # linear attention (gated delta net, KDA, lightning)
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "linear_head_dim": 16, "linear_num_heads": 4,
@@ -61,7 +62,8 @@ TEXT_KEYS = ("text_config",)  # sub-config holding the decoder of a composite (m
 # per-type overrides, applied last (to the text config of a composite type): only what the generic shrink gets wrong
 OVERRIDES: dict[str, dict] = {
     # families whose default layer pattern lacks a kind the modeling supports (sliding / dense / indexer layers)
-    "cohere2_moe": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"], "prefix_dense_intermediate_size": 128},
+    "cohere2_moe": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                    "prefix_dense_intermediate_size": 128},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"]},
     "inkling_text": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
     "jamba": {"attn_layer_period": 4, "attn_layer_offset": 2},  # mamba, mamba, attention, mamba; MoE on 1 and 3
@@ -78,7 +80,8 @@ OVERRIDES: dict[str, dict] = {
              "layer_types": ["hybrid", "hybrid_sliding", "hybrid", "hybrid_sliding"]},
     "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # the default is None
     # mrope sections of the 16-wide heads (the modeling's default [22, 22, 20] is for 128)
-    "ernie4_5_vl_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [3, 3, 2]}},
+    "ernie4_5_vl_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                            "mrope_section": [3, 3, 2]}},
     "glm4v_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                       "mrope_section": [2, 1, 1]}},  # the modeling's default: [8, 12, 12]
     # attention-residual blocks of 2 layers (default 6: none would close in 4 layers); layers 2-3 looped twice
@@ -106,12 +109,12 @@ OVERRIDES: dict[str, dict] = {
 ENCODER: dict[str, object] = {
     "mlp_dim": 128, "output_channels": 32, "downsample_channels": 64,  # SAM-style encoders (OCR models)
     "downsample_hidden_size": 32, "hidden_sizes": 16, "num_position_embeddings": 64, "max_image_size": 128,
-    "num_hidden_layers": 1, "depth": 1, "encoder_layers": 1, "n_layers": 1, "num_heads": 4, "encoder_attention_heads": 4,
-    "encoder_ffn_dim": 128, "d_model": 64, "out_hidden_size": 64, "text_hidden_size": 64, "output_dim": 64,
+    "num_hidden_layers": 1, "depth": 1, "encoder_layers": 1, "n_layers": 1, "num_heads": 4,
+    "encoder_attention_heads": 4, "encoder_ffn_dim": 128, "d_model": 64, "out_hidden_size": 64,
+    "text_hidden_size": 64, "output_dim": 64,
     "projection_intermediate_size": 128, "projector_hidden_size": 128, "projection_hidden_dim": 128,
 }
 LAYER_COUNTS = ("num_hidden_layers", "depth", "encoder_layers", "n_layers")
-ENCODER_OVERRIDES: dict[str, dict] = {}  # "model_type.sub_config_key" -> kwargs
 COMPOSITE_OVERRIDES: dict[str, dict] = {  # model_type -> kwargs of the composite config itself
     # Qwen3OmniMoeThinkerForConditionalGeneration.get_rope_index reads config.vision_start_token_id, a field of the
     # talker config only (modeling_qwen3_omni_moe.py:291): the released thinker_config carries it as an extra key
@@ -123,8 +126,8 @@ COMPOSITE_OVERRIDES: dict[str, dict] = {  # model_type -> kwargs of the composit
 LISTED_UNSUPPORTED: dict[str, str] = {
     "diffusion_gemma": "block-diffusion LM (DiffusionGemmaForBlockDiffusion is its only head): encoder + bidirectional "
                        "decoder over a noised canvas (modeling_diffusion_gemma.py:374), not a causal LM",
-    "openai_privacy_filter": "bidirectional token classifier (OpenAIPrivacyFilterForTokenClassification, is_causal=False "
-                             "at modeling_openai_privacy_filter.py:184): no LM head",
+    "openai_privacy_filter": "bidirectional token classifier (OpenAIPrivacyFilterForTokenClassification, "
+                             "is_causal=False at modeling_openai_privacy_filter.py:184): no LM head",
     # experts outside @use_experts_implementation: reap's fused-experts slicing does not apply
     "dbrx": "experts outside the interface: DbrxExperts holds w1/v1/w2 as flat [E*I, H] parameters "
             "(modeling_dbrx.py:247-256)",
@@ -164,8 +167,9 @@ NOTES: dict[str, str] = {
     "cohere2_moe": "logits * logit_scale (modeling_cohere2_moe.py:626); dense prefix layers via mlp_layer_types",
     "deepseek_v4": "hidden states [B, S, hc_mult, H] between layers: embeddings expanded to hc_mult streams "
                    "(modeling_deepseek_v4.py:1363), collapsed by hc_head before the final norm (:1380); layers take "
-                   "input_ids (hash routing); hash_moe layers route by the buffer gate.tid2eid [vocab, top_k] of expert "
-                   "ids (:1115, :1123; zeros from from_config, :1281): pruning must remap it; experts see B*S tokens",
+                   "input_ids (hash routing); hash_moe layers route by the buffer gate.tid2eid [vocab, top_k] of "
+                   "expert ids (:1115, :1123; zeros from from_config, :1281): pruning must remap it; experts see "
+                   "B*S tokens",
     "ernie4_5_moe": "router: gate.moe_statics.e_score_correction_bias [1, E] (modeling_ernie4_5_moe.py:269-282)",
     "ernie4_5_vl_moe": "two expert sets per MoE layer, mlp.text_moe and mlp.vision_moe, each with its own router; "
                        "layers take moe_mm_token_type_ids and each set sees only its modality's tokens "
@@ -209,9 +213,10 @@ NOTES: dict[str, str] = {
                   "moe_latent_size (None here) would project experts' inputs to a latent width (:669, :736)",
     "qwen3_omni_moe": "built as its MoE thinker alone (Qwen3OmniMoeThinkerForConditionalGeneration): released "
                       "checkpoints prefix it thinker.* and add a MoE talker (talker.*) this config leaves out",
-    "qwen4_exp": "hidden states [B, S, hc_count * H]: embeddings repeated hc_count times (modeling_qwen4_exp.py:1479), "
-                 "mixed back by hyper_connection_mixer instead of a final norm (:1492); layers take ple_input_ids "
-                 "(input_ids, padding replaced by eos, :1475) for n-gram per-layer embeddings, and conv_mask",
+    "qwen4_exp": "hidden states [B, S, hc_count * H]: embeddings repeated hc_count times "
+                 "(modeling_qwen4_exp.py:1479), mixed back by hyper_connection_mixer instead of a final norm "
+                 "(:1492); layers take ple_input_ids (input_ids, padding replaced by eos, :1475) for n-gram "
+                 "per-layer embeddings, and conv_mask",
     "zaya": "layers take and return prev_router_hidden_states (router state carried layer to layer) and an "
             "attention_mask dict {'causal', 'conv'} (modeling_zaya.py:764-778); router has E + 1 classes (a skip "
             "expert): router_mlp.out_proj [E+1, r], balancing_biases [E+1] (:523-536); top-1 only",
@@ -292,7 +297,7 @@ def causal_lm_class(model_type: str, strict: bool = False) -> type | None:
     module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     for attr in dir(module):
         cls = getattr(module, attr)
-        if attr.endswith("ForCausalLM") and isinstance(cls, type) and getattr(cls, "config_class", None) is config_cls:
+        if attr.endswith("ForCausalLM") and getattr(cls, "config_class", None) is config_cls:
             return cls
     key = _text_key(config_cls)
     if key is not None:
@@ -437,16 +442,16 @@ def _shrink(config_cls, overrides: dict, encoder: bool = False) -> dict:
         kw[key] = [j for j, i in enumerate(sel) if i in values]
     if "mlp_only_layers" in index_lists and not kw["mlp_only_layers"] and defaults.get("decoder_sparse_step"):
         kw["mlp_only_layers"] = [0]  # one dense layer among the MoE layers
-    if plc:
-        kw["per_layer_config"] = {f"{j:02d}": {k: layer_table[k] if k in layer_table else _scaled(v, get(k), kw.get(k))
-                                               for k, v in plc[i].items()}
-                                  for j, i in enumerate(sel) if i in plc}
+    if plc:  # per-layer values in proportion to the global ones, or the type's per_layer_shrink
+        kw["per_layer_config"] = {
+            f"{j:02d}": {k: layer_table.get(k, _scaled(v, get(k), kw.get(k))) for k, v in plc[i].items()}
+            for j, i in enumerate(sel) if i in plc}
     rope = get("rope_parameters")
     if isinstance(rope, dict) and "mrope_section" in rope and "rope_parameters" not in overrides:
         # multimodal RoPE: (t, h, w) sections of the rotary half-dimension, shrunk with the heads
         head = kw.get("qk_rope_head_dim") or kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
-        kw["rope_parameters"] = {**rope, "mrope_section": _split(int(head * rope.get("partial_rotary_factor", 1.0)) // 2,
-                                                                 rope["mrope_section"])}
+        half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
+        kw["rope_parameters"] = {**rope, "mrope_section": _split(half, rope["mrope_section"])}
     if "moe_layer_start_index" in defaults:
         kw.update(moe_layer_start_index=1, moe_layer_end_index=len(sel) - 1)
     kw.update(overrides)
@@ -460,20 +465,16 @@ def _table(config_cls, table: dict) -> dict:
     for key, tiny in table.items():
         value = _get(base, key)
         if key in defaults and (value not in (None, 0) or key in ALWAYS):
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value) and isinstance(tiny, int):
+            if isinstance(value, (list, tuple)) and value and isinstance(tiny, int) and isinstance(value[0], int):
                 tiny = [_scaled(v, value[0], tiny) for v in value]
             out[key] = tiny
     return out
 
 
 @functools.cache
-def _base_cached(config_cls):
-    return config_cls()
-
-
 def _base(config_cls):
-    """The config class's default instance (cached; never handed out)."""
-    return _base_cached(config_cls)
+    """The config class's default instance (cached: read, never handed out)."""
+    return config_cls()
 
 
 def _sub_config_class(config_cls, key: str):
@@ -501,7 +502,7 @@ def tiny_config(model_type: str, **overrides):
     if lm is not None and getattr(lm, "config_class", config_cls) is not config_cls and (sub := _delegate(model_type)):
         return tiny_config(sub, **{**OVERRIDES.get(model_type, {}), **overrides})
     key = _text_key(config_cls)
-    table = {**OVERRIDES.get(model_type, {}), **overrides}
+    table = copy.deepcopy({**OVERRIDES.get(model_type, {}), **overrides})  # configs may edit their lists in place
     if key is None:
         return config_cls(**_shrink(config_cls, table))
     text_cls = _sub_config_class(config_cls, key)
@@ -514,9 +515,9 @@ def tiny_config(model_type: str, **overrides):
         if sub_key == key or _get(base, sub_key) is None:  # optional encoders left out by default stay out
             continue
         sub_cls = _sub_config_class(config_cls, sub_key)
-        kw[sub_key] = sub_cls(**_shrink_encoder(sub_cls, ENCODER_OVERRIDES.get(f"{model_type}.{sub_key}", {})))
+        kw[sub_key] = sub_cls(**_shrink_encoder(sub_cls, {}))
     kw.update({k: v for k, v in _table(config_cls, {**SHRINK, **ENCODER}).items() if k not in LAYER_COUNTS})
-    kw.update(COMPOSITE_OVERRIDES.get(model_type, {}))
+    kw.update(copy.deepcopy(COMPOSITE_OVERRIDES.get(model_type, {})))
     return config_cls(**kw)
 
 
@@ -526,8 +527,8 @@ def _unsupported() -> dict[str, str]:
     out = {t: r for t, r in LISTED_UNSUPPORTED.items() if t in CONFIG_MAPPING_NAMES}
     for model_type in moe_model_types():
         if causal_lm_class(model_type) is None:
-            out.setdefault(model_type, "no causal-LM class: no AutoModelForCausalLM entry, no *ForCausalLM in its module, "
-                                       "no image-text-to-text *ForConditionalGeneration")
+            out.setdefault(model_type, "no causal-LM class: no AutoModelForCausalLM entry, no *ForCausalLM in its "
+                                       "module, no image-text-to-text *ForConditionalGeneration")
         else:
             out.pop(model_type, None)
     return dict(sorted(out.items()))

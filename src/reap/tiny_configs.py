@@ -129,6 +129,8 @@ LISTED_UNSUPPORTED: dict[str, str] = {
     "openai_privacy_filter": "bidirectional token classifier (OpenAIPrivacyFilterForTokenClassification, "
                              "is_causal=False at modeling_openai_privacy_filter.py:184): no LM head",
     # experts outside @use_experts_implementation: reap's fused-experts slicing does not apply
+    "aria": "experts outside the interface before transformers 5.2x: AriaGroupedExpertsGemm fc1/fc2 "
+            "(modeling_aria.py:275 in 5.17; 5.24 uses the interface)",
     "dbrx": "experts outside the interface: DbrxExperts holds w1/v1/w2 as flat [E*I, H] parameters "
             "(modeling_dbrx.py:247-256)",
     "doge": "product-key retrieval experts (DogeCDMoE: sqrt(E) keys, embedding-table experts, modeling_doge.py:380), "

@@ -1,10 +1,11 @@
 """Every supported family on a GPU: calibration on CUDA against the CPU, and reap's streamed forward against
 transformers' own model on CUDA (run on a CUDA machine; nothing is downloaded).
 
-    python benchmarks/family_gpu_check.py --data calibration.jsonl.gz [--families NAME ...] [--out results.json]
+    python benchmarks/family_gpu_check.py --data calibration.jsonl.gz [--families MODEL_TYPE ...] [--out results.json]
 
-For each family that reap.tiny can build (random weights, saved by transformers in several shards; an FP8 copy
-in the released block-FP8 layout where the family ships FP8, MXFP4 for gpt-oss):
+For each model type (default: the named families of the support matrix; any type reap.tiny can build: random
+weights, saved by transformers in several shards; an FP8 copy in the released block-FP8 layout where the family
+ships FP8, MXFP4 for gpt-oss):
 
 1. ``calibrate`` on the CPU in float32 and on CUDA in float32 and bfloat16 (64 samples x 256 tokens): the largest
    relative difference of the REAP scores (CUDA fp32 vs CPU fp32), and how many of the experts a 0.3 prune drops
@@ -25,13 +26,19 @@ from pathlib import Path
 
 import torch
 
-from reap.arch import FAMILIES
-from reap.calibrate import CalibrateOptions, EngineOptions, calibrate
+from reap.arch import build_config, model_class
+from reap.calibrate import CalibrateOptions, calibrate
 from reap.data import DataOptions
 from reap.evaluate import EvalOptions, evaluate, eval_stream, windows
 from reap.prune import PruneOptions, prune_model
 from reap.saliency import choose_experts, n_to_drop
+from reap.stream import EngineOptions
 from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
+
+#: the families named in the "any family" issue, as transformers model types
+NAMED = ("minimax_m2", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen3_next", "gpt_oss",
+         "ernie4_5_moe", "olmoe", "qwen2_moe", "deepseek_v2", "dots1", "hunyuan_v1_moe", "glm4_moe_lite",
+         "glm_moe_dsa", "deepseek_v32", "deepseek_v4", "qwen3_5_moe", "gemma4", "nemotron_h", "granitemoe", "minimax")
 
 FP8_FAMILIES = {"minimax_m2", "deepseek_v3", "qwen3_moe", "glm4_moe", "qwen3_next"}
 DEVICE = "cuda"  # --device cpu: a dry run of this script on a machine without a GPU
@@ -40,21 +47,14 @@ quiet = lambda *_: None  # noqa: E731
 
 def transformers_loss(model_dir: Path, data: str, dtype: torch.dtype, max_tokens: int, seq_len: int) -> float:
     """Mean next-token loss of transformers' own model on the windows reap.evaluate scores."""
-    from transformers import AutoModelForCausalLM
-
     from reap.data import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     stream, _ = eval_stream(data, tok, tok.eos_token_id, max_tokens + 1)
     inputs, targets = windows(stream, seq_len, max_tokens)
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config.get("model_type") == "kimi_k2":  # remote code in the release: load it as the DeepSeek-V3 it is
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-        cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("model_type", "auto_map")})
-        model = DeepseekV3ForCausalLM.from_pretrained(model_dir, config=cfg, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    cfg = build_config(config)  # kimi_k2 (remote code in the release) is built as the DeepSeek-V3 it is
+    model = model_class(cfg, config).from_pretrained(model_dir, config=cfg, dtype=dtype)
     model = model.to(DEVICE).eval()
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -130,7 +130,7 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     assert DEVICE == "cpu" or torch.cuda.is_available(), "run this on a CUDA machine"
-    names = args.families or [f.name for f in FAMILIES]
+    names = args.families or list(NAMED)
     results = {"gpu": torch.cuda.get_device_name() if DEVICE != "cpu" else "none (dry run)", "torch": torch.__version__, "families": []}
     import transformers
 

@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py --mini-m2 DIR --mini-m2-fp8 DIR --data calibration.jsonl.gz \
         [--cpu-report reap_report.json] [--out results.json]
 
-1. The grouped-matmul MoE step (bf16, CUDA) equals the per-expert loop, outputs and statistics.
+1. reap's experts implementation with the grouped matmul (bf16, CUDA) equals its per-expert loop, outputs and
+   statistics.
 2. transformers' own decoder layer and reap's streamed layer agree on CUDA in bf16 (padded batches).
 3. The reference protocol (256 docs x 1024 tokens) calibrated on the GPU in bf16 (bf16 and FP8 checkpoints)
    and fp32: tokens/s, peak GPU memory, and the pruned experts compared with a CPU fp32 run's report.
@@ -18,39 +19,50 @@ from pathlib import Path
 
 import torch
 
-from reap.arch import MINIMAX_M2, detect
-from reap.calibrate import CalibrateOptions, EngineOptions, LayerStreamer, calibrate
+from reap.arch import derive
+from reap.calibrate import CalibrateOptions, calibrate
 from reap.checkpoint import Checkpoint
 from reap.data import DataOptions
-from reap.moe import RoutedMoE
+from reap.moe import ExpertsProbe, reap_experts_forward
 from reap.saliency import FIELDS, LayerAccumulator, choose_experts
+from reap.stream import EngineOptions, LayerStreamer
 
 
 def check_grouped(device) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    E, I, H, K, T = 64, 96, 192, 8, 8192
-    args = [torch.randn(E, H, generator=g) * 0.3, torch.randn(E, generator=g) * 0.05,
-            torch.randn(E, I, H, generator=g) * 0.05, torch.randn(E, I, H, generator=g) * 0.05,
-            torch.randn(E, H, I, generator=g) * 0.05]
-    args = [a.to(device) for a in args[:2]] + [a.to(device, torch.bfloat16) for a in args[2:]]
-    x = torch.randn(1, T, H, generator=g).to(device, torch.bfloat16)
+    """reap's experts implementation on a bf16 MiniMax-M2 experts module: the grouped matmul path == the loop."""
+    from transformers import AutoModelForCausalLM
+
+    from reap.arch import is_experts_module
+    from reap.tiny import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=192, intermediate_size=96, num_local_experts=64, num_experts_per_tok=8)
+    model = AutoModelForCausalLM.from_config(config)
+    experts = next(m for m in model.modules() if is_experts_module(m)).to(device, torch.bfloat16)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0.0, 0.05)
+    T, K, E = 8192, 8, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 192, generator=g).to(device, torch.bfloat16)
+    index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
+    weights = torch.rand(T, K, generator=g).to(device)
     res = []
     for grouped in (False, True):
-        moe = RoutedMoE(MINIMAX_M2, K, *args, grouped=grouped)
-        moe.accumulator = LayerAccumulator(E, device)
-        res.append((moe(x).float(), moe.accumulator.to_dict()))
-    out_err = (res[0][0] - res[1][0]).abs().max().item()
+        experts._reap_probe = ExpertsProbe(LayerAccumulator(E, device), grouped=grouped)
+        with torch.no_grad():
+            res.append((reap_experts_forward(experts, x, index, weights).float(), experts._reap_probe.accumulator.to_dict()))
+    out_err = (res[0][0] - res[1][0]).abs().max().item() / res[0][0].abs().max().item()
     stat_err = max(((res[0][1][f] - res[1][1][f]).abs() / res[0][1][f].abs().clamp(min=1e-9)).max().item()
                    for f in FIELDS)
-    return {"grouped_vs_loop_max_abs_out": out_err, "grouped_vs_loop_max_rel_stat": stat_err,
-            "grouped_used": RoutedMoE(MINIMAX_M2, K, *args).grouped}
+    return {"grouped_vs_loop_max_rel_out": out_err, "grouped_vs_loop_max_rel_stat": stat_err}
 
 
 def check_layers(model: Path, device) -> dict:
     from transformers import AutoModelForCausalLM
 
     ckpt = Checkpoint(model)
-    spec = detect(ckpt.config)
+    spec = derive(ckpt)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (300, 517, 64, 1024)]
     ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(device)

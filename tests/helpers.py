@@ -12,19 +12,30 @@ def random_sequences(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def load_causal_lm(model_dir: Path, **kwargs):
-    """transformers' own model for the checkpoint (``from_pretrained`` kwargs pass through). Kimi-K2's model_type
-    "kimi_k2" is remote code for DeepSeek-V3: it loads with transformers' DeepSeek-V3 classes, from its config.json
-    under model_type deepseek_v3 (transformers picks the checkpoint conversion by the config's model_type)."""
+def load_causal_lm(model_dir: Path, config_only: dict | None = None, **kwargs):
+    """transformers' own model for the checkpoint (``from_pretrained`` kwargs pass through), as the class its
+    config.json's ``architectures`` names (else the causal-LM class). Kimi-K2's model_type "kimi_k2" is remote
+    code for DeepSeek-V3: it loads with transformers' DeepSeek-V3 classes. With ``config_only`` (a config.json
+    dict), a freshly initialized model of that config instead (no weights read)."""
     import json
 
-    from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+    import transformers
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config.get("model_type") == "kimi_k2":
-        config = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
-        return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**config), **kwargs)
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    config = config_only or json.loads((Path(model_dir) / "config.json").read_text())
+    config = PretrainedConfig._decode_special_floats(config)  # {"__float__": "Infinity"}, as transformers saves
+    model_type = "deepseek_v3" if config.get("model_type") == "kimi_k2" else config["model_type"]
+    drop = ("model_type", "auto_map") + (("quantization_config",) if config_only is not None else ())
+    cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k not in drop})
+    cls = next((getattr(transformers, a) for a in config.get("architectures") or ()
+                if getattr(getattr(transformers, a, None), "config_class", None) is type(cfg)),
+               None) or MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+    if config_only is not None:
+        torch.manual_seed(0)
+        return cls._from_config(cfg, dtype=kwargs.get("dtype", torch.float32))
+    if model_type == config["model_type"]:
+        return cls.from_pretrained(model_dir, **kwargs)
+    return cls.from_pretrained(model_dir, config=cfg, **kwargs)
 
 
 def reference_layers(model_dir: Path, dtype: torch.dtype, sequences) -> dict[int, list]:
@@ -51,7 +62,7 @@ def feed_reference_inputs(streamer, ref: dict[int, list], layer: int, dtype: tor
     hidden-state store, batch by batch (padded rows stay zero)."""
     row = 0
     for i, batch in enumerate(streamer.batches):
-        h = torch.zeros(*batch.ids.shape, streamer.spec.hidden_size, dtype=dtype)
+        h = torch.zeros(*batch.ids.shape, streamer.layout.hidden_size, dtype=dtype)
         for r, n in enumerate(batch.lengths):
             h[r, :n] = ref[layer][row + r][0][0]
         streamer.store.put(i, h)
@@ -66,3 +77,126 @@ def assert_reference_outputs(streamer, ref: dict[int, list], layer: int, atol: f
         for r, n in enumerate(batch.lengths):
             torch.testing.assert_close(out[r, :n].float(), ref[layer][row + r][1][0].float(), atol=atol, rtol=atol)
         row += len(batch.lengths)
+
+
+def _layer_of(path: str) -> int:
+    import re
+
+    return int(re.search(r"layers\.(\d+)\.", path + ".")[1])
+
+
+def hooked_stats(model_dir: Path, sequences, num_experts: int | None = None,
+                 batches: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer, per-expert statistics recomputed independently of reap: transformers' own model (fp32, its
+    eager experts), hooks on every experts module record what the MoE block passes it (tokens, chosen experts,
+    weights), and each (token, expert) pair's output is the experts module's own forward for that single expert
+    with weight 1. ``batches`` (lists of sequence indices) runs right-padded batches as given, counting real tokens
+    only; by default one sequence at a time. Returns [L, E] float64 tables of count, gate_sum, ean_sum, reap_sum,
+    max_norm."""
+    model = load_causal_lm(model_dir, dtype=torch.float32, experts_implementation="eager")
+    experts = {name: m for name, m in model.named_modules()
+               if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "num_experts"))}
+    L = model.config.get_text_config().num_hidden_layers
+    E = num_experts or next(iter(experts.values())).num_experts
+    acc = {f: torch.zeros(L, E, dtype=torch.float64) for f in ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm")}
+    calls: list = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw, n=name: calls.append((n, mod, args, kw)), with_kwargs=True)
+             for name, m in experts.items()]
+    real = []  # per call: which rows are real tokens
+    with torch.no_grad():
+        for group in batches or [[i] for i in range(len(sequences))]:
+            width = max(len(sequences[i]) for i in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for r, i in enumerate(group):
+                ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[r, : len(sequences[i])] = 1
+            before = len(calls)
+            model(ids, attention_mask=mask if not bool(mask.all()) else None, use_cache=False)
+            real += [mask.reshape(-1).bool()] * (len(calls) - before)
+        for h in hooks:
+            h.remove()
+        for (name, mod, args, kw), rows in zip(calls, real):
+            x, index, weights = (list(args) + [kw.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights")
+                                               [len(args):]])[:3]
+            if rows.numel() == x.shape[0]:
+                x, index, weights = x[rows], index[rows], weights[rows]
+            layer = _layer_of(name)
+            for k in range(index.shape[1]):
+                f = mod(x, index[:, k : k + 1], torch.ones_like(weights[:, k : k + 1]))  # [T, H]: f_e(x) per token
+                norm = f.double().norm(dim=-1)
+                e, w = index[:, k], weights[:, k].double()
+                acc["count"][layer].index_add_(0, e, torch.ones_like(norm))
+                acc["gate_sum"][layer].index_add_(0, e, w)
+                acc["ean_sum"][layer].index_add_(0, e, norm)
+                acc["reap_sum"][layer].index_add_(0, e, w * norm)
+                acc["max_norm"][layer].scatter_reduce_(0, e, norm, reduce="amax")
+    return acc
+
+
+def removed_in_memory(original_dir: Path, pruned_dir: Path, kept: dict[int, list[int]],
+                      id_remap: dict[int, list[int]] | None = None):
+    """The original model with the pruned experts removed in memory: a model built from the pruned config.json
+    whose every tensor is the original's, with the kept indices selected along the one dimension where the two
+    models' shapes differ (router rows, bias entries, expert slices); expert-id tables renumbered by ``id_remap``."""
+    import json
+
+    original = load_causal_lm(original_dir, dtype=torch.float32)
+    pruned_config = json.loads((Path(pruned_dir) / "config.json").read_text())
+    small_model = load_causal_lm(pruned_dir, dtype=torch.float32, config_only=pruned_config)
+    big = original.state_dict()
+    state = {}
+    for name, t in small_model.state_dict().items():
+        b = big[name]
+        if b.shape != t.shape:
+            dims = [d for d in range(b.dim()) if b.shape[d] != t.shape[d]]
+            assert len(dims) == 1, (name, b.shape, t.shape)
+            b = b.index_select(dims[0], torch.tensor(kept[_layer_of(name)]))
+        elif not b.is_floating_point() and id_remap and _layer_of(name) in id_remap and ".mlp." in name:
+            b = torch.tensor(id_remap[_layer_of(name)], dtype=b.dtype)[b]
+        state[name] = b
+    small_model.load_state_dict(state, strict=True)
+    return original.eval(), small_model.eval()
+
+
+def stored_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, read with safetensors (the index must list exactly what is stored)."""
+    import json
+
+    from safetensors import safe_open
+
+    weight_map = json.loads((Path(path) / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(Path(path) / shard), "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    assert set(out) == set(weight_map)
+    return out
+
+
+def assert_exact_surgery(src: Path, out: Path, kept: dict[int, list[int]],
+                         id_remap: dict[int, list[int]] | None = None) -> None:
+    """Every output tensor is a source tensor byte for byte: the same name, a kept expert renamed to its new index
+    (names with ``.experts.{e}.``), a source tensor with the kept indices selected along the one dimension where the
+    shapes differ, or an integer expert-id table with every id renumbered by ``id_remap``."""
+    import re
+
+    expert = re.compile(r"\.experts\.(\d+)\.")
+    before, after = stored_tensors(src), stored_tensors(out)
+    for name, t in after.items():
+        layer = _layer_of(name) if re.search(r"layers\.\d+\.", name) else None
+        m = expert.search(name)
+        if m and layer in kept:
+            source = before[name[: m.start(1)] + str(kept[layer][int(m[1])]) + name[m.end(1):]]
+        else:
+            source = before[name]
+            if source.shape != t.shape:
+                dims = [d for d in range(t.dim()) if source.shape[d] != t.shape[d]]
+                assert len(dims) == 1, name
+                source = source.index_select(dims[0], torch.tensor(kept[layer]))
+            elif id_remap and layer in id_remap and not source.is_floating_point() and not torch.equal(source, t):
+                source = torch.tensor(id_remap[layer], dtype=source.dtype)[source.long()]
+        assert source.dtype == t.dtype and torch.equal(source.view(torch.uint8), t.view(torch.uint8)), name
+    dropped = [n for n in before if expert.search(n) and _layer_of(n) in kept
+               and int(expert.search(n)[1]) not in kept[_layer_of(n)]]
+    assert len(after) == len(before) - len(dropped)

@@ -167,9 +167,18 @@ def test_index_names_a_tensor_absent_from_its_shard(model, tmp_path):
 def test_unknown_architecture(model, tmp_path):
     config_path = model / "config.json"
     config = json.loads(config_path.read_text())
-    config["model_type"] = "qwen3_moe"  # architectures still says MiniMaxM2ForCausalLM: model_type decides
+    config["model_type"] = "minimax_m9"
     config_path.write_text(json.dumps(config))
-    run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "qwen3_moe", "src/reap/arch.py")
+    run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "minimax_m9",
+                "not implemented by the installed transformers", "src/reap/arch.py")
+
+
+def test_config_of_another_architecture(model, tmp_path):
+    config_path = model / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = "qwen3_moe"  # the shards are MiniMax-M2's: transformers' Qwen3-MoE loads none of them
+    config_path.write_text(json.dumps(config))
+    run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "mlp.experts", "does not match")
 
 
 def test_config_without_expert_count(model, tmp_path):
@@ -177,7 +186,7 @@ def test_config_without_expert_count(model, tmp_path):
     config = json.loads(config_path.read_text())
     del config["num_local_experts"]
     config_path.write_text(json.dumps(config))
-    run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "num_local_experts")
+    run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "expert count", "config.json")
 
 
 def test_config_not_json(model, tmp_path):

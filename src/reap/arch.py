@@ -1,497 +1,136 @@
-"""The family table: how each Mixture-of-Experts family lays out its experts on disk and how it routes.
+"""What a Mixture-of-Experts checkpoint is, derived from transformers instead of typed in.
 
-One :class:`Family` entry per model family, as data: the on-disk tensor names of the router, its
-correction bias and the per-expert tensors (companion tensors such as FP8 ``.weight_scale_inv`` are
-found by the same pattern), the ``config.json`` keys that hold the expert count and top-k, and the
-routing as data: scoring (softmax or sigmoid), correction bias, renormalization and scaling (each a
-default plus the config key that overrides it), group-limited routing, shared experts (and the sigmoid gate some
-families put on them). :func:`detect`
-reads ``config.json`` and returns a :class:`MoESpec` (the family plus this checkpoint's numbers, its
-:class:`Routing` included); :func:`route` routes exactly as the family's modeling code in transformers.
-Adding a family means adding one entry to :data:`FAMILIES`.
+reap keeps no per-family table of tensor names or routing rules. For a checkpoint it builds transformers' own
+model from ``config.json`` on the meta device (parameters on meta, buffers real) and reads off it:
 
-Shapes (legend: T tokens, E experts, K top-k, H hidden): router logits [T, E]; chosen experts and their
-weights [T, K].
+* **the MoE layers**: the decoder stack (the ``layers`` ModuleList that holds experts modules) and, per layer,
+  the experts module (any class on transformers' standard experts interface, ``@use_experts_implementation``)
+  and its parent, the MoE block, with the router, shared experts and gates;
+* **the expert axis**: the model is built a second time with twice the experts (each ``config.json`` entry
+  equal to the expert count is tried, nested ``text_config`` included; the ones that change the experts
+  module's count are the *count keys*), and every tensor whose shape follows the count is an expert tensor
+  along that dimension: router rows, correction biases of any shape (ERNIE's ``[1, E]``), fused experts and
+  their biases. Integer tensors of an MoE block that do not follow it hold expert ids as values (DeepSeek-V4's
+  token -> expert hash table ``tid2eid``);
+* **the disk layout**: transformers' conversion mapping for the model (renamings, per-expert tensors merged
+  into fused ones, transposes) applied to every stored name, quantization companions through
+  :mod:`reap.formats`, gives each stored tensor a :class:`Role`: one expert's tensor (``experts.{E}.w1``), a
+  tensor holding every expert along an axis, an expert-id table, a multi-token-prediction tensor transformers
+  never loads, or anything else (copied as it is).
+
+What cannot be derived is a short table: :data:`MODEL_TYPE_ALIASES` (checkpoints whose ``model_type`` is
+remote code for an architecture transformers has), :data:`NOT_STREAMABLE` (base models that feed a layer more
+than the previous layer gave) and :data:`MTP_KEYS`. Errors name the piece that is missing.
+
+Legend: E experts, K kept experts, L decoder layers, H hidden.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported in route(): detecting a family (reap inspect, prune --keep) needs no torch
+from reap.errors import UserError
+from reap.formats import Format, checkpoint_format, group_parts
+
+if TYPE_CHECKING:
     import torch
 
-from reap.errors import UserError
+    from reap.checkpoint import Checkpoint
+
+#: ``model_type`` values that are remote code for an architecture transformers implements: built with its classes
+#: (the ``auto_map`` code is never run). Add an entry when a release renames a model type it did not change.
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+#: model types whose base model feeds layers something computed from earlier layers' hidden states (beyond what a
+#: layer returns), which a stream that keeps only the latest layer's output cannot reproduce: type -> why
+_BLOCK_STATES = ("its base model collects the hidden states entering every block-boundary layer and feeds them to "
+                 "later layers (block_states), which a layer-at-a-time stream does not keep")
+NOT_STREAMABLE = {"inkling2": _BLOCK_STATES, "inkling2_text": _BLOCK_STATES}
+#: config keys that count multi-token-prediction modules stored beside the decoder layers (transformers never
+#: loads them); set to 0 when the output leaves those modules out.
+MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+#: attribute names under which transformers' MoE blocks and routers (or the text config) keep top-k and groups
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "experts_per_token", "top_k_experts", "moe_k")
+N_GROUP_ATTRS = ("n_group", "num_group", "num_expert_group")
+TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
+GROUP_SCORE_TOP = 2  # group-limited routers (DeepSeek-V3 style) score a group by its best two experts
 
 
 @dataclass(frozen=True)
-class Family:
-    """One MoE family's on-disk names, config keys and routing. Name templates use ``{layer}``/``{expert}``."""
+class MoELayer:
+    """One decoder layer's MoE block, as transformers builds it (model-side names)."""
 
-    name: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    moe_prefix: str  # the MoE block of layer {layer}
-    expert_prefix: str  # one expert's tensors start with this (then e.g. "w1.weight", "w1.weight_scale_inv")
-    router_weight: str
-    router_bias: str | None  # e_score_correction_bias-like tensor, sliced with the router rows
-    # transformers' names for the expert projections -> on-disk names (gate and up are fused as gate_up_proj)
-    projections: dict[str, str] = field(default_factory=dict)
-    num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
-    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_topk", "top_k")
-    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
-    expert_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
-    scoring: str = "softmax"  # "softmax" | "sigmoid"
-    renormalize: bool = True  # divide the chosen K weights by their sum (the default when renormalize_key is absent)
-    renormalize_key: str | None = None  # config key that switches renormalization (e.g. "norm_topk_prob")
-    renormalize_eps: float = 0.0  # added to the sum before dividing (DeepSeek-V3: 1e-20)
-    scaling: float = 1.0  # the chosen weights are multiplied by this (the default when scaling_key is absent)
-    scaling_key: str | None = None  # config key of that factor (e.g. "routed_scaling_factor")
-    # group-limited routing (DeepSeek-V3): experts form n_group contiguous groups; a token picks topk_group groups
-    # by the sum of each group's best `group_score_top` choice scores, then its top-k experts inside them
-    group_keys: tuple[str, ...] = ()  # config keys of the group count; () = no groups
-    topk_group_keys: tuple[str, ...] = ()
-    group_defaults: tuple[int, int] = (1, 1)  # (n_group, topk_group) when the keys are absent
-    group_score_top: int = 2
-    router_float32: bool = False  # the router always runs in float32 (else in the compute dtype, or float32 if stored so)
-    weights_in_logits_dtype: bool = False  # the chosen weights are rounded to the logits' dtype (Qwen3-MoE)
-    # sub-module of transformers' MoE block (same name on disk under moe_prefix) added to the routed output, never pruned
-    shared_experts: str | None = None
-    # sub-module (a Linear H -> 1) whose sigmoid scales the shared experts' output per token (Qwen3-Next), never pruned
-    shared_expert_gate: str | None = None
-    # the transformers model_type the layers are built with, when config.json's model_type is not one transformers
-    # knows (Kimi-K2 says "kimi_k2" and is DeepSeek-V3 in transformers); None = config.json's model_type
-    transformers_model_type: str | None = None
-    # multi-token-prediction (MTP) modules stored beside the decoder layers (DeepSeek-V3's model.layers.61, GLM-4.5's
-    # model.layers.92, Qwen3-Next's mtp.*): transformers never loads them, and their experts would no longer match
-    # the pruned expert count, so the output drops them and sets these config keys to 0
-    mtp_keys: tuple[str, ...] = ()
-    mtp_prefix: str | None = None  # where they live; None = the layers numbered from num_hidden_layers on
-    # attribute of transformers' decoder layer that holds the MoE block (replaced during calibration)
-    moe_module: str = "mlp"
-    # non-expert names the layer streamer needs (transformers' parameter names below these prefixes match disk)
-    layer_prefix: str = "model.layers.{layer}."
-    embed_weight: str = "model.embed_tokens.weight"
-    final_norm_weight: str = "model.norm.weight"
-    lm_head_weight: str = "lm_head.weight"
-    hidden_act_key: str = "hidden_act"
-    # fused experts (gpt-oss): one tensor per projection and layer, the experts along dim 0. Maps "gate_up",
-    # "gate_up_bias", "down", "down_bias" -> the on-disk name under moe_prefix. Every tensor whose name starts with
-    # one of these (MXFP4 "_blocks"/"_scales" companions included) is sliced along dim 0 by the surgery.
-    # {} = one set of tensors per expert (expert_prefix/projections).
-    fused_experts: dict[str, str] = field(default_factory=dict)
-    router_logit_bias: str | None = None  # a bias of the router linear itself (a parameter), sliced with its rows
-    # the expert function: "glu" = down(act(gate(x)) * up(x)); "clamped_swiglu" = gpt-oss's biased, clamped GLU
-    # (gate and up interleaved in gate_up; gate <= limit, |up| <= limit; (up + 1) * gate * sigmoid(alpha * gate))
-    expert_fn: str = "glu"
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0  # the default when swiglu_limit_key is absent
-    swiglu_limit_key: str | None = None
-    attn_implementation: str = "sdpa"  # the attention the layer streamer asks transformers for
-
-    def fused_names(self, layer: int) -> dict[str, str]:
-        """The fused expert tensors of layer ``layer`` (full on-disk names; bf16/fp32 spelling)."""
-        prefix = self.moe_prefix.format(layer=layer)
-        return {k: prefix + v for k, v in self.fused_experts.items()}
-
-    def is_fused_expert(self, name: str) -> bool:
-        """Whether ``name`` is (a companion of) a fused expert tensor of some layer."""
-        if not self.fused_experts:
-            return False
-        m = re.match(r"^" + re.escape(self.moe_prefix).replace(re.escape("{layer}"), r"\d+") + r"(.+)$", name)
-        return m is not None and any(m[1].startswith(v) for v in self.fused_experts.values())
-
-    def expert_regex(self) -> re.Pattern[str]:
-        """Matches every tensor of one expert: groups ``layer``, ``expert`` and ``rest`` (e.g. ``w1.weight``)."""
-        pattern = re.escape(self.expert_prefix)
-        pattern = pattern.replace(re.escape("{layer}"), r"(?P<layer>\d+)")
-        pattern = pattern.replace(re.escape("{expert}"), r"(?P<expert>\d+)")
-        return re.compile("^" + pattern + r"(?P<rest>.+)$")
-
-
-MINIMAX_M2 = Family(
-    name="minimax_m2",
-    model_types=("minimax_m2",),
-    architectures=("MiniMaxM2ForCausalLM",),
-    moe_prefix="model.layers.{layer}.block_sparse_moe.",
-    expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}.",
-    router_weight="model.layers.{layer}.block_sparse_moe.gate.weight",
-    router_bias="model.layers.{layer}.block_sparse_moe.e_score_correction_bias",
-    projections={"gate": "w1", "up": "w3", "down": "w2"},
-    num_experts_keys=("num_local_experts",),
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("intermediate_size",),
-    scoring="sigmoid",
-    renormalize=True,
-)
-
-QWEN3_MOE = Family(
-    name="qwen3_moe",
-    model_types=("qwen3_moe",),
-    architectures=("Qwen3MoeForCausalLM",),
-    moe_prefix="model.layers.{layer}.mlp.",
-    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-    router_weight="model.layers.{layer}.mlp.gate.weight",
-    router_bias=None,
-    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    # released configs say num_experts; transformers 5 writes num_local_experts (its attribute_map alias)
-    num_experts_keys=("num_experts", "num_local_experts"),
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("moe_intermediate_size",),
-    scoring="softmax",
-    renormalize=False,  # Qwen3MoeConfig's default for norm_topk_prob
-    renormalize_key="norm_topk_prob",
-    weights_in_logits_dtype=True,
-)
-
-MIXTRAL = Family(
-    name="mixtral",
-    model_types=("mixtral",),
-    architectures=("MixtralForCausalLM",),
-    moe_prefix="model.layers.{layer}.block_sparse_moe.",
-    expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}.",
-    router_weight="model.layers.{layer}.block_sparse_moe.gate.weight",
-    router_bias=None,
-    projections={"gate": "w1", "up": "w3", "down": "w2"},
-    num_experts_keys=("num_local_experts",),
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("intermediate_size",),
-    scoring="softmax",
-    renormalize=True,
-)
-
-DEEPSEEK_V3 = Family(
-    name="deepseek_v3",
-    model_types=("deepseek_v3",),
-    architectures=("DeepseekV3ForCausalLM",),
-    moe_prefix="model.layers.{layer}.mlp.",
-    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-    router_weight="model.layers.{layer}.mlp.gate.weight",
-    router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
-    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    num_experts_keys=("n_routed_experts",),
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("moe_intermediate_size",),
-    scoring="sigmoid",
-    renormalize=True,  # DeepseekV3Config's defaults
-    renormalize_key="norm_topk_prob",
-    renormalize_eps=1e-20,
-    scaling=2.5,
-    scaling_key="routed_scaling_factor",
-    group_keys=("n_group",),
-    topk_group_keys=("topk_group",),
-    group_defaults=(8, 4),
-    router_float32=True,
-    shared_experts="shared_experts",
-    mtp_keys=("num_nextn_predict_layers",),
-)
-
-# Kimi-K2 (Moonshot): DeepSeek-V3's architecture and tensor names under model_type "kimi_k2" (its config class is remote
-# code); its config.json sets n_group/topk_group 1 and routed_scaling_factor itself. Built with transformers' DeepSeek-V3.
-KIMI_K2 = replace(DEEPSEEK_V3, name="kimi_k2", model_types=("kimi_k2",), architectures=(),
-                  transformers_model_type="deepseek_v3")
-
-GLM4_MOE = Family(
-    name="glm4_moe",  # GLM-4.5, GLM-4.5-Air, GLM-4.6 (Glm4MoeForCausalLM)
-    model_types=("glm4_moe",),
-    architectures=("Glm4MoeForCausalLM",),
-    moe_prefix="model.layers.{layer}.mlp.",
-    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-    router_weight="model.layers.{layer}.mlp.gate.weight",
-    router_bias="model.layers.{layer}.mlp.gate.e_score_correction_bias",
-    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    # the released configs say n_routed_experts; transformers' alias num_local_experts is rewritten too if present
-    num_experts_keys=("n_routed_experts", "num_local_experts"),
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("moe_intermediate_size",),
-    scoring="sigmoid",
-    renormalize=True,  # Glm4MoeConfig's defaults (the releases set routed_scaling_factor 2.5, n_group 1)
-    renormalize_key="norm_topk_prob",
-    renormalize_eps=1e-20,
-    scaling=1.0,
-    scaling_key="routed_scaling_factor",
-    group_keys=("n_group",),
-    topk_group_keys=("topk_group",),
-    group_defaults=(1, 1),
-    router_float32=True,
-    shared_experts="shared_experts",
-    mtp_keys=("num_nextn_predict_layers",),  # GLM-4.5: model.layers.92
-)
-
-QWEN3_NEXT = Family(
-    name="qwen3_next",  # Qwen3-Next-80B-A3B (hybrid Gated DeltaNet / gated full attention layers)
-    model_types=("qwen3_next",),
-    architectures=("Qwen3NextForCausalLM",),
-    moe_prefix="model.layers.{layer}.mlp.",
-    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",
-    router_weight="model.layers.{layer}.mlp.gate.weight",
-    router_bias=None,
-    projections={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    num_experts_keys=("num_experts",),  # Qwen3NextConfig has no num_local_experts alias
-    top_k_keys=("num_experts_per_tok",),
-    expert_intermediate_keys=("moe_intermediate_size",),
-    scoring="softmax",
-    renormalize=True,  # Qwen3NextConfig's default for norm_topk_prob
-    renormalize_key="norm_topk_prob",
-    weights_in_logits_dtype=True,
-    shared_experts="shared_expert",
-    shared_expert_gate="shared_expert_gate",
-    mtp_keys=("mtp_num_hidden_layers",),
-    mtp_prefix="mtp.",
-)
-
-GPT_OSS = Family(
-    name="gpt_oss",
-    model_types=("gpt_oss",),
-    architectures=("GptOssForCausalLM",),
-    moe_prefix="model.layers.{layer}.mlp.",
-    expert_prefix="model.layers.{layer}.mlp.experts.{expert}.",  # never on disk: the experts are fused
-    router_weight="model.layers.{layer}.mlp.router.weight",
-    router_bias=None,
-    router_logit_bias="model.layers.{layer}.mlp.router.bias",
-    # [E, H, 2I] (gate/up interleaved in the last dim), [E, 2I], [E, I, H], [E, H]; the released MXFP4 checkpoints
-    # store gate_up_proj_blocks [E, 2I, H/32, 16] + gate_up_proj_scales [E, 2I, H/32] (uint8) instead
-    fused_experts={"gate_up": "experts.gate_up_proj", "gate_up_bias": "experts.gate_up_proj_bias",
-                   "down": "experts.down_proj", "down_bias": "experts.down_proj_bias"},
-    # GptOssConfig's attribute_map makes num_experts an alias of num_local_experts; experts_per_token is top-k
-    num_experts_keys=("num_local_experts", "num_experts"),
-    top_k_keys=("num_experts_per_tok", "experts_per_token"),
-    expert_intermediate_keys=("intermediate_size",),
-    scoring="topk_softmax",  # logits = x W^T + b; top-k on the logits; softmax over the K chosen logits
-    renormalize=True,
-    weights_in_logits_dtype=True,  # GptOssTopKRouter's softmax runs in the logits' dtype
-    expert_fn="clamped_swiglu",
-    swiglu_limit_key="swiglu_limit",
-    attn_implementation="eager",  # GptOss has no sdpa path (attention sinks)
-)
-
-#: Every supported family. To add one, append an entry here (and a test with a tiny checkpoint).
-FAMILIES: tuple[Family, ...] = (MINIMAX_M2, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, KIMI_K2, GLM4_MOE, QWEN3_NEXT,
-                                 GPT_OSS)
-
-
-def _first_key(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
-    for key in keys:
-        if config.get(key) is not None:
-            return key, config[key]
-    return None
+    index: int
+    block: str  # module path of the MoE block (the experts module's parent)
+    experts: str  # module path of transformers' experts module
+    tensors: dict[str, int]  # model tensor name -> its expert axis (experts, router rows, biases)
+    id_tables: tuple[str, ...] = ()  # integer tensors whose values are expert ids (hash routing)
+    router: str | None = None  # the router's [E, H] weight, if the block has one
 
 
 @dataclass(frozen=True)
-class Routing:
-    """This checkpoint's routing numbers (the family's defaults, overridden by ``config.json``)."""
+class Role:
+    """What one stored tensor is to pruning.
 
-    renormalize: bool = True
-    scaling: float = 1.0
-    n_group: int = 1  # contiguous, equally sized expert groups
-    topk_group: int = 1  # groups a token may route into (group-limited routing when n_group > 1)
+    kind: ``expert`` (one expert's tensor; ``span`` is where its index sits in the name), ``rows`` (every
+    expert along ``axis``), ``ids`` (values are expert ids), ``mtp`` (a multi-token-prediction tensor
+    transformers never loads) or ``other`` (copied as it is). ``part`` is ``experts`` or ``router`` for the
+    first three.
+    """
 
-    def describe(self, family: "Family") -> str:
-        if family.scoring == "topk_softmax":
-            return "softmax over the top-k logits" + (" (router bias)" if family.router_logit_bias else "")
-        text = family.scoring + (" + correction bias" if family.router_bias else "")
-        if self.n_group > 1:
-            text += f", top-{self.topk_group} of {self.n_group} groups"
-        text += ", top-k renormalized" if self.renormalize else ", top-k not renormalized"
-        if self.scaling != 1.0:
-            text += f", scaled x{self.scaling:g}"
-        return text
+    kind: str
+    layer: int | None = None
+    expert: int | None = None
+    span: tuple[int, int] | None = None
+    axis: int | None = None
+    part: str = ""
+    model: str | None = None  # the model tensor it loads into
+    buffer: bool = False  # it loads into a buffer (a correction bias, a hash table): no parameter count
 
 
 @dataclass(frozen=True)
-class MoESpec:
-    """A family plus this checkpoint's numbers (from ``config.json``)."""
+class Layout:
+    """A checkpoint's MoE structure: model-side from transformers, disk-side from its conversion mapping."""
 
-    family: Family
+    family: str  # config.json's model_type
+    model_type: str  # the transformers model type it is built as
+    model_class: str
+    layers_path: str  # model path of the decoder stack, e.g. "model.layers"
     num_layers: int
     num_experts: int
     top_k: int
     hidden_size: int
-    expert_intermediate: int
-    num_experts_key: str  # the first expert-count key present in config.json
-    num_experts_keys: tuple[str, ...] = ()  # every expert-count key present (all are rewritten)
-    routing: Routing = Routing()
+    count_keys: tuple[tuple[str, ...], ...]  # config.json key paths holding the expert count
+    moe: dict[int, MoELayer]
+    roles: dict[str, Role] = field(default_factory=dict)  # stored name -> role
+    format: Format | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    expert_intermediate: int = 0
+    mtp_keys: tuple[str, ...] = ()  # MTP count keys present in config.json
 
-    def router_name(self, layer: int) -> str:
-        return self.family.router_weight.format(layer=layer)
-
-    def router_bias_name(self, layer: int) -> str | None:
-        bias = self.family.router_bias
-        return bias.format(layer=layer) if bias else None
-
-    def is_mtp(self, name: str) -> bool:
-        """Whether tensor ``name`` belongs to a multi-token-prediction module (see ``Family.mtp_keys``)."""
-        fam = self.family
-        if not fam.mtp_keys:
-            return False
-        if fam.mtp_prefix is not None:
-            return name.startswith(fam.mtp_prefix)
-        head, _, tail = fam.layer_prefix.partition("{layer}")
-        if not name.startswith(head):
-            return False
-        index = name[len(head):].partition(tail)[0]
-        return index.isdigit() and int(index) >= self.num_layers
-
-    def router_logit_bias_name(self, layer: int) -> str | None:
-        bias = self.family.router_logit_bias
-        return bias.format(layer=layer) if bias else None
-
-    def expert_name(self, layer: int, expert: int, rest: str) -> str:
-        return self.family.expert_prefix.format(layer=layer, expert=expert) + rest
-
-    def projection_name(self, layer: int, expert: int, proj: str) -> str:
-        """On-disk weight of one expert projection: proj is "gate", "up" or "down"."""
-        return self.expert_name(layer, expert, self.family.projections[proj] + ".weight")
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.moe)
 
     def min_kept(self) -> int:
         """The fewest experts a layer may keep: top-k, and with groups enough in the allowed groups for top-k
-        (and at least ``group_score_top`` per group, which the group score needs)."""
-        r = self.routing
-        if r.n_group <= 1:
+        (and at least two per group, which the group score needs)."""
+        if self.n_group <= 1:
             return self.top_k
-        per_group = max(-(-self.top_k // r.topk_group), self.family.group_score_top)
-        return per_group * r.n_group
+        return max(-(-self.top_k // self.topk_group), GROUP_SCORE_TOP) * self.n_group
 
+    def routing(self) -> str:
+        text = f"top-{self.top_k}"
+        if self.n_group > 1:
+            text += f", top-{self.topk_group} of {self.n_group} expert groups"
+        return text + " (transformers' own router)"
 
-def detect(config: dict[str, Any]) -> MoESpec:
-    """Find the family entry for ``config.json`` and read its expert count, top-k and sizes."""
-    model_type = config.get("model_type")
-    archs = tuple(config.get("architectures") or ())
-    # model_type decides (it is what transformers builds the model from); architectures only when it is absent
-    if model_type:
-        family = next((f for f in FAMILIES if model_type in f.model_types), None)
-    else:
-        family = next((f for f in FAMILIES if any(a in f.architectures for a in archs)), None)
-    if family is None:
-        known = ", ".join(f.name for f in FAMILIES)
-        raise UserError(
-            f"unsupported model family (model_type={model_type!r}, architectures={list(archs)}): reap supports "
-            f"{known}; support for a new family is one entry in FAMILIES in src/reap/arch.py"
-        )
-    found = {}
-    for what, keys in (
-        ("expert count", family.num_experts_keys),
-        ("top-k", family.top_k_keys),
-        ("layer count", family.num_layers_keys),
-        ("expert intermediate size", family.expert_intermediate_keys),
-        ("hidden size", ("hidden_size",)),
-    ):
-        hit = _first_key(config, keys)
-        if hit is None or not isinstance(hit[1], int) or isinstance(hit[1], bool) or hit[1] <= 0:
-            raise UserError(
-                f"config.json has no valid {what} for family {family.name}: expected a positive integer under "
-                f"one of {list(keys)}; fix config.json or the {family.name} entry in src/reap/arch.py"
-            )
-        found[what] = hit
-    num_experts = found["expert count"][1]
-    top_k = found["top-k"][1]
-    if top_k > num_experts:
-        raise UserError(f"config.json says top-k {top_k} > {num_experts} experts; the checkpoint config is broken")
-    present = tuple(k for k in family.num_experts_keys if config.get(k) is not None)
-    if any(config[k] != num_experts for k in present):
-        raise UserError(f"config.json gives different expert counts under {list(present)} "
-                        f"({[config[k] for k in present]}); the checkpoint config is broken")
-    routing = _routing(config, family, num_experts, top_k)
-    return MoESpec(
-        family=family,
-        num_layers=found["layer count"][1],
-        num_experts=num_experts,
-        top_k=top_k,
-        hidden_size=found["hidden size"][1],
-        expert_intermediate=found["expert intermediate size"][1],
-        num_experts_key=found["expert count"][0],
-        num_experts_keys=present,
-        routing=routing,
-    )
-
-
-def _routing(config: dict[str, Any], family: Family, num_experts: int, top_k: int) -> Routing:
-    renormalize = family.renormalize
-    if family.renormalize_key and config.get(family.renormalize_key) is not None:
-        renormalize = bool(config[family.renormalize_key])
-    scaling = family.scaling
-    if family.scaling_key and config.get(family.scaling_key) is not None:
-        scaling = config[family.scaling_key]
-        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-            raise UserError(f"config.json {family.scaling_key} must be a number (got {scaling!r})")
-        scaling = float(scaling)
-    n_group, topk_group = family.group_defaults if family.group_keys else (1, 1)
-    for what, keys in (("group count", family.group_keys), ("groups per token", family.topk_group_keys)):
-        hit = _first_key(config, keys)
-        if hit is None:
-            continue
-        if not isinstance(hit[1], int) or isinstance(hit[1], bool) or hit[1] <= 0:
-            raise UserError(f"config.json {hit[0]} must be a positive integer (the {what}), got {hit[1]!r}")
-        if what == "group count":
-            n_group = hit[1]
-        else:
-            topk_group = hit[1]
-    if n_group > 1:
-        if num_experts % n_group:
-            raise UserError(f"config.json says {num_experts} experts in {n_group} groups, which do not divide "
-                            "evenly; the checkpoint config is broken")
-        if not 1 <= topk_group <= n_group:
-            raise UserError(f"config.json says top-{topk_group} of {n_group} expert groups; the checkpoint config is broken")
-    return Routing(renormalize=renormalize, scaling=scaling, n_group=n_group, topk_group=topk_group)
-
-
-def route(
-    logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, family: Family, routing: Routing | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing exactly as the family's modeling code does it.
-
-    logits [T, E] (router output in the router's dtype) -> (weights [T, K] float32, chosen [T, K] int64).
-    The weights are what the model multiplies each chosen expert's output by. ``routing`` holds this
-    checkpoint's numbers (``MoESpec.routing``); without it, the family's defaults and no groups.
-    """
-    import torch
-
-    routing = routing or Routing(renormalize=family.renormalize, scaling=family.scaling)
-    if family.scoring == "topk_softmax":  # gpt-oss: choose by the logits, softmax over the chosen K only
-        return _route_topk_softmax(logits, bias, top_k, family, routing)
-    if family.scoring == "sigmoid":
-        scores = torch.sigmoid(logits.float())  # [T, E]
-    elif family.scoring == "softmax":
-        scores = torch.softmax(logits.float(), dim=-1)
-    else:  # pragma: no cover - table error
-        raise ValueError(f"unknown scoring {family.scoring!r} in family {family.name}")
-    choice = scores + bias.float() if bias is not None else scores
-    if routing.n_group > 1:  # group-limited: only experts of the topk_group best groups can be chosen
-        T, E = choice.shape
-        G = routing.n_group
-        group_scores = choice.view(T, G, E // G).topk(family.group_score_top, dim=-1)[0].sum(dim=-1)  # [T, G]
-        group_idx = torch.topk(group_scores, k=routing.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
-        score_mask = group_mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    _, chosen = torch.topk(choice, top_k, dim=-1, sorted=False)  # [T, K]
-    weights = scores.gather(1, chosen)
-    if routing.renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + family.renormalize_eps)
-    if routing.scaling != 1.0:
-        weights = weights * routing.scaling
-    if family.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype).float()
-    return weights, chosen
-
-
-def _route_topk_softmax(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, family: Family,
-                        routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """GptOssTopKRouter: top-k of the logits (the router's own bias is already in them), softmax over those K
-    (== softmax over all E, renormalized over the chosen K). A correction bias, if any, only shifts the choice."""
-    import torch
-
-    choice = logits.float() + bias.float() if bias is not None else logits.float()
-    _, chosen = torch.topk(choice, top_k, dim=-1)  # [T, K]
-    weights = torch.softmax(logits.float().gather(1, chosen), dim=-1)
-    if routing.scaling != 1.0:
-        weights = weights * routing.scaling
-    if family.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype).float()
-    return weights, chosen
+    def stored(self, kind: str) -> list[str]:
+        return [n for n, r in self.roles.items() if r.kind == kind]
 
 
 def human_count(n: float) -> str:
@@ -510,3 +149,352 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"  # pragma: no cover
+
+
+# -- transformers' model ------------------------------------------------------------------------------------------
+def transformers_model_type(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError("config.json has no model_type; it is not a transformers checkpoint (restore the original "
+                        "config.json)")
+    return MODEL_TYPE_ALIASES.get(model_type, model_type)
+
+
+def build_config(config: dict[str, Any]):
+    """transformers' config object for ``config.json`` (a deep copy: the dict is never changed), without the
+    quantization section (reap dequantizes by itself)."""
+    import transformers
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    data = copy.deepcopy(config)
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # {"__float__": "Infinity"} as transformers saves
+    data = decode(data) if decode is not None else data
+    data.pop("quantization_config", None)
+    model_type = transformers_model_type(data)
+    if model_type != data.get("model_type"):
+        data.pop("auto_map", None)
+    data.pop("model_type", None)
+    if model_type in NOT_STREAMABLE:
+        raise UserError(f"model_type {model_type!r} cannot be calibrated layer by layer: {NOT_STREAMABLE[model_type]}; "
+                        "it is listed in NOT_STREAMABLE in src/reap/arch.py")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(
+            f"model_type {config.get('model_type')!r} is not implemented by the installed transformers "
+            f"{transformers.__version__}; upgrade transformers (`pip install -U transformers`), or, if it is an "
+            "architecture transformers has under another name, add it to MODEL_TYPE_ALIASES in src/reap/arch.py"
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as err:  # noqa: BLE001 - a config transformers rejects is the user's file
+        raise UserError(f"transformers rejects this config.json as {model_type} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); restore the original config.json") from None
+
+
+def model_class(cfg, config: dict[str, Any]):
+    """The transformers class the checkpoint was saved from (its ``architectures``), else the causal-LM class."""
+    import transformers
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    for name in config.get("architectures") or ():
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type) and getattr(cls, "config_class", None) is type(cfg):
+            return cls
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+    except KeyError:
+        raise UserError(f"transformers has no causal language model for model_type {cfg.model_type!r} (and "
+                        f"architectures {config.get('architectures')} name none it has); reap streams causal "
+                        "language models") from None
+
+
+def build_model(cfg, cls, dtype: "torch.dtype | None" = None):
+    """transformers' model with every parameter on the meta device and buffers real (on the CPU): rotary
+    frequencies and other buffers computed at construction are right, no weight memory is used."""
+    import torch
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(cfg, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def is_experts_module(module) -> bool:
+    """A module on transformers' standard experts interface (``@use_experts_implementation`` sets these)."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "num_experts"))
+
+
+def _experts_by_layer(model) -> tuple[str, dict[int, str]]:
+    """(path of the decoder stack, {layer: experts module path}) for the stack that holds the most MoE layers."""
+    import torch
+
+    stacks: dict[str, dict[int, str]] = {}
+    lists = {name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)}
+    for name, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if parts[i].isdigit() and ".".join(parts[:i]) in lists:
+                stacks.setdefault(".".join(parts[:i]), {}).setdefault(int(parts[i]), [])
+                stacks[".".join(parts[:i])][int(parts[i])].append(name)
+                break
+    if not stacks:
+        if type(model)._can_set_experts_implementation():  # the family has experts, this config builds none
+            n = getattr(model.config.get_text_config(), "num_hidden_layers", "?")
+            raise UserError(f"no decoder layer of this checkpoint has experts: config.json makes all {n} layers of "
+                            f"{type(model).__name__} dense (e.g. first_k_dense_replace >= num_hidden_layers), so "
+                            "there is nothing to prune")
+        raise UserError(f"transformers' {type(model).__name__} has no experts module on its standard experts "
+                        "interface (@use_experts_implementation), so reap cannot stream or prune it; such models "
+                        "are listed as not supported by `reap inspect --families`")
+    path = max(stacks, key=lambda p: (len(stacks[p]), p.endswith("language_model.layers")))
+    layers = stacks[path]
+    many = {i: names for i, names in layers.items() if len(names) > 1}
+    if many:
+        i, names = next(iter(many.items()))
+        raise UserError(f"layer {i} has {len(names)} experts modules ({', '.join(names)}); reap prunes one MoE "
+                        "block per decoder layer")
+    return path, {i: names[0] for i, names in layers.items()}
+
+
+def _count_candidates(config: dict[str, Any], num_experts: int) -> list[tuple[str, ...]]:
+    """config.json key paths (top level and one nested object, e.g. text_config) whose value is the expert count."""
+    out = []
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value == num_experts:
+            out.append((key,))
+        elif isinstance(value, dict):
+            out += [(key, k) for k, v in value.items()
+                    if isinstance(v, int) and not isinstance(v, bool) and v == num_experts]
+    return out
+
+
+def _alias_groups(cfg, paths: list[tuple[str, ...]]) -> list[list[tuple[str, ...]]]:
+    """Candidate key paths grouped by the config attribute they set (``attribute_map`` aliases: Qwen3-MoE's
+    ``num_local_experts`` is ``num_experts``), so that aliases are probed together."""
+    groups: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for path in paths:
+        owner = cfg if len(path) == 1 else getattr(cfg, path[0], None)
+        attr = getattr(type(owner), "attribute_map", {}).get(path[-1], path[-1]) if owner is not None else path[-1]
+        groups.setdefault((*path[:-1], attr), []).append(path)
+    return list(groups.values())
+
+
+def _set_paths(config: dict[str, Any], paths: list[tuple[str, ...]], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return out
+
+
+def _shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _attr(modules, names: tuple[str, ...]) -> int | None:
+    for module in modules:
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def derive_model(config: dict[str, Any], cls=None):
+    """(Layout without roles, meta model, its config): the MoE structure of the model ``config.json`` describes
+    (as transformers' class ``cls``; by default the one its ``architectures`` names, else the causal LM)."""
+    cfg = build_config(config)
+    cls = cls or model_class(cfg, config)
+    model = build_model(cfg, cls)
+    layers_path, experts = _experts_by_layer(model)
+    modules = dict(model.named_modules())
+    counts = {modules[p].num_experts for p in experts.values()}
+    if len(counts) != 1:
+        raise UserError(f"the MoE layers have different expert counts ({sorted(counts)}); reap prunes models with "
+                        "one expert count")
+    E = counts.pop()
+    shapes = _shapes(model)
+    count_keys, axes = [], {}
+    for paths in _alias_groups(cfg, _count_candidates(config, E)):
+        try:
+            probe = build_model(build_config(_set_paths(config, paths, 2 * E)), cls)
+        except Exception:  # noqa: BLE001 - a key that cannot double is not the expert count
+            continue
+        probe_modules = dict(probe.named_modules())
+        if not all(getattr(probe_modules.get(p), "num_experts", None) == 2 * E for p in experts.values()):
+            continue
+        count_keys += paths
+        for name, shape in _shapes(probe).items():
+            before = shapes.get(name)
+            if before is None or before == shape:
+                continue
+            dims = [d for d in range(len(shape)) if len(before) == len(shape) and before[d] != shape[d]]
+            if len(dims) != 1 or before[dims[0]] != E or shape[dims[0]] != 2 * E:
+                raise UserError(f"transformers' tensor {name} changes from {list(before)} to {list(shape)} when the "
+                                f"expert count doubles; reap only slices tensors along one expert axis")
+            axes[name] = dims[0]
+    if not count_keys:
+        raise UserError(f"no config.json entry holds the expert count {E} that transformers' {type(cfg).__name__} "
+                        "builds the experts with (a default: the count is missing); add the checkpoint's expert count "
+                        "to config.json under the key its model card names")
+    moe = {}
+    text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    meta = model.state_dict()
+    for layer, path in sorted(experts.items()):
+        block = path.rpartition(".")[0]
+        tensors = {n: a for n, a in axes.items() if n.startswith(block + ".")}
+        outside = [n for n in axes if n.startswith(f"{layers_path}.{layer}.") and n not in tensors]
+        if outside:
+            raise UserError(f"layer {layer}: {outside[0]} follows the expert count but is outside the MoE block "
+                            f"{block}; reap does not know how to prune it")
+        ids = tuple(n for n, t in meta.items() if n.startswith(block + ".") and n not in tensors
+                    and not t.is_floating_point())
+        router = next((n for n in tensors if not n.startswith(path + ".") and len(shapes[n]) == 2
+                       and tensors[n] == 0 and shapes[n][1] == text_cfg.hidden_size), None)
+        moe[layer] = MoELayer(layer, block, path, tensors, ids, router)
+    stray = [n for n in axes if not any(n in m.tensors for m in moe.values())]
+    if stray:
+        raise UserError(f"{stray[0]} follows the expert count but lies outside every decoder layer's MoE block; "
+                        "reap does not know which layer's choice applies to it")
+    first = moe[min(moe)]
+    block_modules = [modules[first.block], *modules[first.block].children()]
+    top_k = _attr(block_modules, TOP_K_ATTRS) or _attr([text_cfg], TOP_K_ATTRS)
+    if top_k is None:
+        raise UserError(f"cannot tell top-k from transformers' {type(modules[first.block]).__name__} (no attribute "
+                        f"{'/'.join(TOP_K_ATTRS)}); add the attribute name to TOP_K_ATTRS in src/reap/arch.py")
+    n_group = _attr(block_modules, N_GROUP_ATTRS) or _attr([text_cfg], N_GROUP_ATTRS) or 1
+    topk_group = _attr(block_modules, TOPK_GROUP_ATTRS) or _attr([text_cfg], TOPK_GROUP_ATTRS) or 1
+    experts_mod = modules[first.experts]
+    intermediate = getattr(experts_mod, "intermediate_dim", None) or getattr(experts_mod, "intermediate_size", 0)
+    num_layers = getattr(text_cfg, "num_hidden_layers", None) or len(model.get_submodule(layers_path))
+    layout = Layout(
+        family=str(config.get("model_type")), model_type=cfg.model_type, model_class=cls.__name__,
+        layers_path=layers_path, num_layers=int(num_layers), num_experts=E, top_k=int(top_k),
+        hidden_size=int(text_cfg.hidden_size), count_keys=tuple(count_keys), moe=moe,
+        n_group=n_group if n_group > 1 else 1, topk_group=topk_group if n_group > 1 else 1,
+        expert_intermediate=int(intermediate or 0),
+        mtp_keys=tuple(k for k in MTP_KEYS if isinstance(config.get(k), int) and config.get(k)),
+    )
+    return layout, model, cfg
+
+
+# -- the disk layout ----------------------------------------------------------------------------------------------
+def _conversions(model):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return transforms, renamings, converters
+
+
+def disk_axis(ops, axis: int, name: str) -> int:
+    """The expert axis of a stored tensor that transformers' conversion ``ops`` turn into a model tensor with the
+    expert axis ``axis`` (ops that work on other dimensions keep it; a transpose may move it)."""
+    for op in reversed(ops):
+        kind = type(op).__name__
+        if kind == "Transpose":
+            d0, d1 = op.dim0, op.dim1
+            axis = d1 if axis == d0 else d0 if axis == d1 else axis
+        elif kind in ("Concatenate", "Interleave", "Chunk", "Split") and getattr(op, "dim", None) != axis:
+            continue
+        else:
+            raise UserError(f"{name}: transformers converts it with {kind} across the expert axis, which reap "
+                            "cannot undo byte for byte; this model's disk layout is not supported")
+    return axis
+
+
+def _expert_span(pattern: str, name: str) -> tuple[int, int] | None:
+    """Where the ``*`` of a per-expert source pattern (``.experts.*.w1.weight``) matched in ``name``."""
+    regex = pattern.replace("*.", r"(\d+)\.").replace("*", r"(\d+)")
+    m = re.search(regex, name)
+    return m.span(1) if m else None
+
+
+def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
+    """``layout`` with a :class:`Role` for every stored tensor of ``ckpt`` (shapes checked against the model)."""
+    from dataclasses import replace
+
+    from transformers.core_model_loading import MergeModulelist, rename_source_key
+
+    fmt = checkpoint_format(ckpt.config)
+    _, renamings, converters = _conversions(model)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()}
+    owner = {n: m for m in layout.moe.values() for n in m.tensors}
+    ids = {n: m for m in layout.moe.values() for n in m.id_tables}
+    layer_re = re.compile(re.escape(layout.layers_path) + r"\.(\d+)\.")
+    E = layout.num_experts
+    roles: dict[str, Role] = {}
+    seen: dict[str, set[int]] = {}  # model tensor -> expert indices found per-expert on disk
+    for base, parts in group_parts(list(ckpt.infos), fmt).items():
+        target, pattern = rename_source_key(base, renamings, converters, model.base_model_prefix, meta)
+        if target not in meta and base in meta:
+            target, pattern = base, None
+        if target in owner:
+            moe = owner[target]
+            part = "experts" if target.startswith(moe.experts + ".") else "router"
+            ops = by_pattern[pattern].operations if pattern is not None else []
+            if any(isinstance(op, MergeModulelist) for op in ops):
+                span = _expert_span(pattern, base)
+                if span is None:
+                    raise UserError(f"{base}: cannot find its expert index in transformers' pattern {pattern!r}")
+                expert = int(base[span[0]:span[1]])
+                if not 0 <= expert < E:
+                    raise UserError(f"{base} is expert {expert}, but config.json says {E} experts; the "
+                                    "checkpoint and its config.json disagree")
+                seen.setdefault(target, set()).add(expert)
+                role = Role("expert", moe.index, expert, span, part=part, model=target)
+            else:
+                axis = disk_axis(ops, moe.tensors[target], base)
+                for stored in parts.values():
+                    shape = ckpt.infos[stored].shape
+                    if len(shape) <= axis or shape[axis] != E:
+                        raise UserError(f"{stored} has shape {list(shape)}: expected {E} experts along dimension "
+                                        f"{axis} (it loads into transformers' {target}); the checkpoint and its "
+                                        "config.json disagree")
+                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+        elif target in ids:
+            role = Role("ids", ids[target].index, part="router", model=target)
+        elif target in meta:
+            role = Role("other", model=target)
+        else:
+            m = layer_re.match(target)
+            if (m and int(m[1]) >= layout.num_layers) or target.startswith("mtp.") or ".mtp." in target:
+                # a buffer if the decoder layers hold a buffer of the same name (a correction bias)
+                tail = "." + ".".join(target.split(".")[-2:])
+                role = Role("mtp", model=target, buffer=any(b.endswith(tail) for b in buffers))
+            else:
+                inside = next((mo for mo in layout.moe.values() if target.startswith(mo.block + ".")), None)
+                if inside is not None and not target.endswith("inv_freq"):
+                    raise UserError(f"{base} lies in the MoE block of layer {inside.index} but transformers' "
+                                    f"{layout.model_class} has no tensor {target}; reap would not know how to prune "
+                                    "it (is config.json from another version of the model?)")
+                role = Role("other", model=None)
+        if role.model in buffers:
+            role = replace(role, buffer=True)
+        for stored in parts.values():
+            roles[stored] = role
+    for target, found in seen.items():
+        if len(found) != E:
+            missing = sorted(set(range(E)) - found)
+            raise UserError(f"the checkpoint holds {len(found)} of the {E} experts of {target} (missing e.g. expert "
+                            f"{missing[0]}); a shard is missing or the index is from another download")
+    loaded = {r.model for r in roles.values() if r.model}
+    for moe in layout.moe.values():
+        absent = [n for n in moe.tensors if n not in loaded]
+        if absent:
+            raise UserError(f"layer {moe.index}: no stored tensor loads into transformers' {absent[0]}: the checkpoint "
+                            f"does not match its config.json (model_type {layout.family!r}) or is incomplete")
+    return replace(layout, roles=roles, format=fmt)
+
+
+def derive(ckpt: "Checkpoint") -> Layout:
+    """The checkpoint's :class:`Layout`, every stored tensor with its role."""
+    layout, model, _ = derive_model(ckpt.config)
+    return map_checkpoint(layout, model, ckpt)

@@ -6,8 +6,7 @@ they are never derived from a pattern (released checkpoints have zero-based name
 "-of-N"). Writing streams one tensor at a time into a safetensors file, so memory stays bounded by the
 largest tensor: stored tensors (or rows of them) are copied as byte ranges kernel-side, ranges that continue
 each other merged into one copy; finished files are flushed on a background thread (:class:`BackgroundSync`);
-a whole output directory is built beside its target and renamed into place. FP8 block and MXFP4
-dequantization live here too, next to the dtypes they read.
+a whole output directory is built beside its target and renamed into place.
 """
 
 from __future__ import annotations
@@ -215,16 +214,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
-    def raw(self, name: str) -> bytes:
-        """The tensor's bytes exactly as stored."""
-        info = self.infos[name]
-        with open(self.path / info.shard, "rb") as f:
-            f.seek(info.start)
-            data = f.read(info.nbytes)
-        if len(data) != info.nbytes:
-            raise UserError(f"{info.shard} ended early while reading {name}; re-download that shard")
-        return data
-
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor as stored (dtype kept), read via a memory map of its shard."""
         from safetensors import safe_open
@@ -240,18 +229,14 @@ class Checkpoint:
         """A weight ready for compute: FP8 block-quantized weights are dequantized with their scale."""
         import torch
 
+        from reap.formats import FP8_BLOCK, dequantize
+
         t = self.tensor(name).to(device, non_blocking=True)
         scale_name = name + "_scale_inv"
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.infos:
             scale = self.tensor(scale_name).to(device, non_blocking=True)
-            return dequantize_blocks(t, scale, dtype or torch.bfloat16, self.block_size)
+            return dequantize({"values": t, "scale": scale}, FP8_BLOCK, dtype or torch.bfloat16, self.config, name)
         return t.to(dtype) if dtype is not None else t
-
-    @property
-    def block_size(self) -> tuple[int, int]:
-        """FP8 block size (out, in) from ``quantization_config.weight_block_size``; 128x128 when absent."""
-        block = (self.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
-        return int(block[0]), int(block[1])
 
     def close(self) -> None:
         self._handles.clear()
@@ -259,58 +244,6 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
-
-
-def dequantize_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block_size: tuple[int, int] = (128, 128)
-) -> torch.Tensor:
-    """FP8 weight [O, I] x per-block scale [ceil(O/bo), ceil(I/bi)] -> dequantized weight [O, I] in dtype.
-
-    ``block_size`` is (bo, bi), the config's ``quantization_config.weight_block_size`` (128x128 in the released
-    MiniMax-M2 / DeepSeek-V3). It cannot be inferred from the shapes when O or I is not a multiple of it.
-    """
-    import torch
-
-    out_f, in_f = weight.shape
-    bo, bi = (int(b) for b in block_size)
-    so, si = -(-out_f // bo), -(-in_f // bi)
-    if tuple(scale_inv.shape) != (so, si):
-        raise UserError(
-            f"FP8 scale of shape {list(scale_inv.shape)} does not fit a weight of shape {list(weight.shape)} with "
-            f"{bo}x{bi} blocks (expected [{so}, {si}]); check weight_block_size in config.json"
-        )
-    w = weight.to(torch.float32)
-    if out_f % bo == 0 and in_f % bi == 0:
-        w = w.view(so, bo, si, bi) * scale_inv.float().view(so, 1, si, 1)
-        return w.reshape(out_f, in_f).to(dtype)
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
-    return (w * scale).to(dtype)
-
-
-#: the 16 FP4 (e2m1) values, indexed by the 4-bit code (sign bit 3)
-FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 (the released gpt-oss experts) -> dense weights, as transformers' ``convert_moe_packed_tensors``.
-
-    blocks uint8 [E, R, G, 16] (two FP4 e2m1 codes per byte, low nibble first: 32 values per group) and scales
-    uint8 [E, R, G] (a shared power of two 2^(s - 127) per group of 32) -> [E, G*32, R] in ``dtype``: the stored
-    [E, out, in] weight transposed to the [E, in, out] layout of GptOssExperts (gate_up_proj [E, H, 2I],
-    down_proj [E, I, H]). Exact in float32 and bfloat16 (FP4 values times powers of two).
-    """
-    import torch
-
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
-        raise UserError(f"MXFP4 blocks {list(blocks.shape)} {blocks.dtype} and scales {list(scales.shape)} "
-                        f"{scales.dtype} do not fit (expected uint8 [..., G, 16] and [..., G])")
-    lut = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    *prefix, groups, nbytes = blocks.shape
-    out = torch.empty(*prefix, groups, nbytes * 2, dtype=torch.float32, device=blocks.device)
-    out[..., 0::2] = lut[(blocks & 0x0F).long()]
-    out[..., 1::2] = lut[(blocks >> 4).long()]
-    out = torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
-    return out.reshape(*prefix, groups * nbytes * 2).transpose(1, 2).to(dtype).contiguous()
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -342,24 +275,32 @@ class Entry:
                    source=(root / info.shard, ((info.start, info.nbytes),)))
 
     @classmethod
-    def rows_of(cls, info: TensorInfo, root: Path, rows: Sequence[int], name: str | None = None) -> "Entry":
-        """The tensor's rows ``rows`` (indices along dim 0, in that order) as a new tensor, straight from the
-        stored bytes: router rows, correction-bias entries, experts of a fused [E, ...] tensor. Runs of
-        consecutive rows become one byte range."""
+    def rows_of(cls, info: TensorInfo, root: Path, rows: Sequence[int], name: str | None = None,
+                axis: int = 0) -> "Entry":
+        """The tensor's indices ``rows`` along ``axis`` (in that order) as a new tensor, straight from the stored
+        bytes: router rows, correction-bias entries (``[1, E]`` along axis 1), experts of a fused [E, ...] tensor.
+        Runs of consecutive byte ranges become one range."""
         if not info.shape:
             raise ValueError(f"{info.name} is a scalar; it has no rows to select")
-        n = info.shape[0]
+        if not 0 <= axis < len(info.shape):
+            raise ValueError(f"{info.name} has {len(info.shape)} dimensions; cannot select along axis {axis}")
+        n = info.shape[axis]
         if any(not 0 <= r < n for r in rows):
-            raise ValueError(f"{info.name} has {n} rows; cannot select {list(rows)}")
-        row = info.nbytes // n
+            raise ValueError(f"{info.name} has {n} rows along axis {axis}; cannot select {list(rows)}")
+        outer = 1
+        for d in info.shape[:axis]:
+            outer *= d
+        row = info.nbytes // (outer * n)  # bytes of one index along axis (everything after it)
         ranges: list[list[int]] = []
-        for r in rows:
-            offset = info.start + r * row
-            if ranges and ranges[-1][0] + ranges[-1][1] == offset:
-                ranges[-1][1] += row
-            else:
-                ranges.append([offset, row])
-        return cls(name or info.name, info.dtype, (len(rows), *info.shape[1:]), row * len(rows),
+        for o in range(outer):
+            for r in rows:
+                offset = info.start + (o * n + r) * row
+                if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                    ranges[-1][1] += row
+                else:
+                    ranges.append([offset, row])
+        shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1:])
+        return cls(name or info.name, info.dtype, shape, row * len(rows) * outer,
                    source=(root / info.shard, tuple((o, k) for o, k in ranges)))
 
 

@@ -87,8 +87,9 @@ def _with_config(ctx, params: dict, command, required: tuple[str, ...]) -> dict:
 
 
 def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: bool = False):
-    from reap.calibrate import CalibrateOptions, EngineOptions
+    from reap.calibrate import CalibrateOptions
     from reap.data import DataOptions
+    from reap.stream import EngineOptions
 
     data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
                        seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
@@ -203,8 +204,8 @@ def eval_(
     """Next-token loss and perplexity, streamed layer by layer (models larger than memory work too)."""
     from dataclasses import replace
 
-    from reap.calibrate import EngineOptions
     from reap.evaluate import EvalOptions, compare, evaluate, write_json
+    from reap.stream import EngineOptions
 
     engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
                            progress=not quiet, trust_remote_code=trust_remote_code)
@@ -247,7 +248,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
-    from reap.summary import describe, describe_families, format_description, format_families
+    from reap.families import describe_families, format_families
+    from reap.summary import describe, format_description
 
     if families:
         if model is not None or ratio is not None:

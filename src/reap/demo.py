@@ -44,9 +44,10 @@ def masked_logits_gap(original: Path, pruned: Path, seed: int = 0) -> float:
 
 
 def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=print) -> Path:
-    from reap.calibrate import CalibrateOptions, EngineOptions
+    from reap.calibrate import CalibrateOptions
     from reap.data import DataOptions
     from reap.prune import PruneOptions, prune_model
+    from reap.stream import EngineOptions
     from reap.tiny import make_tiny_model
 
     from transformers.utils import logging as hf_logging

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from reap import __version__
-from reap.calibrate import DTYPES, EngineOptions, LayerStreamer, peak_memory
+from reap.stream import DTYPES, EngineOptions, LayerStreamer, peak_memory
 from reap.errors import UserError
 
 _LOGIT_BYTES = 512 << 20  # float32 logits computed at once (per slice of tokens) in the loss
@@ -94,31 +94,6 @@ def windows(stream: list[int], seq_len: int, max_tokens: int) -> tuple[list[list
     return inputs, targets
 
 
-# -- the head ----------------------------------------------------------------------------------------------
-def output_weight_name(ckpt, spec) -> str:
-    """lm_head's tensor, or the embedding's when the config ties them (as transformers does)."""
-    fam = spec.family
-    if ckpt.config.get("tie_word_embeddings", False):
-        return fam.embed_weight
-    if fam.lm_head_weight in ckpt:
-        return fam.lm_head_weight
-    raise UserError(f"{ckpt.path} has no {fam.lm_head_weight} tensor and config.json does not set "
-                    "tie_word_embeddings; the checkpoint is incomplete (re-download its shards)")
-
-
-def summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of float32 cross-entropy of ``targets`` [T] under logits ``hidden [T, H] @ weight[V, H].T``.
-
-    Logits are computed for a slice of tokens at a time (at most about 512 MiB of float32 logits).
-    """
-    step = max(1, _LOGIT_BYTES // (4 * weight.shape[0]))
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, hidden.shape[0], step):
-        logits = F.linear(hidden[start : start + step].float(), weight)  # [t, V] float32
-        total += F.cross_entropy(logits, targets[start : start + step], reduction="sum").double()
-    return total
-
-
 # -- evaluation --------------------------------------------------------------------------------------------
 def _fingerprint(inputs: list[list[int]], targets: list[list[int]]) -> str:
     """A short hash of the scored windows: two evaluations with equal fingerprints saw the same tokens."""
@@ -128,9 +103,25 @@ def _fingerprint(inputs: list[list[int]], targets: list[list[int]]) -> str:
     return h.hexdigest()[:16]
 
 
+def summed_loss(streamer: LayerStreamer, i: int, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of float32 cross-entropy of batch i's ``targets`` [B, S] (-100 = not scored) under the model's own
+    logits, computed for a slice of positions at a time (at most about 512 MiB of float32 logits)."""
+    output = streamer.final_output(i)
+    B, S = targets.shape
+    vocab = streamer.model.get_output_embeddings().weight.shape[0]
+    step = max(1, _LOGIT_BYTES // (4 * vocab * B))
+    total = torch.zeros((), dtype=torch.float64, device=targets.device)
+    for start in range(0, S, step):
+        cols = torch.arange(start, min(start + step, S))
+        logits = streamer.logits(i, output, cols).float()  # [B, P, V]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, cols.to(targets.device)].reshape(-1),
+                                 reduction="sum", ignore_index=-100).double()
+    return total
+
+
 def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     """Mean next-token loss (nats), perplexity and token count of ``opts.model`` on ``opts.dataset``."""
-    from reap.arch import detect
+    from reap.arch import derive
     from reap.checkpoint import Checkpoint
     from reap.data import load_tokenizer
 
@@ -138,8 +129,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     if engine.dtype not in DTYPES:
         raise UserError(f"--dtype {engine.dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     ckpt = Checkpoint(opts.model)
-    spec = detect(ckpt.config)
-    head_name = output_weight_name(ckpt, spec)
+    spec = derive(ckpt)
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=engine.trust_remote_code)
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -167,16 +157,16 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
             streamer.embed()
             for layer in range(spec.num_layers):
                 streamer.run_layer(layer, None)
-            weight = ckpt.load(head_name, torch.float32, streamer.device)  # [V, H]
+            streamer.load_head()
             total = torch.zeros((), dtype=torch.float64, device=streamer.device)
             row = 0
             for i, batch in enumerate(streamer.batches):
-                h = streamer.final_hidden(i)  # [B, S, H]
+                B, S = batch.ids.shape
+                tgt = torch.full((B, S), -100, dtype=torch.long)  # [B, S]; -100 = padding, not scored
                 for r, n in enumerate(batch.lengths):
-                    tgt = torch.tensor(targets[row + r], dtype=torch.long, device=streamer.device)  # [n]
-                    total += summed_loss(h[r, :n], weight, tgt)
+                    tgt[r, :n] = torch.tensor(targets[row + r], dtype=torch.long)
+                total += summed_loss(streamer, i, tgt.to(streamer.device))
                 row += len(batch.lengths)
-            del weight
             loss_sum = float(total.item())
     finally:
         streamer.close()

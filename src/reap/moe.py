@@ -1,22 +1,37 @@
-"""The instrumented MoE step used during calibration (and evaluation).
+"""reap's experts implementation, registered with transformers' experts interface.
 
-Routes exactly as the family's modeling code (via :func:`reap.arch.route`), computes each expert only on
-the tokens routed to it (pairs sorted by expert; one grouped matmul per projection where the backend has
-one, else a loop over the experts that were hit), and hands each (token, expert) pair's gate weight and
-output norm to a :class:`reap.saliency.LayerAccumulator`. Shared experts (DeepSeek-V3, GLM-4.5, Qwen3-Next), when
-the family has them, are transformers' own module, run on every token and added to the routed output, scaled per
-token by sigmoid(shared_gate(x)) where the family gates them (Qwen3-Next); they are not tracked.
+transformers' MoE blocks route with their own code (softmax, sigmoid, correction bias, groups, scaling, hash
+tables...) and then call their experts module as ``experts(hidden_states, top_k_index, top_k_weights)``; the
+module dispatches to the function registered under ``config._experts_implementation``. reap registers
+:func:`reap_experts_forward` as ``"reap"``: it computes each expert only on the tokens routed to it (pairs sorted
+by expert; one grouped matmul per projection on CUDA in 16-bit, else a loop over the experts that were hit),
+with the module's own flags and gate (``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate``,
+``act_fn``, a post-expert norm), and, when an :class:`ExpertsProbe` is attached to the module, hands every
+routed pair's weight (the one the model applies) and output norm (before weighting) to its accumulator.
 
-Legend: T tokens, E experts, K top-k, H hidden, I expert intermediate, N = T*K routed pairs.
+Padding: the probe's ``token_mask`` (real positions of the batch, flattened) restricts the work to real tokens;
+padded rows get a zero output.
+
+Legend: T tokens, K top-k, H hidden, I expert intermediate, E experts, N routed pairs (of real tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from reap.arch import Family, Routing, route
+IMPLEMENTATION = "reap"
+
+
+@dataclass
+class ExpertsProbe:
+    """What the streamer attaches to an experts module for one layer: where statistics go, which rows are real."""
+
+    accumulator: object | None = None  # reap.saliency.LayerAccumulator
+    token_mask: torch.Tensor | None = None  # [T] bool
+    grouped: bool | None = None  # None: grouped matmul where it is fast and exact enough (CUDA, 16-bit weights)
 
 
 def _grouped_mm_fn():
@@ -24,162 +39,112 @@ def _grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class RoutedMoE(nn.Module):
-    """Drop-in replacement for a decoder layer's MoE block: [B, S, H] -> [B, S, H]."""
+def _linear(module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One expert's projection: x [t, in] with weight [out, in] ([in, out] when the module is transposed)."""
+    y = x @ weight if module.is_transposed else F.linear(x, weight)
+    return y + bias if bias is not None else y
 
-    def __init__(
-        self,
-        family: Family,
-        top_k: int,
-        router: torch.Tensor,  # [E, H]
-        bias: torch.Tensor | None,  # [E]
-        w_gate: torch.Tensor,  # [E, I, H]
-        w_up: torch.Tensor,  # [E, I, H]
-        w_down: torch.Tensor,  # [E, H, I]
-        act: str = "silu",
-        grouped: bool | None = None,
-        routing: Routing | None = None,  # this checkpoint's routing numbers (MoESpec.routing); None = family defaults
-        shared: nn.Module | None = None,  # shared experts (transformers' own module), added to the routed output
-        shared_gate: nn.Module | None = None,  # [H] -> [1]: the shared output is scaled by sigmoid(shared_gate(x))
-    ):
-        super().__init__()
-        from transformers.activations import ACT2FN
 
-        self.family, self.top_k, self.routing = family, top_k, routing
-        self.shared, self.shared_gate = shared, shared_gate
-        self.router, self.bias = router, bias
-        self.logit_bias: torch.Tensor | None = None  # [E], a router bias of its own added to the logits (gpt-oss)
-        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-        self.act = ACT2FN[act]
-        self.num_experts = router.shape[0]
-        fn = _grouped_mm_fn()
-        if grouped is None:  # grouped matmul where it is fast and exact enough: CUDA, 16-bit weights
-            grouped = fn is not None and w_gate.is_cuda and w_gate.dtype == torch.bfloat16
-        self.grouped = bool(grouped and fn is not None)
-        self.accumulator = None  # set by the streamer: a LayerAccumulator, or None to only compute
-        self.token_mask: torch.Tensor | None = None  # [B*S] bool: which positions are real tokens
+def _grouped(module, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, bias: torch.Tensor | None,
+             ids: torch.Tensor) -> torch.Tensor:
+    """All experts' projection at once: x [N, in] sorted by expert, weight [E, out, in] (or [E, in, out])."""
+    w = weight if module.is_transposed else weight.transpose(-2, -1)
+    y = _grouped_mm_fn()(x.to(weight.dtype), w, offs=offs)
+    return y + bias[ids] if bias is not None else y
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        out = torch.zeros_like(x)
-        if self.token_mask is not None:
-            rows = self.token_mask.nonzero().squeeze(1)
-            out[rows] = self._moe(x[rows])
-        else:
-            out = self._moe(x)
-        return out.reshape(shape)
 
-    def _moe(self, x: torch.Tensor) -> torch.Tensor:
-        T, H = x.shape
-        K, E = self.top_k, self.num_experts
-        logits = F.linear(x.to(self.router.dtype), self.router, self.logit_bias)  # [T, E]
-        weights, chosen = route(logits, self.bias, K, self.family, self.routing)  # [T, K] each
-        flat_expert = chosen.reshape(-1)  # [N]
-        expert_sorted, order = torch.sort(flat_expert, stable=True)  # [N]
-        token_sorted = order // K  # [N]
-        gate_sorted = weights.reshape(-1)[order]  # [N] float32
-        counts = torch.bincount(flat_expert, minlength=E)  # [E]
-        xs = x[token_sorted]  # [N, H]
-        y = self._experts(xs, counts)  # [N, H]
-        if self.accumulator is not None:
-            # [N]  ||f_j(x)||, in float32 (on GPU without an fp32 copy of y)
-            norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
-            self.accumulator.add(expert_sorted, gate_sorted, norms)
-        if y.is_cuda:
-            # combine by un-sorting and summing each token's K outputs in float32: deterministic, and faster on
-            # GPU than a 16-bit index_add_ (atomics)
-            inv = torch.empty_like(order)
-            inv[order] = torch.arange(order.numel(), device=order.device)
-            out = (y[inv].view(T, K, H) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # [T, H]
-        else:  # CPU: one pass in expert order, the same summation order as transformers' eager experts
-            out = torch.zeros_like(x)
-            out.index_add_(0, token_sorted, (y * gate_sorted[:, None]).to(x.dtype))
-        if self.shared is not None:  # shared experts see every token (DeepSeek-V3: routed + shared, in that order)
-            shared = self.shared(x)  # [T, H]
-            if self.shared_gate is not None:  # Qwen3-Next: sigmoid(gate(x)) [T, 1] x shared, then routed + that
-                shared = torch.sigmoid(self.shared_gate(x)) * shared
-            out = out + shared
+def expert_outputs(module, xs: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """xs [N, H] sorted by expert (ids [N], counts [E]) -> each pair's expert output [N, H], before weighting."""
+    up_w = module.gate_up_proj if module.has_gate else module.up_proj
+    up_b = (module.gate_up_proj_bias if module.has_gate else module.up_proj_bias) if module.has_bias else None
+    down_b = module.down_proj_bias if module.has_bias else None
+
+    def act(h: torch.Tensor) -> torch.Tensor:
+        return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+
+    if grouped:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
+        h = act(_grouped(module, xs, up_w, offs, up_b, ids))  # [N, I]
+        y = _grouped(module, h, module.down_proj, offs, down_b, ids)  # [N, H]
+    else:
+        y = None
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                seg = xs[start : start + n]  # [t_e, H]
+                h = act(_linear(module, seg, up_w[e], up_b[e] if up_b is not None else None))  # [t_e, I]
+                out = _linear(module, h, module.down_proj[e], down_b[e] if down_b is not None else None)
+                if y is None:
+                    y = out.new_empty(xs.shape[0], out.shape[-1])
+                y[start : start + n] = out
+                start += n
+        if y is None:
+            y = xs.new_zeros(0, xs.shape[-1])
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
+    return y
+
+
+def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts module's forward: hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
+    probe: ExpertsProbe | None = getattr(self, "_reap_probe", None)
+    T, H = hidden_states.shape
+    K = top_k_index.shape[-1]
+    E = self.num_experts
+    x, index, weights = hidden_states, top_k_index, top_k_weights
+    rows = None
+    mask = probe.token_mask if probe is not None else None
+    if mask is not None and mask.numel() == T and not bool(mask.all()):
+        rows = mask.nonzero().squeeze(1)  # [T'] the real tokens
+        x, index, weights = x[rows], index[rows], weights[rows]
+    flat = index.reshape(-1)  # [N]
+    counts = torch.bincount(flat, minlength=E)  # [E]
+    if counts.numel() != E:
+        raise RuntimeError(f"the router chose expert {int(flat.max())} of {E}")
+    order = torch.sort(flat, stable=True)[1]  # [N]
+    ids = flat[order]
+    token = order // K  # [N]
+    gate = weights.reshape(-1)[order]  # [N]
+    fn = _grouped_mm_fn()
+    grouped = probe.grouped if probe is not None and probe.grouped is not None else (
+        fn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+    y = expert_outputs(self, x[token], ids, counts, grouped and fn is not None)  # [N, H]
+    if probe is not None and probe.accumulator is not None:
+        # ||f_j(x)|| in float32 (on GPU without an fp32 copy of y)
+        norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
+        probe.accumulator.add(ids, gate, norms)
+    if y.is_cuda:
+        # un-sort and sum each token's K weighted outputs in float32, as transformers' grouped_mm path does:
+        # deterministic, and faster on GPU than a 16-bit index_add_ (atomics)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        out = (y[inv] * weights.reshape(-1, 1)).view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+    else:  # one pass in expert order, the summation order of transformers' eager experts
+        out = torch.zeros(x.shape[0], y.shape[-1], dtype=hidden_states.dtype, device=x.device)
+        out.index_add_(0, token, (y * gate[:, None]).to(hidden_states.dtype))
+    if rows is None:
         return out
-
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs [N, H] sorted by expert, counts [E] -> each expert's output on its rows, [N, H]."""
-        if self.grouped:
-            fn = _grouped_mm_fn()
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
-            xs = xs.to(self.w_gate.dtype)
-            g = fn(xs, self.w_gate.transpose(-2, -1), offs=offs)  # [N, I]
-            u = fn(xs, self.w_up.transpose(-2, -1), offs=offs)
-            return fn(self.act(g) * u, self.w_down.transpose(-2, -1), offs=offs)  # [N, H]
-        y = torch.empty(xs.shape[0], self.w_down.shape[1], dtype=xs.dtype, device=xs.device)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                seg = xs[start : start + n]  # [t_e, H]
-                h = self.act(F.linear(seg, self.w_gate[e])) * F.linear(seg, self.w_up[e])  # [t_e, I]
-                y[start : start + n] = F.linear(h, self.w_down[e])
-                start += n
-        return y
+    full = torch.zeros(T, out.shape[-1], dtype=out.dtype, device=out.device)
+    full[rows] = out
+    return full
 
 
-class FusedClampedSwiGLUMoE(RoutedMoE):
-    """gpt-oss's MoE block (GptOssMLP): a router with a bias of its own, top-k on the logits, softmax over the
-    chosen K (:func:`reap.arch.route`); fused expert weights with biases and a clamped GLU, computed only on the
-    routed tokens. Returns ``(hidden, None)``, as GptOssDecoderLayer unpacks ``(hidden, router_scores)``.
+def register() -> None:
+    """Make ``"reap"`` an experts implementation transformers knows (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
 
-    Per expert e on its rows x [t_e, H]: gate_up = x @ W_gu[e] + b_gu[e] [t_e, 2I]; gate, up = gate_up[:, ::2],
-    gate_up[:, 1::2]; gate = min(gate, limit); up = clamp(up, -limit, limit); f(x) = ((up + 1) * gate *
-    sigmoid(alpha * gate)) @ W_d[e] + b_d[e] [t_e, H]. Statistics as :class:`RoutedMoE` (||f(x)|| includes b_d).
-    """
+    ExpertsInterface.register(IMPLEMENTATION, reap_experts_forward)
 
-    def __init__(
-        self,
-        family: Family,
-        top_k: int,
-        router: torch.Tensor,  # [E, H]
-        logit_bias: torch.Tensor | None,  # [E], added to the router logits
-        w_gate_up: torch.Tensor,  # [E, H, 2I]
-        b_gate_up: torch.Tensor,  # [E, 2I]
-        w_down: torch.Tensor,  # [E, I, H]
-        b_down: torch.Tensor,  # [E, H]
-        alpha: float = 1.702,
-        limit: float = 7.0,
-        grouped: bool | None = None,
-        routing: Routing | None = None,
-    ):
-        fn = _grouped_mm_fn()
-        if grouped is None:
-            grouped = fn is not None and w_gate_up.is_cuda and w_gate_up.dtype == torch.bfloat16
-        # the parent keeps the router and the bookkeeping; its gate/up/down slots hold the fused tensors
-        super().__init__(family, top_k, router, None, w_gate_up, w_gate_up, w_down, grouped=grouped, routing=routing)
-        self.logit_bias = logit_bias
-        self.w_gate_up, self.b_gate_up, self.b_down = w_gate_up, b_gate_up, b_down
-        self.alpha, self.limit = float(alpha), float(limit)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return super().forward(hidden_states), None
+def use_reap_experts(model) -> list:
+    """Switch every experts module of ``model`` to reap's implementation; returns those modules."""
+    from reap.arch import is_experts_module
 
-    def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        gate = gate.clamp(min=None, max=self.limit)
-        up = up.clamp(min=-self.limit, max=self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs [N, H] sorted by expert, counts [E] -> each expert's output on its rows, [N, H]."""
-        if self.grouped:
-            fn = _grouped_mm_fn()
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E]
-            ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # [N]
-            xs = xs.to(self.w_gate_up.dtype)
-            gu = fn(xs, self.w_gate_up, offs=offs) + self.b_gate_up[ids]  # [N, 2I]
-            return fn(self._glu(gu), self.w_down, offs=offs) + self.b_down[ids]  # [N, H]
-        y = torch.empty(xs.shape[0], self.w_down.shape[2], dtype=xs.dtype, device=xs.device)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                seg = xs[start : start + n]  # [t_e, H]
-                h = self._glu(seg @ self.w_gate_up[e] + self.b_gate_up[e])  # [t_e, I]
-                y[start : start + n] = h @ self.w_down[e] + self.b_down[e]
-                start += n
-        return y
+    register()
+    model.set_experts_implementation(IMPLEMENTATION)
+    modules = [m for m in model.modules() if is_experts_module(m)]
+    for m in modules:  # sub-configs transformers did not switch (a text model inside a wrapper, say)
+        if m.config._experts_implementation != IMPLEMENTATION:
+            m.config._experts_implementation_internal = IMPLEMENTATION
+    return modules

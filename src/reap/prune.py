@@ -1,15 +1,18 @@
 """Selection and surgery: which experts stay, and the rewritten checkpoint.
 
-``plan`` turns a ratio + scores or a keep file into per-layer keep lists; ``rewrite`` streams the
-checkpoint shard by shard into a temporary directory beside the target: kept expert tensors are copied
-byte for byte (FP8 values and scales included) and renumbered 0..K-1 in original order, router rows and
-the correction bias are sliced (dtype kept), every other tensor is copied unchanged, the index and
-``config.json`` are rebuilt, other files copied, ``reap_report.json`` written; the result is verified and
-only then renamed into place.
+``keep_from_scores`` / ``read_keep_file`` turn a ratio + scores or a keep file into per-layer keep lists;
+``rewrite`` streams the checkpoint shard by shard into a temporary directory beside the target, each stored
+tensor treated by its role in the layout (:mod:`reap.arch`): kept expert tensors are copied byte for byte
+(quantized values and scales included) and renumbered 0..K-1 in original order, tensors holding every expert
+(router rows, correction biases, fused experts) are sliced along their expert axis (dtype kept), expert-id tables
+renumbered, every other tensor copied unchanged; the index and ``config.json`` (the expert-count keys only) are
+rebuilt, other files copied, ``reap_report.json`` written; the result is verified and only then renamed into
+place.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from reap import __version__
-from reap.arch import MoESpec, detect, human_bytes
+from reap.arch import Layout, derive, human_bytes
 from reap.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -48,19 +51,7 @@ STATS_NAME = "reap_stats.safetensors"
 Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
 
 
-def moe_layers(ckpt: Checkpoint, spec: MoESpec) -> list[int]:
-    """Layers that have a router in this checkpoint (every layer for MiniMax-M2 and Mixtral; dense layers of
-    Qwen3-MoE's mlp_only_layers / decoder_sparse_step and DeepSeek-V3's first_k_dense_replace have none)."""
-    layers = [layer for layer in range(spec.num_layers) if spec.router_name(layer) in ckpt]
-    if not layers:
-        raise UserError(
-            f"no router tensor like {spec.router_name(0)} in {ckpt.path}; the checkpoint does not match the "
-            f"{spec.family.name} entry in src/reap/arch.py"
-        )
-    return layers
-
-
-def experts_to_drop(spec: MoESpec, ratio: float) -> int:
+def experts_to_drop(spec: Layout, ratio: float) -> int:
     """floor(E * ratio), after checking the ratio leaves enough experts (top-k; with expert groups, rounded
     down to a multiple of the group count so that every group loses the same number)."""
     from reap.saliency import n_to_drop
@@ -68,7 +59,7 @@ def experts_to_drop(spec: MoESpec, ratio: float) -> int:
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
         raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.3")
     n_drop = n_to_drop(spec.num_experts, ratio)
-    groups = spec.routing.n_group
+    groups = spec.n_group
     if n_drop == 0:
         raise UserError(
             f"--ratio {ratio} drops floor({spec.num_experts} x {ratio}) = 0 experts; use a ratio of at least "
@@ -78,14 +69,14 @@ def experts_to_drop(spec: MoESpec, ratio: float) -> int:
         n_drop -= n_drop % groups
         if n_drop == 0:
             raise UserError(
-                f"--ratio {ratio} drops fewer experts than the {groups} expert groups of {spec.family.name}, and "
+                f"--ratio {ratio} drops fewer experts than the {groups} expert groups of {spec.family}, and "
                 f"every group must lose the same number; use a ratio of at least {groups / spec.num_experts:.4g}"
             )
     if spec.num_experts - n_drop < spec.min_kept():
         # the largest drop that keeps min_kept experts, as a ratio
         most = (spec.num_experts - spec.min_kept()) / spec.num_experts
         why = (f"fewer than the {spec.top_k} each token is routed to" if groups <= 1 else
-               f"fewer than the {spec.min_kept()} that top-{spec.top_k} routing into {spec.routing.topk_group} of "
+               f"fewer than the {spec.min_kept()} that top-{spec.top_k} routing into {spec.topk_group} of "
                f"{groups} equal groups needs")
         raise UserError(f"--ratio {ratio} keeps {spec.num_experts - n_drop} experts, {why}; use --ratio "
                         f"{most:.4g} or less")
@@ -112,7 +103,7 @@ def keep_from_scores(scores: torch.Tensor, layers: list[int], n_drop: int, n_gro
     return keep
 
 
-def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
+def read_keep_file(path: str | Path, spec: Layout, layers: list[int]) -> Keep:
     """A ``{"<layer>": [kept expert ids]}`` JSON file, checked against the model."""
     path = Path(path)
     try:
@@ -136,18 +127,18 @@ def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise UserError(f"keep file {path}: layer {key} lists expert {dup} more than once")
         if len(ids) < spec.min_kept():
-            need = (f"top-k {spec.top_k}" if spec.routing.n_group <= 1 else
-                    f"the {spec.min_kept()} that top-k {spec.top_k} in {spec.routing.topk_group} of "
-                    f"{spec.routing.n_group} equal groups needs")
+            need = (f"top-k {spec.top_k}" if spec.n_group <= 1 else
+                    f"the {spec.min_kept()} that top-k {spec.top_k} in {spec.topk_group} of "
+                    f"{spec.n_group} equal groups needs")
             raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than {need}")
-        groups = spec.routing.n_group
+        groups = spec.n_group
         if groups > 1:
             size = spec.num_experts // groups
             per = [sum(1 for i in ids if i // size == g) for g in range(groups)]
             if len(set(per)) != 1:
                 raise UserError(
                     f"keep file {path}: layer {key} keeps {per} experts from the {groups} expert groups of "
-                    f"{size}; {spec.family.name} routes by equally sized groups, so keep the same number from each")
+                    f"{size}; {spec.family} routes by equally sized groups, so keep the same number from each")
         keep[int(key)] = sorted(ids)
     missing = [layer for layer in layers if layer not in keep]
     if missing:
@@ -156,7 +147,7 @@ def read_keep_file(path: str | Path, spec: MoESpec, layers: list[int]) -> Keep:
     if len(counts) != 1:
         raise UserError(
             f"keep file {path} keeps different numbers of experts per layer ({sorted(counts)}); "
-            f"{spec.family.name} stores one expert count in config.json, so keep the same number in every layer"
+            f"{spec.family} stores one expert count in config.json, so keep the same number in every layer"
         )
     return keep
 
@@ -170,15 +161,30 @@ class SurgeryResult:
     dropped_mtp: int = 0  # multi-token-prediction tensors left out
 
 
+def pruned_config(config: dict[str, Any], spec: Layout, k: int, mtp_dropped: bool) -> dict[str, Any]:
+    """config.json after pruning: every key path holding the expert count set to k (and, when the
+    multi-token-prediction modules were left out, their count keys to 0); nothing else changes."""
+    out = copy.deepcopy(config)
+    for path in spec.count_keys:
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = k
+    if mtp_dropped:
+        out.update({key: 0 for key in spec.mtp_keys})
+    return out
+
+
 def rewrite(
     ckpt: Checkpoint,
-    spec: MoESpec,
+    spec: Layout,
     keep: Keep,
     out: Path,
     report: dict[str, Any],
     progress: bool = True,
     stats=None,
     fsync: bool = True,
+    id_remap: dict[int, list[int]] | None = None,
 ) -> SurgeryResult:
     """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir).
 
@@ -187,7 +193,7 @@ def rewrite(
     (``fsync=False`` leaves flushing to the OS, as ``cp`` does). Verified before it is renamed into place.
     """
     start = time.perf_counter()
-    plan, removed_params, mtp = plan_shards(ckpt, spec, keep)
+    plan, removed_params, mtp = plan_shards(ckpt, spec, keep, id_remap or {})
     written = sum(e.nbytes for entries in plan.values() for e in entries)
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
@@ -198,12 +204,7 @@ def rewrite(
             index_meta["total_parameters"] -= removed_params
         weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
-        config = dict(ckpt.config)
-        for key in spec.num_experts_keys or (spec.num_experts_key,):  # every key that holds the expert count
-            config[key] = k
-        if mtp:  # the multi-token-prediction modules are not in the output
-            config.update({key: 0 for key in spec.family.mtp_keys if key in config})
-        write_json(tmp / CONFIG_NAME, config)
+        write_json(tmp / CONFIG_NAME, pruned_config(ckpt.config, spec, k, bool(mtp)))
         from reap.report import GENERATED, publish_assets, publish_card  # never copied from the source
 
         skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
@@ -239,157 +240,155 @@ def rewrite(
     return SurgeryResult(out, k, written, time.perf_counter() - start, mtp)
 
 
-def plan_shards(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> tuple[dict[str, list[Entry]], int, int]:
-    """What each output shard holds, in the input's order: kept expert tensors renamed, router rows and correction
-    bias sliced (from the stored bytes, dtype kept), everything else as it is; the number of parameters removed
-    (for the index's ``total_parameters``, which counts parameters, not buffers or FP8 scales); and the number of
-    multi-token-prediction tensors left out (their experts would no longer match the expert count, see
-    ``Family.mtp_keys``)."""
-    regex = spec.family.expert_regex()
+def plan_shards(ckpt: Checkpoint, spec: Layout, keep: Keep,
+                id_remap: dict[int, list[int]]) -> tuple[dict[str, list[Entry]], int, int]:
+    """What each output shard holds, in the input's order, by each stored tensor's role (:class:`reap.arch.Role`):
+    a kept expert's tensors renamed to its new index, tensors holding every expert (router rows, correction
+    biases, fused experts, quantization companions included) sliced along their expert axis from the stored bytes,
+    expert-id tables renumbered (``id_remap``: layer -> new id of each old id), multi-token-prediction tensors
+    left out, everything else as it is. Also the number of parameters removed (for the index's
+    ``total_parameters``: parameters, not buffers or scales) and of MTP tensors left out."""
+    from reap.formats import stored_params
+
     new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
-    sliced: dict[str, list[int]] = {}
-    for layer, ids in keep.items():
-        for name in (spec.router_name(layer), spec.router_bias_name(layer)):
-            if name and name in ckpt:
-                sliced[name] = ids
-    biases = {spec.router_bias_name(layer) for layer in keep}
-    sliced.update(_fused_rows(ckpt, spec, keep))
     plan: dict[str, list[Entry]] = {}
     removed = mtp = 0
     for shard in ckpt.shards:
         entries = plan.setdefault(shard, [])
         for info in ckpt.shard_tensors(shard):
-            if spec.is_mtp(info.name):
-                mtp += 1
-                if not info.name.endswith("e_score_correction_bias"):  # a buffer, not a parameter
-                    removed += _params_per_row(info) * info.shape[0] if info.shape else 1
-                continue
-            if info.name in sliced:
-                # router rows, correction bias, a router's own bias, fused experts (MXFP4 blocks/scales included):
-                # the rows of the kept experts
-                rows = sliced[info.name]
-                if info.name not in biases:  # the correction bias is a buffer, not a parameter
-                    removed += _params_per_row(info) * (info.shape[0] - len(rows))
-                entries.append(Entry.rows_of(info, ckpt.path, rows))
-                continue
-            m = regex.match(info.name)
-            if m is not None and int(m["layer"]) in keep:
-                layer, expert = int(m["layer"]), int(m["expert"])
-                if expert in new_id[layer]:
-                    entries.append(Entry.copy_of(info, ckpt.path, spec.expert_name(layer, new_id[layer][expert], m["rest"])))
-                elif not info.name.endswith("_scale_inv"):
-                    removed += info.numel
-            else:
+            role = spec.roles.get(info.name)
+            params = 0 if role is None or role.buffer else stored_params(info.name, info.dtype, info.numel, spec.format)
+            if role is None or role.kind == "other" or (role.layer is not None and role.layer not in keep):
                 entries.append(Entry.copy_of(info, ckpt.path))
+            elif role.kind == "mtp":
+                mtp += 1
+                removed += params
+            elif role.kind == "expert":
+                ids = new_id[role.layer]
+                if role.expert in ids:
+                    s, e = role.span
+                    entries.append(Entry.copy_of(info, ckpt.path, info.name[:s] + str(ids[role.expert]) + info.name[e:]))
+                else:
+                    removed += params
+            elif role.kind == "rows":
+                rows = keep[role.layer]
+                removed += params - params * len(rows) // spec.num_experts
+                entries.append(Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
+            elif role.kind == "ids":
+                entries.append(_remapped_ids(ckpt, info, id_remap.get(role.layer)))
+            else:  # pragma: no cover - a role kind added to arch.Role without surgery for it
+                raise AssertionError(f"no surgery for role {role.kind}")
     return plan, removed, mtp
 
 
-def _fused_rows(ckpt: Checkpoint, spec: MoESpec, keep: Keep) -> dict[str, list[int]]:
-    """Tensors sliced along dim 0 to the kept experts, beyond the router and correction bias: every fused expert
-    tensor of a pruned layer (and its MXFP4 ``_blocks``/``_scales``) and the router's own bias (gpt-oss)."""
-    fam = spec.family
-    out: dict[str, list[int]] = {}
-    if not (fam.fused_experts or fam.router_logit_bias):
-        return out
-    for layer, ids in keep.items():
-        bias = spec.router_logit_bias_name(layer)
-        if bias and bias in ckpt:
-            out[bias] = ids
-        for name in fam.fused_names(layer).values():
-            for n in ckpt.infos:
-                if n.startswith(name) and fam.is_fused_expert(n):
-                    out[n] = ids
+def _remapped_ids(ckpt: Checkpoint, info, remap: list[int] | None) -> Entry:
+    """An expert-id table (DeepSeek-V4's token -> expert hash routing) with every id replaced by ``remap[id]``."""
+    import numpy as np
+
+    if remap is None:  # pragma: no cover - prune_model computes a remap for every layer with a table
+        raise AssertionError(f"{info.name}: no id remapping for its layer")
+
+    def fetch() -> bytes:
+        table = _id_table(ckpt, info)
+        if table.size and (table.min() < 0 or table.max() >= len(remap)):
+            raise UserError(f"{info.name} names expert {int(table.max())}, but the layer has {len(remap)}")
+        return np.asarray(remap, dtype=table.dtype)[table].tobytes()
+
+    return Entry(info.name, info.dtype, info.shape, info.nbytes, fetch=fetch)
+
+
+def _id_table(ckpt: Checkpoint, info):
+    """An integer tensor's values (numpy, flat), read from its stored bytes."""
+    import numpy as np
+
+    dtype = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8}.get(info.dtype)
+    if dtype is None:
+        raise UserError(f"{info.name} is an expert-id table stored as {info.dtype}; reap renumbers integer tables")
+    with open(ckpt.path / info.shard, "rb") as f:
+        f.seek(info.start)
+        return np.frombuffer(f.read(info.nbytes), dtype=dtype)
+
+
+def id_remap(ckpt: Checkpoint, spec: Layout, keep: Keep) -> dict[int, list[int]]:
+    """For layers with an expert-id table (hash routing): old id -> new id. A kept expert gets its new index; a
+    pruned one the new index of the kept expert whose router row is most similar (cosine), so the tokens hashed to
+    it go to the expert the learned router places nearest. A token whose row then names one kept expert twice
+    sends that expert both shares of its weight, as the router gathers a weight per named expert."""
+    import torch
+
+    from reap.formats import dequantize, group_parts
+
+    out: dict[int, list[int]] = {}
+    for layer, moe in spec.moe.items():
+        if not moe.id_tables or layer not in keep:
+            continue
+        kept = keep[layer]
+        names = [n for n, r in spec.roles.items() if r.model == moe.router]
+        if not names:
+            raise UserError(f"layer {layer} routes by an expert-id table but has no router weight to pick substitutes "
+                            "for pruned experts")
+        (_, parts), = group_parts(names, spec.format).items()
+        weight = dequantize({p: ckpt.tensor(n) for p, n in parts.items()}, spec.format, torch.float32, ckpt.config)
+        weight = torch.nn.functional.normalize(weight.float(), dim=1)  # [E, H]
+        sim = weight @ weight[kept].T  # [E, K]
+        nearest = sim.argmax(dim=1).tolist()
+        new = {old: i for i, old in enumerate(kept)}
+        out[layer] = [new.get(e, nearest[e]) for e in range(spec.num_experts)]
     return out
 
 
-def _params_per_row(info) -> int:
-    """Parameters in one dim-0 row of a sliced tensor: MXFP4 ``_blocks`` hold two FP4 values per byte, quantization
-    scales count none (as ``reap inspect`` counts them)."""
-    if info.name.endswith(("_scales", "_scale_inv")):
-        return 0
-    per_row = info.numel // info.shape[0]
-    return per_row * 2 if info.name.endswith("_blocks") and info.dtype == "U8" else per_row
-
-
-def _verify_fused(shapes: dict[str, list[int]], spec: MoESpec, layer: int, k: int) -> None:
-    """Every fused expert tensor of the layer (and each MXFP4 companion) holds k experts along dim 0."""
-    fam = spec.family
-    for part, name in fam.fused_names(layer).items():
-        found = {n: s for n, s in shapes.items() if n.startswith(name) and fam.is_fused_expert(n)
-                 and n[len(name):] in ("", "_blocks", "_scales")}
-        if not found:
-            raise RuntimeError(f"verify: layer {layer} has no fused expert tensor {name}")
-        for n, shape in found.items():
-            if not shape or shape[0] != k:
-                raise RuntimeError(f"verify: layer {layer} fused expert tensor {n} has shape {shape}, expected [{k}, ...]")
-    bias = spec.router_logit_bias_name(layer)
-    if bias and bias in shapes and shapes[bias] != [k]:
-        raise RuntimeError(f"verify: layer {layer} router bias shape {shapes[bias]}, expected [{k}]")
-
-
-def verify(path: Path, spec: MoESpec, keep: Keep, mtp_dropped: bool = False) -> None:
-    """Check a written checkpoint: index == shard headers, experts 0..K-1 per layer, router/bias shapes, config,
-    no multi-token-prediction module left (its config keys 0 when one was dropped).
+def verify(path: Path, spec: Layout, keep: Keep, mtp_dropped: bool = False) -> None:
+    """Check a written checkpoint: index == shard headers; the layout transformers' model gives it, derived again
+    from the output itself, has K experts everywhere (every per-expert index 0..K-1 present, every expert axis of
+    length K, config count keys K); groups equal; expert-id tables name kept experts only; no MTP module left when
+    one was dropped.
 
     A failure here is a bug in reap, not a user error: it raises RuntimeError and nothing is published.
     """
     index = json.loads((path / INDEX_NAME).read_text())
     weight_map: dict[str, str] = index["weight_map"]
     total = 0
-    shapes: dict[str, list[int]] = {}
     for shard in set(weight_map.values()):
         header, _ = read_header(path / shard)
         names = {n for n in header if n != "__metadata__"}
         listed = {n for n, s in weight_map.items() if s == shard}
         if names != listed:
             raise RuntimeError(f"verify: {shard} holds {sorted(names ^ listed)[:3]} not matching the index")
-        for n in names:
-            total += header[n]["data_offsets"][1] - header[n]["data_offsets"][0]
-            shapes[n] = header[n]["shape"]
+        total += sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names)
     if total != index["metadata"]["total_size"]:
         raise RuntimeError(f"verify: index total_size {index['metadata']['total_size']} != {total} bytes in shards")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    k = config[spec.num_experts_key]
+    k = len(next(iter(keep.values())))
+    if any(len(ids) != k for ids in keep.values()):
+        raise RuntimeError("verify: layers keep different numbers of experts")
     if k < spec.min_kept():
-        raise RuntimeError(f"verify: config expert count {k} < {spec.min_kept()} (top-k {spec.top_k})")
-    if any(config[key] != k for key in spec.num_experts_keys):
-        raise RuntimeError(f"verify: config expert counts {[config[key] for key in spec.num_experts_keys]} differ")
-    left = [n for n in weight_map if spec.is_mtp(n)]
-    if left or (mtp_dropped and any(config.get(key, 0) != 0 for key in spec.family.mtp_keys)):
-        raise RuntimeError(f"verify: multi-token-prediction tensors {left[:3]} or config keys {spec.family.mtp_keys} left")
-    if spec.routing.n_group > 1:
-        if k % spec.routing.n_group:
-            raise RuntimeError(f"verify: {k} experts do not split into {spec.routing.n_group} equal groups")
-        size = spec.num_experts // spec.routing.n_group
+        raise RuntimeError(f"verify: {k} experts kept < {spec.min_kept()} (top-k {spec.top_k})")
+    try:
+        out = derive(Checkpoint(path))
+    except UserError as err:
+        raise RuntimeError(f"verify: the output does not read back as a {spec.family} checkpoint: {err}") from None
+    if out.num_experts != k or out.moe_layers != spec.moe_layers:
+        raise RuntimeError(f"verify: the output has {out.num_experts} experts in layers {out.moe_layers}, expected "
+                           f"{k} in {spec.moe_layers}")
+    left = out.stored("mtp")
+    if mtp_dropped and (left or any(json.loads((path / CONFIG_NAME).read_text()).get(key) for key in spec.mtp_keys)):
+        raise RuntimeError(f"verify: multi-token-prediction tensors {left[:3]} or config keys {spec.mtp_keys} left")
+    if spec.n_group > 1:
+        if k % spec.n_group:
+            raise RuntimeError(f"verify: {k} experts do not split into {spec.n_group} equal groups")
+        size = spec.num_experts // spec.n_group
         for layer, kept in keep.items():
-            per = {sum(1 for e in kept if e // size == g) for g in range(spec.routing.n_group)}
-            if len(per) != 1:
+            if len({sum(1 for e in kept if e // size == g) for g in range(spec.n_group)}) != 1:
                 raise RuntimeError(f"verify: layer {layer} keeps unequal numbers of experts per group")
-    regex = spec.family.expert_regex()
-    per_layer: dict[int, dict[int, set[str]]] = {}
-    for n in weight_map:
-        m = regex.match(n)
-        if m:
-            per_layer.setdefault(int(m["layer"]), {}).setdefault(int(m["expert"]), set()).add(m["rest"])
-    for layer, kept in keep.items():
-        experts = per_layer.get(layer, {})
-        if spec.family.fused_experts:
-            if experts or len(kept) != k:
-                raise RuntimeError(f"verify: layer {layer} keeps {len(kept)} experts ({len(experts)} unfused), config {k}")
-            _verify_fused(shapes, spec, layer, k)
-        elif sorted(experts) != list(range(len(kept))) or len(kept) != k:
-            raise RuntimeError(f"verify: layer {layer} has experts {sorted(experts)[:5]}..., expected 0..{k - 1}")
-        elif len({frozenset(v) for v in experts.values()}) != 1:
-            raise RuntimeError(f"verify: layer {layer} experts do not all have the same tensors")
-        router = shapes.get(spec.router_name(layer))
-        if router != [k, spec.hidden_size]:
-            raise RuntimeError(f"verify: layer {layer} router shape {router}, expected [{k}, {spec.hidden_size}]")
-        bias = spec.router_bias_name(layer)
-        if bias and bias in shapes and shapes[bias] != [k]:
-            raise RuntimeError(f"verify: layer {layer} correction bias shape {shapes[bias]}, expected [{k}]")
+    tables = out.stored("ids")
+    if tables:
+        written = Checkpoint(path)
+        for name in tables:
+            table = _id_table(written, written.infos[name])
+            if table.size and (table.min() < 0 or table.max() >= k):
+                raise RuntimeError(f"verify: {name} names expert {int(table.max())} of {k}")
 
 
-def base_report(ckpt: Checkpoint, spec: MoESpec, method: str, ratio: float | None, keep: Keep,
+def base_report(ckpt: Checkpoint, spec: Layout, method: str, ratio: float | None, keep: Keep,
                 scores: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``reap_report.json`` content (the surgery adds sizes)."""
     layers = {}
@@ -405,7 +404,7 @@ def base_report(ckpt: Checkpoint, spec: MoESpec, method: str, ratio: float | Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["reap", *sys.argv[1:]]),
         "source": str(ckpt.path),
-        "family": spec.family.name,
+        "family": spec.family,
         "method": method,
         "ratio": ratio,
         "num_experts": spec.num_experts,
@@ -440,9 +439,9 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None.
     """
     ckpt = Checkpoint(opts.model)
-    spec = detect(ckpt.config)
+    spec = derive(ckpt)
     out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
-    layers = moe_layers(ckpt, spec)
+    layers = spec.moe_layers
     if (opts.keep_file is None) == (opts.ratio is None):
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
     stats, scores, extra = None, None, {}
@@ -482,7 +481,7 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
                                 "or --stats STATS from `reap calibrate`; or use --method random")
             scores = stats.scores(method)
             extra["calibration"] = stats.meta
-        keep = keep_from_scores(scores, layers, n_drop, spec.routing.n_group)
+        keep = keep_from_scores(scores, layers, n_drop, spec.n_group)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if opts.recipe is not None:
@@ -490,9 +489,15 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
     k = len(next(iter(keep.values())))
     log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")
-    result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync)
+    remap = id_remap(ckpt, spec, keep)
+    if remap:
+        report["id_remap"] = {str(layer): ids for layer, ids in remap.items()}
+        log(f"expert-id tables (hash routing) in {len(remap)} layers renumbered; a pruned expert's tokens go to the "
+            "kept expert with the most similar router row (reap_report.json id_remap)")
+    result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
+                     id_remap=remap)
     if result.dropped_mtp:
-        keys = [key for key in spec.family.mtp_keys if key in ckpt.config]
+        keys = list(spec.mtp_keys)
         log(f"left out the multi-token-prediction module ({result.dropped_mtp} tensors"
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
             "expert count; serve without MTP speculative decoding")
@@ -501,12 +506,12 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     return result
 
 
-def check_stats(stats, spec: MoESpec, path) -> None:
-    """A stats file must match the model and be complete."""
+def check_stats(stats, spec: Layout, path) -> None:
+    """A stats file must match the model and be complete (in every MoE layer)."""
     if (stats.num_layers, stats.num_experts) != (spec.num_layers, spec.num_experts):
         raise UserError(f"stats file {path} is for {stats.num_layers} layers x {stats.num_experts} experts, the model has "
                         f"{spec.num_layers} x {spec.num_experts}; calibrate this model with `reap calibrate`")
-    missing = sorted(set(range(spec.num_layers)) - stats.completed)
+    missing = sorted(set(spec.moe_layers) - stats.completed)
     if missing:
         raise UserError(f"stats file {path} is incomplete (layers {missing[:5]}... missing); finish it with "
                         "`reap calibrate ... --resume`")

@@ -134,6 +134,43 @@ def tiny_family_config(family: str = "minimax_m2", **overrides):
                      "kimi_k2, glm4_moe, qwen3_next or gpt_oss")
 
 
+HAND_SHAPED = ("minimax_m2", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen3_next", "gpt_oss")
+
+
+def _make_generic(path: Path, model_type: str, dtype: torch.dtype, shard_size: str, **overrides) -> Path:
+    """A tiny random checkpoint of any MoE model type (:func:`reap.tiny_configs.tiny_config`): routers spread so
+    that routing depends on the input, experts non-trivial, expert-id tables (hash routing) filled with distinct
+    random experts per token; saved by transformers in several shards with the byte-level tokenizer."""
+    from reap.arch import derive_model
+    from reap.tiny_configs import causal_lm_class, tiny_config
+
+    cfg = tiny_config(model_type, **overrides)
+    model = causal_lm_class(model_type)._from_config(cfg, dtype=torch.float32)
+    layout, _, _ = derive_model(model.config.to_dict(), type(model))
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for moe in layout.moe.values():
+            for name in moe.tensors:
+                t = state[name]
+                if not t.is_floating_point():
+                    continue
+                if name.startswith(moe.experts + "."):
+                    t.normal_(0.0, 0.1, generator=g)
+                elif t.dim() >= 2:  # router rows: scores spread out
+                    t.normal_(0.0, 0.5, generator=g)
+                else:  # correction biases, per-expert scales: real values around their defaults
+                    t.add_(torch.randn(t.shape, generator=g) * 0.1)
+            for name in moe.id_tables:
+                t = state[name]
+                rows = torch.stack([torch.randperm(layout.num_experts, generator=g)[: t.shape[-1]]
+                                    for _ in range(t.numel() // t.shape[-1])])
+                t.copy_(rows.reshape(t.shape))
+    model.to(dtype).save_pretrained(path, max_shard_size=shard_size)
+    make_byte_tokenizer(path)
+    return path
+
+
 def make_tiny_model(
     path: str | Path,
     seed: int = 0,
@@ -142,11 +179,16 @@ def make_tiny_model(
     family: str = "minimax_m2",
     **config_overrides,
 ) -> Path:
-    """Write a random tiny checkpoint of ``family`` (several shards) to ``path`` and return it."""
+    """Write a random tiny checkpoint of ``family`` (several shards) to ``path`` and return it.
+
+    ``family`` is one of the hand-shaped families of :func:`tiny_family_config` (shaped like their releases, the
+    fixtures of most tests) or any MoE model type of the installed transformers (:mod:`reap.tiny_configs`)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     torch.manual_seed(seed)
+    if family not in HAND_SHAPED:
+        return _make_generic(path, family, dtype, shard_size, **config_overrides)
     model = AutoModelForCausalLM.from_config(tiny_family_config(family, **config_overrides)).to(dtype)
     with torch.no_grad():
         if family == "minimax_m2":
@@ -254,9 +296,9 @@ def convert_to_fp8(src: str | Path, dst: str | Path) -> Path:
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [..., R, C] (C a multiple of 32) -> (blocks uint8 [..., R, C/32, 16], scales uint8 [..., R, C/32]):
     per group of 32 a power-of-two scale 2^(s-127) with the group's absmax at most 6, values rounded to the nearest
-    FP4 e2m1 code, two codes per byte (low nibble first). The inverse of :func:`reap.checkpoint.dequantize_mxfp4`
+    FP4 e2m1 code, two codes per byte (low nibble first). The inverse of :func:`reap.formats.dequantize_mxfp4`
     up to rounding."""
-    from reap.checkpoint import FP4_E2M1_VALUES
+    from reap.formats import FP4_E2M1_VALUES
 
     *prefix, rows, cols = weight.shape
     w = weight.float().reshape(*prefix, rows, cols // 32, 32)

@@ -1,0 +1,76 @@
+"""The support matrix: every Mixture-of-Experts model type of transformers, and what reap verified on it.
+
+The matrix lives in ``families.json`` beside this module, written by the test that checks every model type
+(``tests/test_matrix.py``: a tiny checkpoint saved by transformers in several shards is calibrated, its statistics
+compared with hooks on transformers' own experts, pruned, and the pruned checkpoint loaded by transformers and
+compared with the original with those experts removed in memory). ``reap inspect --families`` and the README's
+table are made from it; model types of the installed transformers that the file does not list say so.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+MATRIX_NAME = "families.json"
+#: what a "verified" entry went through (the steps of tests/test_matrix.py)
+VERIFIED = ("tiny checkpoint saved by transformers (several shards); statistics == hooks on transformers' experts "
+            "(fp32, padded batches); pruned checkpoint loads with no missing/unexpected weights and its logits == the "
+            "original with the pruned experts removed in memory; kept tensors byte-identical; only the expert-count "
+            "keys of config.json change; streamed eval == transformers' loss")
+
+
+def load_matrix() -> dict[str, Any]:
+    """The committed matrix: {"transformers": version, "model_types": {type: {"status", "reason"?, ...}}}."""
+    text = resources.files("reap").joinpath(MATRIX_NAME).read_text()
+    return json.loads(text)
+
+
+def installed_moe_types() -> list[str]:
+    """MoE model types of the installed transformers (those on its standard experts interface)."""
+    from reap.tiny_configs import moe_model_types
+
+    return moe_model_types()
+
+
+def describe_families() -> list[dict[str, Any]]:
+    """One row per model type of the installed transformers or the matrix: status and what was checked or why not."""
+    import transformers
+
+    matrix = load_matrix()
+    entries = matrix["model_types"]
+    installed = set(installed_moe_types())
+    rows = []
+    for model_type in sorted(installed | set(entries)):
+        entry = dict(entries.get(model_type) or {"status": "not checked",
+                                                  "reason": f"not in the matrix made with transformers "
+                                                            f"{matrix['transformers']}"})
+        if model_type not in installed:
+            entry["note"] = f"not implemented by the installed transformers {transformers.__version__}"
+        rows.append({"model_type": model_type, **entry})
+    return rows
+
+
+def format_families(rows: list[dict[str, Any]]) -> str:
+    """The human-readable form of :func:`describe_families`."""
+    matrix = load_matrix()
+    verified = [r for r in rows if r["status"] == "verified"]
+    lines = [f"{len(verified)} of {len(rows)} MoE model types verified (matrix made with transformers "
+             f"{matrix['transformers']}); verified means: {VERIFIED}", ""]
+    width = max(len(r["model_type"]) for r in rows)
+    for r in rows:
+        detail = r.get("layout") if r["status"] == "verified" else r.get("reason", "")
+        note = f" [{r['note']}]" if r.get("note") else ""
+        lines.append(f"{r['model_type']:<{width}}  {r['status']:<13} {detail}{note}")
+    return "\n".join(lines)
+
+
+def markdown_table(matrix: dict[str, Any] | None = None) -> str:
+    """The README's support table, from the matrix."""
+    matrix = matrix or load_matrix()
+    lines = ["| model type | status | layout or reason |", "|---|---|---|"]
+    for model_type, entry in sorted(matrix["model_types"].items()):
+        detail = entry.get("layout") if entry["status"] == "verified" else entry.get("reason", "")
+        lines.append(f"| `{model_type}` | {entry['status']} | {str(detail).replace('|', '/')} |")
+    return "\n".join(lines)

@@ -1,0 +1,533 @@
+"""The layer streamer: a model's decoder layers run one at a time, as transformers wrote them.
+
+The model is transformers' own class built from ``config.json`` with every parameter on the meta device
+(:func:`reap.arch.build_model`). The text model's own tensors outside the decoder layers (embeddings, final
+norm, ...) are loaded once; then, layer by layer, the layer's stored tensors are read from the shards (by a
+background thread, one layer ahead), dequantized on the compute device (:mod:`reap.formats`), loaded by
+transformers' own loader (its conversion mapping merges per-expert tensors into fused ones), every batch's hidden
+states go through the layer, and the layer returns to the meta device.
+
+What a layer is called with is what transformers' base model passes it: for each batch, the base model's own
+forward runs with the decoder layers replaced by pass-throughs and stops at the layer in question
+(:meth:`LayerStreamer.layer_call`), so masks per layer kind, rotary embeddings, per-layer inputs and hash-routing
+token ids are the model's own. The MoE blocks run as transformers wrote them too (routers, shared experts,
+gates); only the experts go through reap's implementation (:mod:`reap.moe`), which computes each expert on its
+routed tokens and feeds the statistics. Hidden states stay on the GPU when they fit, else in (pinned) CPU
+memory, else on disk.
+
+Legend: B sequences in a batch, S padded length, H hidden, T tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from reap.arch import Layout, build_config, build_model, model_class
+from reap.checkpoint import Checkpoint
+from reap.errors import UserError
+from reap.formats import dequantize, group_parts
+from reap.moe import ExpertsProbe, use_reap_experts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run the layer streamer."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    batch_tokens: int = 16384  # padded tokens per forward batch
+    offload: str = "auto"  # where hidden states live between layers: auto | device | cpu | disk
+    workdir: Path | None = None  # for offload=disk (default: a temporary directory)
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    def resolved(self) -> "EngineOptions":
+        """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
+        if self.dtype != "auto":
+            return self
+        gpu = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return replace(self, dtype="bfloat16" if gpu else "float32")
+
+
+# -- torch.distributed -------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device: str) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend)
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def sum_int(self, value: int, device: torch.device) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def resolve_device(device: str, dist: Dist) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        if device == "cuda":
+            device = f"cuda:{dist.local_rank}"
+    elif device != "cpu":
+        raise UserError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return torch.device(device)
+
+
+# -- hidden-state storage ------------------------------------------------------------------------------
+class HiddenStore:
+    """Per-batch hidden states between layers, on the device, in CPU memory, or in files on disk; plus what else
+    a decoder layer returns that the base model hands the next layer (GLM-5's indexer top-k, say: ``extras``)."""
+
+    def __init__(self, mode: str, device: torch.device, workdir: Path | None):
+        self.mode, self.device = mode, device
+        self._items: dict[int, torch.Tensor] = {}
+        self._extras: dict[int, tuple] = {}
+        self._tmp = None
+        if mode == "disk":
+            if workdir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="reap-hidden-")
+                workdir = Path(self._tmp.name)
+            self.dir = Path(workdir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, i: int, h: torch.Tensor) -> None:
+        if self.mode == "device":
+            self._items[i] = h
+        elif self.mode == "cpu":
+            if self.device.type != "cuda":
+                self._items[i] = h
+                return
+            # one pinned buffer per batch, reused every layer: a single device-to-host copy, no re-pinning;
+            # the stream orders it after this layer's reads of the same buffer
+            buf = self._items.get(i)
+            if buf is None or buf.shape != h.shape or buf.dtype != h.dtype:
+                buf = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+                self._items[i] = buf
+            buf.copy_(h, non_blocking=True)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({"h": h.to("cpu").contiguous()}, str(self.dir / f"hidden-{i}.safetensors"))
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.mode == "disk":
+            from safetensors.torch import load_file
+
+            return load_file(str(self.dir / f"hidden-{i}.safetensors"))["h"].to(self.device)
+        return self._items[i].to(self.device, non_blocking=True)
+
+    def put_extras(self, i: int, extras: tuple) -> None:
+        """The other outputs of the layer that produced batch i's hidden states (tensors or None)."""
+        if self.mode == "device" or not extras:
+            self._extras[i] = extras
+        elif self.mode == "cpu":
+            self._extras[i] = tuple(t.to("cpu") if isinstance(t, torch.Tensor) else t for t in extras)
+        else:
+            from safetensors.torch import save_file
+
+            tensors = {str(j): t.to("cpu").contiguous() for j, t in enumerate(extras) if isinstance(t, torch.Tensor)}
+            save_file(tensors, str(self.dir / f"extras-{i}.safetensors"))
+            self._extras[i] = tuple(None if isinstance(t, torch.Tensor) else t for t in extras)
+
+    def get_extras(self, i: int) -> tuple:
+        extras = self._extras.get(i, ())
+        if self.mode == "disk" and extras:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(self.dir / f"extras-{i}.safetensors"))
+            extras = tuple(saved[str(j)] if str(j) in saved else t for j, t in enumerate(extras))
+        return tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in extras)
+
+    def close(self) -> None:
+        self._items.clear()
+        self._extras.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, S] int64, right-padded
+    lengths: list[int]
+
+    @property
+    def padded(self) -> bool:
+        return min(self.lengths) != self.ids.shape[1]
+
+    def mask(self) -> torch.Tensor:
+        """[B, S] 1 for real tokens, 0 for padding."""
+        B, S = self.ids.shape
+        return (torch.arange(S).unsqueeze(0) < torch.tensor(self.lengths).unsqueeze(1)).long()
+
+
+def make_batches(sequences: list[list[int]], batch_tokens: int) -> list[Batch]:
+    """Consecutive sequences grouped so that B x S (padded) stays within batch_tokens (at least one each)."""
+    batches, group = [], []
+    for seq in sequences:
+        if group and (len(group) + 1) * max(len(seq), *(len(g) for g in group)) > batch_tokens:
+            batches.append(group)
+            group = []
+        group.append(seq)
+    if group:
+        batches.append(group)
+    out = []
+    for group in batches:
+        width = max(len(s) for s in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        out.append(Batch(ids, [len(s) for s in group]))
+    return out
+
+
+# -- loading tensors into transformers' model -------------------------------------------------------------
+def load_into(model, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, what: str) -> set[str]:
+    """Load stored-name tensors into ``model`` with transformers' own loader, as ``from_pretrained`` would in
+    ``dtype`` (its conversion mapping renames, merges per-expert tensors into fused ones, transposes; its dtype plan
+    keeps routers in float32 where the model says so); returns the model keys still missing. Every tensor must
+    land: an unexpected or mis-shaped one is a checkpoint that does not match its config."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(
+            model, state, LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model),
+                                              device_map={"": device}, dtype=dtype,
+                                              dtype_plan=model._get_dtype_plan(dtype)))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = [f"unexpected {sorted(info.unexpected_keys)[:3]}"] if info.unexpected_keys else []
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys, key=str)[0]
+        problems.append(f"{name} has shape {list(got)} where transformers expects {list(want)}")
+    if info.conversion_errors:
+        name, err = next(iter(info.conversion_errors.items()))
+        problems.append(f"converting {name} failed: {str(err).strip().splitlines()[-1]}")
+    if problems:
+        raise UserError(f"{what}: the stored tensors do not fit transformers' {type(model).__name__} "
+                        f"({'; '.join(problems)}); the checkpoint does not match its config.json")
+    return set(info.missing_keys)
+
+
+def to_meta(module: torch.nn.Module) -> None:
+    """Every parameter of ``module`` back on the meta device (buffers stay: they are small and some are computed
+    at construction, not stored)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+class _Stop(Exception):
+    """Raised by the pass-through layer that was asked for: its call has been captured."""
+
+
+# -- the streamer ----------------------------------------------------------------------------------------
+@dataclass
+class StreamStats:
+    tokens: int = 0
+    layer_seconds: list[float] = field(default_factory=list)
+
+
+class LayerStreamer:
+    """Runs sequences through the model one decoder layer at a time; see the module docstring."""
+
+    def __init__(self, ckpt: Checkpoint, layout: Layout, sequences: list[list[int]], opts: EngineOptions,
+                 dist: Dist | None = None):
+        opts = opts.resolved()
+        self.ckpt, self.layout, self.opts = ckpt, layout, opts
+        self.dist = dist or Dist()
+        self.device = resolve_device(opts.device, self.dist)
+        if opts.dtype not in DTYPES:
+            raise UserError(f"--dtype {opts.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[opts.dtype]
+        if opts.batch_tokens <= 0:
+            raise UserError("--batch-tokens must be a positive number of tokens, e.g. 16384")
+        cfg = build_config(ckpt.config)
+        self.model = build_model(cfg, model_class(cfg, ckpt.config), self.dtype)
+        self.experts = use_reap_experts(self.model)
+        self.layers = self.model.get_submodule(layout.layers_path)
+        self.text = self.model.get_submodule(layout.layers_path.rpartition(".")[0])
+        self.text_path = layout.layers_path.rpartition(".")[0]
+        for sub in self.text.modules():  # buffers (rotary frequencies, correction biases...) live on the device
+            for name, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[name] = b.to(self.device)
+        self._stored = self._stored_by_layer()
+        self.batches = make_batches(sequences, opts.batch_tokens)
+        self.tokens = sum(sum(b.lengths) for b in self.batches)
+        self.store = HiddenStore(self._offload_mode(), self.device, opts.workdir)
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._pending: dict[int, cf.Future] = {}
+        self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
+        self.stats = StreamStats(tokens=self.tokens)
+        self._load(self._stored["base"], "the embeddings and final norm")
+
+    # -- which stored tensors belong where
+    def _stored_by_layer(self) -> dict:
+        prefix = self.layout.layers_path + "."
+        out: dict = {"base": [], "head": []}
+        head = self.model.get_output_embeddings()
+        head_names = {f"{self._path_of(head)}.{n}" for n, _ in head.named_parameters()} if head is not None else set()
+        for name, role in self.layout.roles.items():
+            target = role.model
+            if target is None or role.kind == "mtp":
+                continue
+            if target.startswith(prefix):
+                out.setdefault(int(target[len(prefix):].partition(".")[0]), []).append(name)
+            elif target.startswith(self.text_path + "."):
+                out["base"].append(name)
+            elif target in head_names:
+                out["head"].append(name)
+        return out
+
+    def _path_of(self, module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module)
+
+    # -- placement
+    def _offload_mode(self) -> str:
+        mode = self.opts.offload
+        if mode not in ("auto", "device", "cpu", "disk"):
+            raise UserError(f"--offload {mode!r} is not one of auto, device, cpu, disk")
+        if mode != "auto":
+            return mode
+        need = self.tokens * self.layout.hidden_size * torch.finfo(self.dtype).bits // 8
+        need += sum(b.ids.numel() - sum(b.lengths) for b in self.batches) * self.layout.hidden_size * 4
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need < free - 3 * self.layer_bytes() - (8 << 30):
+                return "device"
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # pragma: no cover
+            available = 1 << 40
+        return "cpu" if need < available // 2 else "disk"
+
+    def layer_bytes(self, layer: int | None = None) -> int:
+        """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
+        sizes = [sum(self.ckpt.infos[n].numel for n in names) * torch.finfo(self.dtype).bits // 8
+                 for key, names in self._stored.items() if isinstance(key, int) and (layer is None or key == layer)]
+        return max(sizes, default=0)
+
+    # -- reading a layer (background thread) and materializing it (compute thread)
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        pin = self.device.type == "cuda"
+        return {n: (t.pin_memory() if pin else t) for n in names for t in (self.ckpt.tensor(n),)}
+
+    def prefetch(self, layer: int) -> None:
+        if 0 <= layer < self.layout.num_layers and layer not in self._pending:
+            self._pending[layer] = self._pool.submit(self._read, self._stored.get(layer, []))
+
+    def _materialize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored tensors -> base-name tensors on the device (quantized ones dequantized there)."""
+        fmt = self.layout.format
+        state = {}
+        for base, parts in group_parts(list(raw), fmt).items():
+            stored = {part: raw[name].to(self.device, non_blocking=True) for part, name in parts.items()}
+            state[base] = dequantize(stored, fmt, self.dtype, self.ckpt.config, base) if "scale" in stored \
+                else stored["values"]
+        return state
+
+    def _load(self, names: list[str], what: str, raw: dict[str, torch.Tensor] | None = None) -> set[str]:
+        raw = raw if raw is not None else self._read(names)
+        return load_into(self.model, self._materialize(raw), self.device, self.dtype, what)
+
+    def load_layer(self, layer: int) -> torch.nn.Module:
+        """Materialize decoder layer ``layer`` on the device."""
+        self.prefetch(layer)
+        raw = self._pending.pop(layer).result()
+        self.prefetch(layer + 1)
+        missing = self._load(list(raw), f"layer {layer}", raw)
+        prefix = f"{self.layout.layers_path}.{layer}."
+        absent = sorted(k for k in missing if k.startswith(prefix))
+        if absent:
+            raise UserError(f"layer {layer}: the checkpoint has no tensor for transformers' {absent[0]}; a shard is "
+                            "missing or the checkpoint does not match its config.json")
+        return self.layers[layer]
+
+    def free_layer(self, layer: int) -> None:
+        to_meta(self.layers[layer])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- what transformers' base model passes each layer
+    def _forward_base(self, i: int, stubs: dict[int, object]):
+        """Run the text model's own forward on batch ``i`` with decoder layers j replaced by ``stubs[j]``."""
+        b = self.batches[i]
+        for j, fn in stubs.items():
+            self.layers[j].forward = fn
+        try:
+            mask = b.mask().to(self.device) if b.padded else None
+            return self.text(input_ids=b.ids.to(self.device), attention_mask=mask, use_cache=False)
+        finally:
+            for j in stubs:
+                del self.layers[j].forward
+
+    def _passthrough(self, j: int, i: int, h: torch.Tensor | None = None):
+        """A stand-in for decoder layer j on batch i: returns its input (or ``h``) as the layer would, with what
+        else the last layer that ran returned for this batch (the base model may hand it to the next layer)."""
+        arity = self._arity.get(j, 0)
+
+        def forward(*args, **kwargs):
+            out = h if h is not None else (args[0] if args else kwargs["hidden_states"])
+            if not arity:
+                return out
+            extras = tuple(self.store.get_extras(i))[: arity - 1]
+            return (out, *extras, *(None,) * (arity - 1 - len(extras)))
+
+        return forward
+
+    def layer_call(self, i: int, layer: int) -> tuple[tuple, dict]:
+        """(args, kwargs) of transformers' base model's call of decoder layer ``layer`` for batch ``i``."""
+        captured: dict = {}
+
+        def capture(*args, **kwargs):
+            captured["call"] = (args, kwargs)
+            raise _Stop
+
+        stubs = {j: self._passthrough(j, i) for j in range(layer)}
+        stubs[layer] = capture
+        try:
+            self._forward_base(i, stubs)
+        except _Stop:
+            return captured["call"]
+        raise UserError(f"transformers' {type(self.text).__name__} never called decoder layer {layer}; reap cannot "
+                        "stream this model")
+
+    # -- running
+    def embed(self) -> None:
+        """The hidden states the base model gives layer 0 (embeddings, scaled or expanded as the model does)."""
+        with torch.inference_mode():
+            for i in range(len(self.batches)):
+                args, kwargs = self.layer_call(i, 0)
+                self.store.put(i, args[0] if args else kwargs["hidden_states"])
+
+    @torch.inference_mode()
+    def run_layer(self, layer: int, accumulator=None, desc: str | None = None) -> None:
+        """Run every batch through decoder layer ``layer``; MoE statistics go to ``accumulator``."""
+        t0 = time.perf_counter()
+        module = self.load_layer(layer)
+        probes = []
+        moe = self.layout.moe.get(layer)
+        if moe is not None:
+            experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
+            experts._reap_probe = ExpertsProbe(accumulator)
+            probes.append(experts)
+        bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
+                   desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
+                   disable=not self.opts.progress or self.dist.rank != 0)
+        try:
+            for i, b in enumerate(self.batches):
+                args, kwargs = self.layer_call(i, layer)
+                h = self.store.get(i)
+                args = (h, *args[1:]) if args else args
+                if not args:
+                    kwargs = {**kwargs, "hidden_states": h}
+                for experts in probes:
+                    experts._reap_probe.token_mask = b.mask().reshape(-1).bool().to(self.device) if b.padded else None
+                out = module(*args, **kwargs)
+                if isinstance(out, tuple):  # (hidden states, what the base model hands the next layer, ...)
+                    self._arity[layer] = len(out)
+                    self.store.put_extras(i, tuple(out[1:]))
+                    out = out[0]
+                self.store.put(i, out)
+                bar.update(sum(b.lengths))
+        finally:
+            bar.close()
+            for experts in probes:
+                del experts._reap_probe
+            self.free_layer(layer)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.layer_seconds.append(time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def final_output(self, i: int):
+        """The base model's output for batch i: its forward runs with every layer a pass-through, the last one
+        giving the stored hidden states, so whatever it does after the last layer (final norm) is its own code."""
+        last = self.layout.num_layers - 1
+        stubs = {j: self._passthrough(j, i) for j in range(last)}
+        stubs[last] = self._passthrough(last, i, self.store.get(i))
+        return self._forward_base(i, stubs)
+
+    def load_head(self) -> None:
+        """The LM head's tensors (tied to the embeddings where the model says so)."""
+        head = self.model.get_output_embeddings()
+        if self._stored["head"]:
+            self._load(self._stored["head"], "the LM head")
+        if head.weight.device.type == "meta":
+            if not getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
+                raise UserError(f"{self.ckpt.path} has no LM head tensor and config.json does not tie it to the "
+                                "embeddings; the checkpoint is incomplete (re-download its shards)")
+            head.weight = self.model.get_input_embeddings().weight
+
+    @torch.inference_mode()
+    def logits(self, i: int, output, positions: torch.Tensor) -> torch.Tensor:
+        """Batch i's logits [B, P, V] at ``positions``, by the model's own head (its forward with the base model
+        answering ``output``: softcapping, scaling and vocabulary cuts are the model's code)."""
+        b = self.batches[i]
+        self.text.forward = lambda *args, **kwargs: output
+        try:
+            mask = b.mask().to(self.device) if b.padded else None
+            return self.model(input_ids=b.ids.to(self.device), attention_mask=mask, use_cache=False,
+                              logits_to_keep=positions.to(self.device)).logits
+        finally:
+            del self.text.forward
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+        self.ckpt.close()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak host RSS and (on CUDA) peak device memory, in GiB."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)}
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
+    return out

@@ -194,3 +194,38 @@ def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):
         pruned_a = set(choose_experts(bf16[layer], 19)[1])
         pruned_b = set(choose_experts(fp8[layer], 19)[1])
         assert len(pruned_a & pruned_b) >= 15, (layer, pruned_a ^ pruned_b)
+
+
+def test_resume_replays_no_layer(tiny_fp32, tmp_path, texts, monkeypatch):
+    """Killed after layer 1: the hidden states after layer 1 are on disk beside the stats file, so --resume runs
+    layer 2 only (no replay) and its statistics equal an uninterrupted run's; the checkpoint folder is removed at
+    the end (kept with keep_checkpoint)."""
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    full, _ = calibrate(_opts(tiny_fp32, data, dtype="float32"))
+    out = tmp_path / "stats.safetensors"
+    opts = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), max_length=96), out=out,
+                            engine=EngineOptions(device="cpu", dtype="float32", progress=False), checkpoint_every=1)
+    original = LayerStreamer.run_layer
+    ran: list[int] = []
+
+    def run_layer(self, layer, accumulator=None, desc=None):
+        if layer == 2 and not ran[-1:] == ["resumed"]:
+            raise KeyboardInterrupt
+        ran.append(layer)
+        return original(self, layer, accumulator, desc)
+
+    monkeypatch.setattr(LayerStreamer, "run_layer", run_layer)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(opts)
+    assert ran == [0, 1] and (tmp_path / "stats.safetensors.hidden" / "rank0-after-1" / "done").exists()
+    ran.clear()
+    ran.append("resumed")
+    resumed, summary = calibrate(CalibrateOptions(**{**opts.__dict__, "resume": True, "keep_checkpoint": True}))
+    assert ran == ["resumed", 2] and summary["layers_run"] == 1
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(resumed, f), getattr(full, f), rtol=1e-9, atol=0)
+    assert (tmp_path / "stats.safetensors.hidden").is_dir()  # kept when asked
+    monkeypatch.setattr(LayerStreamer, "run_layer", original)
+    out.unlink()
+    calibrate(CalibrateOptions(**{**opts.__dict__, "overwrite": True}))
+    assert not (tmp_path / "stats.safetensors.hidden").exists()  # removed by default

@@ -67,6 +67,8 @@ DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: float32, bfloat1
 BatchOpt = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch.")
 OffloadOpt = typer.Option("auto", "--offload", help="Hidden states between layers: auto, device, cpu or disk.")
 WorkdirOpt = typer.Option(None, "--workdir", help="Folder for hidden states with --offload disk.")
+PageCacheOpt = typer.Option(False, "--keep-page-cache", help="Leave the checkpoint's pages in the page cache after "
+                            "reading a layer (faster re-runs; job memory limits may count them).")
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
@@ -94,9 +96,11 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
     data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
                        seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
     engine = EngineOptions(device=p["device"], dtype=p["dtype"], batch_tokens=p["batch_tokens"], offload=p["offload"],
-                           workdir=p["workdir"], progress=not p["quiet"], trust_remote_code=p["trust_remote_code"])
+                           workdir=p["workdir"], keep_page_cache=p["keep_page_cache"], progress=not p["quiet"],
+                           trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
-                            recipe=effective(p))
+                            recipe=effective(p), checkpoint_every=p.get("checkpoint_every"),
+                            keep_checkpoint=bool(p.get("keep_checkpoint")))
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ def prune(
     batch_tokens: int = BatchOpt,
     offload: str = OffloadOpt,
     workdir: Optional[Path] = WorkdirOpt,
+    keep_page_cache: bool = PageCacheOpt,
     trust_remote_code: bool = RemoteOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Flush the output to disk before publishing it "
@@ -165,8 +170,13 @@ def calibrate(
     batch_tokens: int = BatchOpt,
     offload: str = OffloadOpt,
     workdir: Optional[Path] = WorkdirOpt,
+    keep_page_cache: bool = PageCacheOpt,
     trust_remote_code: bool = RemoteOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run at its next layer."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write the hidden states beside "
+                                                   "the stats file every N layers, so --resume replays no layer "
+                                                   "(0: never; default: as often as costs under ~10% of the time)."),
+    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep those hidden states after the run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing stats file."),
     quiet: bool = QuietOpt,
     config: Optional[Path] = ConfigOpt,

@@ -50,6 +50,7 @@ class EngineOptions:
     batch_tokens: int = 16384  # padded tokens per forward batch
     offload: str = "auto"  # where hidden states live between layers: auto | device | cpu | disk
     workdir: Path | None = None  # for offload=disk (default: a temporary directory)
+    keep_page_cache: bool = False  # leave what was read in the page cache (faster re-runs, memory counted by cgroups)
     progress: bool = True
     trust_remote_code: bool = False
 
@@ -116,7 +117,11 @@ def resolve_device(device: str, dist: Dist) -> torch.device:
 # -- hidden-state storage ------------------------------------------------------------------------------
 class HiddenStore:
     """Per-batch hidden states between layers, on the device, in CPU memory, or in files on disk; plus what else
-    a decoder layer returns that the base model hands the next layer (GLM-5's indexer top-k, say: ``extras``)."""
+    a decoder layer returns that the base model hands the next layer (GLM-5's indexer top-k, say: ``extras``).
+
+    On disk, each batch is one file (large sequential writes and reads); a batch is written on a background thread
+    while the next one computes, and the next batch is read ahead while this one computes (batches are visited in
+    order, every layer)."""
 
     def __init__(self, mode: str, device: torch.device, workdir: Path | None):
         self.mode, self.device = mode, device
@@ -129,6 +134,26 @@ class HiddenStore:
                 workdir = Path(self._tmp.name)
             self.dir = Path(workdir)
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._io = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="reap-hidden-io")
+            self._writes: dict[int, cf.Future] = {}
+            self._reads: dict[int, cf.Future] = {}
+            self.count = 0  # batches put so far (the read-ahead wraps around at this count)
+
+    def _file(self, i: int) -> Path:
+        return self.dir / f"hidden-{i}.safetensors"
+
+    def _write(self, i: int, h: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"h": h}, str(self._file(i)))
+
+    def _load(self, i: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        write = self._writes.get(i)
+        if write is not None:
+            write.result()
+        return load_file(str(self._file(i)))["h"]
 
     def put(self, i: int, h: torch.Tensor) -> None:
         if self.mode == "device":
@@ -145,15 +170,21 @@ class HiddenStore:
                 self._items[i] = buf
             buf.copy_(h, non_blocking=True)
         else:
-            from safetensors.torch import save_file
-
-            save_file({"h": h.to("cpu").contiguous()}, str(self.dir / f"hidden-{i}.safetensors"))
+            host = h.to("cpu").contiguous()  # waits for the device copy; the file is written in the background
+            self.count = max(self.count, i + 1)
+            previous = self._writes.get(i)
+            if previous is not None:
+                previous.result()
+            self._writes[i] = self._io.submit(self._write, i, host)
 
     def get(self, i: int) -> torch.Tensor:
         if self.mode == "disk":
-            from safetensors.torch import load_file
-
-            return load_file(str(self.dir / f"hidden-{i}.safetensors"))["h"].to(self.device)
+            pending = self._reads.pop(i, None)
+            h = pending.result() if pending is not None else self._load(i)
+            nxt = (i + 1) % self.count if self.count else None
+            if nxt is not None and nxt != i and nxt not in self._reads:
+                self._reads[nxt] = self._io.submit(self._load, nxt)  # read ahead
+            return h.to(self.device)
         return self._items[i].to(self.device, non_blocking=True)
 
     def put_extras(self, i: int, extras: tuple) -> None:
@@ -178,9 +209,38 @@ class HiddenStore:
             extras = tuple(saved[str(j)] if str(j) in saved else t for j, t in enumerate(extras))
         return tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in extras)
 
+    def save(self, path: Path, n: int) -> int:
+        """Batches 0..n-1 (hidden states and extras) as safetensors files in ``path`` (a new folder); bytes."""
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True)
+        total = 0
+        for i in range(n):
+            tensors = {"h": self.get(i).to("cpu").contiguous()}
+            extras = self.get_extras(i)
+            tensors.update({f"x{j}": t.to("cpu").contiguous() for j, t in enumerate(extras) if isinstance(t, torch.Tensor)})
+            meta = {"extras": str(len(extras))}
+            save_file(tensors, str(path / f"batch-{i}.safetensors"), metadata=meta)
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        return total
+
+    def restore(self, path: Path, n: int) -> None:
+        """Batches 0..n-1 as :meth:`save` wrote them."""
+        from safetensors import safe_open
+
+        for i in range(n):
+            with safe_open(str(path / f"batch-{i}.safetensors"), framework="pt", device="cpu") as f:
+                count = int((f.metadata() or {}).get("extras", "0"))
+                self.put(i, f.get_tensor("h").to(self.device))
+                names = set(f.keys())
+                self.put_extras(i, tuple(f.get_tensor(f"x{j}").to(self.device) if f"x{j}" in names else None
+                                         for j in range(count)))
+
     def close(self) -> None:
         self._items.clear()
         self._extras.clear()
+        if self.mode == "disk":
+            self._io.shutdown(wait=True, cancel_futures=True)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -200,11 +260,15 @@ class Batch:
         return (torch.arange(S).unsqueeze(0) < torch.tensor(self.lengths).unsqueeze(1)).long()
 
 
-def make_batches(sequences: list[list[int]], batch_tokens: int) -> list[Batch]:
-    """Consecutive sequences grouped so that B x S (padded) stays within batch_tokens (at least one each)."""
+def make_batches(sequences: list[list[int]], batch_tokens: int, max_square: int | None = None) -> list[Batch]:
+    """Consecutive sequences grouped so that B x S (padded) stays within batch_tokens (at least one each) and, with
+    ``max_square``, B x S x S too (attention that materializes its [B, heads, S, S] scores: long sequences get
+    batches of their own)."""
     batches, group = [], []
     for seq in sequences:
-        if group and (len(group) + 1) * max(len(seq), *(len(g) for g in group)) > batch_tokens:
+        width = max(len(seq), *(len(g) for g in group)) if group else len(seq)
+        if group and ((len(group) + 1) * width > batch_tokens
+                      or (max_square is not None and (len(group) + 1) * width * width > max_square)):
             batches.append(group)
             group = []
         group.append(seq)
@@ -267,6 +331,70 @@ class _Stop(Exception):
     """Raised by the pass-through layer that was asked for: its call has been captured."""
 
 
+class LayerReader:
+    """Reads stored tensors straight into a reusable buffer (pinned when the compute device is a GPU), one read per
+    tensor in file order, and drops the page-cache pages it read (``posix_fadvise(DONTNEED)``) unless told to keep
+    them: no checkpoint file stays mapped and the page cache does not fill with the model, so host memory stays
+    bounded by the buffers (two layers in flight) and the hidden states, whatever the model's size.
+
+    A slot's tensors are views into its buffer: they are valid until the slot is read into again."""
+
+    ALIGN = 64  # every tensor starts at a multiple of this in the buffer (any dtype can view it)
+
+    def __init__(self, ckpt: Checkpoint, pin: bool, keep_cache: bool = False, threads: int = 4):
+        from reap.checkpoint import DTYPES
+
+        self.ckpt, self.pin, self.keep_cache = ckpt, pin, keep_cache
+        self.dtypes = DTYPES
+        self._buffers: dict[object, torch.Tensor] = {}
+        self._io = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reap-read")  # queue depth for NVMe
+
+    def _read_one(self, view, info, offset: int) -> None:
+        fd = os.open(self.ckpt.path / info.shard, os.O_RDONLY)
+        try:
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[offset + done : offset + info.nbytes]], info.start + done)
+                if n <= 0:
+                    raise UserError(f"{info.shard} ended early while reading {info.name}; re-download that shard")
+                done += n
+            if not self.keep_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def _layout(self, names: list[str]) -> tuple[list, int]:
+        infos = sorted((self.ckpt.infos[n] for n in names), key=lambda i: (i.shard, i.start))
+        out, offset = [], 0
+        for info in infos:
+            out.append((info, offset))
+            offset += -(-info.nbytes // self.ALIGN) * self.ALIGN
+        return out, offset
+
+    def read(self, names: list[str], slot: object = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` as stored (dtype, shape), read into buffer ``slot`` (None: a buffer of their own);
+        with ``device``, the filled part of the buffer is copied there in one transfer and the views are on it."""
+        plan, size = self._layout(names)
+        buf = self._buffers.get(slot) if slot is not None else None
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pin)
+            if slot is not None:
+                self._buffers[slot] = buf
+        view = buf.numpy()
+        out: dict[str, torch.Tensor] = {}
+        for future in [self._io.submit(self._read_one, view, info, offset) for info, offset in plan]:
+            future.result()
+        base = buf[:size]
+        if device is not None and device.type != "cpu":
+            base = base.to(device, non_blocking=True)
+        for info, offset in plan:
+            out[info.name] = base[offset : offset + info.nbytes].view(self.dtypes[info.dtype]).reshape(info.shape)
+        return out
+
+
 # -- the streamer ----------------------------------------------------------------------------------------
 @dataclass
 class StreamStats:
@@ -277,8 +405,10 @@ class StreamStats:
 class LayerStreamer:
     """Runs sequences through the model one decoder layer at a time; see the module docstring."""
 
-    def __init__(self, ckpt: Checkpoint, layout: Layout, sequences: list[list[int]], opts: EngineOptions,
+    def __init__(self, ckpt: Checkpoint, layout: Layout, sequences: list[list[int]] | None, opts: EngineOptions,
                  dist: Dist | None = None):
+        """``sequences`` may come later (:meth:`set_sequences`): layer 0 is read and materialized in the background
+        from here on, while the caller tokenizes."""
         opts = opts.resolved()
         self.ckpt, self.layout, self.opts = ckpt, layout, opts
         self.dist = dist or Dist()
@@ -299,14 +429,35 @@ class LayerStreamer:
                 if b is not None:
                     sub._buffers[name] = b.to(self.device)
         self._stored = self._stored_by_layer()
-        self.batches = make_batches(sequences, opts.batch_tokens)
-        self.tokens = sum(sum(b.lengths) for b in self.batches)
-        self.store = HiddenStore(self._offload_mode(), self.device, opts.workdir)
+        # transformers' loader works in the calling thread (so on the prefetch thread's CUDA stream), not in a pool
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda", keep_cache=opts.keep_page_cache)
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")
         self._pending: dict[int, cf.Future] = {}
+        self._reads: dict[int, cf.Future] = {}
         self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
-        self.stats = StreamStats(tokens=self.tokens)
         self._load(self._stored["base"], "the embeddings and final norm")
+        self.prefetch(0)
+        self.batches: list[Batch] = []
+        self.tokens = 0
+        self.store: HiddenStore | None = None
+        if sequences is not None:
+            self.set_sequences(sequences)
+
+    def set_sequences(self, sequences: list[list[int]]) -> None:
+        """The calibration (or evaluation) sequences: batches, and where their hidden states live. Where the model's
+        attention materializes its scores (eager attention), a batch's [B, heads, S, S] float32 scores stay within
+        ~4 GiB."""
+        text = self.model.config.get_text_config()
+        max_square = None
+        if getattr(self.model.config, "_attn_implementation", None) == "eager":
+            max_square = (4 << 30) // (4 * max(1, getattr(text, "num_attention_heads", 1) or 1))
+        self.batches = make_batches(sequences, self.opts.batch_tokens, max_square)
+        self.tokens = sum(sum(b.lengths) for b in self.batches)
+        self.store = HiddenStore(self._offload_mode(), self.device, self.opts.workdir)
+        self.stats = StreamStats(tokens=self.tokens)
 
     # -- which stored tensors belong where
     def _stored_by_layer(self) -> dict:
@@ -348,41 +499,102 @@ class LayerStreamer:
             available = 1 << 40
         return "cpu" if need < available // 2 else "disk"
 
+    def plan(self) -> dict:
+        """What the run will hold and roughly take: tokens, batches, hidden-state bytes and where they live, the
+        largest layer's weights, and a rough time (2 FLOPs per active parameter and token at an assumed rate, plus
+        reading every layer at an assumed 2 GB/s)."""
+        from reap.formats import stored_params
+
+        hidden = self.tokens * self.layout.hidden_size * torch.finfo(self.dtype).bits // 8
+        active = 0.0  # parameters a token meets in the layers (experts: top-k of E)
+        for layer, names in ((k, v) for k, v in self._stored.items() if isinstance(k, int)):
+            for name in names:
+                info, role = self.ckpt.infos[name], self.layout.roles[name]
+                n = stored_params(name, info.dtype, info.numel, self.layout.format)
+                active += n * (self.layout.top_k / self.layout.num_experts if role.part == "experts" else 1)
+        rate = 250e12 if self.device.type == "cuda" else 0.05e12 * max(1, torch.get_num_threads())
+        read = sum(self.ckpt.infos[n].nbytes for k, v in self._stored.items() if isinstance(k, int) for n in v)
+        eta = 2 * active * self.tokens / rate + read / 2e9
+        return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": self.store.mode,
+                "layer_bytes": max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
+                                    if isinstance(k, int)), default=0), "eta_s": eta, "assumed_flops": rate}
+
     def layer_bytes(self, layer: int | None = None) -> int:
         """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
         sizes = [sum(self.ckpt.infos[n].numel for n in names) * torch.finfo(self.dtype).bits // 8
                  for key, names in self._stored.items() if isinstance(key, int) and (layer is None or key == layer)]
         return max(sizes, default=0)
 
-    # -- reading a layer (background thread) and materializing it (compute thread)
-    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        pin = self.device.type == "cuda"
-        return {n: (t.pin_memory() if pin else t) for n in names for t in (self.ckpt.tensor(n),)}
-
+    # -- reading and materializing a layer (on the prefetch thread, on its own CUDA stream, one layer ahead)
     def prefetch(self, layer: int) -> None:
-        if 0 <= layer < self.layout.num_layers and layer not in self._pending:
-            self._pending[layer] = self._pool.submit(self._read, self._stored.get(layer, []))
+        """Start preparing layer ``layer`` (and, on a GPU, reading the one after it into the other buffer slot as
+        soon as this one's bytes are on the device: reads run back to back while layers compute)."""
+        if not 0 <= layer < self.layout.num_layers or layer in self._pending:
+            return
+        self._pending[layer] = self._pool.submit(self._prepare, layer)
+        if self._side is not None and layer + 1 < self.layout.num_layers and layer + 1 not in self._reads:
+            # slot (layer + 1) % 2 last held layer - 1, whose bytes reached the device before this call
+            self._reads[layer + 1] = self._read_pool.submit(self.reader.read, self._stored.get(layer + 1, []),
+                                                            (layer + 1) % 2)
+
+    def _prepare(self, layer: int):
+        """Read layer ``layer`` into its buffer slot, copy it to the device, dequantize it and load it into
+        transformers' model, all while the previous layer computes; returns the model keys still missing and the
+        CUDA event the compute stream waits for."""
+        names = self._stored.get(layer, [])
+        if self._side is None:
+            return self._load_raw(self.reader.read(names, slot=layer % 2), f"layer {layer}"), None
+        read = self._reads.pop(layer, None)
+        host = read.result() if read is not None else self.reader.read(names, slot=layer % 2)
+        with torch.cuda.stream(self._side):
+            raw = {n: t.to(self.device, non_blocking=True) for n, t in host.items()} if read is not None else \
+                self.reader.read(names, slot=layer % 2, device=self.device)
+            self._side.synchronize()  # the host slot is free again once its bytes are on the device
+            missing = self._load_raw(raw, f"layer {layer}")
+            event = torch.cuda.Event()
+            event.record(self._side)
+        return missing, event
 
     def _materialize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stored tensors -> base-name tensors on the device (quantized ones dequantized there)."""
+        """Stored tensors -> base-name tensors on the device, quantized ones dequantized there; the per-expert
+        tensors of one projection are dequantized together (one kernel for the stack, not one per expert)."""
         fmt = self.layout.format
-        state = {}
+        raw = {n: t.to(self.device, non_blocking=True) for n, t in raw.items()}  # no-op when read to the device
+        state, stacks = {}, {}
         for base, parts in group_parts(list(raw), fmt).items():
-            stored = {part: raw[name].to(self.device, non_blocking=True) for part, name in parts.items()}
-            state[base] = dequantize(stored, fmt, self.dtype, self.ckpt.config, base) if "scale" in stored \
-                else stored["values"]
+            if "scale" not in parts:
+                state[base] = raw[parts["values"]]
+                continue
+            role = self.layout.roles.get(parts["values"])
+            key = base
+            if role is not None and role.kind == "expert" and role.span:
+                key = base[: role.span[0]] + "*" + base[role.span[1]:]
+            stacks.setdefault(key, []).append((base, parts))
+        for key, items in stacks.items():
+            shapes = {tuple(raw[p["values"]].shape) for _, p in items} | {("s", *raw[p["scale"]].shape) for _, p in items}
+            if len(items) == 1 or len(shapes) != 2:
+                for base, parts in items:
+                    state[base] = dequantize({k: raw[v] for k, v in parts.items()}, fmt, self.dtype, self.ckpt.config, base)
+                continue
+            stacked = {part: torch.stack([raw[p[part]] for _, p in items]) for part in items[0][1]}
+            for (base, _), t in zip(items, dequantize(stacked, fmt, self.dtype, self.ckpt.config, key).unbind(0)):
+                state[base] = t
         return state
 
-    def _load(self, names: list[str], what: str, raw: dict[str, torch.Tensor] | None = None) -> set[str]:
-        raw = raw if raw is not None else self._read(names)
+    def _load_raw(self, raw: dict[str, torch.Tensor], what: str) -> set[str]:
         return load_into(self.model, self._materialize(raw), self.device, self.dtype, what)
 
+    def _load(self, names: list[str], what: str) -> set[str]:
+        """Load tensors kept for the whole run (embeddings, norm, head) from a buffer of their own."""
+        return self._load_raw(self.reader.read(names, device=self.device), what)
+
     def load_layer(self, layer: int) -> torch.nn.Module:
-        """Materialize decoder layer ``layer`` on the device."""
+        """Decoder layer ``layer`` on the device (prepared by the prefetch thread; the next one starts there)."""
         self.prefetch(layer)
-        raw = self._pending.pop(layer).result()
+        missing, event = self._pending.pop(layer).result()
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
         self.prefetch(layer + 1)
-        missing = self._load(list(raw), f"layer {layer}", raw)
         prefix = f"{self.layout.layers_path}.{layer}."
         absent = sorted(k for k in missing if k.startswith(prefix))
         if absent:
@@ -391,9 +603,9 @@ class LayerStreamer:
         return self.layers[layer]
 
     def free_layer(self, layer: int) -> None:
+        if self.device.type == "cuda":  # its weights may be reused by the next layer's loading on the other stream
+            torch.cuda.current_stream(self.device).synchronize()
         to_meta(self.layers[layer])
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     # -- what transformers' base model passes each layer
     def _forward_base(self, i: int, stubs: dict[int, object]):
@@ -521,7 +733,10 @@ class LayerStreamer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
+        self._read_pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+        if self.store is not None:
+            self.store.close()
         self.ckpt.close()
 
 

@@ -431,7 +431,9 @@ class LayerStreamer:
         self._stored = self._stored_by_layer()
         # transformers' loader works in the calling thread (so on the prefetch thread's CUDA stream), not in a pool
         os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda", keep_cache=opts.keep_page_cache)
+        # ranks of one node read the same files: the first read leaves the pages for the others to find
+        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda",
+                                  keep_cache=opts.keep_page_cache or self.dist.world > 1)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
         self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")

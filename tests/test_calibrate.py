@@ -229,3 +229,23 @@ def test_resume_replays_no_layer(tiny_fp32, tmp_path, texts, monkeypatch):
     out.unlink()
     calibrate(CalibrateOptions(**{**opts.__dict__, "overwrite": True}))
     assert not (tmp_path / "stats.safetensors.hidden").exists()  # removed by default
+
+
+def test_two_ranks_sharing_the_reading_equal_one(tiny_fp8, tmp_path, texts):
+    """--weight-exchange share over gloo: each rank reads half of every layer's bytes (FP8 values and scales) and
+    the ranks all-gather the rest; the statistics equal a single process's."""
+    data = _write_jsonl(tmp_path / "d.jsonl", texts)
+    single, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    common = ["calibrate", str(tiny_fp8), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "reap", *common, "--out", str(two), "--weight-exchange", "share"], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each layer read once per node (2 ranks share it)" in proc.stderr
+    a, b = ExpertStats.load(single), ExpertStats.load(two)
+    assert b.meta["world_size"] == 2
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-6, atol=1e-9)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
@@ -52,6 +52,30 @@ NOT_STREAMABLE = {"inkling2": _BLOCK_STATES, "inkling2_text": _BLOCK_STATES}
 #: config keys that count multi-token-prediction modules stored beside the decoder layers (transformers never
 #: loads them); set to 0 when the output leaves those modules out.
 MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+
+
+@dataclass(frozen=True)
+class MtpStyle:
+    """How a family stores its multi-token-prediction modules (names relative to module k's prefix) and how they
+    combine a token's embedding with the previous depth's hidden state, as the serving engines run them (see
+    :mod:`reap.mtp`). ``{layers}`` is the main decoder layers' stored prefix, ``{n}`` = num_hidden_layers + k."""
+
+    name: str
+    prefix: str  # module k's own tensors
+    layer: str  # module k's decoder layer (a main-model MoE layer class)
+    embed_norm: str
+    hidden_norm: str
+    proj: str
+    final_norm: str
+
+
+#: DeepSeek-V3 / Kimi-K2 / GLM-4.5 (model.layers.61 / .92 / .46) and Qwen3-Next (mtp.*). A new style is one entry.
+MTP_STYLES = (
+    MtpStyle("deepseek", "{layers}{n}.", "{layers}{n}.", "enorm", "hnorm", "eh_proj", "shared_head.norm"),
+    MtpStyle("qwen3_next", "mtp.", "mtp.layers.{k}.", "pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm"),
+)
+
+
 #: attribute names under which transformers' MoE blocks and routers (or the text config) keep top-k and groups
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "experts_per_token", "top_k_experts", "moe_k")
 N_GROUP_ATTRS = ("n_group", "num_group", "num_expert_group")
@@ -111,10 +135,27 @@ class Layout:
     topk_group: int = 1
     expert_intermediate: int = 0
     mtp_keys: tuple[str, ...] = ()  # MTP count keys present in config.json
+    # multi-token-prediction modules kept (and pruned) as MoE layers num_layers .. num_layers + mtp_layers - 1
+    mtp_layers: int = 0
+    mtp_style: MtpStyle | None = None
+    mtp_disk_layers: str = ""  # how stored names spell the main decoder layers, e.g. "model.layers."
 
     @property
     def moe_layers(self) -> list[int]:
         return sorted(self.moe)
+
+    @property
+    def stat_layers(self) -> int:
+        """Rows of the statistics: the decoder layers, then the MTP modules."""
+        return self.num_layers + self.mtp_layers
+
+    def mtp_prefix(self, k: int) -> str:
+        """The stored-name prefix of MTP module k (its projections and norms)."""
+        return self.mtp_style.prefix.format(layers=self.mtp_disk_layers, n=self.num_layers + k, k=k)
+
+    def mtp_layer_prefix(self, k: int) -> str:
+        """The stored-name prefix of MTP module k's decoder layer."""
+        return self.mtp_style.layer.format(layers=self.mtp_disk_layers, n=self.num_layers + k, k=k)
 
     def min_kept(self) -> int:
         """The fewest experts a layer may keep: top-k, and with groups enough in the allowed groups for top-k
@@ -417,8 +458,6 @@ def _expert_span(pattern: str, name: str) -> tuple[int, int] | None:
 
 def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
     """``layout`` with a :class:`Role` for every stored tensor of ``ckpt`` (shapes checked against the model)."""
-    from dataclasses import replace
-
     from transformers.core_model_loading import MergeModulelist, rename_source_key
 
     fmt = checkpoint_format(ckpt.config)
@@ -432,8 +471,15 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
     E = layout.num_experts
     roles: dict[str, Role] = {}
     seen: dict[str, set[int]] = {}  # model tensor -> expert indices found per-expert on disk
+    aliases = {}  # MTP decoder layers stored apart (mtp.layers.{k}.) -> the main layers' spelling of layer n
+    for k in range(layout.mtp_layers):
+        own, main = layout.mtp_layer_prefix(k), f"{layout.mtp_disk_layers}{layout.num_layers + k}."
+        if own != main:
+            aliases[own] = main
+    mtp_own = tuple(layout.mtp_prefix(k) for k in range(layout.mtp_layers))
     for base, parts in group_parts(list(ckpt.infos), fmt).items():
-        target, pattern = rename_source_key(base, renamings, converters, model.base_model_prefix, meta)
+        source = next((main + base[len(own):] for own, main in aliases.items() if base.startswith(own)), base)
+        target, pattern = rename_source_key(source, renamings, converters, model.base_model_prefix, meta)
         if target not in meta and base in meta:
             target, pattern = base, None
         if target in owner:
@@ -441,9 +487,11 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
             part = "experts" if target.startswith(moe.experts + ".") else "router"
             ops = by_pattern[pattern].operations if pattern is not None else []
             if any(isinstance(op, MergeModulelist) for op in ops):
-                span = _expert_span(pattern, base)
+                span = _expert_span(pattern, source)
                 if span is None:
                     raise UserError(f"{base}: cannot find its expert index in transformers' pattern {pattern!r}")
+                shift = len(base) - len(source)  # where an aliased (MTP) name is longer or shorter
+                span = (span[0] + shift, span[1] + shift)
                 expert = int(base[span[0]:span[1]])
                 if not 0 <= expert < E:
                     raise UserError(f"{base} is expert {expert}, but config.json says {E} experts; the "
@@ -463,6 +511,8 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
             role = Role("ids", ids[target].index, part="router", model=target)
         elif target in meta:
             role = Role("other", model=target)
+        elif mtp_own and base.startswith(mtp_own):  # an MTP module's own projection and norms: kept as they are
+            role = Role("other")
         else:
             m = layer_re.match(target)
             if (m and int(m[1]) >= layout.num_layers) or target.startswith("mtp.") or ".mtp." in target:
@@ -494,7 +544,48 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
     return replace(layout, roles=roles, format=fmt)
 
 
-def derive(ckpt: "Checkpoint") -> Layout:
-    """The checkpoint's :class:`Layout`, every stored tensor with its role."""
+def _mtp_modules(layout: Layout, names) -> tuple[MtpStyle | None, int, str]:
+    """(style, count, stored prefix of the main layers) of the MTP modules stored beside the decoder layers: a
+    style's projection present for module 0, modules counted while their projection is there."""
+    disk = ""
+    for name in names:
+        m = re.match(r"^(.*\.)(\d+)\.", name)
+        if m and "layers." in m[1] and int(m[2]) < layout.num_layers:
+            disk = m[1]
+            break
+    for style in MTP_STYLES:
+        probe = replace(layout, mtp_style=style, mtp_disk_layers=disk)
+        count = 0
+        while f"{probe.mtp_prefix(count)}{style.proj}.weight" in names:
+            count += 1
+        if count:
+            return style, count, disk
+    return None, 0, disk
+
+
+def extended_config(config: dict[str, Any], extra: int) -> dict[str, Any]:
+    """config.json with ``extra`` more decoder layers (the MTP modules' decoder layers, built as transformers builds
+    main layers: full attention, MoE)."""
+    out = copy.deepcopy(config)
+    text = out.get("text_config") if isinstance(out.get("text_config"), dict) else out
+    n = text["num_hidden_layers"]
+    text["num_hidden_layers"] = n + extra
+    for key, fill in (("layer_types", "full_attention"), ("mlp_layer_types", None)):
+        value = text.get(key)
+        if isinstance(value, list) and len(value) == n:
+            text[key] = value + [fill if fill is not None else value[-1]] * extra
+    return out
+
+
+def derive(ckpt: "Checkpoint", keep_mtp: bool = True) -> Layout:
+    """The checkpoint's :class:`Layout`, every stored tensor with its role. Multi-token-prediction modules stored
+    beside the decoder layers are kept as MoE layers after the last one (their decoder layer built by transformers
+    as one more layer of the model), unless ``keep_mtp`` is False: then they are left out of pruned outputs."""
     layout, model, _ = derive_model(ckpt.config)
-    return map_checkpoint(layout, model, ckpt)
+    style, count, disk = _mtp_modules(layout, ckpt.infos) if keep_mtp else (None, 0, "")
+    if not count:
+        return map_checkpoint(layout, model, ckpt)
+    wide, wide_model, _ = derive_model(extended_config(ckpt.config, count), type(model))
+    mtp = replace(wide, num_layers=layout.num_layers, mtp_layers=count, mtp_style=style, mtp_disk_layers=disk,
+                   mtp_keys=layout.mtp_keys)
+    return map_checkpoint(mtp, wide_model, ckpt)

@@ -68,7 +68,7 @@ class HiddenCheckpoint:
             import torch
             import torch.distributed as d
 
-            t = torch.tensor([best], dtype=torch.int64)
+            t = torch.tensor([best], dtype=torch.int64, device="cuda" if d.get_backend() == "nccl" else "cpu")
             d.all_reduce(t, op=d.ReduceOp.MIN)
             best = int(t.item())
         return best if best >= 0 and best in mine else None
@@ -81,7 +81,16 @@ class HiddenCheckpoint:
         if self.auto:
             write = self.seconds if self.written else nbytes / 1e9
             self.every = max(1, math.ceil(write / (0.1 * max(layer_seconds, 1e-6))))
-        return (layer + 1) % self.every == 0
+        due = (layer + 1) % self.every == 0
+        if self.dist.world > 1:  # every rank must decide alike: the writing ends in a barrier
+            import torch
+            import torch.distributed as d
+
+            flag = torch.tensor([int(due)], dtype=torch.int64,
+                                device="cuda" if d.get_backend() == "nccl" else "cpu")
+            d.all_reduce(flag, op=d.ReduceOp.MAX)
+            due = bool(flag.item())
+        return due
 
     def write(self, streamer: LayerStreamer, layer: int) -> None:
         t0 = time.perf_counter()
@@ -190,7 +199,9 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
                 f"{spec.num_experts} experts (top-{spec.top_k}), {streamer.device} {opts.engine.dtype}, "
                 f"hidden states on {streamer.store.mode}" + (f", {dist.world} ranks" if dist.world > 1 else "")
                 + (f"; resuming at layer {start_layer}" if start_layer else "")
-                + (f" from the hidden states after layer {restored}" if restored is not None else ""))
+                + (f" from the hidden states after layer {restored}" if restored is not None else "")
+                + (f"; each layer read once per node ({streamer.reader.share.world} ranks share it)"
+                   if streamer.reader.share is not None else ""))
         t0 = time.perf_counter()
         if restored is not None:
             hidden.restore(streamer, restored)

@@ -67,6 +67,8 @@ DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: float32, bfloat1
 BatchOpt = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch.")
 OffloadOpt = typer.Option("auto", "--offload", help="Hidden states between layers: auto, device, cpu or disk.")
 WorkdirOpt = typer.Option(None, "--workdir", help="Folder for hidden states with --offload disk.")
+ExchangeOpt = typer.Option("auto", "--weight-exchange", help="Several ranks: share (each rank reads 1/N of a layer, "
+                           "the ranks all-gather the rest), read (every rank reads all of it), auto (share on GPUs).")
 PageCacheOpt = typer.Option(False, "--keep-page-cache", help="Leave the checkpoint's pages in the page cache after "
                             "reading a layer (faster re-runs; job memory limits may count them).")
 RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
@@ -96,7 +98,8 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
     data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
                        seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
     engine = EngineOptions(device=p["device"], dtype=p["dtype"], batch_tokens=p["batch_tokens"], offload=p["offload"],
-                           workdir=p["workdir"], keep_page_cache=p["keep_page_cache"], progress=not p["quiet"],
+                           workdir=p["workdir"], keep_page_cache=p["keep_page_cache"], exchange=p["weight_exchange"],
+                           progress=not p["quiet"],
                            trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
                             recipe=effective(p), checkpoint_every=p.get("checkpoint_every"),
@@ -127,6 +130,7 @@ def prune(
     offload: str = OffloadOpt,
     workdir: Optional[Path] = WorkdirOpt,
     keep_page_cache: bool = PageCacheOpt,
+    weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Flush the output to disk before publishing it "
@@ -171,6 +175,7 @@ def calibrate(
     offload: str = OffloadOpt,
     workdir: Optional[Path] = WorkdirOpt,
     keep_page_cache: bool = PageCacheOpt,
+    weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run at its next layer."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write the hidden states beside "

@@ -51,6 +51,9 @@ class EngineOptions:
     offload: str = "auto"  # where hidden states live between layers: auto | device | cpu | disk
     workdir: Path | None = None  # for offload=disk (default: a temporary directory)
     keep_page_cache: bool = False  # leave what was read in the page cache (faster re-runs, memory counted by cgroups)
+    # several ranks: "share" reads 1/N of each layer per rank and all-gathers the rest (NCCL), "read" has every rank
+    # read it all; "auto" shares on GPUs
+    exchange: str = "auto"
     progress: bool = True
     trust_remote_code: bool = False
 
@@ -331,6 +334,40 @@ class _Stop(Exception):
     """Raised by the pass-through layer that was asked for: its call has been captured."""
 
 
+@dataclass
+class WeightShare:
+    """The ranks of one node sharing the reading of each layer: rank r reads bytes [r, r + 1) x size / N of the
+    layer's buffer, the ranks all-gather the rest (on the GPU over NCCL on a stream of its own; gloo on the CPU)."""
+
+    group: object  # torch.distributed process group of the node's ranks
+    rank: int
+    world: int
+    stream: object = None  # torch.cuda.Stream for the exchange
+
+    @classmethod
+    def for_node(cls, device: torch.device) -> "WeightShare":
+        import torch.distributed as dist
+
+        world, local = dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        group, _ = dist.new_subgroups(group_size=local) if local < world else (dist.new_group(), None)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), stream)
+
+    def gather(self, host: torch.Tensor, lo: int, hi: int, device: torch.device | None) -> torch.Tensor:
+        """``host`` [size] with this rank's bytes [lo, hi) filled -> every rank's bytes, on ``device``."""
+        import torch.distributed as dist
+
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                full = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+                dist.all_gather_into_tensor(full, host[lo:hi].to(device, non_blocking=True), group=self.group)
+            self.stream.synchronize()
+            return full
+        chunks = list(host.split(hi - lo))
+        dist.all_gather(chunks, host[lo:hi].clone(), group=self.group)
+        return host if device is None or device.type == "cpu" else host.to(device, non_blocking=True)
+
+
 class LayerReader:
     """Reads stored tensors straight into a reusable buffer (pinned when the compute device is a GPU), one read per
     tensor in file order, and drops the page-cache pages it read (``posix_fadvise(DONTNEED)``) unless told to keep
@@ -341,25 +378,32 @@ class LayerReader:
 
     ALIGN = 64  # every tensor starts at a multiple of this in the buffer (any dtype can view it)
 
-    def __init__(self, ckpt: Checkpoint, pin: bool, keep_cache: bool = False, threads: int = 4):
+    def __init__(self, ckpt: Checkpoint, pin: bool, keep_cache: bool = False, threads: int = 4, share=None):
+        """``share``: a :class:`WeightShare` of the ranks on this node: each reads 1/N of every buffer and the ranks
+        all-gather the rest (NCCL over NVLink, gloo on the CPU), so the node reads each layer once."""
         from reap.checkpoint import DTYPES
 
-        self.ckpt, self.pin, self.keep_cache = ckpt, pin, keep_cache
+        self.ckpt, self.pin, self.keep_cache, self.share = ckpt, pin, keep_cache, share
         self.dtypes = DTYPES
         self._buffers: dict[object, torch.Tensor] = {}
         self._io = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reap-read")  # queue depth for NVMe
 
-    def _read_one(self, view, info, offset: int) -> None:
+    def _read_one(self, view, info, offset: int, lo: int = 0, hi: int | None = None) -> None:
+        """Bytes [lo, hi) of the buffer that belong to ``info`` (stored at ``offset`` in the buffer)."""
+        begin = max(offset, lo)
+        end = min(offset + info.nbytes, hi if hi is not None else offset + info.nbytes)
+        if begin >= end:
+            return
         fd = os.open(self.ckpt.path / info.shard, os.O_RDONLY)
         try:
-            done = 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[offset + done : offset + info.nbytes]], info.start + done)
+            done = begin
+            while done < end:
+                n = os.preadv(fd, [view[done:end]], info.start + done - offset)
                 if n <= 0:
                     raise UserError(f"{info.shard} ended early while reading {info.name}; re-download that shard")
                 done += n
             if not self.keep_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, info.start + begin - offset, end - begin, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -378,6 +422,9 @@ class LayerReader:
         """The tensors ``names`` as stored (dtype, shape), read into buffer ``slot`` (None: a buffer of their own);
         with ``device``, the filled part of the buffer is copied there in one transfer and the views are on it."""
         plan, size = self._layout(names)
+        share = self.share
+        if share is not None:  # equal chunks for the all-gather
+            size = -(-max(size, 1) // (share.world * self.ALIGN)) * share.world * self.ALIGN
         buf = self._buffers.get(slot) if slot is not None else None
         if buf is None or buf.numel() < size:
             buf = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pin)
@@ -385,10 +432,13 @@ class LayerReader:
                 self._buffers[slot] = buf
         view = buf.numpy()
         out: dict[str, torch.Tensor] = {}
-        for future in [self._io.submit(self._read_one, view, info, offset) for info, offset in plan]:
+        lo, hi = (share.rank * size // share.world, (share.rank + 1) * size // share.world) if share else (0, size)
+        for future in [self._io.submit(self._read_one, view, info, offset, lo, hi) for info, offset in plan]:
             future.result()
         base = buf[:size]
-        if device is not None and device.type != "cpu":
+        if share is not None:
+            base = share.gather(base, lo, hi, device)
+        elif device is not None and device.type != "cpu":
             base = base.to(device, non_blocking=True)
         for info, offset in plan:
             out[info.name] = base[offset : offset + info.nbytes].view(self.dtypes[info.dtype]).reshape(info.shape)
@@ -431,9 +481,14 @@ class LayerStreamer:
         self._stored = self._stored_by_layer()
         # transformers' loader works in the calling thread (so on the prefetch thread's CUDA stream), not in a pool
         os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-        # ranks of one node read the same files: the first read leaves the pages for the others to find
-        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda",
-                                  keep_cache=opts.keep_page_cache or self.dist.world > 1)
+        if opts.exchange not in ("auto", "read", "share"):
+            raise UserError(f"--weight-exchange {opts.exchange!r} is not one of auto, read, share")
+        share = None
+        if self.dist.world > 1 and (opts.exchange == "share" or (opts.exchange == "auto" and self.device.type == "cuda")):
+            share = WeightShare.for_node(self.device)
+        # without sharing, ranks of one node read the same files: the first read leaves the pages for the others
+        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda", share=share,
+                                  keep_cache=opts.keep_page_cache or (self.dist.world > 1 and share is None))
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
         self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")
@@ -529,28 +584,31 @@ class LayerStreamer:
 
     # -- reading and materializing a layer (on the prefetch thread, on its own CUDA stream, one layer ahead)
     def prefetch(self, layer: int) -> None:
-        """Start preparing layer ``layer`` (and, on a GPU, reading the one after it into the other buffer slot as
-        soon as this one's bytes are on the device: reads run back to back while layers compute)."""
+        """Start preparing layer ``layer``. On a GPU its bytes are read by the read-ahead thread, which reads layer
+        after layer back to back into the two buffer slots (a slot is free once its layer's bytes are on the device);
+        every read goes through that one thread, so ranks sharing the reading exchange in the same order."""
         if not 0 <= layer < self.layout.num_layers or layer in self._pending:
             return
+        if self._side is not None:
+            for ahead in (layer, layer + 1):  # slot (layer + 1) % 2 last held layer - 1, already on the device
+                if ahead < self.layout.num_layers and ahead not in self._reads and ahead not in self._pending:
+                    self._reads[ahead] = self._read_pool.submit(self._read_layer, ahead)
         self._pending[layer] = self._pool.submit(self._prepare, layer)
-        if self._side is not None and layer + 1 < self.layout.num_layers and layer + 1 not in self._reads:
-            # slot (layer + 1) % 2 last held layer - 1, whose bytes reached the device before this call
-            self._reads[layer + 1] = self._read_pool.submit(self.reader.read, self._stored.get(layer + 1, []),
-                                                            (layer + 1) % 2)
+
+    def _read_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s stored tensors in its slot (on the device already when the ranks share the reading)."""
+        device = self.device if self.reader.share is not None else None
+        return self.reader.read(self._stored.get(layer, []), slot=layer % 2, device=device)
 
     def _prepare(self, layer: int):
-        """Read layer ``layer`` into its buffer slot, copy it to the device, dequantize it and load it into
-        transformers' model, all while the previous layer computes; returns the model keys still missing and the
-        CUDA event the compute stream waits for."""
-        names = self._stored.get(layer, [])
+        """Copy layer ``layer`` to the device, dequantize it and load it into transformers' model, all while the
+        previous layer computes; returns the model keys still missing and the CUDA event the compute stream waits
+        for. On the CPU the layer is also read here."""
         if self._side is None:
-            return self._load_raw(self.reader.read(names, slot=layer % 2), f"layer {layer}"), None
-        read = self._reads.pop(layer, None)
-        host = read.result() if read is not None else self.reader.read(names, slot=layer % 2)
+            return self._load_raw(self._read_layer(layer), f"layer {layer}"), None
+        host = self._reads.pop(layer).result()
         with torch.cuda.stream(self._side):
-            raw = {n: t.to(self.device, non_blocking=True) for n, t in host.items()} if read is not None else \
-                self.reader.read(names, slot=layer % 2, device=self.device)
+            raw = {n: t.to(self.device, non_blocking=True) for n, t in host.items()}
             self._side.synchronize()  # the host slot is free again once its bytes are on the device
             missing = self._load_raw(raw, f"layer {layer}")
             event = torch.cuda.Event()
@@ -610,9 +668,10 @@ class LayerStreamer:
         to_meta(self.layers[layer])
 
     # -- what transformers' base model passes each layer
-    def _forward_base(self, i: int, stubs: dict[int, object]):
-        """Run the text model's own forward on batch ``i`` with decoder layers j replaced by ``stubs[j]``."""
-        b = self.batches[i]
+    def _forward_base(self, i: int | Batch, stubs: dict[int, object]):
+        """Run the text model's own forward on batch ``i`` (an index, or a batch of its own) with decoder layers j
+        replaced by ``stubs[j]``."""
+        b = self.batches[i] if isinstance(i, int) else i
         for j, fn in stubs.items():
             self.layers[j].forward = fn
         try:
@@ -622,7 +681,7 @@ class LayerStreamer:
             for j in stubs:
                 del self.layers[j].forward
 
-    def _passthrough(self, j: int, i: int, h: torch.Tensor | None = None):
+    def _passthrough(self, j: int, i: int | None, h: torch.Tensor | None = None):
         """A stand-in for decoder layer j on batch i: returns its input (or ``h``) as the layer would, with what
         else the last layer that ran returned for this batch (the base model may hand it to the next layer)."""
         arity = self._arity.get(j, 0)
@@ -631,20 +690,24 @@ class LayerStreamer:
             out = h if h is not None else (args[0] if args else kwargs["hidden_states"])
             if not arity:
                 return out
-            extras = tuple(self.store.get_extras(i))[: arity - 1]
+            extras = tuple(self.store.get_extras(i))[: arity - 1] if i is not None else ()
             return (out, *extras, *(None,) * (arity - 1 - len(extras)))
 
         return forward
 
     def layer_call(self, i: int, layer: int) -> tuple[tuple, dict]:
         """(args, kwargs) of transformers' base model's call of decoder layer ``layer`` for batch ``i``."""
+        return self.layer_call_for(i, layer)
+
+    def layer_call_for(self, i: int | Batch, layer: int) -> tuple[tuple, dict]:
+        """The same for batch ``i`` or for a batch of its own (an MTP module's shifted tokens)."""
         captured: dict = {}
 
         def capture(*args, **kwargs):
             captured["call"] = (args, kwargs)
             raise _Stop
 
-        stubs = {j: self._passthrough(j, i) for j in range(layer)}
+        stubs = {j: self._passthrough(j, i if isinstance(i, int) else None) for j in range(layer)}
         stubs[layer] = capture
         try:
             self._forward_base(i, stubs)
@@ -708,6 +771,16 @@ class LayerStreamer:
         stubs = {j: self._passthrough(j, i) for j in range(last)}
         stubs[last] = self._passthrough(last, i, self.store.get(i))
         return self._forward_base(i, stubs)
+
+    def run_mtp(self, k: int, accumulator=None) -> None:
+        """Multi-token-prediction module k (after the last decoder layer; :mod:`reap.mtp`)."""
+        from reap.mtp import MtpRunner
+
+        t0 = time.perf_counter()
+        if getattr(self, "_mtp", None) is None:
+            self._mtp = MtpRunner(self)
+        self._mtp.run(k, accumulator)
+        self.stats.layer_seconds.append(time.perf_counter() - t0)
 
     def load_head(self) -> None:
         """The LM head's tensors (tied to the embeddings where the model says so)."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
-from reap.formats import Format, checkpoint_format, group_parts
+from reap.formats import Format, checkpoint_format, companion_problem, group_parts
 
 if TYPE_CHECKING:
     import torch
@@ -76,8 +76,9 @@ class Role:
     """What one stored tensor is to pruning.
 
     kind: ``expert`` (one expert's tensor; ``span`` is where its index sits in the name), ``rows`` (every
-    expert along ``axis``), ``ids`` (values are expert ids), ``mtp`` (a multi-token-prediction tensor
-    transformers never loads) or ``other`` (copied as it is). ``part`` is ``experts`` or ``router`` for the
+    expert along ``axis``), ``ids`` (values are expert ids), ``shape`` (a compressed-tensors ``weight_shape`` of fused
+    experts: its value at ``axis`` is the expert count), ``mtp`` (a multi-token-prediction tensor transformers never
+    loads) or ``other`` (copied as it is). ``part`` is ``experts`` or ``router`` for the
     first three.
     """
 
@@ -421,7 +422,7 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
 
     from transformers.core_model_loading import MergeModulelist, rename_source_key
 
-    fmt = checkpoint_format(ckpt.config)
+    fmt = checkpoint_format(ckpt.config, ckpt.path)
     _, renamings, converters = _conversions(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta = model.state_dict()
@@ -452,13 +453,16 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
                 role = Role("expert", moe.index, expert, span, part=part, model=target)
             else:
                 axis = disk_axis(ops, moe.tensors[target], base)
-                for stored in parts.values():
-                    shape = ckpt.infos[stored].shape
-                    if len(shape) <= axis or shape[axis] != E:
+                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+                for kind, stored in parts.items():
+                    companion = _companion_role(kind, ckpt.infos[stored], ckpt.infos[parts["values"]].shape, axis, E,
+                                                role)
+                    if companion is None:
+                        shape = ckpt.infos[stored].shape
                         raise UserError(f"{stored} has shape {list(shape)}: expected {E} experts along dimension "
                                         f"{axis} (it loads into transformers' {target}); the checkpoint and its "
                                         "config.json disagree")
-                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+                    roles[stored] = companion
         elif target in ids:
             role = Role("ids", ids[target].index, part="router", model=target)
         elif target in meta:
@@ -478,8 +482,15 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
                 role = Role("other", model=None)
         if role.model in buffers:
             role = replace(role, buffer=True)
+        problem = companion_problem(fmt, base, {k: ckpt.infos[n] for k, n in parts.items()})
+        if problem is not None:
+            raise UserError(f"{problem}: the checkpoint is incomplete or does not match its quantization config "
+                            f"({fmt.name})")
         for stored in parts.values():
-            roles[stored] = role
+            if role.kind == "rows" and stored in roles:  # a companion of fused experts: its own role, set above
+                roles[stored] = replace(roles[stored], buffer=role.buffer or roles[stored].buffer)
+            else:
+                roles[stored] = role
     for target, found in seen.items():
         if len(found) != E:
             missing = sorted(set(range(E)) - found)
@@ -492,6 +503,23 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
             raise UserError(f"layer {moe.index}: no stored tensor loads into transformers' {absent[0]}: the checkpoint "
                             f"does not match its config.json (model_type {layout.family!r}) or is incomplete")
     return replace(layout, roles=roles, format=fmt)
+
+
+def _companion_role(kind: str, info, values_shape: tuple[int, ...], axis: int, E: int, rows: Role) -> Role | None:
+    """The role of one stored part of fused experts (``rows``: the values' role): sliced along ``axis`` like the
+    values when it has the E experts there; a ``weight_shape`` holding E at ``axis`` has that value rewritten
+    (``shape``); one scale shared by every expert (a per-tensor or global scale, an activation scale) is copied as it
+    is (``other``, still loaded with its layer). None: it does not fit the experts."""
+    from dataclasses import replace
+
+    shape = tuple(info.shape)
+    if len(shape) > axis and shape[axis] == E and not (kind == "shape" and len(shape) == 1):
+        return rows
+    if kind == "shape" and shape == (len(values_shape),):
+        return replace(rows, kind="shape")
+    if kind != "values" and (all(d == 1 for d in shape) or (len(shape) > axis and shape[axis] == 1)):
+        return replace(rows, kind="other", axis=None)
+    return None
 
 
 def derive(ckpt: "Checkpoint") -> Layout:

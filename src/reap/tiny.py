@@ -411,16 +411,18 @@ def convert_to_compressed_tensors(src: str | Path, dst: str | Path, preset: str 
 
 
 def quantize_nvfp4_modelopt(weight: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [O, I] -> (uint8 [O, I/2] FP4 pairs, float8_e4m3fn [O, I/group] scales, float32 [] scale_2), as ModelOpt
-    quantizes NVFP4: scale_2 = amax / (6 x 448), block scale = block amax / 6 / scale_2 in FP8 (clamped to
-    [2^-9, 448]), values rounded to the nearest FP4 code of w / (scale x scale_2)."""
+    """weight [O, I] -> (uint8 [O, I/2] FP4 pairs, float8_e4m3fn [O, I/group] scales, float32 [] scale_2), as ModelOpt's
+    ``NVFP4QTensor.quantize`` does (byte for byte, tests/test_formats.py): scale_2 = amax / (6 x 448), block scale =
+    block amax / (6 x scale_2) in FP8 (0 -> 1, clamped to [2^-9, 448]), values rounded to the nearest FP4 code of
+    w / (scale x scale_2) (ties to even)."""
     from reap.formats.kernels import fp4_codes, pack_fp4
 
-    w = weight.float()
-    scale_2 = (w.abs().amax() / (6.0 * 448.0)).clamp(min=torch.finfo(torch.float32).tiny)
-    blocks = w.unflatten(-1, (w.shape[-1] // group, group))
-    scale = (blocks.abs().amax(-1) / 6.0 / scale_2).clamp(min=2.0 ** -9, max=448.0).to(torch.float8_e4m3fn)
-    codes = fp4_codes(blocks / (scale.float() * scale_2).unsqueeze(-1)).flatten(-2)
+    scale_2 = weight.abs().amax().float() / (6.0 * 448.0)
+    blocks = weight.unflatten(-1, (weight.shape[-1] // group, group))
+    scale = blocks.abs().amax(-1).float() / (6.0 * scale_2)
+    scale[scale == 0] = 1.0
+    scale = scale.clamp(min=2.0 ** -9, max=448.0).to(torch.float8_e4m3fn)
+    codes = fp4_codes(blocks / (scale.to(torch.float32) * scale_2).unsqueeze(-1), signed_zero=False).flatten(-2)
     return pack_fp4(codes), scale, scale_2.reshape(())
 
 

@@ -194,9 +194,10 @@ def pack_fp4(codes: "torch.Tensor") -> "torch.Tensor":
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
 
 
-def fp4_codes(x: "torch.Tensor") -> "torch.Tensor":
+def fp4_codes(x: "torch.Tensor", signed_zero: bool = True) -> "torch.Tensor":
     """The nearest FP4 e2m1 code (ties to the even code, as round-to-nearest-even) of each value of ``x``,
-    clamped to [-6, 6]; the sign bit of -0.0 and negative values is set."""
+    clamped to [-6, 6]; the sign bit is set for negative values (and -0.0 when ``signed_zero``, as compressed-tensors
+    packs; ModelOpt does not)."""
     import torch
 
     bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32, device=x.device)
@@ -204,7 +205,8 @@ def fp4_codes(x: "torch.Tensor") -> "torch.Tensor":
     code = torch.bucketize(a, bounds, right=False)  # a <= bound goes down: ties to the lower code ...
     tie_up = torch.isin(a, bounds[[1, 3, 5]])  # ... except 0.75, 1.75, 3.5, whose even neighbour is above
     code = code + tie_up.to(code.dtype)
-    return (code | (torch.signbit(x.float()).to(code.dtype) << 3)).to(torch.uint8)
+    sign = torch.signbit(x.float()) if signed_zero else x.float() < 0
+    return (code | (sign.to(code.dtype) << 3)).to(torch.uint8)
 
 
 def dequantize_nvfp4_ct(packed: "torch.Tensor", scale: "torch.Tensor", global_scale: "torch.Tensor", group: int,

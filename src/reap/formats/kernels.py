@@ -218,9 +218,17 @@ def dequantize_nvfp4_ct(packed: "torch.Tensor", scale: "torch.Tensor", global_sc
 
     x = unpack_fp4(packed, torch.bfloat16)
     shape = tuple(x.shape)
-    s = _expand(scale.to(torch.bfloat16), "tensor_group", shape, group, None, name) / global_scale
+    s = _expand(scale.to(torch.bfloat16), "tensor_group", shape, group, None, name) / _per_lead(global_scale, shape)
     out = x.unflatten(-1, (shape[-1] // group, group)).to(s.dtype) * s
     return out.to(torch.bfloat16).flatten(-2).to(dtype)
+
+
+def _per_lead(scalar: "torch.Tensor", shape: tuple[int, ...]) -> "torch.Tensor":
+    """A global scale (one value, or one per expert of fused [E, O, I] values) broadcastable against the grouped
+    [..., O, G, g] values; a single value keeps its own shape (the reference divides by it as stored)."""
+    if scalar.numel() == 1:
+        return scalar
+    return scalar.reshape(*shape[:-2], 1, 1, 1)
 
 
 def dequantize_nvfp4_modelopt(packed: "torch.Tensor", scale: "torch.Tensor", scale_2: "torch.Tensor", group: int,
@@ -231,6 +239,6 @@ def dequantize_nvfp4_modelopt(packed: "torch.Tensor", scale: "torch.Tensor", sca
 
     x = unpack_fp4(packed, torch.float32)
     shape = tuple(x.shape)
-    s = scale.to(torch.float32) * scale_2.to(torch.float32)
-    s = _expand(s, "tensor_group", shape, group, None, name)
+    s = scale.to(torch.float32).unsqueeze(-1) * _per_lead(scale_2.to(torch.float32), shape)
+    s = _expand(s.squeeze(-1), "tensor_group", shape, group, None, name)
     return (x.unflatten(-1, (shape[-1] // group, group)) * s).reshape(shape).to(dtype)

@@ -45,7 +45,7 @@ def match_transformers(entry: str, name: str) -> bool:
 #: quantization-config keys that list modules, and how each is matched
 LIST_KEYS: dict[str, Matcher] = {"ignore": match_compressed_tensors, "targets": match_compressed_tensors,
                                  "exclude_modules": match_wildcard, "modules_to_not_convert": match_transformers}
-_EXPERT = re.compile(r"(experts(?:\\?\.))(\d+)(?=\\?\.|$|\*|\\$|\$)")
+_EXPERT = re.compile(r"(experts(?:\\?\.))(\d+)(?=\\?\.|\$|$)")
 _LAYER = re.compile(r"(layers(?:\\?\.))(\d+|\*)(?=\\?\.)")
 
 
@@ -95,6 +95,9 @@ def _renumbered(entry: str, new_id: dict[int, dict[int, int]], where: str) -> li
         return [] if new is None else [entry[: e.start(2)] + str(new) + entry[e.end(2):]]
     layer = layers[0]
     targets = sorted(new_id) if layer[2] == "*" else [int(layer[2])]
+    if layer[2] == "*" and len({new_id[t].get(old) for t in targets}) == 1:  # the same in every layer: one entry
+        new = new_id[targets[0]].get(old)
+        return [] if new is None else [entry[: e.start(2)] + str(new) + entry[e.end(2):]]
     out = []
     for lay in targets:
         if lay not in new_id:  # a layer pruning leaves whole (dense, or not an MoE layer)
@@ -105,8 +108,6 @@ def _renumbered(entry: str, new_id: dict[int, dict[int, int]], where: str) -> li
             continue
         text = entry[: e.start(2)] + str(new) + entry[e.end(2):]
         out.append(text[: layer.start(2)] + str(lay) + text[layer.end(2):])
-    if layer[2] == "*" and len(set(out)) == 1:  # same index in every layer: keep the wildcard
-        return [entry[: e.start(2)] + str(new_id[targets[0]][old]) + entry[e.end(2):]]
     return list(dict.fromkeys(out))
 
 

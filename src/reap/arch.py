@@ -214,9 +214,41 @@ def build_model(cfg, cls, dtype: "torch.dtype | None" = None):
     import torch
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _large_empty_on_meta():
         model = cls._from_config(cfg, dtype=dtype or torch.float32)
     return model.eval()
+
+
+#: elements above which ``torch.empty`` allocates on the meta device while a meta model is built
+LARGE_EMPTY = 1 << 26
+
+
+class _large_empty_on_meta:
+    """While building a meta model, a ``torch.empty`` of more than :data:`LARGE_EMPTY` elements with no device is
+    made on the meta device directly. accelerate's ``init_empty_weights`` moves each parameter to meta only once it is
+    registered, after ``torch.empty`` allocated it on the CPU: Kimi-K2's fused experts doubled to 768 (the expert-axis
+    probe) are a 45 GB ``torch.empty``, which a machine that does not overcommit memory refuses. Buffers are never
+    that large, so they stay real."""
+
+    def __enter__(self):
+        import torch
+
+        self.real = real = torch.empty
+
+        def empty(*size, **kwargs):
+            dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+            if kwargs.get("device") is None and all(isinstance(d, int) for d in dims) and math.prod(dims) > LARGE_EMPTY:
+                kwargs["device"] = "meta"
+            return real(*size, **kwargs)
+
+        torch.empty = empty
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.empty = self.real
+        return False
 
 
 def is_experts_module(module) -> bool:

@@ -117,15 +117,16 @@ def _weights_scheme(weights: dict[str, Any] | None, fmt: str, where: str) -> Wei
 def parse_compressed_tensors(quant: dict[str, Any]) -> Quantization:
     """``quantization_config`` of a compressed-tensors checkpoint -> :class:`Quantization`; UserError for what reap
     cannot read (sparsity, transforms, a format it does not know), naming what it reads."""
-    known = "; ".join(f"{k} ({v})" for k, v in CT_FORMATS.items())
+    from reap.formats import supported
+
+    known = supported()
     status = quant.get("quantization_status", "compressed")
     if (quant.get("sparsity_config") or {}).get("format") not in (None, "dense"):
         raise UserError(f"config.json declares compressed-tensors sparsity "
-                        f"{quant['sparsity_config'].get('format')!r}, which reap cannot read; reap reads the "
-                        f"compressed-tensors formats {known}")
+                        f"{quant['sparsity_config'].get('format')!r}, which reap cannot read; reap reads {known}")
     if quant.get("transform_config"):
         raise UserError("config.json declares compressed-tensors transforms (rotations applied to the weights), "
-                        f"which reap cannot undo for calibration; reap reads the compressed-tensors formats {known}")
+                        f"which reap cannot undo for calibration; reap reads {known}")
     default = str(quant.get("format") or "dense")
     groups = []
     for name, group in (quant.get("config_groups") or {}).items():
@@ -136,7 +137,7 @@ def parse_compressed_tensors(quant: dict[str, Any]) -> Quantization:
         if fmt in CT_UNSUPPORTED or fmt not in CT_FORMATS:
             why = CT_UNSUPPORTED.get(fmt, "a format reap does not know")
             raise UserError(f"config.json declares compressed-tensors format {fmt!r} ({why}), which reap cannot read; "
-                            f"reap reads the compressed-tensors formats {known}")
+                            f"reap reads {known}")
         scheme = _weights_scheme(group.get("weights"), fmt, where) if fmt != "dense" else None
         targets = [str(t) for t in group.get("targets") or ()]
         groups.append(_Group(name, scheme, tuple(t[3:] for t in targets if t.startswith("re:")),
@@ -150,9 +151,10 @@ def parse_modelopt(details: dict[str, Any]) -> Quantization:
     ``quantization_config``) -> :class:`Quantization`."""
     algo = str(details.get("quant_algo") or "")
     if algo not in MODELOPT_ALGOS:
-        known = "; ".join(f"{k} ({v})" for k, v in MODELOPT_ALGOS.items())
+        from reap.formats import supported
+
         raise UserError(f"the checkpoint declares ModelOpt quant_algo {algo or None!r}, which reap cannot read; reap "
-                        f"reads ModelOpt {known}")
+                        f"reads {supported()}")
     group = int(details.get("group_size") or 16)
     scheme = (WeightScheme("float", 4, "tensor_group", group, format="modelopt-nvfp4") if algo == "NVFP4"
               else WeightScheme("float", 8, "tensor", format="modelopt-fp8"))

@@ -407,8 +407,10 @@ def id_remap(ckpt: Checkpoint, spec: Layout, keep: Keep) -> dict[int, list[int]]
 def verify(path: Path, spec: Layout, keep: Keep, mtp_dropped: bool = False) -> None:
     """Check a written checkpoint: index == shard headers; the layout transformers' model gives it, derived again
     from the output itself, has K experts everywhere (every per-expert index 0..K-1 present, every expert axis of
-    length K, config count keys K); groups equal; expert-id tables name kept experts only; no MTP module left when
-    one was dropped.
+    length K, config count keys K) and every quantized tensor its format's companions, shaped like its values
+    (:func:`reap.formats.companion_problem`, run by the derivation); groups equal; expert-id tables name kept
+    experts only; the quantization config's module lists name experts below K; no MTP module left when one was
+    dropped.
 
     A failure here is a bug in reap, not a user error: it raises RuntimeError and nothing is published.
     """
@@ -446,6 +448,15 @@ def verify(path: Path, spec: Layout, keep: Keep, mtp_dropped: bool = False) -> N
         for layer, kept in keep.items():
             if len({sum(1 for e in kept if e // size == g) for g in range(spec.n_group)}) != 1:
                 raise RuntimeError(f"verify: layer {layer} keeps unequal numbers of experts per group")
+    from reap.formats import HF_QUANT_CONFIG, quantization_section
+    from reap.formats.modules import named_experts
+
+    for where, quant in (("config.json", quantization_section(json.loads((path / CONFIG_NAME).read_text()))),
+                         (HF_QUANT_CONFIG, json.loads((path / HF_QUANT_CONFIG).read_text())
+                          if (path / HF_QUANT_CONFIG).is_file() else None)):
+        beyond = [(entry, e) for entry, e in named_experts(quant) if e >= k]
+        if beyond:
+            raise RuntimeError(f"verify: {where} names expert {beyond[0][1]} ({beyond[0][0]!r}) of {k}")
     tables = out.stored("ids")
     if tables:
         written = Checkpoint(path)

@@ -394,3 +394,73 @@ def test_inspect_full_size_kimi_k2_thinking_int4(tmp_path):
     assert info["before"]["disk_bytes"] == json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert 560 << 30 > info["before"]["disk_bytes"] > 540 << 30  # ~594 GB, as the release
     assert info["quantization"]["quant_method"] == "compressed-tensors"
+
+
+def _fused_ct(src: Path, dst: Path, preset: str) -> Path:
+    """GraniteMoE's fused experts ([E, O, I] on disk) compressed by compressed-tensors expert by expert and stacked
+    (``weight_packed`` [E, O, I/8] or uint8 [E, O, I/2], ``weight_scale`` [E, O, G], ``weight_global_scale``
+    [E, 1], ``weight_shape`` [E, O, I]; NVFP4's ``input_global_scale`` one for every expert)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    from reap.tiny import _ct_qparams, _rewrite_tensors
+
+    preset_args = PRESET_SCHEMES[preset]
+    wargs = QuantizationArgs(**{**preset_args["weights"].model_dump(), **({"group_size": 32} if preset == "W4A16" else {})})
+    fmt = "pack-quantized" if preset == "W4A16" else "nvfp4-pack-quantized"
+    scheme = QuantizationScheme(targets=["re:.*block_sparse_moe\\.(input|output)_linear$"], weights=wargs,
+                                input_activations=preset_args.get("input_activations"), format=fmt)
+    comp = BaseCompressor.get_value_from_registry(fmt)
+
+    def convert(name, t):
+        if not name.endswith(("input_linear.weight", "output_linear.weight")):
+            return [(name, t)]
+        parts: dict[str, list] = {}
+        for e in range(t.shape[0]):
+            scale, zero, gscale = _ct_qparams(t[e].to(torch.bfloat16), wargs)
+            state = {"weight": t[e].to(torch.bfloat16), "weight_scale": scale, "weight_zero_point": zero}
+            if gscale is not None:
+                state["weight_global_scale"] = gscale
+            for k, v in comp.compress(state, scheme).items():
+                parts.setdefault(k, []).append(v)
+        out = {k: torch.stack(v) for k, v in parts.items() if k != "weight_shape"}
+        out["weight_shape"] = torch.tensor(t.shape)
+        if preset == "NVFP4":
+            out["input_global_scale"] = torch.ones(1, dtype=torch.float32)
+        module = name[: -len(".weight")]
+        return [(f"{module}.{k}", v.contiguous()) for k, v in sorted(out.items())]
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                                ignore=["lm_head"]).model_dump()
+    return _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i + 1:05d}-of-{n:05d}.safetensors", config)
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "NVFP4"])
+def test_fused_experts_companions_sliced_along_the_expert_axis(tmp_path, preset):
+    """Quantized fused experts: every part with the expert axis is sliced along it byte for byte, weight_shape's
+    expert count becomes K, a scale shared by all experts is copied; the pruned model is the original with the
+    experts removed."""
+    from reap.tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "granite", seed=2, dtype=torch.bfloat16, family="granitemoe")
+    src = _fused_ct(base, tmp_path / "fused", preset)
+    layout = derive(Checkpoint(src))
+    kinds = {n.rpartition(".")[2]: r.kind for n, r in layout.roles.items() if ".layers.1.block_sparse_moe.input_linear" in n}
+    assert kinds == {"weight_packed": "rows", "weight_scale": "rows", "weight_shape": "shape",
+                     **({"weight_global_scale": "rows", "input_global_scale": "other"} if preset == "NVFP4" else {})}
+    report = _prune(src, tmp_path / "o")
+    kept = _kept(report)
+    before, after = stored_tensors(src), stored_tensors(tmp_path / "o")
+    assert before.keys() == after.keys()
+    for name, t in after.items():
+        source = before[name]
+        if name.endswith("weight_shape"):
+            assert t.tolist() == [len(kept[1]), *source.tolist()[1:]] and source[0] == report["num_experts"]
+        elif source.shape != t.shape:
+            layer = int(name.split(".")[2])
+            assert torch.equal(source.index_select(0, torch.tensor(kept[layer])).reshape(-1).view(torch.uint8),
+                               t.reshape(-1).view(torch.uint8)), name
+        else:
+            assert torch.equal(source.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    assert_pruned_model_equals_removal(src, tmp_path / "o", kept, tmp_path, "fused")

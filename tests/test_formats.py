@@ -270,6 +270,10 @@ def test_detection_of_compressed_tensors_and_modelopt(tmp_path):
     assert stored_params("a.experts.0.w.weight_scale", "BF16", 10, fmt) == 0
     assert stored_params("a.experts.0.w.weight_shape", "I32", 2, fmt) == 0
     assert stored_params("a.self_attn.q_proj.weight", "BF16", 10, fmt) == 10
+    from reap.formats import describe_format
+
+    assert describe_format(fmt) == {"format": "compressed-tensors", "schemes": ["INT4 group 32 (pack-quantized)"]}
+    assert describe_format(DENSE) is None
     # nested in text_config (multimodal wrappers such as Kimi-K2.5)
     assert checkpoint_format({"text_config": {"quantization_config": KIMI_QUANT}}).name == "compressed-tensors"
     # ModelOpt: hf_quant_config.json alone, or with config.json's quantization_config

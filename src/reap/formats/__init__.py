@@ -82,6 +82,23 @@ class Format:
         return self.quant.scheme(base[: -len(".weight")] if base.endswith(".weight") else base, kind)
 
 
+def describe_format(fmt: Format) -> dict[str, Any] | None:
+    """What ``reap inspect`` can show of a checkpoint's quantization: the format and each weight scheme in words
+    (``INT4 group 32 symmetric (pack-quantized)``); None for dense."""
+    if fmt.name == "dense":
+        return None
+    schemes = []
+    for group in (fmt.quant.groups if fmt.quant is not None else ()):
+        w = group.scheme
+        if w is None:
+            continue
+        size = f" {w.group}" if w.strategy in ("group", "tensor_group") else f" {w.block[0]}x{w.block[1]}" \
+            if w.block else ""
+        kind = ("NVFP4" if (w.kind, w.bits) == ("float", 4) else f"FP{w.bits}" if w.kind == "float" else f"INT{w.bits}")
+        schemes.append(f"{kind} {w.strategy.replace('_', '-')}{size}{'' if w.symmetric else ' asymmetric'} ({w.format})")
+    return {"format": fmt.name, "schemes": schemes}
+
+
 def _parts(*items: tuple[str, str, str]) -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(items, key=lambda p: -len(p[0])))
 

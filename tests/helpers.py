@@ -196,7 +196,7 @@ def assert_exact_surgery(src: Path, out: Path, kept: dict[int, list[int]],
                 source = source.index_select(dims[0], torch.tensor(kept[layer]))
             elif id_remap and layer in id_remap and not source.is_floating_point() and not torch.equal(source, t):
                 source = torch.tensor(id_remap[layer], dtype=source.dtype)[source.long()]
-        assert source.dtype == t.dtype and torch.equal(source.view(torch.uint8), t.view(torch.uint8)), name
+        assert source.dtype == t.dtype and torch.equal(source.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
     dropped = [n for n in before if expert.search(n) and _layer_of(n) in kept
                and int(expert.search(n)[1]) not in kept[_layer_of(n)]]
     assert len(after) == len(before) - len(dropped)

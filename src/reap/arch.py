@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
-from reap.formats import Format, checkpoint_format, group_parts
+from reap.formats import Format, checkpoint_format, companion_problem, group_parts
 
 if TYPE_CHECKING:
     import torch
@@ -100,8 +100,9 @@ class Role:
     """What one stored tensor is to pruning.
 
     kind: ``expert`` (one expert's tensor; ``span`` is where its index sits in the name), ``rows`` (every
-    expert along ``axis``), ``ids`` (values are expert ids), ``mtp`` (a multi-token-prediction tensor
-    transformers never loads) or ``other`` (copied as it is). ``part`` is ``experts`` or ``router`` for the
+    expert along ``axis``), ``ids`` (values are expert ids), ``shape`` (a compressed-tensors ``weight_shape`` of fused
+    experts: its value at ``axis`` is the expert count), ``mtp`` (a multi-token-prediction tensor transformers never
+    loads) or ``other`` (copied as it is). ``part`` is ``experts`` or ``router`` for the
     first three.
     """
 
@@ -254,9 +255,41 @@ def build_model(cfg, cls, dtype: "torch.dtype | None" = None):
     import torch
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), _large_empty_on_meta():
         model = cls._from_config(cfg, dtype=dtype or torch.float32)
     return model.eval()
+
+
+#: elements above which ``torch.empty`` allocates on the meta device while a meta model is built
+LARGE_EMPTY = 1 << 26
+
+
+class _large_empty_on_meta:
+    """While building a meta model, a ``torch.empty`` of more than :data:`LARGE_EMPTY` elements with no device is
+    made on the meta device directly. accelerate's ``init_empty_weights`` moves each parameter to meta only once it is
+    registered, after ``torch.empty`` allocated it on the CPU: Kimi-K2's fused experts doubled to 768 (the expert-axis
+    probe) are a 45 GB ``torch.empty``, which a machine that does not overcommit memory refuses. Buffers are never
+    that large, so they stay real."""
+
+    def __enter__(self):
+        import torch
+
+        self.real = real = torch.empty
+
+        def empty(*size, **kwargs):
+            dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+            if kwargs.get("device") is None and all(isinstance(d, int) for d in dims) and math.prod(dims) > LARGE_EMPTY:
+                kwargs["device"] = "meta"
+            return real(*size, **kwargs)
+
+        torch.empty = empty
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.empty = self.real
+        return False
 
 
 def is_experts_module(module) -> bool:
@@ -460,7 +493,7 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
     """``layout`` with a :class:`Role` for every stored tensor of ``ckpt`` (shapes checked against the model)."""
     from transformers.core_model_loading import MergeModulelist, rename_source_key
 
-    fmt = checkpoint_format(ckpt.config)
+    fmt = checkpoint_format(ckpt.config, ckpt.path)
     _, renamings, converters = _conversions(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta = model.state_dict()
@@ -500,13 +533,16 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
                 role = Role("expert", moe.index, expert, span, part=part, model=target)
             else:
                 axis = disk_axis(ops, moe.tensors[target], base)
-                for stored in parts.values():
-                    shape = ckpt.infos[stored].shape
-                    if len(shape) <= axis or shape[axis] != E:
+                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+                for kind, stored in parts.items():
+                    companion = _companion_role(kind, ckpt.infos[stored], ckpt.infos[parts["values"]].shape, axis, E,
+                                                role)
+                    if companion is None:
+                        shape = ckpt.infos[stored].shape
                         raise UserError(f"{stored} has shape {list(shape)}: expected {E} experts along dimension "
                                         f"{axis} (it loads into transformers' {target}); the checkpoint and its "
                                         "config.json disagree")
-                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+                    roles[stored] = companion
         elif target in ids:
             role = Role("ids", ids[target].index, part="router", model=target)
         elif target in meta:
@@ -528,8 +564,15 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
                 role = Role("other", model=None)
         if role.model in buffers:
             role = replace(role, buffer=True)
+        problem = companion_problem(fmt, base, {k: ckpt.infos[n] for k, n in parts.items()})
+        if problem is not None:
+            raise UserError(f"{problem}: the checkpoint is incomplete or does not match its quantization config "
+                            f"({fmt.name})")
         for stored in parts.values():
-            roles[stored] = role
+            if role.kind == "rows" and stored in roles:  # a companion of fused experts: its own role, set above
+                roles[stored] = replace(roles[stored], buffer=role.buffer or roles[stored].buffer)
+            else:
+                roles[stored] = role
     for target, found in seen.items():
         if len(found) != E:
             missing = sorted(set(range(E)) - found)
@@ -542,6 +585,23 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
             raise UserError(f"layer {moe.index}: no stored tensor loads into transformers' {absent[0]}: the checkpoint "
                             f"does not match its config.json (model_type {layout.family!r}) or is incomplete")
     return replace(layout, roles=roles, format=fmt)
+
+
+def _companion_role(kind: str, info, values_shape: tuple[int, ...], axis: int, E: int, rows: Role) -> Role | None:
+    """The role of one stored part of fused experts (``rows``: the values' role): sliced along ``axis`` like the
+    values when it has the E experts there; a ``weight_shape`` holding E at ``axis`` has that value rewritten
+    (``shape``); one scale shared by every expert (a per-tensor or global scale, an activation scale) is copied as it
+    is (``other``, still loaded with its layer). None: it does not fit the experts."""
+    from dataclasses import replace
+
+    shape = tuple(info.shape)
+    if len(shape) > axis and shape[axis] == E and not (kind == "shape" and len(shape) == 1):
+        return rows
+    if kind == "shape" and shape == (len(values_shape),):
+        return replace(rows, kind="shape")
+    if kind != "values" and (all(d == 1 for d in shape) or (len(shape) > axis and shape[axis] == 1)):
+        return replace(rows, kind="other", axis=None)
+    return None
 
 
 def _mtp_modules(layout: Layout, names) -> tuple[MtpStyle | None, int, str]:

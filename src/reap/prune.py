@@ -161,9 +161,15 @@ class SurgeryResult:
     dropped_mtp: int = 0  # multi-token-prediction tensors left out
 
 
-def pruned_config(config: dict[str, Any], spec: Layout, k: int, mtp_dropped: bool) -> dict[str, Any]:
+def pruned_config(config: dict[str, Any], spec: Layout, k: int, mtp_dropped: bool,
+                  keep: Keep | None = None) -> dict[str, Any]:
     """config.json after pruning: every key path holding the expert count set to k (and, when the
-    multi-token-prediction modules were left out, their count keys to 0); nothing else changes."""
+    multi-token-prediction modules were left out, their count keys to 0); with ``keep``, the module lists of the
+    quantization config that name expert indices renumbered or dropped (:mod:`reap.formats.modules`); nothing else
+    changes."""
+    from reap.formats import quantization_section
+    from reap.formats.modules import rewrite_quantization
+
     out = copy.deepcopy(config)
     for path in spec.count_keys:
         node = out
@@ -172,7 +178,43 @@ def pruned_config(config: dict[str, Any], spec: Layout, k: int, mtp_dropped: boo
         node[path[-1]] = k
     if mtp_dropped:
         out.update({key: 0 for key in spec.mtp_keys})
+    quant = quantization_section(out)
+    if keep is not None and quant is not None:
+        renames, new_id = module_renames(spec, keep, mtp_dropped)
+        rewritten = rewrite_quantization(quant, renames, new_id)
+        quant.clear()
+        quant.update(rewritten)
     return out
+
+
+def pruned_hf_quant_config(data: dict[str, Any], spec: Layout, keep: Keep, mtp_dropped: bool) -> dict[str, Any]:
+    """ModelOpt's ``hf_quant_config.json`` after pruning: ``exclude_modules`` and ``quantized_layers`` entries
+    naming expert indices renumbered or dropped."""
+    from reap.formats.modules import rewrite_quantization
+
+    renames, new_id = module_renames(spec, keep, mtp_dropped)
+    return rewrite_quantization(data, renames, new_id, "hf_quant_config.json")
+
+
+def module_renames(spec: Layout, keep: Keep, mtp_dropped: bool) -> tuple[dict[str, str | None], Keep]:
+    """(every module of the checkpoint -> its name after pruning, None where it is left out; layer -> {kept
+    original expert id: new id}). A module is a stored base name without its last component (``.weight``)."""
+    from reap.formats import group_parts
+
+    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
+    renames: dict[str, str | None] = {}
+    for base, parts in group_parts(list(spec.roles), spec.format).items():
+        role = spec.roles[parts["values"]]
+        new: str | None = base
+        if role.kind == "mtp" and mtp_dropped:
+            new = None
+        elif role.kind == "expert" and role.layer in new_id:
+            s, e = role.span
+            index = new_id[role.layer].get(role.expert)
+            new = None if index is None else base[:s] + str(index) + base[e:]
+        module = base.rpartition(".")[0] or base
+        renames[module] = new.rpartition(".")[0] or new if new is not None else None
+    return renames, new_id
 
 
 def rewrite(
@@ -197,6 +239,12 @@ def rewrite(
     written = sum(e.nbytes for entries in plan.values() for e in entries)
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
+    from reap.formats import HF_QUANT_CONFIG
+
+    # the configs first: a module list that cannot be renumbered is an error before anything is written
+    new_config = pruned_config(ckpt.config, spec, k, bool(mtp), keep)
+    hf_quant = pruned_hf_quant_config(json.loads((ckpt.path / HF_QUANT_CONFIG).read_text()), spec, keep, bool(mtp)) \
+        if (ckpt.path / HF_QUANT_CONFIG).is_file() else None
     with atomic_directory(out, durable=fsync) as tmp, BackgroundSync(enabled=fsync) as syncer:
         index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
         index_meta["total_size"] = written
@@ -204,10 +252,13 @@ def rewrite(
             index_meta["total_parameters"] -= removed_params
         weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
-        write_json(tmp / CONFIG_NAME, pruned_config(ckpt.config, spec, k, bool(mtp)))
+        write_json(tmp / CONFIG_NAME, new_config)
         from reap.report import GENERATED, publish_assets, publish_card  # never copied from the source
 
         skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
+        if hf_quant is not None:  # ModelOpt's module lists, renumbered like config.json's
+            skip.add(HF_QUANT_CONFIG)
+            write_json(tmp / HF_QUANT_CONFIG, hf_quant)
         for src in other_files(ckpt.path, skip):
             dst = tmp / src.relative_to(ckpt.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +327,8 @@ def plan_shards(ckpt: Checkpoint, spec: Layout, keep: Keep,
                 entries.append(Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
             elif role.kind == "ids":
                 entries.append(_remapped_ids(ckpt, info, id_remap.get(role.layer)))
+            elif role.kind == "shape":  # a fused weight's weight_shape: its expert count becomes K
+                entries.append(_reshaped(ckpt, info, role.axis, spec.num_experts, len(keep[role.layer])))
             else:  # pragma: no cover - a role kind added to arch.Role without surgery for it
                 raise AssertionError(f"no surgery for role {role.kind}")
     return plan, removed, mtp
@@ -293,6 +346,20 @@ def _remapped_ids(ckpt: Checkpoint, info, remap: list[int] | None) -> Entry:
         if table.size and (table.min() < 0 or table.max() >= len(remap)):
             raise UserError(f"{info.name} names expert {int(table.max())}, but the layer has {len(remap)}")
         return np.asarray(remap, dtype=table.dtype)[table].tobytes()
+
+    return Entry(info.name, info.dtype, info.shape, info.nbytes, fetch=fetch)
+
+
+def _reshaped(ckpt: Checkpoint, info, axis: int, n: int, k: int) -> Entry:
+    """A compressed-tensors ``weight_shape`` of fused experts with the expert count at ``axis`` (``n``) set to ``k``."""
+    import numpy as np
+
+    def fetch() -> bytes:
+        shape = _id_table(ckpt, info).copy()
+        if shape[axis] != n:
+            raise UserError(f"{info.name} says {int(shape[axis])} experts along dimension {axis}, the layer has {n}")
+        shape[axis] = k
+        return np.ascontiguousarray(shape).tobytes()
 
     return Entry(info.name, info.dtype, info.shape, info.nbytes, fetch=fetch)
 
@@ -340,8 +407,10 @@ def id_remap(ckpt: Checkpoint, spec: Layout, keep: Keep) -> dict[int, list[int]]
 def verify(path: Path, spec: Layout, keep: Keep, mtp_dropped: bool = False) -> None:
     """Check a written checkpoint: index == shard headers; the layout transformers' model gives it, derived again
     from the output itself, has K experts everywhere (every per-expert index 0..K-1 present, every expert axis of
-    length K, config count keys K); groups equal; expert-id tables name kept experts only; no MTP module left when
-    one was dropped.
+    length K, config count keys K) and every quantized tensor its format's companions, shaped like its values
+    (:func:`reap.formats.companion_problem`, run by the derivation); groups equal; expert-id tables name kept
+    experts only; the quantization config's module lists name experts below K; no MTP module left when one was
+    dropped.
 
     A failure here is a bug in reap, not a user error: it raises RuntimeError and nothing is published.
     """
@@ -379,6 +448,15 @@ def verify(path: Path, spec: Layout, keep: Keep, mtp_dropped: bool = False) -> N
         for layer, kept in keep.items():
             if len({sum(1 for e in kept if e // size == g) for g in range(spec.n_group)}) != 1:
                 raise RuntimeError(f"verify: layer {layer} keeps unequal numbers of experts per group")
+    from reap.formats import HF_QUANT_CONFIG, quantization_section
+    from reap.formats.modules import named_experts
+
+    for where, quant in (("config.json", quantization_section(json.loads((path / CONFIG_NAME).read_text()))),
+                         (HF_QUANT_CONFIG, json.loads((path / HF_QUANT_CONFIG).read_text())
+                          if (path / HF_QUANT_CONFIG).is_file() else None)):
+        beyond = [(entry, e) for entry, e in named_experts(quant) if e >= k]
+        if beyond:
+            raise RuntimeError(f"verify: {where} names expert {beyond[0][1]} ({beyond[0][0]!r}) of {k}")
     tables = out.stored("ids")
     if tables:
         written = Checkpoint(path)

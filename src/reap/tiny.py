@@ -327,3 +327,128 @@ def convert_to_mxfp4(src: str | Path, dst: str | Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i:05d}-of-{n - 1:05d}.safetensors", quantization,
                             dtype="bfloat16")
+
+
+# -- compressed-tensors and ModelOpt checkpoints ---------------------------------------------------------------------
+#: the released Kimi-K2-Thinking / K2.5 / K2.6 INT4 layout: routed experts only, everything else bf16
+KIMI_INT4_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]
+KIMI_INT4_EXPERTS = r"\.mlp\.experts\.\d+\.(gate|up|down)_proj$"
+#: every linear layer but the router and the LM head (llm-compressor's usual recipe for FP8 / NVFP4 MoEs)
+LINEAR_BUT_ROUTER = (r"(self_attn\.[a-z_]+_proj|mlp\.(experts\.\d+\.|shared_experts?\.)?(gate|up|down)_proj"
+                     r"|block_sparse_moe\.experts\.\d+\.w[123])$")
+
+
+def _ct_qparams(w: torch.Tensor, args):
+    """compressed-tensors' own scale and zero point of one weight (min/max observed per tensor, channel, group or
+    block, as its minmax observer; the NVFP4 global scale from ``generate_gparam``)."""
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    out_f, in_f = w.shape
+    strategy = str(getattr(args.strategy, "value", args.strategy))
+    if strategy in ("group", "tensor_group"):
+        g = w.unflatten(-1, (in_f // args.group_size, args.group_size))
+        lo, hi = g.amin(-1), g.amax(-1)
+    elif strategy == "channel":
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    elif strategy == "block":
+        bo, bi = args.block_structure
+        so, si = -(-out_f // bo), -(-in_f // bi)
+        padded = torch.zeros(so * bo, si * bi, dtype=w.dtype)
+        padded[:out_f, :in_f] = w
+        blocks = padded.view(so, bo, si, bi)
+        lo, hi = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+    else:
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    global_scale = generate_gparam(w.amin(), w.amax()) if strategy == "tensor_group" else None
+    scale, zero = calculate_qparams(lo, hi, args, global_scale=global_scale)
+    return scale, zero, global_scale
+
+
+def convert_to_compressed_tensors(src: str | Path, dst: str | Path, preset: str = "W4A16",
+                                  quantize: str = KIMI_INT4_EXPERTS, ignore: list[str] | None = None,
+                                  **weights) -> Path:
+    """Rewrite a checkpoint as compressed-tensors quantizes it, with compressed-tensors itself (``pip install
+    compressed-tensors``): every 2-d ``X.weight`` whose module matches the regex ``quantize`` gets compressed-tensors'
+    own min/max scales (:func:`_ct_qparams`) and is compressed by its compressor for the scheme (the preset, e.g.
+    ``W4A16``, ``W4A16_ASYM``, ``FP8``, ``FP8_DYNAMIC``, ``FP8_BLOCK``, ``NVFP4``, with ``weights`` overriding its
+    weight arguments, e.g. ``group_size=32``); static activation scales are written as 1.0. The rest stays bf16.
+    Defaults: the released Kimi-K2-Thinking INT4 layout (experts only, group 32, symmetric, its ignore list)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    preset_args = PRESET_SCHEMES[preset]
+    if preset == "W4A16" and not weights:
+        weights = {"group_size": 32}
+    wargs = QuantizationArgs(**{**preset_args["weights"].model_dump(), **weights})
+    acts = preset_args.get("input_activations")
+    kind, bits = str(getattr(wargs.type, "value", wargs.type)), wargs.num_bits
+    fmt = ("pack-quantized" if kind == "int" and (bits < 8 or acts is None) else "int-quantized" if kind == "int"
+           else "nvfp4-pack-quantized" if bits == 4 else "float-quantized")
+    scheme = QuantizationScheme(targets=["Linear"], weights=wargs, input_activations=acts, format=fmt)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    pattern = re.compile(quantize)
+
+    def convert(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        module = name[: -len(".weight")]
+        if not (name.endswith(".weight") and t.dim() == 2 and pattern.search(module)):
+            return [(name, t.float() if FLOAT32_PATTERN.search(name) else t.to(torch.bfloat16))]
+        w = t.to(torch.bfloat16)
+        scale, zero, global_scale = _ct_qparams(w, wargs)
+        state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
+        if global_scale is not None:
+            state["weight_global_scale"] = global_scale
+        out = compressor.compress(state, scheme)
+        if acts is not None and not acts.dynamic:
+            out["input_scale"] = torch.ones(1, dtype=torch.bfloat16)
+        if acts is not None and acts.dynamic == "local":  # NVFP4 activations: a static global scale
+            out["input_global_scale"] = torch.ones(1, dtype=torch.float32)
+        return [(f"{module}.{k}", v.contiguous()) for k, v in sorted(out.items())]
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed",
+                                ignore=KIMI_INT4_IGNORE if ignore is None else ignore).model_dump()
+    return _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i + 1:05d}-of-{n:06d}.safetensors", config)
+
+
+def quantize_nvfp4_modelopt(weight: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [O, I] -> (uint8 [O, I/2] FP4 pairs, float8_e4m3fn [O, I/group] scales, float32 [] scale_2), as ModelOpt's
+    ``NVFP4QTensor.quantize`` does (byte for byte, tests/test_formats.py): scale_2 = amax / (6 x 448), block scale =
+    block amax / (6 x scale_2) in FP8 (0 -> 1, clamped to [2^-9, 448]), values rounded to the nearest FP4 code of
+    w / (scale x scale_2) (ties to even)."""
+    from reap.formats.kernels import fp4_codes, pack_fp4
+
+    scale_2 = weight.abs().amax().float() / (6.0 * 448.0)
+    blocks = weight.unflatten(-1, (weight.shape[-1] // group, group))
+    scale = blocks.abs().amax(-1).float() / (6.0 * scale_2)
+    scale[scale == 0] = 1.0
+    scale = scale.clamp(min=2.0 ** -9, max=448.0).to(torch.float8_e4m3fn)
+    codes = fp4_codes(blocks / (scale.to(torch.float32) * scale_2).unsqueeze(-1), signed_zero=False).flatten(-2)
+    return pack_fp4(codes), scale, scale_2.reshape(())
+
+
+def convert_to_nvfp4_modelopt(src: str | Path, dst: str | Path, quantize: str = LINEAR_BUT_ROUTER) -> Path:
+    """Rewrite a checkpoint in ModelOpt's NVFP4 export layout: ``X.weight`` uint8, ``X.weight_scale`` FP8 per 16,
+    ``X.weight_scale_2`` and ``X.input_scale`` float32 scalars for every linear layer matching ``quantize`` (all but
+    the router and LM head), the rest bf16; ``hf_quant_config.json`` and config.json's ``quantization_config`` as
+    ModelOpt writes them (``exclude_modules`` naming the router and LM head)."""
+    pattern = re.compile(quantize)
+
+    def convert(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        module = name[: -len(".weight")]
+        if not (name.endswith(".weight") and t.dim() == 2 and pattern.search(module)):
+            return [(name, t.float() if FLOAT32_PATTERN.search(name) else t.to(torch.bfloat16))]
+        packed, scale, scale_2 = quantize_nvfp4_modelopt(t.to(torch.bfloat16))
+        return [(name, packed), (module + ".weight_scale", scale), (module + ".weight_scale_2", scale_2),
+                (module + ".input_scale", torch.tensor(1.0, dtype=torch.float32))]
+
+    details = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+               "exclude_modules": ["lm_head", "*.mlp.gate", "*.shared_expert_gate", "*.mlp.router"]}
+    hf_quant = {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": details}
+    quantization = {"config_groups": {"group_0": {
+        "input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16},
+        "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}, "targets": ["Linear"]}},
+        "ignore": details["exclude_modules"], "quant_algo": "NVFP4", "producer": hf_quant["producer"],
+        "quant_method": "modelopt"}
+    out = _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i + 1:05d}-of-{n:05d}.safetensors", quantization)
+    write_json(out / "hf_quant_config.json", hf_quant)
+    return out

@@ -636,7 +636,15 @@ class LayerStreamer:
                 for base, parts in items:
                     state[base] = dequantize({k: raw[v] for k, v in parts.items()}, fmt, self.dtype, self.ckpt.config, base)
                 continue
-            stacked = {part: torch.stack([raw[p[part]] for _, p in items]) for part in items[0][1]}
+            stacked = {part: torch.stack([raw[p[part]] for _, p in items]) for part in items[0][1] if part != "shape"}
+            if "shape" in items[0][1]:  # a logical-shape companion (compressed-tensors weight_shape): one per stack
+                shapes = {tuple(raw[p["shape"]].tolist()) for _, p in items}
+                if len(shapes) != 1:
+                    for base, parts in items:
+                        state[base] = dequantize({k: raw[v] for k, v in parts.items()}, fmt, self.dtype,
+                                                 self.ckpt.config, base)
+                    continue
+                stacked["shape"] = torch.tensor((len(items), *shapes.pop()))
             for (base, _), t in zip(items, dequantize(stacked, fmt, self.dtype, self.ckpt.config, key).unbind(0)):
                 state[base] = t
         return state

@@ -40,6 +40,18 @@ _VERSION = "1"
 _FIX = "rerun `reap calibrate` to produce it"
 
 
+def _umask() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and back)
+    os.umask(mask)
+    return mask
+
+
 class LayerAccumulator:
     """float64 per-expert accumulators for one layer, living on the compute device (GPU-friendly: no host
     sync per batch)."""
@@ -156,6 +168,7 @@ class ExpertStats:
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; as any other file the user writes
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -24,7 +24,7 @@ from typing import Any
 from reap import __version__
 from reap.arch import Layout
 from reap.checkpoint import Checkpoint
-from reap.errors import UserError
+from reap.errors import UserError, plural
 from reap.progress import Progress, use_bars
 from reap.stream import Dist, EngineOptions, LayerStreamer, peak_memory
 
@@ -180,8 +180,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     except KeyboardInterrupt as err:
         done = sorted(stats.completed)
         if out is not None:
-            err.reap_note = (f"{out} keeps the {len(done)} finished layer(s) of {spec.num_layers}: run the same command "
-                             "with --resume to continue at layer " + str(len(done)) if done else
+            err.reap_note = (f"{out} keeps {plural(len(done), 'finished layer')} of {spec.num_layers}: run the same "
+                             f"command with --resume to continue at layer {len(done)}" if done else
                              f"no layer was finished, so {out} was not written")
         else:
             err.reap_note = "nothing was published (the statistics were in memory only)"

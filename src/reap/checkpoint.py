@@ -389,6 +389,10 @@ def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, 
             flush_run()
             if fsync:
                 os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:  # a failed write says which file (a full disk, a failing disk)
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     finally:
         for src in sources.values():
             src.close()

@@ -212,7 +212,9 @@ def rewrite(
     others = other_files(ckpt.path, skip)
     copied = {rel: src.stat().st_size for src in others  # the source's model card is replaced by the new one
               if (rel := src.relative_to(ckpt.path).as_posix()) != CARD_NAME}
-    side = [len(json.dumps(report)) * 2 + (64 << 10), 2 << 20, 1 << 20, 1 << 20, 64 << 10, 64 << 10]  # report, pictures
+    cells = spec.num_layers * spec.num_experts  # the pictures and texts grow with layers x experts
+    side = [len(json.dumps(report)) * 2 + (64 << 10), *[min(2 << 20, (64 << 10) + 200 * cells)] * 3,
+            (64 << 10) + 400 * spec.num_layers, (64 << 10) + 400 * spec.num_layers]  # report, 3 pictures, summary, card
     need = estimate_bytes([e.nbytes for entries in plan.values() for e in entries] + list(copied.values()) + side
                           + [(ckpt.path / INDEX_NAME).stat().st_size if (ckpt.path / INDEX_NAME).is_file() else 0,
                              (ckpt.path / CONFIG_NAME).stat().st_size, stats_bytes(spec) if stats is not None else 0])

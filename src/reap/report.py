@@ -326,11 +326,20 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
     import matplotlib  # noqa: F401 - fail early and clearly
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [heatmap(data, out_dir / FIGURES["heatmap"])]
+    todo = [(heatmap, "heatmap")]
     if data.scores is not None:
-        paths.append(curves(data, out_dir / FIGURES["curves"]))
+        todo.append((curves, "curves"))
     if data.stats is not None and data.stats.completed:
-        paths.append(scatter(data, out_dir / FIGURES["scatter"]))
+        todo.append((scatter, "scatter"))
+    paths = []
+    for draw, key in todo:
+        path = out_dir / FIGURES[key]
+        try:
+            paths.append(draw(data, path))
+        except OSError as err:  # a full disk mid-picture: say which file
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+            raise
     return paths
 
 

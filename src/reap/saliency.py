@@ -18,9 +18,11 @@ count. Experts that were never routed have count 0 and score 0 under every metho
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -167,7 +169,11 @@ class ExpertStats:
         metadata = {"format": _FORMAT, "version": _VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as err:  # safetensors reports a failed write (a full disk) as its own error: an OSError
+                code = re.search(r"code: (\d+)", str(err))
+                raise OSError(int(code[1]) if code else errno.EIO, str(err).splitlines()[0], str(path)) from None
             os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; as any other file the user writes
             os.replace(tmp, path)
         finally:

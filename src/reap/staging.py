@@ -274,11 +274,16 @@ def write_text(path: Path, text: str, durable: bool = False) -> Path:
     """Write ``text`` (UTF-8) to ``path``, flushed (and with ``durable`` synced), then check the size on disk: a
     full disk raises instead of leaving a short or empty file."""
     data = text.encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:  # say which file could not be written
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     check_size(path, len(data))
     return path
 

@@ -174,7 +174,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             stats.set_layer(layer, acc)
             if out is not None and dist.rank == 0:
                 stats.save(out)
-            bar.set_postfix(tok_s=f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}")
+            bar.set_postfix(**{"tokens/s": f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}"})
             bar.update()
         bar.close()
     except KeyboardInterrupt as err:

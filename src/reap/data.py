@@ -388,7 +388,11 @@ def _tokenize_records(
     start = time.perf_counter()
     if log is not None:
         log(f"tokenizing {len(records)} record{'s' if len(records) != 1 else ''}")
-    with Progress(len(records), "tokenizing", unit="doc", enabled=log is not None, log=log, leave=False) as bar:
+    from reap.progress import use_bars
+
+    # a bar on a terminal; in a log the two lines around it say enough
+    with Progress(len(records), "tokenizing", unit="doc", enabled=log is not None and use_bars(), log=log,
+                  leave=False) as bar:
         for start_i in range(0, len(records), _TOKENIZE_BATCH):
             batch = records[start_i:start_i + _TOKENIZE_BATCH]
             is_text = [_is_text(record, where, text_field, messages_field) for record, where in batch]

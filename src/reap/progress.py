@@ -64,15 +64,15 @@ class Progress:
             self._last, self._last_frac = now, frac
 
     def set_postfix(self, **values: Any) -> None:
-        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+        self.postfix = ", ".join(f"{v} {k}" for k, v in values.items())
         if self._bar is not None:
             self._bar.set_postfix(**values)
 
     def _line(self) -> None:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        amount = f"{self.done / self.scale:.1f}/{self.total / self.scale:.1f}" if self.scale != 1 else \
+        amount = f"{self.done / self.scale:.1f}/{self.total / self.scale:.1f} {self.unit}" if self.scale != 1 else \
             f"{self.done:g}/{self.total:g}"
-        self.log(f"{self.desc}: {amount} {self.unit}{pct}, {time.monotonic() - self._start:.1f} s"
+        self.log(f"{self.desc}: {amount}{pct}, {time.monotonic() - self._start:.1f} s"
                  + (f", {self.postfix}" if self.postfix else ""))
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Session fixtures: tiny generated MiniMax-M2 checkpoints (several shards) and the shared fixtures.
 
 The shared fixtures live in ``../shared`` beside the repository (present on developer machines and in
-CI, absent in a user's clone): tests that need them are skipped with the reason.
+CI, absent in a user's clone): tests that need them are skipped with the reason, which says where they come from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ SHARED = REPO.parent / "shared"
 def _shared(rel: str) -> Path:
     path = SHARED / rel
     if not path.exists():
-        pytest.skip(f"{path} is absent: the shared fixtures sit beside the repository in CI and on dev machines")
+        pytest.skip(f"{path} is absent: this test needs the project's shared fixtures (trained mini models, calibration "
+                    f"and eval corpora and released configs, described in {SHARED / 'README.md'}), which are not part of "
+                    "the repository: CI and developer machines provide them read-only as ../shared beside the checkout")
     return path
 
 
@@ -51,6 +53,12 @@ def mini_m2() -> Path:
 @pytest.fixture(scope="session")
 def mini_m2_fp8() -> Path:
     return _shared("fixtures/mini-m2-fp8")
+
+
+@pytest.fixture(scope="session")
+def real_configs() -> Path:
+    """Released config.json files (and some indexes and tokenizers) of real MoE checkpoints, no weights."""
+    return _shared("real-configs")
 
 
 @pytest.fixture(scope="session")

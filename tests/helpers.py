@@ -200,3 +200,96 @@ def assert_exact_surgery(src: Path, out: Path, kept: dict[int, list[int]],
     dropped = [n for n in before if expert.search(n) and _layer_of(n) in kept
                and int(expert.search(n)[1]) not in kept[_layer_of(n)]]
     assert len(after) == len(before) - len(dropped)
+
+
+# -- the general guard: config.json changes in the expert counts only ------------------------------------------------
+def assert_config_changed_only_in_counts(src: Path, out: Path) -> None:
+    """config.json of the pruned ``out`` equals ``src``'s (compared after JSON parsing) except the expert-count keys
+    (reap.arch's Layout.count_keys of the source, nested text_config included), which hold the kept count, and,
+    when the multi-token-prediction module was left out, the MTP count keys present in the source (reap.arch.MTP_KEYS),
+    which hold 0. Nothing added, nothing removed, nothing else rewritten (legacy rope fields included)."""
+    import copy
+    import json
+
+    from reap.arch import MTP_KEYS, derive
+    from reap.checkpoint import Checkpoint
+
+    before = json.loads((Path(src) / "config.json").read_text())
+    after = json.loads((Path(out) / "config.json").read_text())
+    report = json.loads((Path(out) / "reap_report.json").read_text())
+    expected = copy.deepcopy(before)
+    for path in derive(Checkpoint(src)).count_keys:
+        node = expected
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = report["kept_per_layer"]
+    if report.get("dropped_mtp_tensors"):
+        expected.update({key: 0 for key in MTP_KEYS if before.get(key)})
+    if after != expected:
+        keys = sorted(set(after) | set(expected))
+        diff = {k: (expected.get(k, "<absent>"), after.get(k, "<absent>")) for k in keys if after.get(k) != expected.get(k)}
+        raise AssertionError(f"config.json of {out} differs beyond the expert counts: {{key: (expected, got)}} = {diff}")
+
+
+# -- tiny checkpoints with the exact config of a released one ----------------------------------------------------
+def tiny_release(config_path: Path, out: Path, shrink: dict, fmt: str | None = None, seed: int = 0) -> Path:
+    """A tiny random checkpoint whose config.json is the released ``config_path`` with only the sizes in ``shrink``
+    changed (every other field, quirks included, verbatim: legacy rope_scaling + rope_theta, remote-code model_type
+    and auto_map, ...). Weights: transformers' own class for that config (as reap builds it), routers spread, saved in
+    several shards; ``fmt`` "fp8" or "mxfp4" rewrites them in that released format (the release's own
+    quantization_config is kept), None drops the release's quantization_config. A byte-level tokenizer."""
+    import copy
+    import json
+    import shutil
+    import tempfile
+
+    from reap.arch import build_config, model_class
+    from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_byte_tokenizer
+
+    config = {**copy.deepcopy(json.loads(Path(config_path).read_text())), **shrink}
+    if fmt is None:
+        config.pop("quantization_config", None)
+    cfg = build_config(config)
+    torch.manual_seed(seed)
+    model = model_class(cfg, config)._from_config(cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                t.normal_(0.0, 0.5, generator=g)
+            elif name.endswith(("e_score_correction_bias", "mlp.router.bias")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif ".experts." in name or name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                t.normal_(0.0, 0.1, generator=g)
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = Path(tmp) / "dense"
+        model.to(torch.bfloat16 if fmt else torch.float32).save_pretrained(dense, max_shard_size="60KB")
+        if fmt == "fp8":
+            convert_to_fp8(dense, out)
+        elif fmt == "mxfp4":
+            convert_to_mxfp4(dense, out)
+        else:
+            shutil.copytree(dense, out)
+    make_byte_tokenizer(out)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def add_tensors(path: Path, tensors: dict[str, torch.Tensor], shard: str) -> None:
+    """Store ``tensors`` in a new shard ``shard`` of the checkpoint at ``path`` and list them in its index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(path) / shard), metadata={"format": "pt"})
+    index_path = Path(path) / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({k: shard for k in tensors})
+    index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + sum(
+        t.numel() * t.element_size() for t in tensors.values())
+    if isinstance(index["metadata"].get("total_parameters"), int):  # parameters, as transformers counts them
+        index["metadata"]["total_parameters"] += sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    index_path.write_text(json.dumps(index, indent=2))

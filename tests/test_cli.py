@@ -270,9 +270,11 @@ def test_hub_id_not_in_cache(tmp_path):
 def test_python_m_reap_prunes_the_fp8_fixture(mini_m2_fp8, tmp_path):
     """The installed entry point end to end on the released-format fixture (odd shard names kept)."""
     out = tmp_path / "out"
-    res = _python_m_reap("prune", mini_m2_fp8, "--out", out, "--ratio", "0.5", "--method", "random", "--seed", "1")
+    res = _python_m_reap("prune", mini_m2_fp8, "--out", out, "--ratio", "0.5", "--method", "random", "--seed", "1",
+                         "--json")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == str(out)
+    result = json.loads(res.stdout)  # --json: the result as one JSON object, nothing else on stdout
+    assert result["out"] == str(out) and (result["experts_before"], result["experts_after"]) == (64, 32)
     assert "Traceback" not in res.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-00009.safetensors" for i in range(7)]

@@ -116,7 +116,7 @@ def test_model_type_end_to_end(model_type, tmp_path, text_file):
 
     # streamed eval == transformers' own loss on the same windows
     res = CliRunner().invoke(app, ["eval", str(src), "--dataset", str(text_file), "--max-tokens", "200", "--seq-len",
-                                   "48", "--device", "cpu", "--dtype", "float32", "-q"])
+                                   "48", "--device", "cpu", "--dtype", "float32", "-q", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     from reap.data import load_tokenizer

@@ -187,9 +187,9 @@ def pruned(tmp_path_factory, request):
         if (model, seed) not in cache:
             src = request.getfixturevalue(model)
             out = tmp_path_factory.mktemp("pruned") / f"{model}-s{seed}"
-            res = cli("prune", src, "--out", out, "--ratio", "0.3", "--method", "random", "--seed", seed, "-q")
+            res = cli("prune", src, "--out", out, "--ratio", "0.3", "--method", "random", "--seed", seed, "-q", "--json")
             assert res.exit_code == 0, res.output
-            assert res.stdout.strip() == str(out.resolve())
+            assert json.loads(res.stdout)["out"] == str(out.resolve())
             cache[model, seed] = out
         return cache[model, seed]
 

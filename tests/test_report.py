@@ -97,8 +97,11 @@ def test_render_report_of_a_pruned_dir_is_repeatable(pruned_reap, tmp_path):
     shutil.copytree(pruned_reap, copy)
     for name in (*FIGURES.values(), SUMMARY_NAME, CARD_NAME):
         (copy / name).unlink()
-    evaluation = {"original": {"dataset": "ev.jsonl", "tokens": 4096, "seq_len": 256, "loss": 2.0, "perplexity": 7.389},
-                  "pruned": {"dataset": "ev.jsonl", "tokens": 4096, "seq_len": 256, "loss": 2.1, "perplexity": 8.166}}
+    source = json.loads((copy / "reap_report.json").read_text())["source"]
+    evaluation = {"original": {"model": source, "num_experts": 16, "dataset": "ev.jsonl", "tokens": 4096,
+                               "seq_len": 256, "loss": 2.0, "perplexity": 7.389},
+                  "pruned": {"model": str(copy), "num_experts": 12, "dataset": "ev.jsonl", "tokens": 4096,
+                             "seq_len": 256, "loss": 2.1, "perplexity": 8.166}}
     written = render_report(copy, evaluation=evaluation, log=QUIET)
     assert {p.name for p in written} == {*FIGURES.values(), SUMMARY_NAME, CARD_NAME}
     card = (copy / CARD_NAME).read_text()
@@ -143,7 +146,7 @@ def test_random_and_keep_file_prunings(tiny_fp32, tmp_path):
     prune_model(PruneOptions(model=str(tiny_fp32), out=rnd, ratio=0.5, method="random", seed=7, progress=False),
                 log=QUIET)
     _check_png(rnd / FIGURES["heatmap"])
-    _check_png(rnd / FIGURES["curves"])
+    assert not (rnd / FIGURES["curves"]).exists()  # a random draw is no measured score: nothing to sort
     assert not (rnd / FIGURES["scatter"]).exists()  # no statistics without calibration
     card = (rnd / CARD_NAME).read_text()
     assert "random choice (seed 7)" in card and "none (the choice does not use calibration)" in card
@@ -167,11 +170,11 @@ def test_pruning_without_matplotlib(tiny_fp32, tmp_path, monkeypatch, caplog):
     (src / FIGURES["heatmap"]).write_bytes(PNG + b"stale")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="reap.report"):
-        result = prune_model(PruneOptions(model=str(src), out=out, ratio=0.25, method="random", progress=False),
-                             log=QUIET)
+    notes: list[str] = []
+    result = prune_model(PruneOptions(model=str(src), out=out, ratio=0.25, method="random", progress=False),
+                         log=notes.append)
     assert result.out == out and (out / "reap_report.json").is_file()
-    assert "matplotlib is not installed" in caplog.text
+    assert any("matplotlib is not installed" in n for n in notes)  # said where the run's messages go
     assert not any(out.glob("*.png"))
     card = (out / CARD_NAME).read_text()
     assert 'license: "apache-2.0"' in card and 'pipeline_tag: "text-generation"' in card

@@ -46,7 +46,7 @@ def count(model: Path) -> dict:
     """Total and active parameters, bytes and params per dtype, counted tensor by tensor."""
     config = json.loads((model / "config.json").read_text())
     top_k = config["num_experts_per_tok"]
-    total = active = nbytes = 0
+    total = active = nbytes = tables = 0
     dtypes: dict[str, int] = {}
     for name, h in headers(model).items():
         nbytes += h["data_offsets"][1] - h["data_offsets"][0]
@@ -58,7 +58,9 @@ def count(model: Path) -> dict:
         m = EXPERT.match(name)
         if m is None or int(m[2]) < top_k:  # a token runs top-k experts (all equal in size) and everything else
             active += n
-    return {"total": total, "active": active, "bytes": nbytes, "dtypes": dtypes}
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tables += n
+    return {"total": total, "active": active, "bytes": nbytes, "dtypes": dtypes, "tables": tables}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -74,7 +76,8 @@ def test_inspect_matches_headers_and_the_pruned_checkpoint(model, request, tmp_p
     assert info["shards"] == len(set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values()))
     assert info["dtypes"] == before["dtypes"]
     assert info["before"] == {"experts_per_layer": num_experts, "total_params": before["total"],
-                              "active_params": before["active"], "disk_bytes": before["bytes"]}
+                              "active_params": before["active"], "disk_bytes": before["bytes"],
+                              "active_params_no_embeddings": before["active"] - before["tables"]}
     # "after" is what pruning at that ratio really writes
     out = tmp_path / "out"
     res = cli("prune", src, "--out", out, "--ratio", "0.3", "--method", "random", "-q")
@@ -82,7 +85,7 @@ def test_inspect_matches_headers_and_the_pruned_checkpoint(model, request, tmp_p
     after = count(out)
     assert info["after"] == {"experts_per_layer": num_experts - math.floor(num_experts * 0.3),
                              "total_params": after["total"], "active_params": after["active"],
-                             "disk_bytes": after["bytes"]}
+                             "disk_bytes": after["bytes"], "active_params_no_embeddings": after["active"] - after["tables"]}
     assert info["ratio"] == 0.3
     if "quantization_config" in config:
         assert info["quantization"]["quant_method"] == "fp8" and info["quantization"]["weight_block_size"] == [128, 128]

@@ -6,6 +6,11 @@ layer's statistics (float64, :mod:`reap.saliency`) are all-reduced across ranks 
 
 Data parallel: under ``torchrun`` each rank takes every WORLD_SIZE-th sequence, statistics are all-reduced after
 each layer (NCCL on GPU, gloo on CPU) and only rank 0 writes.
+
+``--resume`` of a complete stats file does nothing (and says so). Thin data (:func:`thin_data`: fewer than
+:data:`MIN_PAIRS_PER_EXPERT` routed (token, expert) pairs per expert in a layer, or more than a quarter of a layer's
+experts never routed) is a warning, before the run when the token count alone shows it and after it; with
+``strict`` an error. An interrupt leaves the stats file with every finished layer, and says so.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from reap import __version__
-from reap.arch import derive
+from reap.arch import Layout
 from reap.checkpoint import Checkpoint
-from reap.errors import UserError
+from reap.errors import UserError, plural
+from reap.progress import Progress, use_bars
 from reap.stream import Dist, EngineOptions, LayerStreamer, peak_memory
+
+#: fewer routed (token, expert) pairs per expert than this in a layer is thin calibration data
+MIN_PAIRS_PER_EXPERT = 4
+#: more never-routed experts than this share of a layer is thin calibration data
+MAX_NEVER_ROUTED = 0.25
 
 
 # -- calibration -----------------------------------------------------------------------------------------
@@ -42,6 +51,7 @@ class CalibrateOptions:
     # automatically, as often as keeps the writing under ~10% of the compute); kept after the run if asked
     checkpoint_every: int | None = None
     keep_checkpoint: bool = False
+    strict: bool = False  # thin calibration data is an error, not a warning
 
 
 class HiddenCheckpoint:
@@ -126,18 +136,55 @@ def _data_meta(data) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(data).items()}
 
 
-def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print):
+def thin_data(stats, layout: Layout, tokens: int | None = None) -> str | None:
+    """Why the statistics are too thin to rank experts by, or None. With ``tokens`` (before the run) only what the
+    token count shows: top-k pairs per token cannot reach MIN_PAIRS_PER_EXPERT per expert."""
+    E, tie = layout.num_experts, ("experts never routed all score 0 and among equal scores the pruner drops the "
+                                  "higher expert id first, so the cut falls by index order, not by saliency")
+    fix = "calibrate on more or longer samples (--samples, --max-length), or pass --strict to make this an error"
+    if tokens is not None:
+        pairs = tokens * layout.top_k
+        if pairs >= MIN_PAIRS_PER_EXPERT * E:
+            return None
+        return (f"thin calibration data: {tokens} tokens x top-{layout.top_k} = {pairs} routed (token, expert) pairs "
+                f"per layer for {E} experts (fewer than {MIN_PAIRS_PER_EXPERT} per expert); {tie}; {fix}")
+    thin = []
+    for layer in layout.moe_layers:
+        if layer not in stats.completed:
+            continue
+        pairs, never = int(stats.count[layer].sum()), int((stats.count[layer] == 0).sum())
+        if pairs < MIN_PAIRS_PER_EXPERT * E or never > MAX_NEVER_ROUTED * E:
+            thin.append((never, -pairs, layer))
+    if not thin:
+        return None
+    never, pairs, layer = max(thin)
+    return (f"thin calibration data: {len(thin)} of {len(layout.moe_layers)} MoE layers are thin, e.g. layer {layer}: "
+            f"{-pairs} routed (token, expert) pairs for {E} experts and {never} of them never routed (wanted: at "
+            f"least {MIN_PAIRS_PER_EXPERT} pairs per expert, at most {MAX_NEVER_ROUTED:.0%} never routed); {tie}; {fix}")
+
+
+def check_thin(message: str | None, strict: bool, log) -> None:
+    """Warn about thin data, or with ``strict`` refuse it."""
+    if message is None:
+        return
+    if strict:
+        raise UserError(message.replace(", or pass --strict to make this an error", "") + " (--strict)")
+    log("warning: " + message)
+
+
+def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print, layout: Layout | None = None):
     """Stream the calibration data through the model; return (ExpertStats, summary dict).
 
     With ``opts.out`` the statistics are written after every layer (rank 0 only), so ``resume`` can pick
-    up at the next layer.
+    up at the next layer. ``layout``: the checkpoint's (validated) layout, when the caller has it.
     """
     from reap.data import calibration_sequences, load_tokenizer
     from reap.saliency import ExpertStats, LayerAccumulator
+    from reap.validate import derive_checked
 
     opts = replace(opts, engine=opts.engine.resolved())
     ckpt = ckpt or Checkpoint(opts.model)
-    spec = derive(ckpt)
+    spec = layout or derive_checked(ckpt)
     out = Path(opts.out) if opts.out else None
     meta = {
         "tool_version": __version__,
@@ -160,6 +207,11 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
                     f"({', '.join(f'{k}={stats.meta.get(k)!r}' for k in mismatch)}); rerun with the same options "
                     "or start fresh with --overwrite"
                 )
+            if set(range(spec.num_layers)) <= stats.completed:
+                log(f"{out} is complete (all {spec.num_layers} layers); nothing to do (--overwrite calibrates again)")
+                done = dict(stats.meta.get("summary") or {})
+                done.update({"layers": 0, "already_complete": True, "tokens": stats.meta.get("tokens", done.get("tokens"))})
+                return stats, done
         elif not opts.overwrite:
             raise UserError(f"stats file {out} exists; pass --resume to continue it, --overwrite to replace it, or choose another --out")
     elif opts.resume and out is None:
@@ -168,18 +220,22 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
         raise UserError(f"the folder of --out ({out.parent}) does not exist; create it first")
 
     dist = Dist.from_env(opts.engine.device)
-    streamer = LayerStreamer(ckpt, spec, None, opts.engine, dist)  # layer 0 loads while the data is tokenized
+    progress = opts.engine.progress and dist.rank == 0
+    bars = use_bars()
+    engine = opts.engine if bars else replace(opts.engine, progress=False)  # in a log: one line per layer instead
+    streamer = LayerStreamer(ckpt, spec, None, engine, dist)  # layer 0 loads while the data is tokenized
+    first = start_layer = 0
     try:
-        tokenizer = load_tokenizer(ckpt.path, trust_remote_code=opts.engine.trust_remote_code)
-        sequences = calibration_sequences(opts.data, tokenizer)
+        tokenizer = load_tokenizer(ckpt.path, trust_remote_code=opts.engine.trust_remote_code, config=ckpt.config)
+        sequences = calibration_sequences(opts.data, tokenizer, log=log if progress else None)
         streamer.set_sequences(sequences[dist.rank :: dist.world])
         tokens = dist.sum_int(streamer.tokens, streamer.device)
+        check_thin(thin_data(None, spec, tokens), opts.strict, log if dist.rank == 0 else (lambda _m: None))
         meta.update({"samples": len(sequences), "tokens": tokens, "world_size": dist.world})
         if opts.recipe is not None:
             meta["options"] = opts.recipe
         if stats is None:
             stats = ExpertStats(spec.num_layers, spec.num_experts, meta)
-        start_layer = 0
         while start_layer in stats.completed:
             start_layer += 1
         hidden = HiddenCheckpoint(out, dist, opts.checkpoint_every) if out is not None else None
@@ -191,11 +247,12 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
 
             plan = streamer.plan()
             eta = plan["eta_s"] * (spec.num_layers - start_layer) / spec.num_layers
-            log(f"plan: {plan['batches']} batches per rank, hidden states {human_bytes(plan['hidden_bytes'])} per rank "
-                f"on {plan['hidden_on']}, largest layer {human_bytes(plan['layer_bytes'])} read per layer; rough ETA "
+            log(f"plan: {plural(plan['batches'], 'batch', 'batches')} per rank, hidden states "
+                f"{human_bytes(plan['hidden_bytes'])} per rank on {plan['hidden_on']}, largest layer "
+                f"{human_bytes(plan['layer_bytes'])} read per layer; rough ETA "
                 + (f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s")
                 + f" (assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s and 2 GB/s reads)")
-            log(f"calibrating {ckpt.path.name}: {len(sequences)} samples, {tokens} tokens, {spec.num_layers} layers x "
+            log(f"calibrating {ckpt.name}: {len(sequences)} samples, {tokens} tokens, {spec.num_layers} layers x "
                 f"{spec.num_experts} experts (top-{spec.top_k}), {streamer.device} {opts.engine.dtype}, "
                 f"hidden states on {streamer.store.mode}" + (f", {dist.world} ranks" if dist.world > 1 else "")
                 + (f"; resuming at layer {start_layer}" if start_layer else "")
@@ -208,11 +265,13 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
         else:
             streamer.embed()
         first = restored + 1 if restored is not None else 0
-        layer_bar = tqdm(range(first, spec.num_layers), desc="layers", unit="layer", file=sys.stderr,
-                         disable=not opts.engine.progress or dist.rank != 0)
-        for layer in layer_bar:
+        bar = Progress(spec.num_layers, "layers", unit="layer", enabled=progress, log=log, every=0.0)
+        if first:
+            bar.update(first)
+        for layer in range(first, spec.num_layers):
             if layer < start_layer:  # replay since the last hidden-state checkpoint: stats are already final
                 streamer.run_layer(layer, None, desc=f"replay {layer + 1}/{spec.num_layers}")
+                bar.update()
                 continue
             acc = LayerAccumulator(spec.num_experts, streamer.device)
             streamer.run_layer(layer, acc)
@@ -223,10 +282,20 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
             if hidden is not None and hidden.due(layer, spec.num_layers - 1, streamer.stats.layer_seconds[-1],
                                                  streamer.plan()["hidden_bytes"]):
                 hidden.write(streamer, layer)
-            layer_bar.set_postfix(tok_s=f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}")
-        layer_bar.close()
+            bar.set_postfix(**{"tokens/s": f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}"})
+            bar.update()
+        bar.close()
         if hidden is not None and not opts.keep_checkpoint:
             hidden.remove()
+    except KeyboardInterrupt as err:
+        done = sorted(stats.completed) if stats is not None else []
+        if out is not None:
+            err.reap_note = (f"{out} keeps {plural(len(done), 'finished layer')} of {spec.num_layers}: run the same "
+                             f"command with --resume to continue at layer {len(done)}" if done else
+                             f"no layer was finished, so {out} was not written")
+        else:
+            err.reap_note = "nothing was published (the statistics were in memory only)"
+        raise
     finally:
         streamer.close()
     seconds = time.perf_counter() - t0
@@ -238,4 +307,5 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print)
     if out is not None and dist.rank == 0:
         stats.save(out)
     dist.barrier()
+    check_thin(thin_data(stats, spec), opts.strict, log if dist.rank == 0 else (lambda _m: None))
     return stats, summary

@@ -6,7 +6,8 @@ they are never derived from a pattern (released checkpoints have zero-based name
 "-of-N"). Writing streams one tensor at a time into a safetensors file, so memory stays bounded by the
 largest tensor: stored tensors (or rows of them) are copied as byte ranges kernel-side, ranges that continue
 each other merged into one copy; finished files are flushed on a background thread (:class:`BackgroundSync`);
-a whole output directory is built beside its target and renamed into place.
+a whole output directory is built beside its target and renamed into place (:mod:`reap.staging`). Every shard
+header is validated as it is read (:mod:`reap.validate`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import struct
 import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
+from reap.staging import atomic_directory, write_text  # noqa: F401 - atomic_directory: part of this module's API
+from reap.validate import DTYPE_BITS, check_header, check_shards, span_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -35,13 +37,13 @@ CONFIG_NAME = "config.json"
 # weight files of other formats: never copied into a pruned output (they would hold unpruned weights)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
-ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+#: bytes per element of the whole-byte safetensors dtypes (reap.validate.DTYPE_BITS has every dtype)
+ITEMSIZE = {k: v // 8 for k, v in DTYPE_BITS.items() if v % 8 == 0}
 
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                 "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-                 "U8": "uint8", "BOOL": "bool"}
+                 "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+                 "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 
 def __getattr__(name: str) -> Any:
@@ -50,7 +52,7 @@ def __getattr__(name: str) -> Any:
     if name in ("DTYPES", "DTYPE_NAMES"):
         import torch
 
-        dtypes = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items()}
+        dtypes = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items() if hasattr(torch, v)}
         globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -80,7 +82,8 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header dict, offset of the data section). Checks the file size."""
+    """Parse a safetensors header; returns (header dict, offset of the data section). The header is checked as the
+    safetensors library checks it (:func:`reap.validate.check_header`: dtypes, byte spans, the file size)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -94,13 +97,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     except (OSError, ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not a readable safetensors file ({err}); re-download that shard") from None
     data_start = 8 + hlen
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if data_start + end > size:
-        raise UserError(
-            f"{path} is truncated: its header needs {data_start + end} bytes but the file has {size}; "
-            "re-download that shard"
-        )
+    check_header(path, header, data_start, size)
     return header, data_start
+
+
+def hub_id(path: str | os.PathLike[str]) -> str | None:
+    """'org/name' when ``path`` is (inside) a Hugging Face cache snapshot (``models--org--name/snapshots/<hash>``)."""
+    m = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots(?:[/\\]|$)", str(path))
+    return f"{m[1]}/{m[2]}" if m else None
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
@@ -138,9 +142,20 @@ class Checkpoint:
         self.shards: list[str] = list(dict.fromkeys(self.weight_map.values()))
         self.infos: dict[str, TensorInfo] = {}
         self._shard_meta: dict[str, dict[str, str]] = {}
-        for shard in self.shards:
-            self._index_shard(shard)
+        missing = [shard for shard in self.shards if not (self.path / shard).is_file()]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UserError(f"{len(missing)} of the {len(self.shards)} shards named by the index are missing from "
+                            f"{self.path} ({', '.join(missing[:3])}{more}); the download is incomplete: download them "
+                            "again")
+        held = {shard: self._index_shard(shard) for shard in self.shards}
+        check_shards(self.path, self.weight_map, held)
         self._handles: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """How logs name the model: ``org/name`` for a Hugging Face cache snapshot, else the directory's name."""
+        return hub_id(self.path) or self.path.name
 
     # -- opening -----------------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
@@ -179,29 +194,20 @@ class Checkpoint:
             )
         raise UserError(f"{self.path} has neither {INDEX_NAME} nor {SINGLE_NAME}; pass a safetensors model directory")
 
-    def _index_shard(self, shard: str) -> None:
-        path = self.path / shard
-        if not path.is_file():
-            raise UserError(f"shard {shard} named by the index is missing from {self.path}; re-download it")
-        header, data_start = read_header(path)
+    def _index_shard(self, shard: str) -> set[str]:
+        """Read one shard's (validated) header; returns the tensor names it holds."""
+        header, data_start = read_header(self.path / shard)
         self._shard_meta[shard] = header.get("__metadata__") or {}
+        names = set()
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
-            self._add_info(name, shard, info, data_start + begin, data_start + end)
-        missing = [n for n, s in self.weight_map.items() if s == shard and n not in self.infos]
-        if missing:
-            raise UserError(
-                f"the index names {len(missing)} tensor(s) in {shard} that the shard does not hold "
-                f"(e.g. {missing[0]}); the index and shards are from different downloads: re-download the model"
-            )
-
-    def _add_info(self, name: str, shard: str, info: dict[str, Any], start: int, end: int) -> None:
-        # a tensor present in a shard but not in the index is ignored, as transformers does
-        if self.weight_map.get(name) != shard:
-            return
-        self.infos[name] = TensorInfo(name, shard, info["dtype"], tuple(info["shape"]), start, end)
+            names.add(name)
+            if self.weight_map.get(name) == shard:
+                begin, end = info["data_offsets"]
+                self.infos[name] = TensorInfo(name, shard, info["dtype"], tuple(info["shape"]), data_start + begin,
+                                              data_start + end)
+        return names
 
     # -- reading -----------------------------------------------------------------------------------
     def shard_tensors(self, shard: str) -> list[TensorInfo]:
@@ -345,9 +351,7 @@ def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for e in entries:
-        expected = ITEMSIZE[e.dtype]
-        for d in e.shape:
-            expected *= d
+        expected = span_bytes(e.dtype, e.shape)
         if expected != e.nbytes or (e.source is not None and sum(n for _, n in e.source[1]) != e.nbytes):
             raise ValueError(f"{e.name}: {e.nbytes} bytes for {e.dtype}{list(e.shape)} (expected {expected})")
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
@@ -385,6 +389,10 @@ def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, 
             flush_run()
             if fsync:
                 os.fsync(f.fileno())
+    except OSError as err:
+        if err.filename is None:  # a failed write says which file (a full disk, a failing disk)
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     finally:
         for src in sources.values():
             src.close()
@@ -459,7 +467,8 @@ class BackgroundSync:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """JSON written and flushed, its size checked (a full disk raises instead of leaving a short file)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
@@ -479,46 +488,6 @@ def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path
     if not out.parent.exists():
         raise UserError(f"the parent of --out ({out.parent}) does not exist; create it first")
     return out
-
-
-@contextmanager
-def atomic_directory(target: Path, durable: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory beside target; on success it replaces target, on error it is removed.
-
-    The temporary name starts with a dot and says ``incomplete``, so an interrupted run never leaves a
-    directory that looks like a finished model. With ``durable``, the rename is flushed too (the caller flushes
-    the contents before leaving the block).
-    """
-    target = Path(target)
-    tmp = target.parent / f".{target.name}.incomplete-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if durable:
-        _fsync_dir(target.parent)  # the rename itself survives a crash (a no-op where directories cannot be synced)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def other_files(model_dir: Path, skip: set[str]) -> list[Path]:

@@ -1,7 +1,9 @@
 """The ``reap`` command line: a thin typer layer over plain functions that take frozen options objects.
 
 Each command parses its flags, builds the options, calls one function and maps user errors
-(:class:`reap.errors.UserError`) to a one-line message and exit code 2. No logic of its own.
+(:class:`reap.errors.UserError`, and OS errors: a full disk, a read-only place) to a one-line message and exit
+code 2; interrupts and termination signals to 130/143/129 after cleanup. Every command prints its result on
+stdout, as human text or, with ``--json``, as one JSON object; logs and progress go to stderr. No logic of its own.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from reap import __version__
 from reap.config import effective
-from reap.errors import UserError
+from reap.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +28,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Prune experts from Mixture-of-Experts checkpoints with REAP (router-weighted expert activation pruning).",
 )
+
+
+class _Command(TyperCommand):
+    """typer's command, its --help shown without a type (as every other flag here)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
 
 
 def _is_rank0() -> bool:
@@ -36,46 +49,82 @@ def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
 
+_INTERRUPTED = {
+    "prune": "nothing was published (the staging folder and the lock were removed)",
+    "calibrate": "the stats file keeps every layer finished so far: run the same command with --resume to continue",
+    "eval": "nothing was written",
+    "report": "the report may be incomplete: run `reap report` again",
+    "demo": "the demo folder is incomplete: run `reap demo` again",
+}
+_OS_ERROR_NOTE = {"prune": "; nothing was published", "eval": "", "calibrate": ""}
+
+
 def user_errors(fn):
-    """Run a command; a UserError becomes 'reap: error: ...' on stderr and exit code 2, Ctrl-C exit 130."""
+    """Run a command; a UserError or an OSError becomes one line 'reap: error: ...' on stderr and exit code 2;
+    Ctrl-C, SIGTERM and SIGHUP end it with 130, 143 and 129 after the same cleanup, saying what was kept."""
+    command = fn.__name__.rstrip("_")
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_as_interrupts():
+                return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"reap: error: {err}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("reap: interrupted; nothing was published (partial outputs are removed)", err=True)
-            raise typer.Exit(130) from None
+        except OSError as err:
+            typer.echo(f"reap: error: {describe_os_error(err)}{_OS_ERROR_NOTE.get(command, '')}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as err:
+            what = f"terminated by {err.name}" if isinstance(err, Terminated) else "interrupted"
+            note = getattr(err, "reap_note", None) or _INTERRUPTED.get(command)
+            typer.echo(f"reap: {what}" + (f"; {note}" if note else ""), err=True)
+            raise typer.Exit(interrupt_exit_code(err)) from None
 
     return wrapper
 
 
+def emit(result: dict, human: str, as_json: bool) -> None:
+    """The command's result on stdout: JSON with --json, else the human text (rank 0 only)."""
+    if _is_rank0():
+        typer.echo(json.dumps(result, indent=2) if as_json else human)
+
+
 # -- shared option groups ------------------------------------------------------------------------------
-DatasetOpt = typer.Option(None, "--dataset", help="Calibration data: a .jsonl/.jsonl.gz/.json/.parquet/.txt file or a "
-                          "Hugging Face dataset (local cache), or a mixture 'specA:count,specB:count'.")
-SamplesOpt = typer.Option(None, "--samples", help="Use the first N records (or N sampled with --shuffle).")
-MaxLenOpt = typer.Option(2048, "--max-length", help="Truncate each sample to its first L tokens.")
-ShuffleOpt = typer.Option(False, "--shuffle", help="Sample records at random (seeded by --seed) instead of file order.")
-PackOpt = typer.Option(False, "--pack", help="Concatenate samples (EOS between) into --max-length chunks.")
-TextFieldOpt = typer.Option("text", "--text-field", help="Record field holding plain text.")
-SeedOpt = typer.Option(0, "--seed", help="Seed for --shuffle and --method random.")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
-DtypeOpt = typer.Option("auto", "--dtype", help="Compute dtype: float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU).")
-BatchOpt = typer.Option(16384, "--batch-tokens", help="Padded tokens per forward batch.")
-OffloadOpt = typer.Option("auto", "--offload", help="Hidden states between layers: auto, device, cpu or disk.")
-WorkdirOpt = typer.Option(None, "--workdir", help="Folder for hidden states with --offload disk.")
-ExchangeOpt = typer.Option("auto", "--weight-exchange", help="Several ranks: share (each rank reads 1/N of a layer, "
-                           "the ranks all-gather the rest), read (every rank reads all of it), auto (share on GPUs).")
-PageCacheOpt = typer.Option(False, "--keep-page-cache", help="Leave the checkpoint's pages in the page cache after "
-                            "reading a layer (faster re-runs; job memory limits may count them).")
-RemoteOpt = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (off by default).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+ModelArg = typer.Argument(None, metavar="MODEL", show_default=False,
+                          help="Model directory or Hugging Face id (from the local cache).")
+DatasetOpt = typer.Option(None, "--dataset", metavar="DATA", help="Calibration data: a .jsonl/.jsonl.gz/.json/.parquet/"
+                          ".txt file or a Hugging Face dataset (local cache), or a mixture 'specA:count,specB:count'.")
+SamplesOpt = typer.Option(None, "--samples", metavar="N", help="Use the first N records (or N sampled with --shuffle).")
+MaxLenOpt = typer.Option(2048, "--max-length", metavar="L", help="Truncate each sample to its first L tokens.")
+ShuffleOpt = typer.Option(False, "--shuffle", metavar="", help="Sample records at random (seeded by --seed) instead of "
+                          "file order.")
+PackOpt = typer.Option(False, "--pack", metavar="", help="Concatenate samples (EOS between) into --max-length chunks.")
+TextFieldOpt = typer.Option("text", "--text-field", metavar="FIELD", help="Record field holding plain text.")
+DeviceOpt = typer.Option("auto", "--device", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (cuda when available).")
+DtypeOpt = typer.Option("auto", "--dtype", metavar="DTYPE", help="Compute dtype: float32, bfloat16 or auto (bf16 on GPU, "
+                        "fp32 on CPU).")
+BatchOpt = typer.Option(16384, "--batch-tokens", metavar="N", help="Padded tokens per forward batch.")
+OffloadOpt = typer.Option("auto", "--offload", metavar="MODE", help="Hidden states between layers: auto, device, cpu or "
+                          "disk.")
+WorkdirOpt = typer.Option(None, "--workdir", metavar="DIR", help="Folder for hidden states with --offload disk.")
+RemoteOpt = typer.Option(False, "--trust-remote-code", metavar="", help="Allow the model's own Python code (its "
+                         "tokenizer, say; off by default).")
+QuietOpt = typer.Option(False, "--quiet", "-q", metavar="", help="No progress bars or progress lines.")
+JsonOpt = typer.Option(False, "--json", metavar="", help="Print the result as one JSON object on stdout (human text "
+                       "otherwise).")
+StrictOpt = typer.Option(False, "--strict", metavar="", help="Make thin calibration data an error instead of a warning "
+                         "(fewer than 4 routed tokens per expert, or over a quarter of a layer's experts never routed).")
+OverwriteOpt = typer.Option(False, "--overwrite", metavar="", help="Replace an existing output.")
+ExchangeOpt = typer.Option("auto", "--weight-exchange", metavar="MODE", help="Several ranks: share (each rank reads "
+                           "1/N of a layer, the ranks all-gather the rest), read (every rank reads all of it), auto "
+                           "(share on GPUs).")
+PageCacheOpt = typer.Option(False, "--keep-page-cache", metavar="", help="Leave the checkpoint's pages in the page "
+                            "cache after reading a layer (faster re-runs; job memory limits may count them).")
 
 
-ConfigOpt = typer.Option(None, "--config", help="YAML recipe with any of these options; flags override it.")
+ConfigOpt = typer.Option(None, "--config", metavar="RECIPE.yaml", help="YAML recipe with any of these options; flags "
+                         "override it.")
 
 
 def _with_config(ctx, params: dict, command, required: tuple[str, ...]) -> dict:
@@ -102,26 +151,31 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
                            progress=not p["quiet"],
                            trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
-                            recipe=effective(p), checkpoint_every=p.get("checkpoint_every"),
+                            recipe=effective(p), strict=p["strict"], checkpoint_every=p.get("checkpoint_every"),
                             keep_checkpoint=bool(p.get("keep_checkpoint")))
 
 
 # -- commands --------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 @user_errors
 def prune(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the pruned checkpoint."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (0 < R < 1)."),
-    keep: Optional[Path] = typer.Option(None, "--keep", help='JSON {"<layer>": [kept expert ids]} instead of --ratio.'),
-    method: str = typer.Option("reap", "--method", help="reap, ean, frequency, weighted-frequency or random."),
-    stats: Optional[Path] = typer.Option(None, "--stats", help="Reuse a stats file from `reap calibrate`."),
+    model: Optional[str] = ModelArg,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Output directory for the pruned "
+                                       "checkpoint."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", metavar="R", help="Fraction of experts to drop per layer "
+                                          "(0 < R < 1)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", metavar="KEEP.json", help='JSON {"<layer>": \\[kept expert ids]} '
+                                        "instead of --ratio."),
+    method: str = typer.Option("reap", "--method", metavar="METHOD", help="reap, ean, frequency, weighted-frequency or "
+                               "random."),
+    stats: Optional[Path] = typer.Option(None, "--stats", metavar="STATS", help="Reuse a stats file from `reap "
+                                         "calibrate`."),
     dataset: Optional[str] = DatasetOpt,
     samples: Optional[int] = SamplesOpt,
     max_length: int = MaxLenOpt,
     shuffle: bool = ShuffleOpt,
-    seed: int = SeedOpt,
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed for --shuffle and --method random."),
     pack: bool = PackOpt,
     text_field: str = TextFieldOpt,
     device: str = DeviceOpt,
@@ -132,15 +186,18 @@ def prune(
     keep_page_cache: bool = PageCacheOpt,
     weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
-    fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Flush the output to disk before publishing it "
-                               "(--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
+    strict: bool = StrictOpt,
+    overwrite: bool = OverwriteOpt,
+    fsync: bool = typer.Option(True, "--fsync/--no-fsync", metavar="", help="Flush the output to disk before publishing "
+                               "it (--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
     p = _with_config(ctx, locals(), prune, required=("model", "out"))  # first: locals() = the options
-    from reap.prune import PruneOptions, prune_model
+    from reap.arch import human_bytes
+    from reap.prune import REPORT_NAME, PruneOptions, prune_model
 
     typed = ctx.get_parameter_source("dataset")
     if (typed is None or typed.name != "COMMANDLINE") and (p["stats"] or p["keep"] or p["method"] == "random"):
@@ -150,23 +207,34 @@ def prune(
         calibration = _calibration_options(p)
     opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
                         seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
-                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p))
+                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p), strict=p["strict"])
     result = prune_model(opts, log=log)
-    if result is not None:
-        typer.echo(str(result.out))
+    if result is None:  # another rank of a torchrun job: rank 0 writes
+        return
+    report = json.loads((result.out / REPORT_NAME).read_text())
+    layers = len(report["layers"])
+    info = {"out": str(result.out), "method": report["method"], "ratio": report["ratio"],
+            "experts_before": report["num_experts"], "experts_after": result.kept_per_layer, "moe_layers": layers,
+            "bytes_before": report["bytes_before"], "bytes_after": result.bytes_written,
+            "dropped_mtp_tensors": result.dropped_mtp, "seconds": round(result.seconds, 3)}
+    emit(info, f"wrote {result.out}: {report['num_experts']} -> {result.kept_per_layer} experts per layer in {layers} "
+               f"MoE layer{'s' if layers != 1 else ''} ({report['method']}), {human_bytes(result.bytes_written)} of "
+               f"tensors (was {human_bytes(report['bytes_before'])}), in {result.seconds:.1f} s; verified",
+         p["as_json"])
 
 
-@app.command()
+@app.command(cls=_Command)
 @user_errors
 def calibrate(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
+    model: Optional[str] = ModelArg,
     dataset: Optional[str] = DatasetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Stats file to write (safetensors), updated after every layer."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="STATS", help="Stats file to write (safetensors), "
+                                       "updated after every layer."),
     samples: Optional[int] = SamplesOpt,
     max_length: int = MaxLenOpt,
     shuffle: bool = ShuffleOpt,
-    seed: int = SeedOpt,
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed for --shuffle."),
     pack: bool = PackOpt,
     text_field: str = TextFieldOpt,
     device: str = DeviceOpt,
@@ -177,13 +245,18 @@ def calibrate(
     keep_page_cache: bool = PageCacheOpt,
     weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run at its next layer."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write the hidden states beside "
-                                                   "the stats file every N layers, so --resume replays no layer "
-                                                   "(0: never; default: as often as costs under ~10% of the time)."),
-    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep those hidden states after the run."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing stats file."),
+    strict: bool = StrictOpt,
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted run at its next layer (a "
+                                "complete stats file is left as it is)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Write the hidden "
+                                                   "states beside the stats file every N layers, so --resume replays "
+                                                   "no layer (0: never; default: as often as costs under ~10% of the "
+                                                   "time)."),
+    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", metavar="", help="Keep those hidden states after "
+                                         "the run."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing stats file."),
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
     """Measure every expert's saliency by streaming calibration data through the model layer by layer."""
@@ -191,21 +264,26 @@ def calibrate(
     from reap.calibrate import calibrate as run
 
     _, summary = run(_calibration_options(p, out=p["out"], resume=p["resume"], overwrite=p["overwrite"]), log=log)
-    if _is_rank0():
-        typer.echo(json.dumps({"stats": str(p["out"]), **summary}))
+    done = summary.get("layers", 0)
+    human = (f"{p['out']} was already complete; nothing to do" if summary.get("already_complete") else
+             f"wrote {p['out']}: {summary['tokens']} tokens through {done} layer{'s' if done != 1 else ''} in "
+             f"{summary['seconds']:.1f} s")
+    emit({"stats": str(p["out"]), **summary}, human, p["as_json"])
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 @user_errors
 def eval_(
-    model: str = typer.Argument(..., help="Model directory (e.g. a pruned output) or Hugging Face id (from the local cache)."),
-    dataset: str = typer.Option(..., "--dataset", help="Evaluation text: a .jsonl/.jsonl.gz/.json/.parquet/.txt file or a "
-                                "Hugging Face dataset (local cache); each document is followed by EOS, all concatenated."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Also evaluate this model (e.g. the original) on the "
-                                           "same tokens and report the difference."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Number of predicted tokens to score."),
-    seq_len: int = typer.Option(1024, "--seq-len", help="Window length: windows of S+1 tokens at stride S, no context "
-                                "carried over between windows."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", show_default=False, help="Model directory (e.g. a "
+                                          "pruned output) or Hugging Face id (from the local cache)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", metavar="DATA", help="Evaluation text: a .jsonl/.jsonl.gz/"
+                                          ".json/.parquet/.txt file or a Hugging Face dataset (local cache); each "
+                                          "document is followed by EOS, all concatenated."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="MODEL", help="Also evaluate this model (e.g. the "
+                                           "original) on the same tokens and report the difference."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", metavar="N", help="Number of predicted tokens to score."),
+    seq_len: int = typer.Option(1024, "--seq-len", metavar="S", help="Window length: windows of S+1 tokens at stride S, "
+                                "no context carried over between windows."),
     text_field: str = TextFieldOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -213,54 +291,69 @@ def eval_(
     offload: str = OffloadOpt,
     workdir: Optional[Path] = WorkdirOpt,
     trust_remote_code: bool = RemoteOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result as JSON (for `reap report --eval`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="RESULT.json", help="Also write the result as JSON "
+                                       "(for `reap report --eval`); checked writable before the evaluation starts."),
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
 ):
     """Next-token loss and perplexity, streamed layer by layer (models larger than memory work too)."""
     from dataclasses import replace
 
-    from reap.evaluate import EvalOptions, compare, evaluate, write_json
+    from reap.evaluate import EvalOptions, check_writable, compare, evaluate, format_result, write_json
     from reap.stream import EngineOptions
 
+    missing = [flag for flag, value in (("MODEL", model), ("--dataset", dataset)) if value is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}: e.g. `reap eval PRUNED --dataset eval.jsonl --baseline ORIGINAL`")
+    if out is not None:
+        check_writable(out)
     engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
                            progress=not quiet, trust_remote_code=trust_remote_code)
     opts = EvalOptions(model=model, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len, engine=engine,
                        text_field=text_field)
     result = compare(replace(opts, model=baseline), opts, log=log) if baseline else evaluate(opts, log=log)
+    emit(result, format_result(result), as_json)  # first: a failing --out below must not lose the result
     if out is not None:
         write_json(out, result)
-    typer.echo(json.dumps(result, indent=2))
+        log(f"wrote {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @user_errors
 def report(
-    path: Path = typer.Argument(..., help="A pruned output directory (with reap_report.json) or a stats file from "
-                                "`reap calibrate`."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the pictures and summary (default: the "
-                                       "pruned directory itself, or <stats>-report/ beside a stats file)."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="For a stats file: show the cut at this ratio."),
-    method: str = typer.Option("reap", "--method", help="For a stats file: the saliency to show (reap, ean, frequency, "
-                               "weighted-frequency)."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", help="A `reap eval --out` result to add to the model card."),
+    path: Optional[Path] = typer.Argument(None, metavar="DIR_OR_STATS", show_default=False, help="A pruned output "
+                                          "directory (with reap_report.json) or a stats file from `reap calibrate`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Folder for the pictures and summary "
+                                       "(default: the pruned directory itself, or <stats>-report/ beside a stats file)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", metavar="R", help="For a stats file: show the cut at this "
+                                          "ratio."),
+    method: str = typer.Option("reap", "--method", metavar="METHOD", help="For a stats file: the saliency to show (reap, "
+                               "ean, frequency, weighted-frequency)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", metavar="RESULT.json", help="A `reap eval --out` result of "
+                                             "this pruned model (or of it against its original) for the model card."),
+    as_json: bool = JsonOpt,
 ):
     """Pictures (saliency heat map, sorted saliency per layer, frequency vs REAP), a summary and the model card."""
     from reap.report import SUMMARY_NAME, read_evaluation, render_report
 
+    if path is None:
+        raise UserError("missing DIR_OR_STATS: pass a pruned output directory or a stats file from `reap calibrate`")
     evaluation = read_evaluation(eval_file) if eval_file is not None else None
     written = render_report(path, out, ratio, method, evaluation=evaluation, log=log)
     summary = next((p for p in written if p.name == SUMMARY_NAME), None)
-    if summary is not None:
-        typer.echo(summary.read_text(), nl=False)
+    text = summary.read_text() if summary is not None else ""
+    emit({"written": [str(p) for p in written], "summary": text}, text.rstrip("\n"), as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 @user_errors
 def inspect(
-    model: Optional[str] = typer.Argument(None, help="Model directory or Hugging Face id (from the local cache)."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Also show the model after pruning at this ratio."),
-    families: bool = typer.Option(False, "--families", help="List the supported model families and what was verified."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    model: Optional[str] = ModelArg,
+    ratio: Optional[float] = typer.Option(None, "--ratio", metavar="R", help="Also show the model after pruning at this "
+                                          "ratio."),
+    families: bool = typer.Option(False, "--families", metavar="", help="List the supported model families and what "
+                                  "was verified."),
+    as_json: bool = JsonOpt,
 ):
     """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
     from reap.families import describe_families, format_families
@@ -280,17 +373,22 @@ def inspect(
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
-@app.command()
+@app.command(cls=_Command)
 @user_errors
 def demo(
-    workdir: Path = typer.Option(Path("reap-demo"), "--dir", help="Where to put the demo model and its pruned copy."),
-    ratio: float = typer.Option(0.25, "--ratio", help="Fraction of experts to drop."),
+    workdir: Path = typer.Option(Path("reap-demo"), "--dir", metavar="DIR", help="Where to put the demo model and its "
+                                 "pruned copy."),
+    ratio: float = typer.Option(0.25, "--ratio", metavar="R", help="Fraction of experts to drop."),
     quiet: bool = QuietOpt,
+    as_json: bool = JsonOpt,
 ):
     """Generate a tiny MiniMax-M2 checkpoint, calibrate it on reap's own source code, prune it, check it."""
     from reap.demo import run_demo
 
-    run_demo(workdir, ratio, progress=not quiet, log=log)
+    result = run_demo(workdir, ratio, progress=not quiet, log=log)
+    emit(result, f"demo done: {result['pruned']} ({result['experts_before']} -> {result['experts_after']} experts per "
+                 f"layer); max |logit difference| to the original with those experts masked: "
+                 f"{result['max_logit_gap']:.2e}", as_json)
 
 
 def version_callback(value: bool):

@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt", ".txt.gz")
 DEFAULT_SPLIT = "train"
 _TOKENIZE_BATCH = 256  # records per tokenizer call
-_PROGRESS_MIN = 512  # show a progress bar from this many records on
 
 _COUNT_RE = re.compile(r"^(?P<source>.*):(?P<count>\d+)$")
 _NAME_RE = re.compile(r"(?P<name>[^@#]+)(?P<rest>(?:[@#][^@#]*)*)")
@@ -88,21 +87,66 @@ class DataSource:
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
-    """Load the tokenizer stored in a local model directory (never downloads)."""
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False, config: dict | None = None) -> Any:
+    """Load the tokenizer stored in a local model directory (never downloads).
+
+    transformers' ``AutoTokenizer`` builds the model's config to choose the tokenizer class; for a ``model_type``
+    that is remote code (Kimi-K2's ``kimi_k2``) its fallback generic config breaks on legacy rope fields
+    (``AttributeError: ... max_position_embeddings``). ``config`` (config.json as a dict) is therefore built as reap
+    builds it (:func:`reap.arch.build_config`: the transformers class it is an alias of) and handed over. A failure
+    is a one-line error that says what helps: ``--trust-remote-code`` for a tokenizer that is the model's own code,
+    the missing package it imports, or the tokenizer files themselves."""
     path = Path(model_dir).expanduser()
     if not path.is_dir():
         raise UserError(f"model directory {path} not found: pass the path of a local checkpoint directory")
     from transformers import AutoTokenizer
 
+    kwargs: dict[str, Any] = {}
+    if config is not None:
+        try:
+            from reap.arch import build_config
+
+            kwargs["config"] = build_config(config)
+        except UserError:
+            pass  # transformers tries on its own
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-    except Exception as err:  # transformers raises ValueError/OSError/... for missing or broken files
-        raise UserError(
-            f"could not load a tokenizer from {path} ({type(err).__name__}: {_first_line(err)}): copy the "
-            "tokenizer files (tokenizer.json, tokenizer_config.json) of the original model into that directory"
-            + ("" if trust_remote_code else ", or pass --trust-remote-code if the model needs custom code")
-        ) from err
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True,
+                                             **kwargs)
+    except Exception as err:  # transformers raises ValueError/OSError/ImportError/... for missing or broken files
+        raise UserError(_tokenizer_failure(path, err, trust_remote_code)) from err
+
+
+def _tokenizer_failure(path: Path, err: Exception, trust_remote_code: bool) -> str:
+    """What to do about a tokenizer that does not load, from what the directory holds and what failed."""
+    what = f"could not load a tokenizer from {path} ({type(err).__name__}: {_first_line(err)})"
+    try:
+        tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        tok_config = {}
+    auto_map = tok_config.get("auto_map") if isinstance(tok_config, dict) else None
+    if isinstance(auto_map, dict):
+        auto_map = auto_map.get("AutoTokenizer")
+    code = next((c for c in (auto_map if isinstance(auto_map, (list, tuple)) else [auto_map]) if isinstance(c, str)), None)
+    module = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+    if module is None:
+        m = re.search(r"(?:No module named|requires the following packages[^:]*:|pip install) '?([A-Za-z0-9_.\-]+)",
+                      str(err))
+        module = m[1] if m else None
+    if module:
+        return f"{what}: the tokenizer needs the Python package {module.split('.')[0]!r}: pip install {module.split('.')[0]}"
+    if code and not trust_remote_code:
+        return (f"{what}: its tokenizer is the model's own code ({code.split('.')[0]}.py, named by tokenizer_config.json): "
+                "pass --trust-remote-code to run it (read that file first)")
+    if code:
+        return (f"{what}: the model's own tokenizer code ({code.split('.')[0]}.py) failed; it may not support the "
+                "installed transformers, whose tokenizer API changed in version 5: use a tokenizer.json build of it "
+                "(a tokenizer saved with save_pretrained by transformers 5)")
+    files = [n for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+             if (path / n).is_file()]
+    if not files:
+        return (f"{what}: {path} holds no tokenizer files; copy tokenizer.json and tokenizer_config.json of the "
+                "original model into it")
+    return f"{what}: the tokenizer files there ({', '.join(files)}) do not load; restore them from the original model"
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -332,22 +376,34 @@ def _check_available(src: DataSource, available: int) -> None:
 
 
 def _tokenize_records(
-    records: Sequence[_Located], tokenizer: Any, text_field: str, messages_field: str
+    records: Sequence[_Located], tokenizer: Any, text_field: str, messages_field: str, log=None
 ) -> list[list[int]]:
-    """Token ids of each record, in order: texts without special tokens, messages via the chat template."""
-    from tqdm.auto import tqdm
+    """Token ids of each record, in order: texts without special tokens, messages via the chat template. With
+    ``log``, progress: a bar on a terminal, a line at the start and the end otherwise."""
+    import time
+
+    from reap.progress import Progress
 
     out: list[list[int]] = []
-    show = None if len(records) >= _PROGRESS_MIN else True  # None: only on a terminal
-    with tqdm(total=len(records), desc="tokenizing", unit="doc", file=sys.stderr, disable=show) as bar:
-        for start in range(0, len(records), _TOKENIZE_BATCH):
-            batch = records[start:start + _TOKENIZE_BATCH]
+    start = time.perf_counter()
+    if log is not None:
+        log(f"tokenizing {len(records)} record{'s' if len(records) != 1 else ''}")
+    from reap.progress import use_bars
+
+    # a bar on a terminal; in a log the two lines around it say enough
+    with Progress(len(records), "tokenizing", unit="doc", enabled=log is not None and use_bars(), log=log,
+                  leave=False) as bar:
+        for start_i in range(0, len(records), _TOKENIZE_BATCH):
+            batch = records[start_i:start_i + _TOKENIZE_BATCH]
             is_text = [_is_text(record, where, text_field, messages_field) for record, where in batch]
             texts = [record[text_field] for (record, _), t in zip(batch, is_text) if t]
             text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
             for (record, where), t in zip(batch, is_text):
                 out.append(list(next(text_ids)) if t else _chat_ids(tokenizer, record, messages_field, where))
             bar.update(len(batch))
+    if log is not None:
+        log(f"tokenized {len(records)} record{'s' if len(records) != 1 else ''}: {sum(map(len, out))} tokens in "
+            f"{time.perf_counter() - start:.1f} s")
     return out
 
 
@@ -387,8 +443,9 @@ def _chat_ids(tokenizer: Any, record: dict, messages_field: str, where: str) -> 
 # ------------------------------------------------------------------------------------------------ public
 
 
-def calibration_sequences(opts: DataOptions, tokenizer: Any) -> list[list[int]]:
-    """Token-id sequences for calibration (see the module docstring for the exact semantics)."""
+def calibration_sequences(opts: DataOptions, tokenizer: Any, log=None) -> list[list[int]]:
+    """Token-id sequences for calibration (see the module docstring for the exact semantics); ``log`` gets the
+    tokenizing progress."""
     if opts.samples is not None and opts.samples <= 0:
         raise UserError(f"--samples is {opts.samples}: it must be a positive number of records (or omitted for all)")
     if opts.max_length is not None and opts.max_length <= 0:
@@ -403,7 +460,7 @@ def calibration_sequences(opts: DataOptions, tokenizer: Any) -> list[list[int]]:
 
     sources = parse_dataset_spec(opts.dataset)
     records = _select_records(sources, opts.samples, opts.shuffle, opts.seed, opts.text_field)
-    seqs = _tokenize_records(records, tokenizer, opts.text_field, opts.messages_field)
+    seqs = _tokenize_records(records, tokenizer, opts.text_field, opts.messages_field, log)
     kept = [s for s in seqs if s]
     if len(kept) < len(seqs):
         logger.warning("dropped %d of %d records that gave no tokens", len(seqs) - len(kept), len(seqs))

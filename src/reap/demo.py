@@ -43,7 +43,8 @@ def masked_logits_gap(original: Path, pruned: Path, seed: int = 0) -> float:
         return (a(ids).logits - b(ids).logits).abs().max().item()
 
 
-def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=print) -> Path:
+def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=print) -> dict:
+    """The whole pipeline in ``workdir``; returns what it made (paths, expert counts, the logit check)."""
     from reap.calibrate import CalibrateOptions
     from reap.data import DataOptions
     from reap.prune import PruneOptions, prune_model
@@ -71,10 +72,12 @@ def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=prin
                                       calibration=calibration, progress=progress), log=log)
     report = json.loads((out / "reap_report.json").read_text())
     gap = masked_logits_gap(model, out)
-    log(f"3/3 pruned {report['num_experts']} -> {result.kept_per_layer} experts per layer; transformers loads it; "
-        f"max |logit difference| vs the original with those experts masked out of routing: {gap:.2e}")
+    log(f"3/3 pruned {report['num_experts']} -> {result.kept_per_layer} experts per layer into {out}; transformers "
+        f"loads it; max |logit difference| vs the original with those experts masked out of routing: {gap:.2e}")
     for layer, entry in report["layers"].items():
         log(f"    layer {layer}: pruned experts {entry['pruned']}")
     if gap > 1e-3:
         raise RuntimeError(f"demo check failed: pruned model differs from the masked original by {gap}")
-    return out
+    return {"model": str(model), "pruned": str(out), "experts_before": report["num_experts"],
+            "experts_after": result.kept_per_layer, "max_logit_gap": gap,
+            "pruned_experts": {layer: entry["pruned"] for layer, entry in report["layers"].items()}}

@@ -121,16 +121,19 @@ def summed_loss(streamer: LayerStreamer, i: int, targets: torch.Tensor) -> torch
 
 def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     """Mean next-token loss (nats), perplexity and token count of ``opts.model`` on ``opts.dataset``."""
-    from reap.arch import derive
+    from dataclasses import replace
+
     from reap.checkpoint import Checkpoint
     from reap.data import load_tokenizer
+    from reap.progress import Progress, use_bars
+    from reap.validate import derive_checked
 
     engine = opts.engine.resolved()
     if engine.dtype not in DTYPES:
         raise UserError(f"--dtype {engine.dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     ckpt = Checkpoint(opts.model)
-    spec = derive(ckpt)
-    tokenizer = load_tokenizer(ckpt.path, trust_remote_code=engine.trust_remote_code)
+    spec = derive_checked(ckpt)
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code=engine.trust_remote_code, config=ckpt.config)
     eos = tokenizer.eos_token_id
     if eos is None:
         eos = ckpt.config.get("eos_token_id")
@@ -146,8 +149,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     if n_targets < opts.max_tokens:
         log(f"note: {opts.dataset} has only {len(stream)} tokens; scoring {n_targets} instead of {opts.max_tokens}")
 
-    streamer = LayerStreamer(ckpt, spec, inputs, engine)
-    log(f"evaluating {ckpt.path.name}: {n_targets} tokens in {len(inputs)} windows of {opts.seq_len} "
+    lines = engine.progress and not use_bars()  # in a log: one line per layer instead of the streamer's bars
+    streamer = LayerStreamer(ckpt, spec, inputs, replace(engine, progress=False) if lines else engine)
+    log(f"evaluating {ckpt.name}: {n_targets} tokens in {len(inputs)} windows of {opts.seq_len} "
         f"({docs} documents), {spec.num_layers} layers, {streamer.device} {engine.dtype}, "
         f"hidden states on {streamer.store.mode}")
     t0 = time.perf_counter()
@@ -155,8 +159,11 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
         with torch.inference_mode():
             streamer.prefetch(0)
             streamer.embed()
+            bar = Progress(spec.num_layers, f"evaluating {ckpt.name}", unit="layer", enabled=lines, log=log, every=0.0)
             for layer in range(spec.num_layers):
                 streamer.run_layer(layer, None)
+                bar.update()
+            bar.close()
             streamer.load_head()
             total = torch.zeros((), dtype=torch.float64, device=streamer.device)
             row = 0
@@ -191,8 +198,6 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
         "tool_version": __version__,
         **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()},
     }
-    log(f"{ckpt.path.name}: loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {n_targets} tokens "
-        f"in {seconds:.1f}s")
     return result
 
 
@@ -212,17 +217,54 @@ def compare(original: EvalOptions, pruned: EvalOptions, log=print) -> dict[str, 
         "loss_relative": (b["loss"] - a["loss"]) / a["loss"] if a["loss"] else float("nan"),
         "perplexity_ratio": b["perplexity"] / a["perplexity"],
     }
-    log(f"loss {a['loss']:.4f} -> {b['loss']:.4f} ({diff['loss_delta']:+.4f}, {100 * diff['loss_relative']:+.2f}%); "
-        f"perplexity {a['perplexity']:.3f} -> {b['perplexity']:.3f} (x{diff['perplexity_ratio']:.4f})")
     return {"original": a, "pruned": b, **diff}
 
 
+def format_result(result: dict[str, Any]) -> str:
+    """The human form of an evaluation (:func:`evaluate`) or a comparison (:func:`compare`)."""
+    def one(r: dict[str, Any]) -> str:
+        return (f"{Path(r['model']).name}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over {r['tokens']} "
+                f"tokens in {r['seconds']:.1f} s")
+
+    if "original" not in result:
+        return one(result)
+    a, b = result["original"], result["pruned"]
+    return "\n".join([one(a), one(b),
+                      f"loss {a['loss']:.4f} -> {b['loss']:.4f} ({result['loss_delta']:+.4f}, "
+                      f"{100 * result['loss_relative']:+.2f}%); perplexity {a['perplexity']:.3f} -> "
+                      f"{b['perplexity']:.3f} (x{result['perplexity_ratio']:.4f})"])
+
+
+def check_writable(path: str | Path) -> Path:
+    """UserError unless ``path`` can be written (checked before an evaluation that may take hours, by creating and
+    removing a file beside it)."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; pass a file name such as {path / 'eval.json'}")
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of --out ({path.parent}) does not exist; create it first")
+    probe = path.parent / f".{path.name}.reap-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as err:
+        from reap.errors import describe_os_error
+
+        raise UserError(f"--out {path} cannot be written ({describe_os_error(err)}); nothing was evaluated") from None
+    return path
+
+
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:
-    """Save an evaluation (or comparison) result as JSON."""
+    """Save an evaluation (or comparison) result as JSON (flushed, its size checked)."""
     import json
+
+    from reap.staging import write_text
 
     path = Path(path)
     if not path.parent.exists():
         raise UserError(f"the folder of --out ({path.parent}) does not exist; create it first")
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    return write_text(path, json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
 import os
+import re
 import shutil
 import sys
 import threading
@@ -23,8 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from tqdm.auto import tqdm
 
 from reap import __version__
 from reap.arch import Layout, derive, human_bytes
@@ -41,7 +41,9 @@ from reap.checkpoint import (
     write_json,
     write_safetensors,
 )
-from reap.errors import UserError
+from reap.errors import UserError, plural
+from reap.progress import Progress
+from reap.staging import OutputLock, check_complete, check_free_space, clean_stale, estimate_bytes
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
     import torch
@@ -78,7 +80,7 @@ def experts_to_drop(spec: Layout, ratio: float) -> int:
         why = (f"fewer than the {spec.top_k} each token is routed to" if groups <= 1 else
                f"fewer than the {spec.min_kept()} that top-{spec.top_k} routing into {spec.topk_group} of "
                f"{groups} equal groups needs")
-        raise UserError(f"--ratio {ratio} keeps {spec.num_experts - n_drop} experts, {why}; use --ratio "
+        raise UserError(f"--ratio {ratio} keeps {plural(spec.num_experts - n_drop, 'expert')}, {why}; use --ratio "
                         f"{most:.4g} or less")
     return n_drop
 
@@ -130,7 +132,7 @@ def read_keep_file(path: str | Path, spec: Layout, layers: list[int]) -> Keep:
             need = (f"top-k {spec.top_k}" if spec.n_group <= 1 else
                     f"the {spec.min_kept()} that top-k {spec.top_k} in {spec.topk_group} of "
                     f"{spec.n_group} equal groups needs")
-            raise UserError(f"keep file {path}: layer {key} keeps {len(ids)} experts, fewer than {need}")
+            raise UserError(f"keep file {path}: layer {key} keeps {plural(len(ids), 'expert')}, fewer than {need}")
         groups = spec.n_group
         if groups > 1:
             size = spec.num_experts // groups
@@ -227,39 +229,57 @@ def rewrite(
     stats=None,
     fsync: bool = True,
     id_remap: dict[int, list[int]] | None = None,
+    overwrite: bool = True,
+    log=None,
 ) -> SurgeryResult:
     """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir).
 
-    Everything but the shards is written first (index, config, report, other files); the pictures are drawn
-    on a thread while the shards are copied, and each finished shard is flushed to disk on another
-    (``fsync=False`` leaves flushing to the OS, as ``cp`` does). Verified before it is renamed into place.
+    First the free space is checked (everything it will write against what the file system has free). Everything but
+    the shards is written first (index, config, report, other files); the pictures are drawn on a thread while the
+    shards are copied, and each finished shard is flushed to disk on another (``fsync=False`` leaves flushing to the
+    OS, as ``cp`` does). Every side file is written and flushed, a failure of any fails the run; the staging folder is
+    verified (the checkpoint, and no file short or empty) before it is renamed into place (``overwrite=False``: only
+    if the target is still absent or empty then).
     """
+    log = log or (lambda _msg: None)
     start = time.perf_counter()
     plan, removed_params, mtp = plan_shards(ckpt, spec, keep, id_remap or {})
+    names = output_shard_names(ckpt.shards, plan)
     written = sum(e.nbytes for entries in plan.values() for e in entries)
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
     from reap.formats import HF_QUANT_CONFIG
+    from reap.report import CARD_NAME, GENERATED, publish_assets, publish_card  # never copied from the source
 
     # the configs first: a module list that cannot be renumbered is an error before anything is written
     new_config = pruned_config(ckpt.config, spec, k, bool(mtp), keep)
     hf_quant = pruned_hf_quant_config(json.loads((ckpt.path / HF_QUANT_CONFIG).read_text()), spec, keep, bool(mtp)) \
         if (ckpt.path / HF_QUANT_CONFIG).is_file() else None
-    with atomic_directory(out, durable=fsync) as tmp, BackgroundSync(enabled=fsync) as syncer:
+    skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
+    if hf_quant is not None:  # ModelOpt's module lists, renumbered like config.json's
+        skip.add(HF_QUANT_CONFIG)
+    others = other_files(ckpt.path, skip)
+    copied = {rel: src.stat().st_size for src in others  # the source's model card is replaced by the new one
+              if (rel := src.relative_to(ckpt.path).as_posix()) != CARD_NAME}
+    cells = spec.num_layers * spec.num_experts  # the pictures and texts grow with layers x experts
+    side = [len(json.dumps(report)) * 2 + (64 << 10), *[min(2 << 20, (64 << 10) + 200 * cells)] * 3,
+            (64 << 10) + 400 * spec.num_layers, (64 << 10) + 400 * spec.num_layers]  # report, 3 pictures, summary, card
+    need = estimate_bytes([e.nbytes for entries in plan.values() for e in entries] + list(copied.values()) + side
+                          + [(ckpt.path / INDEX_NAME).stat().st_size if (ckpt.path / INDEX_NAME).is_file() else 0,
+                             (ckpt.path / CONFIG_NAME).stat().st_size, stats_bytes(spec) if stats is not None else 0])
+    need += sum(len(entries) * 160 for entries in plan.values())  # shard headers
+    check_free_space(out.parent, need, f"the pruned checkpoint ({len(plan)} shards, {human_bytes(written)} of tensors)")
+    with atomic_directory(out, durable=fsync, overwrite=overwrite) as tmp, BackgroundSync(enabled=fsync) as syncer:
         index_meta = dict(json.loads((ckpt.path / INDEX_NAME).read_text()).get("metadata") or {}) if (ckpt.path / INDEX_NAME).is_file() else {}
         index_meta["total_size"] = written
         if isinstance(index_meta.get("total_parameters"), int):
             index_meta["total_parameters"] -= removed_params
-        weight_map = {e.name: shard for shard, entries in plan.items() for e in entries}
+        weight_map = {e.name: names[shard] for shard, entries in plan.items() for e in entries}
         write_json(tmp / INDEX_NAME, {"metadata": index_meta, "weight_map": weight_map})
         write_json(tmp / CONFIG_NAME, new_config)
-        from reap.report import GENERATED, publish_assets, publish_card  # never copied from the source
-
-        skip = {INDEX_NAME, CONFIG_NAME, REPORT_NAME, STATS_NAME, *GENERATED, *ckpt.shards}
-        if hf_quant is not None:  # ModelOpt's module lists, renumbered like config.json's
-            skip.add(HF_QUANT_CONFIG)
+        if hf_quant is not None:
             write_json(tmp / HF_QUANT_CONFIG, hf_quant)
-        for src in other_files(ckpt.path, skip):
+        for src in others:
             dst = tmp / src.relative_to(ckpt.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
@@ -270,25 +290,63 @@ def rewrite(
         if stats is not None:
             stats.save(tmp / STATS_NAME)
         assets: list[Path] = []  # pictures + summary, drawn beside the copying (they read only the report)
-        drawer = threading.Thread(target=lambda: assets.extend(publish_assets(tmp, stats)), name="reap-report",
-                                  daemon=True)
+        failed: list[BaseException] = []
+
+        def draw() -> None:
+            try:
+                assets.extend(publish_assets(tmp, stats, log=log, strict=True))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
+                failed.append(err)
+
+        drawer = threading.Thread(target=draw, name="reap-report", daemon=True)
         drawer.start()
         try:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="rewrite", disable=not progress, file=sys.stderr)
+            bar = Progress(total, "rewrite", unit="MiB", scale=1 << 20, enabled=progress, log=log)
             for shard in ckpt.shards:
                 if plan[shard]:
-                    write_safetensors(tmp / shard, plan[shard], ckpt.shard_metadata(shard), fsync=False)
-                    syncer.submit(tmp / shard)
+                    write_safetensors(tmp / names[shard], plan[shard], ckpt.shard_metadata(shard), fsync=False)
+                    syncer.submit(tmp / names[shard])
                 bar.update(sum(i.nbytes for i in ckpt.shard_tensors(shard)))
             bar.close()
         finally:
             drawer.join()  # before the staging folder can be removed on an error
+        if failed:
+            raise failed[0]
+        if progress:
+            log("verifying the output, writing the model card" + (", flushing to disk" if fsync else ""))
         verify(tmp, spec, keep, mtp_dropped=bool(mtp))
         publish_card(tmp, report, source=ckpt.path, figures=[p.name for p in assets if p.suffix == ".png"],
-                     published_as=out)
+                     published_as=out, strict=True)
         syncer.submit_tree(tmp)  # the small files and the folders; the shards are already (being) flushed
         syncer.wait()
+        check_complete(tmp, copied)
     return SurgeryResult(out, k, written, time.perf_counter() - start, mtp)
+
+
+def stats_bytes(spec: Layout) -> int:
+    """About the size of a stats file of this model (five float64 [L, E] tables and a header)."""
+    return 5 * 8 * spec.num_layers * spec.num_experts + (64 << 10)
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d+)-of-(?P<count>\d+)(?P<ext>\.safetensors)$")
+
+
+def output_shard_names(shards: list[str], plan: dict[str, list[Entry]]) -> dict[str, str]:
+    """Output file name of each input shard. The same names, unless a shard is left out entirely (it held only
+    multi-token-prediction tensors): then shards named ``stem-NNNNN-of-MMMMM`` are renumbered without the gap, from
+    the input's first number (zero-based releases stay zero-based), ``-of-`` the new count."""
+    kept = [s for s in shards if plan.get(s)]
+    parsed = [_SHARD_NAME.match(s) for s in shards]
+    if len(kept) == len(shards) or not all(parsed) or len({(m["stem"], m["ext"]) for m in parsed}) != 1:
+        return {s: s for s in shards}
+    width = len(parsed[0]["index"])
+    first = min(int(m["index"]) for m in parsed)
+    stem, ext = parsed[0]["stem"], parsed[0]["ext"]
+    count = len(kept)
+    names = {s: s for s in shards}
+    for i, s in enumerate(sorted(kept, key=lambda n: int(_SHARD_NAME.match(n)["index"]))):
+        names[s] = f"{stem}-{first + i:0{width}d}-of-{count:0{width}d}{ext}"
+    return names
 
 
 def plan_shards(ckpt: Checkpoint, spec: Layout, keep: Keep,
@@ -480,7 +538,7 @@ def base_report(ckpt: Checkpoint, spec: Layout, method: str, ratio: float | None
         "tool": "reap",
         "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["reap", *sys.argv[1:]]),
+        "command": shlex.join(["reap", *sys.argv[1:]]),
         "source": str(ckpt.path),
         "family": spec.family,
         "method": method,
@@ -509,16 +567,30 @@ class PruneOptions:
     progress: bool = True
     fsync: bool = True  # flush the output to disk before publishing it (False: leave it to the OS, like cp)
     recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
+    strict: bool = False  # thin calibration statistics (reap.calibrate.thin_data) are an error, not a warning
 
 
 def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     """Check everything, choose the experts (keep file, random, stats file or calibration), rewrite.
 
-    Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None.
+    Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None. Rank 0 holds
+    the target's lock (reap.staging.OutputLock) from the check of --out to the rename, and removes the staging
+    folders that interrupted runs left beside it.
     """
+    from reap.validate import derive_checked
+
     ckpt = Checkpoint(opts.model)
-    spec = derive(ckpt)
+    spec = derive_checked(ckpt)
     out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _prune_checked(opts, ckpt, spec, out, log)
+    with OutputLock(out, log).acquire():
+        out = check_output_dir(out, [ckpt.path], opts.overwrite)  # again: a run that held the lock may have finished
+        clean_stale(out, log)
+        return _prune_checked(opts, ckpt, spec, out, log)
+
+
+def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path, log) -> SurgeryResult | None:
     layers = spec.moe_layers
     if (opts.keep_file is None) == (opts.ratio is None):
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
@@ -547,12 +619,17 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
             if opts.stats is not None:
                 stats = ExpertStats.load(opts.stats)
                 check_stats(stats, spec, opts.stats)
+                from reap.calibrate import check_thin, thin_data
+
+                check_thin(thin_data(stats, spec), opts.strict, log)
             elif opts.calibration is not None:
                 from dataclasses import replace
 
                 from reap.calibrate import calibrate
 
-                stats, summary = calibrate(replace(opts.calibration, model=str(ckpt.path), out=None), ckpt, log=log)
+                stats, summary = calibrate(replace(opts.calibration, model=str(ckpt.path), out=None,
+                                                   strict=opts.strict or opts.calibration.strict), ckpt, log=log,
+                                           layout=spec)
                 log(f"calibrated {summary['tokens']} tokens in {summary['seconds']:.1f}s")
             else:
                 raise UserError(f"--method {method} needs calibration: pass --dataset DATA (e.g. a .jsonl file) "
@@ -566,21 +643,20 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
         extra["options"] = opts.recipe
     report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
     k = len(next(iter(keep.values())))
-    log(f"pruning {ckpt.path.name}: {spec.num_experts} -> {k} experts in {len(layers)} layers ({method}) -> {out}")
+    log(f"pruning {ckpt.name}: {spec.num_experts} -> {k} experts in {plural(len(layers), 'MoE layer')} ({method}) "
+        f"-> {out}")
     remap = id_remap(ckpt, spec, keep)
     if remap:
         report["id_remap"] = {str(layer): ids for layer, ids in remap.items()}
         log(f"expert-id tables (hash routing) in {len(remap)} layers renumbered; a pruned expert's tokens go to the "
             "kept expert with the most similar router row (reap_report.json id_remap)")
     result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
-                     id_remap=remap)
+                     id_remap=remap, overwrite=opts.overwrite, log=log)
     if result.dropped_mtp:
         keys = list(spec.mtp_keys)
         log(f"left out the multi-token-prediction module ({result.dropped_mtp} tensors"
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
             "expert count; serve without MTP speculative decoding")
-    log(f"wrote {out} ({human_bytes(result.bytes_written)} of tensors, was {human_bytes(ckpt.total_bytes)}) "
-        f"in {result.seconds:.1f}s; verified")
     return result
 
 

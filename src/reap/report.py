@@ -12,8 +12,10 @@ experts were chosen from calibration). Output, into the pruned directory by defa
 * ``README.md``                  the model card of the pruned checkpoint (:func:`write_model_card`).
 
 Pictures are drawn with matplotlib's object-oriented API on the Agg canvas (no pyplot, no global backend
-change). :func:`publish`, which the pruner calls, never fails: without matplotlib it writes the card and the
-summary and logs a note.
+change). Without matplotlib the card and the summary are written and a note logged; in the pruner
+(``strict``) any other failure to write a side file fails the run, so an output never holds a short or missing
+card, summary or picture. A ``--method random`` pruning is drawn as kept/pruned only: its draw is no score.
+``reap report --eval`` takes only a ``reap eval`` result of the pruned model itself (and of its source).
 
 Legend: L layers, E experts, K kept experts per layer.
 """
@@ -24,6 +26,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from reap import __version__
 from reap.errors import UserError
+from reap.staging import write_text
 
 if TYPE_CHECKING:  # torch is imported where scores are computed: a keep file without statistics needs none, so the
     import torch   # pictures drawn beside `reap prune --keep`'s copy do not spend seconds of CPU importing it
@@ -105,7 +109,9 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
         num_layers = stats.num_layers if stats is not None else max(layers) + 1
         shown = report.get("method", "reap")
         scores = None
-        if all("saliency" in v for v in layers.values()):
+        if shown == "random":  # a seeded draw, not a measurement: drawn as kept/pruned only, never as scores
+            shown = f"random choice (seed {report.get('seed', 0)})"
+        elif all("saliency" in v for v in layers.values()):
             import torch
 
             scores = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
@@ -169,6 +175,17 @@ def _title(data: ReportData) -> str:
     return f"{name}: {data.method}{cut}"
 
 
+KEPT_CMAP = "viridis"
+PRUNED_GREYS = ("#a6a6a6", "#ededed")  # the pruned experts' grey scale: low -> high saliency
+
+
+def pruned_cmap():
+    """The light grey scale of pruned experts in the heat map (far from every colour of the kept ones' viridis)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list("reap_pruned", PRUNED_GREYS)
+
+
 def heatmap(data: ReportData, path: Path) -> Path:
     """Layer x expert saliency, each layer relative to its largest score; pruned experts drawn in grey."""
     import numpy as np
@@ -186,10 +203,10 @@ def heatmap(data: ReportData, path: Path) -> Path:
     else:  # a keep file without statistics: only kept (colour) / pruned (grey)
         values, vmin = np.full((L, E), 0.8), 0.0
     kept_img = ax.imshow(np.ma.masked_array(values, pruned | np.isnan(values)), aspect="auto",
-                         interpolation="nearest", cmap="viridis", vmin=vmin, vmax=1.0)
-    if pruned.any():  # the same values in grey (darker = lower)
+                         interpolation="nearest", cmap=KEPT_CMAP, vmin=vmin, vmax=1.0)
+    if pruned.any():  # the same values in light grey (darker = lower), never as dark as viridis' low end
         ax.imshow(np.ma.masked_array(values, ~pruned | np.isnan(values)), aspect="auto", interpolation="nearest",
-                  cmap="Greys_r", vmin=vmin - 0.6 * (1.0 - vmin), vmax=1.0)
+                  cmap=pruned_cmap(), vmin=vmin, vmax=1.0)
     if data.scores is not None:
         fig.colorbar(kept_img, ax=ax, label=f"{data.method} score / layer max", fraction=0.03, pad=0.01)
     from matplotlib.ticker import MaxNLocator
@@ -309,11 +326,20 @@ def render_figures(data: ReportData, out_dir: Path) -> list[Path]:
     import matplotlib  # noqa: F401 - fail early and clearly
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [heatmap(data, out_dir / FIGURES["heatmap"])]
+    todo = [(heatmap, "heatmap")]
     if data.scores is not None:
-        paths.append(curves(data, out_dir / FIGURES["curves"]))
+        todo.append((curves, "curves"))
     if data.stats is not None and data.stats.completed:
-        paths.append(scatter(data, out_dir / FIGURES["scatter"]))
+        todo.append((scatter, "scatter"))
+    paths = []
+    for draw, key in todo:
+        path = out_dir / FIGURES[key]
+        try:
+            paths.append(draw(data, path))
+        except OSError as err:  # a full disk mid-picture: say which file
+            if err.filename is None:
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+            raise
     return paths
 
 
@@ -384,8 +410,9 @@ def summary_text(data: ReportData) -> str:
 # -- the model card ----------------------------------------------------------------------------------
 def _hub_id(path: str) -> str | None:
     """'org/name' when ``path`` is a Hugging Face cache snapshot (models--org--name/snapshots/...)."""
-    m = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]", path)
-    return f"{m[1]}/{m[2]}" if m else None
+    from reap.checkpoint import hub_id
+
+    return hub_id(path)
 
 
 def _front_matter(readme: Path | None) -> dict[str, Any]:
@@ -466,7 +493,7 @@ def reproduce_command(report: dict[str, Any], out_dir: str | Path | None = None)
                 parts += ["--text-field", str(data["text_field"])]
             if cal.get("dtype"):
                 parts += ["--dtype", str(cal["dtype"])]
-    return " ".join(parts)
+    return shlex.join(parts)
 
 
 def _pruned_ids(ids: list[int]) -> str:
@@ -520,9 +547,12 @@ def model_card(
         "random": f"random choice (seed {report.get('seed', 0)}), a baseline",
         "keep-file": f"an explicit list of kept experts ({report.get('keep_file', 'keep file')})",
     }.get(method, method)
+    chosen_by = {"reap": "by REAP saliency", "ean": "by expert activation norm", "frequency": "by routing frequency",
+                 "weighted-frequency": "by weighted routing frequency", "random": "at random (a baseline)",
+                 "keep-file": "from an explicit keep list"}.get(method, f"by {method}")
     lines += [
         f"This is **{source_name}** with {E - K if E and K else '?'} of its {E} routed experts removed from every "
-        f"MoE layer by reap ({method}). Nothing else was changed: the kept experts' "
+        f"MoE layer by reap, chosen {chosen_by}. Nothing else was changed: the kept experts' "
         "weights are copied byte for byte, the router rows (and the correction bias) are sliced to match, "
         "`config.json` gets the new expert count, and the checkpoint loads in the same serving engines as the "
         "original.",
@@ -574,7 +604,8 @@ def model_card(
     lines += [
         "## Experts kept per layer",
         "",
-        f"Each MoE layer keeps {K} of {E} experts, renumbered 0..{(K or 1) - 1} in their original order. "
+        f"Each MoE layer keeps {K} of its {E} expert{'s' if E != 1 else ''}, renumbered 0..{(K or 1) - 1} in their "
+        "original order. "
         "The removed experts (original ids):",
         "",
         "| layer | kept | removed experts |",
@@ -667,9 +698,7 @@ def write_model_card(
         source_front_matter=_front_matter(Path(src) / CARD_NAME) if src else None,
         out_dir=final,
     )
-    path = out_dir / CARD_NAME
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text(out_dir / CARD_NAME, text)
 
 
 # -- entry points ---------------------------------------------------------------------------------------
@@ -708,14 +737,14 @@ def render_report(
     if evaluation is not None and not card:
         raise UserError("--eval results go into the model card, which is written only into a pruned output directory "
                         f"(with {REPORT_NAME}); pass that directory and no --out")
+    if evaluation is not None:
+        check_evaluation(evaluation, data.report, path)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         written = render_figures(data, out_dir)
     except ImportError:
         raise UserError("drawing the pictures needs matplotlib: pip install matplotlib") from None
-    summary = out_dir / SUMMARY_NAME
-    summary.write_text(summary_text(data), encoding="utf-8")
-    written.append(summary)
+    written.append(write_text(out_dir / SUMMARY_NAME, summary_text(data)))
     if card:  # links the pictures that lie beside it
         figures = [p.name for p in written if p.suffix == ".png"] if same_dir else None
         written.append(write_model_card(path, data.report, evaluation=evaluation, figures=figures))
@@ -723,8 +752,17 @@ def render_report(
     return written
 
 
+def _valid_result(r: Any) -> bool:
+    """One model's `reap eval` result: a model, finite loss and perplexity, a positive token count."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    return (isinstance(r, dict) and isinstance(r.get("model"), str) and number(r.get("loss"))
+            and number(r.get("perplexity")) and isinstance(r.get("tokens"), int) and r["tokens"] > 0)
+
+
 def read_evaluation(path: str | Path) -> dict[str, Any]:
-    """A ``reap eval --out`` JSON file (one model's result, or a comparison)."""
+    """A ``reap eval --out`` JSON file (one model's result, or a comparison), checked to be one."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -733,28 +771,68 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise UserError(f"evaluation file {path} is not readable JSON ({err}); "
                         "write it with `reap eval ... --out FILE`") from None
-    ok = isinstance(data, dict) and (
-        all(isinstance(data.get(k), dict) and "loss" in data[k] for k in ("original", "pruned")) or "loss" in data)
+    comparison = isinstance(data, dict) and ("original" in data or "pruned" in data)
+    ok = _valid_result(data) or (comparison and _valid_result(data.get("original")) and _valid_result(data.get("pruned")))
     if not ok:
-        raise UserError(f"{path} is not a `reap eval` result (no loss in it); write it with `reap eval ... --out FILE`")
+        raise UserError(f"{path} is not a `reap eval` result (each model needs its model, loss, perplexity and tokens); "
+                        "write it with `reap eval PRUNED --dataset DATA [--baseline ORIGINAL] --out FILE`")
     return data
+
+
+def _same_model(recorded: str, path: str | Path) -> bool:
+    a, b = Path(recorded), Path(path)
+    try:
+        if a.exists() and b.exists() and a.resolve() == b.resolve():
+            return True
+    except OSError:
+        pass
+    return a.name == b.name  # evaluated where it was written (a staging name aside), or on another machine
+
+
+def check_evaluation(evaluation: dict[str, Any], report: dict[str, Any] | None, pruned_dir: Path) -> None:
+    """The evaluation is of this pruned model (and, for a comparison, of its source): names and expert counts."""
+    report = report or {}
+    pruned = evaluation.get("pruned", evaluation)
+    k, e = report.get("kept_per_layer"), report.get("num_experts")
+    fix = (f"pass the result of `reap eval {pruned_dir} --dataset DATA --baseline {report.get('source', 'ORIGINAL')} "
+           "--out FILE`")
+    if not _same_model(pruned["model"], pruned_dir) or (k is not None and pruned.get("num_experts") not in (None, k)):
+        raise UserError(f"the --eval result is of {pruned['model']} ({pruned.get('num_experts', '?')} experts), not of "
+                        f"this pruned model {pruned_dir} ({k} experts); {fix}")
+    original = evaluation.get("original")
+    if original is not None:
+        source = report.get("source", "")
+        if not _same_model(original["model"], source) or (e is not None and original.get("num_experts") not in (None, e)):
+            raise UserError(f"the --eval baseline is {original['model']} ({original.get('num_experts', '?')} experts), "
+                            f"not this model's source {source} ({e} experts); {fix}")
 
 
 def publish(out_dir: str | Path, report: dict[str, Any], stats=None, source: str | Path | None = None,
             published_as: str | Path | None = None, log=None) -> list[Path]:
     """Pictures, summary and model card of a pruning just written to ``out_dir``; never raises.
 
-    Called by the pruner on its staging directory: a failure here (matplotlib missing, anything else) is
-    logged and skipped, because the pruned checkpoint itself is already complete and verified.
+    A failure here (matplotlib missing, anything else) is logged and skipped. The pruner itself calls
+    :func:`publish_assets` and :func:`publish_card` with ``strict``: there a side file that cannot be written fails the
+    run (nothing is published), only a missing matplotlib is a note.
     """
     written = publish_assets(out_dir, stats, log)
     return written + publish_card(out_dir, report, source, [p.name for p in written if p.suffix == ".png"],
                                   published_as, log)
 
 
-def publish_assets(out_dir: str | Path, stats=None, log=None) -> list[Path]:
+def _side_file_failed(what: str, err: Exception) -> Exception:
+    """The exception a strict side file raises: an OSError as it is (a full disk: one line from the CLI), anything
+    else a UserError that names the step."""
+    if isinstance(err, (OSError, UserError)):
+        return err
+    return UserError(f"{what} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); nothing "
+                     "was published; this is a bug in reap: please report it")
+
+
+def publish_assets(out_dir: str | Path, stats=None, log=None, strict: bool = False) -> list[Path]:
     """The pictures and text summary of ``out_dir``'s ``reap_report.json`` (they do not read the weights, so
-    the pruner draws them while it copies the shards); never raises, logs a note instead."""
+    the pruner draws them while it copies the shards). Without matplotlib: no pictures, a note. Any other failure is
+    a note too, or with ``strict`` raised."""
     note = log or logger.warning
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -767,22 +845,29 @@ def publish_assets(out_dir: str | Path, stats=None, log=None) -> list[Path]:
         except ImportError:
             note("note: matplotlib is not installed, so the pruning report has no pictures "
                  "(pip install matplotlib, then `reap report <output dir>`)")
-        except Exception as err:  # noqa: BLE001 - pictures are a convenience
+        except Exception as err:  # noqa: BLE001 - pictures are a convenience, unless strict
+            if strict:
+                raise _side_file_failed("drawing the pictures", err) from None
             note(f"note: the pruning report's pictures failed ({type(err).__name__}: {err}); skipped")
-        (out_dir / SUMMARY_NAME).write_text(summary_text(data), encoding="utf-8")
-        written.append(out_dir / SUMMARY_NAME)
+        written.append(write_text(out_dir / SUMMARY_NAME, summary_text(data)))
     except Exception as err:  # noqa: BLE001
+        if strict:
+            raise _side_file_failed("writing the pruning summary", err) from None
         note(f"note: the pruning summary failed ({type(err).__name__}: {err}); skipped")
     return written
 
 
 def publish_card(out_dir: str | Path, report: dict[str, Any], source: str | Path | None = None,
-                 figures: list[str] | None = None, published_as: str | Path | None = None, log=None) -> list[Path]:
-    """The model card of a finished output directory (it reads the shard headers for the sizes); never raises."""
+                 figures: list[str] | None = None, published_as: str | Path | None = None, log=None,
+                 strict: bool = False) -> list[Path]:
+    """The model card of a finished output directory (it reads the shard headers for the sizes); a failure is a
+    note, or with ``strict`` raised."""
     note = log or logger.warning
     try:
         return [write_model_card(Path(out_dir), report, source=source, figures=figures or [],
                                  published_as=published_as)]
     except Exception as err:  # noqa: BLE001
+        if strict:
+            raise _side_file_failed("writing the model card", err) from None
         note(f"note: the model card failed ({type(err).__name__}: {err}); skipped")
         return []

@@ -18,9 +18,11 @@ count. Experts that were never routed have count 0 and score 0 under every metho
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,18 @@ _SUM_FIELDS = FIELDS[:4]
 _FORMAT = "reap-stats"
 _VERSION = "1"
 _FIX = "rerun `reap calibrate` to produce it"
+
+
+def _umask() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and back)
+    os.umask(mask)
+    return mask
 
 
 class LayerAccumulator:
@@ -155,7 +169,12 @@ class ExpertStats:
         metadata = {"format": _FORMAT, "version": _VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as err:  # safetensors reports a failed write (a full disk) as its own error: an OSError
+                code = re.search(r"code: (\d+)", str(err))
+                raise OSError(int(code[1]) if code else errno.EIO, str(err).splitlines()[0], str(path)) from None
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; as any other file the user writes
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -1,10 +1,13 @@
 """``reap inspect``: what a checkpoint is, and what it becomes after pruning at a ratio.
 
 Everything comes from ``config.json``, the shard headers and transformers' meta-device model (the layout of
-:mod:`reap.arch`); no weight is read. Parameters are counted as transformers counts them: quantization scales
-and buffers (correction biases, hash tables) hold none, an MXFP4 byte holds two. "Active" counts the
-non-expert parameters (the whole router and any shared experts included) plus top-k experts' worth.
-Multi-token-prediction modules (which transformers never loads) are counted before pruning and left out after.
+:mod:`reap.arch`); the checkpoint is validated as ``prune`` validates it (:mod:`reap.validate`: the same errors),
+which reads only the routers. Parameters are counted as transformers counts them: quantization scales and buffers
+(correction biases, hash tables) hold none, an MXFP4 byte holds two. "Active" counts the non-expert parameters
+(the whole router and any shared experts included) plus top-k experts' worth, the embedding and LM-head tables
+included; model cards usually leave those tables out (MiniMax-M2: "10B active"), which
+``active_params_no_embeddings`` does. Multi-token-prediction modules (which transformers never loads) are counted
+before pruning and left out after; the reduction says how much of it they are.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from reap.arch import Layout, derive, human_count
+from reap.arch import Layout, human_bytes, human_count
 from reap.checkpoint import Checkpoint
 from reap.formats import stored_params
 
@@ -21,11 +24,17 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     """Family, sizes, parameter counts and disk size, before and (with ratio) after pruning."""
     from reap.prune import experts_to_drop
 
-    spec: Layout = derive(ckpt)
+    from reap.validate import derive_checked
+
+    spec, model = derive_checked(ckpt, with_model=True)
+    tables = {f"{path}.{name}" for module in (model.get_input_embeddings(), model.get_output_embeddings())
+              if module is not None for path, m in model.named_modules() if m is module
+              for name, _ in module.named_parameters()}
     # experts and router rows scale with the expert count; every router row is used by every token
     experts = {"params": 0, "bytes": 0}
     router = {"params": 0, "bytes": 0}
     fixed = {"params": 0, "bytes": 0}
+    embeddings = 0  # parameters of the embedding and LM-head tables (in fixed)
     mtp = {"params": 0, "bytes": 0, "tensors": 0}  # multi-token-prediction modules: pruning leaves them out
     dtypes: Counter[str] = Counter()
     for name, info in ckpt.infos.items():
@@ -42,6 +51,8 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         if numel:
             bucket["params"] += numel
             dtypes["FP4" if numel != info.numel else info.dtype] += numel
+            if role.kind == "other" and role.model in tables:
+                embeddings += numel
     E, K = spec.num_experts, spec.top_k
     quant = ckpt.config.get("quantization_config") or {}
 
@@ -52,7 +63,8 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         total = fixed["params"] + extra["params"] + (experts["params"] + router["params"]) * n // E
         active = fixed["params"] + router["params"] * n // E + experts["params"] * K // E
         disk = fixed["bytes"] + extra["bytes"] + (experts["bytes"] + router["bytes"]) * n // E
-        return {"experts_per_layer": n, "total_params": total, "active_params": active, "disk_bytes": disk}
+        return {"experts_per_layer": n, "total_params": total, "active_params": active,
+                "active_params_no_embeddings": active - embeddings, "disk_bytes": disk}
 
     info: dict[str, Any] = {
         "model": str(ckpt.path),
@@ -80,8 +92,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
 
 
 def format_description(info: dict[str, Any]) -> str:
-    """The human-readable form of :func:`describe`."""
-    gib = 1 << 30
+    """The human-readable form of :func:`describe` (sizes in KiB/MiB/GiB/TiB as they come)."""
     lines = [
         f"model       {info['model']}",
         f"family      {info['family']} as transformers' {info['transformers']} ({info['moe_layers']}/{info['layers']} "
@@ -98,13 +109,17 @@ def format_description(info: dict[str, Any]) -> str:
 
     def row(label: str, s: dict[str, Any]) -> str:
         return (f"{label:<11} {s['experts_per_layer']} experts/layer, {human_count(s['total_params'])} params "
-                f"({human_count(s['active_params'])} active), {s['disk_bytes'] / gib:.2f} GiB on disk")
+                f"({human_count(s['active_params'])} active, {human_count(s['active_params_no_embeddings'])} without "
+                f"the embedding and LM-head tables), {human_bytes(s['disk_bytes'])} on disk")
 
     lines.append(row("now", info["before"]))
     if "after" in info:
         b, a = info["before"], info["after"]
         lines.append(row(f"ratio {info['ratio']:g}", a))
+        mtp = (info.get("mtp") or {}).get("params", 0)
+        of_which = (f", {100 * mtp / b['total_params']:.1f} points of it the multi-token-prediction module left out"
+                    if mtp else "")
         lines.append(f"{'':<11} {human_count(b['total_params'])} -> {human_count(a['total_params'])} params "
-                     f"({100 * (1 - a['total_params'] / b['total_params']):.1f}% fewer), "
-                     f"{b['disk_bytes'] / gib:.2f} -> {a['disk_bytes'] / gib:.2f} GiB")
+                     f"({100 * (1 - a['total_params'] / b['total_params']):.1f}% fewer{of_which}), "
+                     f"{human_bytes(b['disk_bytes'])} -> {human_bytes(a['disk_bytes'])}")
     return "\n".join(lines)

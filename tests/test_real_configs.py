@@ -158,7 +158,8 @@ def test_kimi_k2_tokenizer_loads_or_says_what_helps(kimi, tmp_path):
 
 
 # -- item 3: Qwen3-Next without mtp_num_hidden_layers ------------------------------------------------------------
-def test_qwen3_next_release_drops_mtp_without_adding_keys(real_configs, tmp_path):
+def test_qwen3_next_release_drops_mtp_on_request_without_adding_keys(real_configs, tmp_path):
+    """--drop-mtp (the MTP module here has experts and a router but no attention: incomplete unless dropped)."""
     src = tiny_release(_release(real_configs, "Qwen3-Next-80B-A3B-Instruct"), tmp_path / "Qwen3-Next", QWEN3_NEXT_TINY)
     config = _config(src)
     assert "mtp_num_hidden_layers" not in config
@@ -180,12 +181,14 @@ def test_qwen3_next_release_drops_mtp_without_adding_keys(real_configs, tmp_path
     index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     add_tensors(src, mtp, f"model-{n:05d}-of-{n:05d}.safetensors")
-    info = json.loads(cli("inspect", src, "--ratio", "0.25", "--json").stdout)
+    kept = cli("inspect", src, "--ratio", "0.25")  # kept by default: an incomplete module is refused in one line
+    assert kept.exit_code == 2 and "mtp.layers.0" in kept.output and "--drop-mtp" in kept.output, kept.output
+    info = json.loads(cli("inspect", src, "--ratio", "0.25", "--drop-mtp", "--json").stdout)
     assert info["mtp"]["tensors"] == len(mtp)
-    text = cli("inspect", src, "--ratio", "0.25").stdout
+    text = cli("inspect", src, "--ratio", "0.25", "--drop-mtp").stdout
     assert "points of it the multi-token-prediction module left out" in text  # item 5: the "% fewer" says so
     out = tmp_path / "out"
-    res = cli("prune", src, "--out", out, "--ratio", "0.25", "--method", "random", "-q")
+    res = cli("prune", src, "--out", out, "--ratio", "0.25", "--method", "random", "--drop-mtp", "-q")
     assert res.exit_code == 0, res.output
     assert_config_changed_only_in_counts(src, out)
     assert "mtp_num_hidden_layers" not in _config(out)

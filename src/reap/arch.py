@@ -606,7 +606,7 @@ def _companion_role(kind: str, info, values_shape: tuple[int, ...], axis: int, E
 
 def _mtp_modules(layout: Layout, names) -> tuple[MtpStyle | None, int, str]:
     """(style, count, stored prefix of the main layers) of the MTP modules stored beside the decoder layers: a
-    style's projection present for module 0, modules counted while their projection is there."""
+    style's projection present for module 0, modules counted while their projection and decoder layer are there."""
     disk = ""
     for name in names:
         m = re.match(r"^(.*\.)(\d+)\.", name)
@@ -615,8 +615,9 @@ def _mtp_modules(layout: Layout, names) -> tuple[MtpStyle | None, int, str]:
             break
     for style in MTP_STYLES:
         probe = replace(layout, mtp_style=style, mtp_disk_layers=disk)
-        count = 0
-        while f"{probe.mtp_prefix(count)}{style.proj}.weight" in names:
+        count = 0  # a module counts while its projection and its decoder layer are stored (Qwen3-Next's own
+        while (f"{probe.mtp_prefix(count)}{style.proj}.weight" in names  # prefix is the same for every module)
+               and any(n.startswith(probe.mtp_layer_prefix(count)) for n in names)):
             count += 1
         if count:
             return style, count, disk
@@ -641,11 +642,17 @@ def derive(ckpt: "Checkpoint", keep_mtp: bool = True) -> Layout:
     """The checkpoint's :class:`Layout`, every stored tensor with its role. Multi-token-prediction modules stored
     beside the decoder layers are kept as MoE layers after the last one (their decoder layer built by transformers
     as one more layer of the model), unless ``keep_mtp`` is False: then they are left out of pruned outputs."""
+    return derive_with_model(ckpt, keep_mtp)[0]
+
+
+def derive_with_model(ckpt: "Checkpoint", keep_mtp: bool = True):
+    """:func:`derive` and transformers' meta model it maps the checkpoint onto (with the MTP modules' decoder layers
+    as layers num_hidden_layers + k when they are kept)."""
     layout, model, _ = derive_model(ckpt.config)
     style, count, disk = _mtp_modules(layout, ckpt.infos) if keep_mtp else (None, 0, "")
     if not count:
-        return map_checkpoint(layout, model, ckpt)
+        return map_checkpoint(layout, model, ckpt), model
     wide, wide_model, _ = derive_model(extended_config(ckpt.config, count), type(model))
     mtp = replace(wide, num_layers=layout.num_layers, mtp_layers=count, mtp_style=style, mtp_disk_layers=disk,
                    mtp_keys=layout.mtp_keys)
-    return map_checkpoint(mtp, wide_model, ckpt)
+    return map_checkpoint(mtp, wide_model, ckpt), wide_model

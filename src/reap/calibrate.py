@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ class CalibrateOptions:
     # automatically, as often as keeps the writing under ~10% of the compute); kept after the run if asked
     checkpoint_every: int | None = None
     keep_checkpoint: bool = False
+    drop_mtp: bool = False  # leave multi-token-prediction modules out (not calibrated, dropped by the pruner)
     strict: bool = False  # thin calibration data is an error, not a warning
 
 
@@ -184,13 +184,15 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
 
     opts = replace(opts, engine=opts.engine.resolved())
     ckpt = ckpt or Checkpoint(opts.model)
-    spec = layout or derive_checked(ckpt)
+    spec = layout or derive_checked(ckpt, keep_mtp=not opts.drop_mtp)
+    rows = spec.stat_layers  # the decoder layers, then the MTP modules (kept ones)
     out = Path(opts.out) if opts.out else None
     meta = {
         "tool_version": __version__,
         "model": str(ckpt.path),
         "family": spec.family,
-        "num_layers": spec.num_layers,
+        "num_layers": rows,
+        "mtp_layers": spec.mtp_layers,
         "num_experts": spec.num_experts,
         "top_k": spec.top_k,
         "data": _data_meta(opts.data),
@@ -202,13 +204,16 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             stats = ExpertStats.load(out)
             mismatch = [k for k in ("model", "num_experts", "num_layers", "data", "dtype") if stats.meta.get(k) != meta[k]]
             if mismatch:
+                mtp = (f" (this model's {plural(spec.mtp_layers, 'MTP module')} are calibrated as layers "
+                       f"{spec.num_layers}..{rows - 1}; --drop-mtp leaves them out)"
+                       if "num_layers" in mismatch and (spec.mtp_layers or stats.meta.get("mtp_layers")) else "")
                 raise UserError(
                     f"--resume: {out} was made with different {', '.join(mismatch)} "
-                    f"({', '.join(f'{k}={stats.meta.get(k)!r}' for k in mismatch)}); rerun with the same options "
+                    f"({', '.join(f'{k}={stats.meta.get(k)!r}' for k in mismatch)}){mtp}; rerun with the same options "
                     "or start fresh with --overwrite"
                 )
-            if set(range(spec.num_layers)) <= stats.completed:
-                log(f"{out} is complete (all {spec.num_layers} layers); nothing to do (--overwrite calibrates again)")
+            if set(range(rows)) <= stats.completed:
+                log(f"{out} is complete (all {rows} layers); nothing to do (--overwrite calibrates again)")
                 done = dict(stats.meta.get("summary") or {})
                 done.update({"layers": 0, "already_complete": True, "tokens": stats.meta.get("tokens", done.get("tokens"))})
                 return stats, done
@@ -235,7 +240,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         if opts.recipe is not None:
             meta["options"] = opts.recipe
         if stats is None:
-            stats = ExpertStats(spec.num_layers, spec.num_experts, meta)
+            stats = ExpertStats(rows, spec.num_experts, meta)
         while start_layer in stats.completed:
             start_layer += 1
         hidden = HiddenCheckpoint(out, dist, opts.checkpoint_every) if out is not None else None
@@ -246,14 +251,16 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             from reap.arch import human_bytes
 
             plan = streamer.plan()
-            eta = plan["eta_s"] * (spec.num_layers - start_layer) / spec.num_layers
+            eta = plan["eta_s"] * (rows - start_layer) / rows
             log(f"plan: {plural(plan['batches'], 'batch', 'batches')} per rank, hidden states "
                 f"{human_bytes(plan['hidden_bytes'])} per rank on {plan['hidden_on']}, largest layer "
                 f"{human_bytes(plan['layer_bytes'])} read per layer; rough ETA "
                 + (f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s")
                 + f" (assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s and 2 GB/s reads)")
             log(f"calibrating {ckpt.name}: {len(sequences)} samples, {tokens} tokens, {spec.num_layers} layers x "
-                f"{spec.num_experts} experts (top-{spec.top_k}), {streamer.device} {opts.engine.dtype}, "
+                f"{spec.num_experts} experts (top-{spec.top_k})"
+                + (f" + {plural(spec.mtp_layers, 'MTP module')}" if spec.mtp_layers else "")
+                + f", {streamer.device} {opts.engine.dtype}, "
                 f"hidden states on {streamer.store.mode}" + (f", {dist.world} ranks" if dist.world > 1 else "")
                 + (f"; resuming at layer {start_layer}" if start_layer else "")
                 + (f" from the hidden states after layer {restored}" if restored is not None else "")
@@ -265,21 +272,24 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         else:
             streamer.embed()
         first = restored + 1 if restored is not None else 0
-        bar = Progress(spec.num_layers, "layers", unit="layer", enabled=progress, log=log, every=0.0)
+        bar = Progress(rows, "layers", unit="layer", enabled=progress, log=log, every=0.0)
         if first:
             bar.update(first)
-        for layer in range(first, spec.num_layers):
+        for layer in range(first, rows):
+            # rows >= num_layers: MTP module layer - num_layers, run after the last decoder layer (reap.mtp)
+            run = streamer.run_layer if layer < spec.num_layers else \
+                (lambda i, acc, desc=None: streamer.run_mtp(i - spec.num_layers, acc))
             if layer < start_layer:  # replay since the last hidden-state checkpoint: stats are already final
-                streamer.run_layer(layer, None, desc=f"replay {layer + 1}/{spec.num_layers}")
+                run(layer, None, desc=f"replay {layer + 1}/{rows}")
                 bar.update()
                 continue
             acc = LayerAccumulator(spec.num_experts, streamer.device)
-            streamer.run_layer(layer, acc)
+            run(layer, acc)
             acc.all_reduce()
             stats.set_layer(layer, acc)
             if out is not None and dist.rank == 0:
                 stats.save(out)  # first the statistics, then the hidden states: a kill between replays one layer
-            if hidden is not None and hidden.due(layer, spec.num_layers - 1, streamer.stats.layer_seconds[-1],
+            if hidden is not None and hidden.due(layer, rows - 1, streamer.stats.layer_seconds[-1],
                                                  streamer.plan()["hidden_bytes"]):
                 hidden.write(streamer, layer)
             bar.set_postfix(**{"tokens/s": f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}"})
@@ -290,7 +300,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     except KeyboardInterrupt as err:
         done = sorted(stats.completed) if stats is not None else []
         if out is not None:
-            err.reap_note = (f"{out} keeps {plural(len(done), 'finished layer')} of {spec.num_layers}: run the same "
+            err.reap_note = (f"{out} keeps {plural(len(done), 'finished layer')} of {rows}: run the same "
                              f"command with --resume to continue at layer {len(done)}" if done else
                              f"no layer was finished, so {out} was not written")
         else:
@@ -299,8 +309,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     finally:
         streamer.close()
     seconds = time.perf_counter() - t0
-    ran = spec.num_layers - first  # layers run in this call, replayed ones included
-    summary = {"tokens": tokens, "seconds": round(seconds, 3), "layers": spec.num_layers - start_layer,
+    ran = rows - first  # layers run in this call, replayed ones included
+    summary = {"tokens": tokens, "seconds": round(seconds, 3), "layers": rows - start_layer,
                "layers_run": ran, "tokens_per_second_per_layer": round(tokens * ran / max(seconds, 1e-9), 1),
                **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()}}
     stats.meta["summary"] = summary

@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence

@@ -113,6 +113,9 @@ RemoteOpt = typer.Option(False, "--trust-remote-code", metavar="", help="Allow t
 QuietOpt = typer.Option(False, "--quiet", "-q", metavar="", help="No progress bars or progress lines.")
 JsonOpt = typer.Option(False, "--json", metavar="", help="Print the result as one JSON object on stdout (human text "
                        "otherwise).")
+DropMtpOpt = typer.Option(False, "--drop-mtp", metavar="", help="Leave multi-token-prediction modules out (smaller "
+                          "output, no MTP speculative decoding) instead of calibrating and pruning them like every "
+                          "layer.")
 StrictOpt = typer.Option(False, "--strict", metavar="", help="Make thin calibration data an error instead of a warning "
                          "(fewer than 4 routed tokens per expert, or over a quarter of a layer's experts never routed).")
 OverwriteOpt = typer.Option(False, "--overwrite", metavar="", help="Replace an existing output.")
@@ -152,6 +155,7 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
                            trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
                             recipe=effective(p), strict=p["strict"], checkpoint_every=p.get("checkpoint_every"),
+                            drop_mtp=bool(p.get("drop_mtp")),
                             keep_checkpoint=bool(p.get("keep_checkpoint")))
 
 
@@ -187,6 +191,7 @@ def prune(
     weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
     strict: bool = StrictOpt,
+    drop_mtp: bool = DropMtpOpt,
     overwrite: bool = OverwriteOpt,
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", metavar="", help="Flush the output to disk before publishing "
                                "it (--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
@@ -207,7 +212,8 @@ def prune(
         calibration = _calibration_options(p)
     opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
                         seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
-                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p), strict=p["strict"])
+                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p), strict=p["strict"],
+                        drop_mtp=p["drop_mtp"])
     result = prune_model(opts, log=log)
     if result is None:  # another rank of a torchrun job: rank 0 writes
         return
@@ -246,6 +252,7 @@ def calibrate(
     weight_exchange: str = ExchangeOpt,
     trust_remote_code: bool = RemoteOpt,
     strict: bool = StrictOpt,
+    drop_mtp: bool = DropMtpOpt,
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted run at its next layer (a "
                                 "complete stats file is left as it is)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Write the hidden "
@@ -353,6 +360,8 @@ def inspect(
                                           "ratio."),
     families: bool = typer.Option(False, "--families", metavar="", help="List the supported model families and what "
                                   "was verified."),
+    drop_mtp: bool = typer.Option(False, "--drop-mtp", metavar="", help="Predict the sizes with the multi-token-"
+                                  "prediction modules left out (as prune --drop-mtp does)."),
     as_json: bool = JsonOpt,
 ):
     """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
@@ -369,7 +378,7 @@ def inspect(
         raise UserError("pass a model directory (or Hugging Face id) to inspect, or --families to list the families")
     from reap.checkpoint import Checkpoint
 
-    info = describe(Checkpoint(model), ratio)
+    info = describe(Checkpoint(model), ratio, keep_mtp=not drop_mtp)
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 

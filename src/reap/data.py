@@ -35,7 +35,6 @@ import json
 import logging
 import random
 import re
-import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass

@@ -568,6 +568,7 @@ class PruneOptions:
     fsync: bool = True  # flush the output to disk before publishing it (False: leave it to the OS, like cp)
     recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
     strict: bool = False  # thin calibration statistics (reap.calibrate.thin_data) are an error, not a warning
+    drop_mtp: bool = False  # leave multi-token-prediction modules out instead of pruning them like every layer
 
 
 def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
@@ -580,7 +581,7 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     from reap.validate import derive_checked
 
     ckpt = Checkpoint(opts.model)
-    spec = derive_checked(ckpt)
+    spec = derive_checked(ckpt, keep_mtp=not opts.drop_mtp)
     out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return _prune_checked(opts, ckpt, spec, out, log)
@@ -611,7 +612,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         n_drop = experts_to_drop(spec, opts.ratio)
         method = opts.method
         if method == "random":
-            scores = ExpertStats(spec.num_layers, spec.num_experts).scores("random", opts.seed)
+            scores = ExpertStats(spec.stat_layers, spec.num_experts).scores("random", opts.seed)
             extra["seed"] = opts.seed
         else:
             if opts.stats is not None and opts.calibration is not None:
@@ -628,7 +629,8 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
                 from reap.calibrate import calibrate
 
                 stats, summary = calibrate(replace(opts.calibration, model=str(ckpt.path), out=None,
-                                                   strict=opts.strict or opts.calibration.strict), ckpt, log=log,
+                                                   strict=opts.strict or opts.calibration.strict,
+                                                   drop_mtp=opts.drop_mtp), ckpt, log=log,
                                            layout=spec)
                 log(f"calibrated {summary['tokens']} tokens in {summary['seconds']:.1f}s")
             else:
@@ -641,6 +643,9 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         return None
     if opts.recipe is not None:
         extra["options"] = opts.recipe
+    if spec.mtp_layers:  # multi-token-prediction modules: stats rows / report layers num_layers.. (reap.mtp)
+        extra["mtp"] = {"kept": True, "modules": spec.mtp_layers, "layers": list(range(spec.num_layers,
+                                                                                        spec.stat_layers))}
     report = base_report(ckpt, spec, method, opts.ratio, keep, scores, extra)
     k = len(next(iter(keep.values())))
     log(f"pruning {ckpt.name}: {spec.num_experts} -> {k} experts in {plural(len(layers), 'MoE layer')} ({method}) "
@@ -652,19 +657,31 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             "kept expert with the most similar router row (reap_report.json id_remap)")
     result = rewrite(ckpt, spec, keep, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
                      id_remap=remap, overwrite=opts.overwrite, log=log)
+    if spec.mtp_layers:
+        rows = ", ".join(map(str, range(spec.num_layers, spec.stat_layers)))
+        by = "by their own saliency" if stats is not None else f"by {method}"
+        log(f"kept {plural(spec.mtp_layers, 'multi-token-prediction module')} (report layer"
+            f"{'s' if spec.mtp_layers > 1 else ''} {rows}), pruned to {k} experts {by} like every layer: MTP "
+            "speculative decoding still works (--drop-mtp leaves them out)")
     if result.dropped_mtp:
         keys = list(spec.mtp_keys)
         log(f"left out the multi-token-prediction module ({result.dropped_mtp} tensors"
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
-            "expert count; serve without MTP speculative decoding")
+            "expert count; serve without MTP speculative decoding" + (" (--drop-mtp)" if opts.drop_mtp else ""))
     return result
 
 
 def check_stats(stats, spec: Layout, path) -> None:
-    """A stats file must match the model and be complete (in every MoE layer)."""
-    if (stats.num_layers, stats.num_experts) != (spec.num_layers, spec.num_experts):
+    """A stats file must match the model and be complete (in every MoE layer, MTP modules included when kept)."""
+    if stats.num_experts == spec.num_experts and spec.mtp_layers and stats.num_layers == spec.num_layers:
+        raise UserError(f"stats file {path} has no rows for this model's {plural(spec.mtp_layers, 'MTP module')} "
+                        f"(layers {spec.num_layers}..{spec.stat_layers - 1}); calibrate again with this version of "
+                        "reap, or pass --drop-mtp to leave the MTP modules out of the pruned model")
+    # --drop-mtp with a file that has MTP rows: the decoder layers' rows are the same either way (MTP runs after them)
+    rows = stats.num_layers - int(stats.meta.get("mtp_layers") or 0) if not spec.mtp_layers else stats.num_layers
+    if (rows, stats.num_experts) != (spec.stat_layers, spec.num_experts):
         raise UserError(f"stats file {path} is for {stats.num_layers} layers x {stats.num_experts} experts, the model has "
-                        f"{spec.num_layers} x {spec.num_experts}; calibrate this model with `reap calibrate`")
+                        f"{spec.stat_layers} x {spec.num_experts}; calibrate this model with `reap calibrate`")
     missing = sorted(set(spec.moe_layers) - stats.completed)
     if missing:
         raise UserError(f"stats file {path} is incomplete (layers {missing[:5]}... missing); finish it with "

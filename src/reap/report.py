@@ -566,6 +566,15 @@ def model_card(
         f"| Ratio | {ratio if ratio is not None else '-'} |",
         f"| Experts per layer | {E} -> {K} (top-{report.get('top_k', '?')} routing unchanged) |",
     ]
+    mtp = report.get("mtp") or {}
+    if mtp.get("kept"):
+        lines.append(f"| Multi-token prediction | kept: {mtp['modules']} MTP module{'s' if mtp['modules'] != 1 else ''} "
+                     f"(layer{'s' if mtp['modules'] != 1 else ''} {', '.join(map(str, mtp['layers']))} below) pruned "
+                     f"to {K} experts {chosen_by.replace('by ', 'by their own ', 1) if chosen_by.startswith('by ') else chosen_by}"
+                     "; MTP speculative decoding works as before |")
+    elif report.get("dropped_mtp_tensors"):
+        lines.append(f"| Multi-token prediction | left out ({report['dropped_mtp_tensors']} tensors, `--drop-mtp`): "
+                     "serve without MTP speculative decoding |")
     cal = report.get("calibration") or {}
     if cal:
         data = cal.get("data") or {}

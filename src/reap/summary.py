@@ -15,18 +15,21 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from reap.arch import Layout, human_bytes, human_count
+from reap.arch import human_bytes, human_count
 from reap.checkpoint import Checkpoint
 from reap.formats import stored_params
 
 
-def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
-    """Family, sizes, parameter counts and disk size, before and (with ratio) after pruning."""
+def describe(ckpt: Checkpoint, ratio: float | None = None, keep_mtp: bool = True) -> dict[str, Any]:
+    """Family, sizes, parameter counts and disk size, before and (with ratio) after pruning. Multi-token-prediction
+    modules are pruned like every layer (``keep_mtp=False``: left out, as ``--drop-mtp`` does); they count in the
+    totals and on disk, never in the active (per-token) parameters, as the model cards count them."""
     from reap.prune import experts_to_drop
 
     from reap.validate import derive_checked
 
-    spec, model = derive_checked(ckpt, with_model=True)
+    spec, model = derive_checked(ckpt, with_model=True, keep_mtp=keep_mtp)
+    mtp_prefixes = tuple({p for k in range(spec.mtp_layers) for p in (spec.mtp_prefix(k), spec.mtp_layer_prefix(k))})
     tables = {f"{path}.{name}" for module in (model.get_input_embeddings(), model.get_output_embeddings())
               if module is not None for path, m in model.named_modules() if m is module
               for name, _ in module.named_parameters()}
@@ -35,13 +38,19 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
     router = {"params": 0, "bytes": 0}
     fixed = {"params": 0, "bytes": 0}
     embeddings = 0  # parameters of the embedding and LM-head tables (in fixed)
-    mtp = {"params": 0, "bytes": 0, "tensors": 0}  # multi-token-prediction modules: pruning leaves them out
+    mtp = {"params": 0, "bytes": 0, "tensors": 0}  # multi-token-prediction modules left out (--drop-mtp)
+    # kept multi-token-prediction modules: their experts and router rows (pruned), the rest of them (kept whole)
+    mtp_scaled, mtp_fixed = {"params": 0, "bytes": 0, "tensors": 0}, {"params": 0, "bytes": 0, "tensors": 0}
     dtypes: Counter[str] = Counter()
     for name, info in ckpt.infos.items():
         role = spec.roles[name]
+        kept_mtp = bool(mtp_prefixes) and name.startswith(mtp_prefixes)
         if role.kind == "mtp":
             bucket = mtp
             mtp["tensors"] += 1
+        elif kept_mtp:
+            bucket = mtp_scaled if role.kind in ("expert", "rows") else mtp_fixed
+            bucket["tensors"] += 1
         elif role.kind in ("expert", "rows"):
             bucket = experts if role.part == "experts" else router
         else:  # everything else, expert-id tables included (their size does not follow the expert count)
@@ -60,9 +69,11 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         # integer arithmetic: every layer holds E equal experts and E router rows, so these divide exactly; the
         # MTP modules are on disk only before pruning and never in the per-token (active) count of the model
         extra = mtp if n == E else {"params": 0, "bytes": 0}
-        total = fixed["params"] + extra["params"] + (experts["params"] + router["params"]) * n // E
+        total = (fixed["params"] + extra["params"] + mtp_fixed["params"]
+                 + (experts["params"] + router["params"] + mtp_scaled["params"]) * n // E)
         active = fixed["params"] + router["params"] * n // E + experts["params"] * K // E
-        disk = fixed["bytes"] + extra["bytes"] + (experts["bytes"] + router["bytes"]) * n // E
+        disk = (fixed["bytes"] + extra["bytes"] + mtp_fixed["bytes"]
+                + (experts["bytes"] + router["bytes"] + mtp_scaled["bytes"]) * n // E)
         return {"experts_per_layer": n, "total_params": total, "active_params": active,
                 "active_params_no_embeddings": active - embeddings, "disk_bytes": disk}
 
@@ -71,7 +82,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         "family": spec.family,
         "transformers": spec.model_class,
         "layers": spec.num_layers,
-        "moe_layers": len(spec.moe),
+        "moe_layers": len([m for m in spec.moe if m < spec.num_layers]),
         "experts": E,
         "top_k": K,
         "hidden_size": spec.hidden_size,
@@ -81,7 +92,10 @@ def describe(ckpt: Checkpoint, ratio: float | None = None) -> dict[str, Any]:
         "dtypes": dict(dtypes.most_common()),
         "quantization": {k: quant[k] for k in ("quant_method", "fmt", "weight_block_size") if k in quant} or None,
         "shards": len(ckpt.shards),
-        "mtp": {"tensors": mtp["tensors"], "params": mtp["params"]} if mtp["tensors"] else None,
+        "mtp": ({"kept": False, "tensors": mtp["tensors"], "params": mtp["params"]} if mtp["tensors"] else
+                {"kept": True, "modules": spec.mtp_layers, "layers": list(range(spec.num_layers, spec.stat_layers)),
+                 "tensors": mtp_scaled["tensors"] + mtp_fixed["tensors"],
+                 "params": mtp_scaled["params"] + mtp_fixed["params"]} if spec.mtp_layers else None),
         "before": sizes(E),
     }
     if ratio is not None:
@@ -103,9 +117,15 @@ def format_description(info: dict[str, Any]) -> str:
         f"quantized   {info['quantization'] or 'no'}",
         f"shards      {info['shards']}",
     ]
-    if info.get("mtp"):
-        lines.append(f"mtp         {info['mtp']['tensors']} tensors, {human_count(info['mtp']['params'])} params of "
-                     "multi-token prediction (left out by pruning: their experts would not match)")
+    m = info.get("mtp")
+    if m and m.get("kept"):
+        lines.append(f"mtp         {m['modules']} multi-token-prediction module{'s' if m['modules'] != 1 else ''} "
+                     f"(stats layer{'s' if m['modules'] != 1 else ''} {', '.join(map(str, m['layers']))}), "
+                     f"{human_count(m['params'])} params: calibrated and pruned like every layer, so MTP speculative "
+                     "decoding keeps working (--drop-mtp leaves them out); not in the active count")
+    elif m:
+        lines.append(f"mtp         {m['tensors']} tensors, {human_count(m['params'])} params of multi-token prediction "
+                     "(left out by pruning with --drop-mtp)")
 
     def row(label: str, s: dict[str, Any]) -> str:
         return (f"{label:<11} {s['experts_per_layer']} experts/layer, {human_count(s['total_params'])} params "
@@ -116,7 +136,7 @@ def format_description(info: dict[str, Any]) -> str:
     if "after" in info:
         b, a = info["before"], info["after"]
         lines.append(row(f"ratio {info['ratio']:g}", a))
-        mtp = (info.get("mtp") or {}).get("params", 0)
+        mtp = (info.get("mtp") or {}).get("params", 0) if not (info.get("mtp") or {}).get("kept") else 0
         of_which = (f", {100 * mtp / b['total_params']:.1f} points of it the multi-token-prediction module left out"
                     if mtp else "")
         lines.append(f"{'':<11} {human_count(b['total_params'])} -> {human_count(a['total_params'])} params "

@@ -452,3 +452,65 @@ def convert_to_nvfp4_modelopt(src: str | Path, dst: str | Path, quantize: str = 
     out = _rewrite_tensors(src, dst, convert, lambda i, n: f"model-{i + 1:05d}-of-{n:05d}.safetensors", quantization)
     write_json(out / "hf_quant_config.json", hf_quant)
     return out
+
+
+#: the config key a family's released config counts its MTP modules by
+MTP_COUNT_KEY = {"deepseek": "num_nextn_predict_layers", "qwen3_next": "mtp_num_hidden_layers"}
+
+
+def add_mtp_modules(src: str | Path, dst: str | Path, count: int = 1, seed: int = 0) -> Path:
+    """Copy a tiny checkpoint and give it ``count`` multi-token-prediction modules as the releases store them: module
+    k's decoder layer (a copy of the last decoder layer, every weight perturbed so it is its own, the router spread)
+    plus its own norms and projection. DeepSeek-V3 / Kimi-K2 / GLM-4.5 style: ``model.layers.{N+k}.{enorm, hnorm,
+    eh_proj, shared_head.norm}`` beside the layer (``num_nextn_predict_layers``); Qwen3-Next style:
+    ``mtp.layers.{k}.*`` with ``mtp.{pre_fc_norm_embedding, pre_fc_norm_hidden, fc, norm}`` (``mtp_num_hidden_layers``;
+    its MTP norms are the (1 + w) kind, so their weights are spread around 0). The modules go to one more shard."""
+    from reap.arch import MTP_STYLES
+
+    ckpt = Checkpoint(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in ckpt.path.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    config = dict(ckpt.config)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n, hidden = text["num_hidden_layers"], text["hidden_size"]
+    style = next(s for s in MTP_STYLES if s.name == ("qwen3_next" if config["model_type"] == "qwen3_next" else "deepseek"))
+    last = f"model.layers.{n - 1}."
+    gen = torch.Generator().manual_seed(seed)
+    extra: dict[str, torch.Tensor] = {}
+    for k in range(count):
+        layer = style.layer.format(layers="model.layers.", n=n + k, k=k)
+        prefix = style.prefix.format(layers="model.layers.", n=n + k, k=k)
+        for name in (nm for nm in ckpt.infos if nm.startswith(last)):
+            t = ckpt.tensor(name).float()
+            if name.endswith(("mlp.gate.weight", "router.weight")):
+                t = torch.randn(t.shape, generator=gen) * 0.5  # its own router, spread
+            elif name.endswith("e_score_correction_bias"):
+                t = torch.randn(t.shape, generator=gen) * 0.1
+            elif t.is_floating_point() and t.numel() > 1:
+                t = t + torch.randn(t.shape, generator=gen) * (t.std() if t.numel() > 1 else 0.1) * 0.5
+            extra[layer + name[len(last):]] = t.to(ckpt.tensor(name).dtype)
+        dtype = ckpt.tensor(next(nm for nm in ckpt.infos if nm.endswith("input_layernorm.weight"))).dtype
+        one = 0.0 if style.name == "qwen3_next" else 1.0
+        for part in (style.embed_norm, style.hidden_norm, style.final_norm):
+            extra[f"{prefix}{part}.weight"] = (one + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
+        extra[f"{prefix}{style.proj}.weight"] = (torch.randn(hidden, 2 * hidden, generator=gen)
+                                                 / (2 * hidden) ** 0.5).to(dtype)
+    entries = []
+    for name, t in extra.items():
+        data = tensor_bytes(t.contiguous())
+        entries.append(Entry(name, DTYPE_NAMES[t.dtype], tuple(t.shape), len(data), lambda d=data: d))
+    shard = "model-mtp.safetensors"
+    write_safetensors(dst / shard, entries, {"format": "pt"})
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: shard for name in extra})
+    meta = index.setdefault("metadata", {})
+    meta["total_size"] = meta.get("total_size", 0) + sum(e.nbytes for e in entries)
+    if isinstance(meta.get("total_parameters"), int):  # buffers (correction biases) are not parameters
+        meta["total_parameters"] += sum(t.numel() for nm, t in extra.items() if not nm.endswith("e_score_correction_bias"))
+    write_json(dst / "model.safetensors.index.json", index)
+    text[MTP_COUNT_KEY[style.name]] = count
+    write_json(dst / "config.json", config)
+    return dst

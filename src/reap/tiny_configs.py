@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import functools
 import importlib
-import re
 from pathlib import Path
 
 TINY_LAYERS = 4  # L: room for a dense layer, two MoE layers and both attention kinds

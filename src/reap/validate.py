@@ -126,13 +126,13 @@ def check_shards(root: Path, weight_map: Mapping[str, str], names: Mapping[str, 
 
 
 # -- the checkpoint against transformers' model ---------------------------------------------------------------
-def derive_checked(ckpt: "Checkpoint", with_model: bool = False):
+def derive_checked(ckpt: "Checkpoint", with_model: bool = False, keep_mtp: bool = True):
     """:func:`reap.arch.derive` plus :func:`check_layout`: the layout of a checkpoint that passed every check (and
-    with ``with_model`` transformers' meta model it was derived from: ``(layout, model)``)."""
-    from reap.arch import derive_model, map_checkpoint
+    with ``with_model`` transformers' meta model it was derived from: ``(layout, model)``). ``keep_mtp``: as in
+    :func:`reap.arch.derive` (False: multi-token-prediction modules are left out of the pruned output)."""
+    from reap.arch import derive_with_model
 
-    layout, model, _ = derive_model(ckpt.config)
-    layout = map_checkpoint(layout, model, ckpt)
+    layout, model = derive_with_model(ckpt, keep_mtp)
     check_layout(ckpt, layout, model)
     return (layout, model) if with_model else layout
 
@@ -188,6 +188,8 @@ def _dry_run(ckpt: "Checkpoint", layout: "Layout", model) -> None:
     for key, t in model.state_dict().items():
         model_shapes.setdefault(_layer_of(layout, key), []).append((key, tuple(t.shape)))
     done: set = set()
+    aliases = {layout.mtp_layer_prefix(k): f"{layout.mtp_disk_layers}{layout.num_layers + k}."  # mtp.layers.{k}.
+               for k in range(layout.mtp_layers) if layout.mtp_layer_prefix(k) != f"{layout.mtp_disk_layers}{layout.num_layers + k}."}
     for layer, names in sorted(groups.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0)):
         if layer is not None:
             strip = re.compile(re.escape(f"{layout.layers_path}.{layer}."))
@@ -206,6 +208,8 @@ def _dry_run(ckpt: "Checkpoint", layout: "Layout", model) -> None:
                 if dtype is None:  # a dtype torch cannot hold: transformers could not load it either
                     raise UserError(f"{n} in {info.shard} is stored as {info.dtype}, which torch cannot load; the "
                                     "checkpoint cannot be read by transformers")
+                if part == "shape":  # a logical-shape companion (compressed-tensors weight_shape) holds values the
+                    continue  # dequantizer would read; without it the packed width gives the shape
                 stored[part] = torch.empty(info.shape, dtype=dtype, device="meta")
             try:
                 state[base] = (dequantize(stored, layout.format, torch.float32, ckpt.config, base)
@@ -217,6 +221,8 @@ def _dry_run(ckpt: "Checkpoint", layout: "Layout", model) -> None:
                 raise UserError(f"{base} in {info.shard}: its stored parts do not fit together "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the "
                                 "shard is damaged or from another model") from None
+        state = {next((main + key[len(own):] for own, main in aliases.items() if key.startswith(own)), key): t
+                 for key, t in state.items()}  # MTP decoder layers stored apart, spelled as transformers' layer n
         _load_meta(ckpt, layout, model, state, layer)
 
 
@@ -268,6 +274,11 @@ def _load_meta(ckpt: "Checkpoint", layout: "Layout", model, state: dict, layer: 
         raise UserError(f"{name} in {shard} loads into no tensor of transformers' {type(model).__name__}; {fix}")
     if layer is not None:
         absent = sorted(k for k in info.missing_keys if k.startswith(f"{layout.layers_path}.{layer}."))
+        if absent and layer >= layout.num_layers:  # a multi-token-prediction module's decoder layer
+            k = layer - layout.num_layers
+            raise UserError(f"MTP module {k} ({layout.mtp_layer_prefix(k)}*): the checkpoint has no tensor for its "
+                            f"decoder layer's {absent[0][len(f'{layout.layers_path}.{layer}.'):]}, so it cannot be "
+                            "calibrated; pass --drop-mtp to leave the MTP module out of the pruned model")
         if absent:
             raise UserError(f"layer {layer}: the checkpoint has no tensor for transformers' {absent[0]}; a shard is "
                             "missing or the checkpoint does not match its config.json")

@@ -43,13 +43,14 @@ class Criterion:
     fn: Callable[..., Tensor]
     card: str
     needs_data: bool = True
+    zero_unrouted: bool = True  # never-routed experts score 0 (False: the criterion ranks them itself)
 
     def scores(self, stats, seed: int = 0) -> Tensor:
         """Scores [L, E] float64 from ``stats``; UserError if a needed field is missing from it."""
         if self.needs_data:
             stats.require(self.needs, f"criterion {self.name!r}")
         out = self.fn(stats, seed).to(torch.float64)
-        if self.needs_data:  # never-routed experts score 0 (also guards 0/0 in ratios)
+        if self.needs_data and self.zero_unrouted:  # never-routed experts score 0 (also guards 0/0 in ratios)
             out = torch.where(stats.count > 0, out, torch.zeros((), dtype=torch.float64))
         return out
 
@@ -57,6 +58,37 @@ class Criterion:
 def _random(stats, seed: int) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.rand(stats.num_layers, stats.num_experts, generator=gen, dtype=torch.float64)
+
+
+#: the criterion ``reap prune`` uses unless ``--method`` says otherwise (docs/criteria.md: why)
+DEFAULT = "greedy-rerouted"
+#: what greedy-rerouted uses in a layer without a greedy order (group-limited or hash routing, a router reap cannot
+#: drive with experts removed): the best statistic-based criterion of the study
+GREEDY_FALLBACK = "weighted-ean"
+
+
+def greedy_fallback_layers(stats) -> dict[int, str]:
+    """Completed layers without a greedy order, and why (the calibration's note, where it left one)."""
+    notes = (stats.meta.get("greedy") or {}).get("fallback") or {}
+    return {layer: notes.get(str(layer), "no greedy order computed for this layer")
+            for layer in sorted(stats.completed) if bool(torch.isnan(stats.greedy_rank[layer]).any())}
+
+
+def _greedy(stats, _seed) -> Tensor:
+    """Position in the greedy removal order (0: removed first; higher: kept longer); layers without an order use
+    weighted-ean, scaled into [0, E) so that the layer's scores read alike."""
+    if "greedy_rank" in stats.missing:
+        where = f"stats file {stats.source}" if stats.source else "these statistics"
+        raise UserError(f"criterion 'greedy-rerouted' (the default) needs the greedy re-routing order, which {where} "
+                        "lacks (made by an older reap or with --greedy-tokens 0); recalibrate with this reap "
+                        "(`reap calibrate MODEL --dataset DATA --out STATS`), or pass --method weighted-ean or "
+                        "--method reap")
+    out = stats.greedy_rank.clone()
+    for layer in greedy_fallback_layers(stats):
+        s = stats.reap_sum[layer]
+        top = float(s.max())
+        out[layer] = (s / top * (stats.num_experts - 1)) if top > 0 else torch.zeros_like(s)
+    return out
 
 
 def reap_prior_scores(stats, strength: float = 1.0) -> Tensor:
@@ -95,10 +127,11 @@ _ENTRIES = (
     Criterion("reap-prior", ("count", "reap_sum"), lambda s, _: reap_prior_scores(s),
               "REAP with a frequency prior: Σ g(x)·‖f(x)‖ / (n + n̄), the REAP mean shrunk towards 0 by one "
               "layer-average expert's worth of tokens (n̄), so rarely routed experts need more evidence."),
-    Criterion("greedy-rerouted", ("greedy_rank",), lambda s, _: s.greedy_rank.clone(),
+    Criterion("greedy-rerouted", (), _greedy, zero_unrouted=False, card=
               "greedy re-routing search: experts removed one at a time, each time the one whose removal (its tokens "
               "re-routed to their next choice) least increases the squared error of the MoE layer's output against "
-              "the unpruned layer on a sample of calibration tokens."),
+              "the unpruned layer on a sample of calibration tokens (the model's own router re-run with the removed experts' "
+              "rows sliced out at every step)."),
 )
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in _ENTRIES}

@@ -186,6 +186,15 @@ class ExpertStats:
         for f, t in acc.to_dict().items():
             getattr(self, f)[layer] = t
         self.completed.add(layer)
+        if hasattr(acc, "greedy_order"):  # the calibrator ran the greedy search (or said why not) for this layer
+            greedy = self.meta.setdefault("greedy", {"sample_tokens": {}, "fallback": {}})
+            greedy["sample_tokens"][str(layer)] = int(getattr(acc, "greedy_sample", 0))
+            if acc.greedy_order is not None:
+                self.set_greedy_order(layer, acc.greedy_order)
+                greedy["fallback"].pop(str(layer), None)
+            else:
+                self.greedy_rank[layer] = float("nan")
+                greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
 
     def merge(self, other: ExpertStats) -> None:
         """Add ``other`` into ``self`` (sums add, ``max_norm`` takes the max, ``completed`` and ``missing`` are
@@ -437,3 +446,67 @@ def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
     fr = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])).to(torch.float64)  # [t, k+1, H]
     y = (wr[:, :k, None] * fr[:, :k]).sum(1) / wr[:, :k].sum(1, keepdim=True)
     return y, wr, fr, idx
+
+
+def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None = None, renormalize: bool = True,
+                        chunk: int | None = None) -> list[int]:
+    """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
+
+    ``route(removed)`` (``removed`` bool [E]) returns (ids [S, K+1], weights [S, K+1]) for the S sample tokens:
+    the first K columns the token's top-k with those experts gone, the last its next choice, the weights as the
+    model computes them for those K+1 (renormalized or not: with ``renormalize`` the MoE output is
+    sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's output on the
+    sample. Each step removes the expert whose removal (its tokens moving to their next choice) least increases
+    sum_t ||y_unpruned - y||^2; ties to the lower id. Without renormalization the weights of a step's candidates
+    are those of the step's routing (a softmax over the kept experts that loses one more changes its normalizer
+    slightly; that change is ignored).
+    """
+    s, e, h = outputs.shape
+    if not 0 < top_k < e:
+        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
+    n_steps = e - top_k if n_steps is None else n_steps
+    if not 0 <= n_steps <= e - top_k:
+        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    k = top_k
+    chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
+    dev = outputs.device
+
+    def mix(ids, w, f):
+        num = (w[..., None] * f).sum(1)
+        return num / w.sum(1, keepdim=True) if renormalize else num
+
+    removed = torch.zeros(e, dtype=torch.bool, device=dev)
+    ids, w = route(removed)
+    y0 = []
+    for lo in range(0, s, chunk):
+        i, ww = ids[lo : lo + chunk, :k].to(dev), w[lo : lo + chunk, :k].to(dev, torch.float64)
+        f = outputs[lo : lo + chunk].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)
+        y0.append(mix(i, ww, f))
+    order: list[int] = []
+    for step in range(n_steps):
+        if step:
+            ids, w = route(removed)
+        cost = torch.zeros(e, dtype=torch.float64, device=dev)
+        for c, lo in enumerate(range(0, s, chunk)):
+            i, wr = ids[lo : lo + chunk].to(dev), w[lo : lo + chunk].to(dev, torch.float64)  # [t, K+1]
+            fr = outputs[lo : lo + chunk].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
+            wk, fk = wr[:, :k], fr[:, :k]
+            num = (wk[..., None] * fk).sum(1)  # [t, H]
+            y = num / wk.sum(1, keepdim=True) if renormalize else num
+            r = ((y0[c] - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
+            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
+            if renormalize:
+                num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
+            err_i = ((y0[c][:, None] - num_i) ** 2).sum(-1)  # [t, K]
+            cost.index_add_(0, i[:, :k].reshape(-1), (err_i - r).reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))
+        removed[j] = True
+        order.append(j)
+    return order
+
+
+def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float) -> int:
+    """How many tokens a layer's greedy sample holds: at most ``max_tokens``, and every expert's output on them
+    ([S, E, H] of ``elem_bytes``) within ``memory_bytes``."""
+    return max(0, min(int(max_tokens), int(memory_bytes // max(1, num_experts * hidden * elem_bytes))))

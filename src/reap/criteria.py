@@ -80,7 +80,7 @@ def _greedy(stats, _seed) -> Tensor:
     if "greedy_rank" in stats.missing:
         where = f"stats file {stats.source}" if stats.source else "these statistics"
         raise UserError(f"criterion 'greedy-rerouted' (the default) needs the greedy re-routing order, which {where} "
-                        "lacks (made by an older reap or with --greedy-tokens 0); recalibrate with this reap "
+                        f"lack{'s' if stats.source else ''} (made by an older reap or with --greedy-tokens 0); recalibrate with this reap "
                         "(`reap calibrate MODEL --dataset DATA --out STATS`), or pass --method weighted-ean or "
                         "--method reap")
     out = stats.greedy_rank.clone()
@@ -143,4 +143,4 @@ def get_criterion(name: str) -> Criterion:
     try:
         return CRITERIA[name]
     except KeyError:
-        raise UserError(f"unknown saliency method {name!r}; use one of: {', '.join(METHODS)}") from None
+        raise UserError(f"unknown --method {name!r}; choose one of: {', '.join(METHODS)}") from None

@@ -194,6 +194,7 @@ class ExpertStats:
                 greedy["fallback"].pop(str(layer), None)
             else:
                 self.greedy_rank[layer] = float("nan")
+                self.missing.discard("greedy_rank")  # searched: the note says why this layer has no order
                 greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
 
     def merge(self, other: ExpertStats) -> None:
@@ -452,14 +453,15 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
                         chunk: int | None = None) -> list[int]:
     """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
 
-    ``route(removed)`` (``removed`` bool [E]) returns (ids [S, K+1], weights [S, K+1]) for the S sample tokens:
-    the first K columns the token's top-k with those experts gone, the last its next choice, the weights as the
-    model computes them for those K+1 (renormalized or not: with ``renormalize`` the MoE output is
-    sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's output on the
-    sample. Each step removes the expert whose removal (its tokens moving to their next choice) least increases
-    sum_t ||y_unpruned - y||^2; ties to the lower id. Without renormalization the weights of a step's candidates
-    are those of the step's routing (a softmax over the kept experts that loses one more changes its normalizer
-    slightly; that change is ignored).
+    ``route(removed, rows)`` (``removed`` bool [E], ``rows`` long [R] sample positions) returns (ids [R, K+1],
+    weights [R, K+1]) for those tokens: the first K columns the token's top-k with the removed experts gone, the
+    last its next choice, the weights as the model computes them for those K+1 (with ``renormalize`` the MoE
+    output is sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's
+    output on the S sample tokens. Each step removes the expert whose removal (its tokens moving to their next
+    choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower id. After a removal only the tokens
+    that had the removed expert among their K+1 are routed and costed again (routing is per token). Without
+    renormalization the weights of a step's candidates are those of the step's routing (a softmax over the kept
+    experts that loses one more changes its normalizer slightly; that change is ignored).
     """
     s, e, h = outputs.shape
     if not 0 < top_k < e:
@@ -470,39 +472,44 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
     k = top_k
     chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
     dev = outputs.device
-
-    def mix(ids, w, f):
-        num = (w[..., None] * f).sum(1)
-        return num / w.sum(1, keepdim=True) if renormalize else num
-
     removed = torch.zeros(e, dtype=torch.bool, device=dev)
-    ids, w = route(removed)
-    y0 = []
-    for lo in range(0, s, chunk):
-        i, ww = ids[lo : lo + chunk, :k].to(dev), w[lo : lo + chunk, :k].to(dev, torch.float64)
-        f = outputs[lo : lo + chunk].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)
-        y0.append(mix(i, ww, f))
-    order: list[int] = []
-    for step in range(n_steps):
-        if step:
-            ids, w = route(removed)
-        cost = torch.zeros(e, dtype=torch.float64, device=dev)
-        for c, lo in enumerate(range(0, s, chunk)):
-            i, wr = ids[lo : lo + chunk].to(dev), w[lo : lo + chunk].to(dev, torch.float64)  # [t, K+1]
-            fr = outputs[lo : lo + chunk].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
+    every = torch.arange(s, device=dev)
+    ids, w = route(removed, every)
+    ids, w = ids.to(dev), w.to(dev, torch.float64)  # [S, K+1] the current routing
+    y0 = torch.empty(s, h, dtype=torch.float64, device=dev)
+    contrib = torch.empty(s, k, dtype=torch.float64, device=dev)  # [S, K] error change if position i is removed
+
+    def update(rows: Tensor, first: bool = False) -> None:
+        for lo in range(0, rows.numel(), chunk):
+            r_ = rows[lo : lo + chunk]
+            i, wr = ids[r_], w[r_]
+            fr = outputs[r_].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
             wk, fk = wr[:, :k], fr[:, :k]
             num = (wk[..., None] * fk).sum(1)  # [t, H]
             y = num / wk.sum(1, keepdim=True) if renormalize else num
-            r = ((y0[c] - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
+            if first:
+                y0[r_] = y
+            ref = y0[r_]
+            cur = ((ref - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
             num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
             if renormalize:
                 num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
-            err_i = ((y0[c][:, None] - num_i) ** 2).sum(-1)  # [t, K]
-            cost.index_add_(0, i[:, :k].reshape(-1), (err_i - r).reshape(-1))
+            contrib[r_] = ((ref[:, None] - num_i) ** 2).sum(-1) - cur
+
+    update(every, first=True)
+    order: list[int] = []
+    for _ in range(n_steps):
+        cost = torch.zeros(e, dtype=torch.float64, device=dev)
+        cost.index_add_(0, ids[:, :k].reshape(-1), contrib.reshape(-1))
         cost[removed] = float("inf")
         j = int(torch.argmin(cost))
         removed[j] = True
         order.append(j)
+        hit = (ids == j).any(1).nonzero().squeeze(1)  # tokens whose top-k or next choice was j
+        if hit.numel() and len(order) < n_steps:
+            new_ids, new_w = route(removed, hit)
+            ids[hit], w[hit] = new_ids.to(dev), new_w.to(dev, torch.float64)
+            update(hit)
     return order
 
 

@@ -852,12 +852,21 @@ class LayerStreamer:
         if float(nested.float().mean()) < 0.999:
             return None, (f"its top-{K + 1} choice does not contain its top-{K} for {int((~nested).sum())} of "
                           f"{xs.shape[0]} tokens{fallback}")
-        sums = w_k.double().sum(1)
-        renorm = bool((sums.max() - sums.min()) <= 1e-3 * sums.abs().mean())
+        def constant(t):  # the same value for every token (up to rounding)
+            return bool((t.max() - t.min()) <= 1e-3 * t.abs().mean())
 
-        def route(removed):
-            ids_a, _ = driver(xs, removed, K)
-            ids_b, w_b = driver(xs, removed, K + 1)
+        renorm = constant(w_k.double().sum(1))  # the chosen weights renormalized (times a constant scale, maybe)
+        if not renorm:
+            _, w_all = driver(xs[:4096], None, E)
+            if constant(w_all.double().sum(1)):  # a softmax over all experts, not renormalized over the chosen
+                return None, ("its weights are a softmax over all experts, not renormalized over the chosen ones, so "
+                              "removing an expert rescales every token's output; the greedy error model assumes "
+                              f"renormalized (or independent sigmoid) weights{fallback}")
+
+        def route(removed, rows):
+            x = xs[rows.to(xs.device)]
+            ids_a, _ = driver(x, removed, K)
+            ids_b, w_b = driver(x, removed, K + 1)
             last = (ids_b[:, :, None] != ids_a[:, None, :]).all(-1)  # [S, K+1]: the next choice
             pos = torch.argsort(last.to(torch.int8), dim=1, stable=True)  # the top-k first, the next choice last
             return ids_b.gather(1, pos), w_b.gather(1, pos)

@@ -13,6 +13,10 @@ The criteria themselves are reap's (:mod:`reap.criteria`, :mod:`reap.selection`,
     PYTHONPATH=src python benchmarks/criteria_study.py table   --fixture F [--docs 256] --criteria a,b,...
     PYTHONPATH=src python benchmarks/criteria_study.py summary --criteria a,b   # markdown tables
     PYTHONPATH=src python benchmarks/criteria_study.py eval-keep --fixture F KEEP.json ...  # or "none"
+    # the tool itself: `reap calibrate` (its greedy order included), then the same eval of its choices
+    reap calibrate ../shared/fixtures/F --dataset ../shared/data/calibration.jsonl.gz --samples N --max-length 1024 \
+        --device cpu --dtype float32 --out benchmarks/results/criteria/F.docsN.stats.safetensors
+    PYTHONPATH=src python benchmarks/criteria_study.py tool --fixture F --docs N --criteria greedy-rerouted,reap
 
 Protocol (the same for every number): calibration = the first ``--docs`` documents of calibration.jsonl.gz in
 file order, no special tokens, truncated to 1024 tokens, one document per sequence, float32; eval = the first
@@ -413,6 +417,40 @@ def cmd_eval_keep(args) -> None:
         print(f"{path}: {eval_loss(model, inputs, targets):.4f}", flush=True)
 
 
+def cmd_tool(args) -> None:
+    """Eval of the experts reap itself chooses from a `reap calibrate` stats file (reap.prune.keep_from_scores on
+    reap.criteria's scores), with the pruned-set overlap against the study's own choice for the same criterion at
+    256 documents where that table has it."""
+    from reap.prune import keep_from_scores
+    from reap.saliency import ExpertStats, n_to_drop
+
+    torch.set_num_threads(args.threads)
+    stats = ExpertStats.load(RESULTS / f"{args.fixture}.docs{args.docs}.stats.safetensors")
+    model, tok = load_model(args.fixture)
+    install_masks(model)
+    inputs, targets = eval_windows(tok, tok.eos_token_id if tok.eos_token_id is not None else 0)
+    path = RESULTS / f"{args.fixture}.docs{args.docs}.tool.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    ref_path = RESULTS / f"{args.fixture}.docs256.table.json"
+    ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}
+    layers = sorted(stats.completed)
+    for name in args.criteria.split(","):
+        scores = stats.scores(name)
+        for ratio in RATIOS:
+            keep = keep_from_scores(scores, layers, n_to_drop(stats.num_experts, ratio))
+            set_keep(model, keep)
+            loss = eval_loss(model, inputs, targets)
+            entry = {"loss": loss, "keep": {str(k): v for k, v in keep.items()}, "tokens": stats.meta.get("tokens")}
+            if name in ref:
+                entry["overlap_with_256"] = overlap(keep, {int(k): v for k, v in ref[name][str(ratio)]["keep"].items()},
+                                                    stats.num_experts)
+            table.setdefault(name, {})[str(ratio)] = entry
+            print(f"{args.fixture} docs={args.docs} (reap calibrate) {name:18s} {ratio}: {loss:.4f}"
+                  + (f"  overlap with the 256-doc choice {entry['overlap_with_256']:.2f}" if "overlap_with_256" in entry
+                     else ""), flush=True)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def overlap(keep_a: dict, keep_b: dict, num_experts: int) -> float:
     """Mean over layers of |pruned_a & pruned_b| / |pruned_b| (1.0: the same experts pruned)."""
     fr = []
@@ -461,12 +499,12 @@ def cmd_summary(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("stats", "table", "greedy", "eval-keep", "summary"):
+    for name in ("stats", "table", "greedy", "eval-keep", "summary", "tool"):
         s = sub.add_parser(name)
         s.add_argument("--fixture", required=name != "summary")
         s.add_argument("--docs", type=int, default=256)
         s.add_argument("--threads", type=int, default=1)
-        if name in ("table", "summary"):
+        if name in ("table", "summary", "tool"):
             s.add_argument("--criteria", required=True)
         if name == "greedy":
             s.add_argument("--tokens", type=int, default=65536, help="sample size: every ceil(T / N)-th token")
@@ -474,7 +512,7 @@ def main(argv=None) -> None:
             s.add_argument("keep", nargs="+")
     args = p.parse_args(argv)
     {"stats": cmd_stats, "table": cmd_table, "greedy": cmd_greedy, "eval-keep": cmd_eval_keep,
-     "summary": cmd_summary}[args.cmd](args)
+     "summary": cmd_summary, "tool": cmd_tool}[args.cmd](args)
 
 
 if __name__ == "__main__":

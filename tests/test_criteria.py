@@ -111,11 +111,11 @@ def test_reap_prior_scores():
 
 def test_never_routed_score_zero_and_random_ignores_data():
     stats = hand_stats()
-    stats.set_greedy_order(0, [0, 1])  # never-routed experts (not in the order) would rank above these
+    stats.set_greedy_order(0, [0, 1])
     stats.set_greedy_order(1, [0, 1])
     for name in METHODS:
-        if name == "random":
-            continue
+        if name in ("random", "greedy-rerouted"):  # greedy ranks never-routed experts itself (its search removes
+            continue  # them first, at no cost)
         s = stats.scores(name)
         assert s[0, 2].item() == 0.0 and s[1, 3].item() == 0.0, name
         assert torch.isfinite(s).all(), name
@@ -299,14 +299,20 @@ def test_greedy_rerouting_finds_a_twin():
 
 def test_greedy_rank_criterion_and_file(tmp_path):
     stats = hand_stats()
-    with pytest.raises(UserError, match="greedy_rank"):
+    with pytest.raises(UserError, match="greedy re-routing order"):  # never searched: recalibrate, or another method
         stats.scores("greedy-rerouted")
     stats.set_greedy_order(0, [2, 3, 0])
-    with pytest.raises(UserError, match="layers \\[1\\]"):  # layer 1 not computed
-        stats.scores("greedy-rerouted")
+    # layer 1 has no order: weighted-ean (sum of g ||f||) stands in, scaled to [0, E-1]
+    got = stats.scores("greedy-rerouted")
+    want1 = stats.reap_sum[1] / stats.reap_sum[1].max() * (E - 1)
+    assert torch.equal(got[1], want1)
+    from reap.criteria import greedy_fallback_layers
+
+    assert list(greedy_fallback_layers(stats)) == [1]
     stats.set_greedy_order(1, [3, 0])
     assert stats.greedy_rank[0].tolist() == [2.0, 3.0, 0.0, 1.0] and stats.greedy_rank[1].tolist() == [1.0, 2.0, 2.0, 0.0]
-    # the first n of the order are pruned, for every n (never-routed experts score 0: layer 0 expert 2, layer 1 expert 3)
+    # the first n of the order are pruned, for every n; the criterion ranks never-routed experts itself
+    assert torch.equal(stats.scores("greedy-rerouted"), stats.greedy_rank)
     for n in range(1, 3):
         assert choose_experts(stats.scores("greedy-rerouted")[0], n)[1] == sorted([2, 3, 0][:n])
     assert select(stats, "greedy-rerouted", 0.5, top_k=1)[1] == ([1, 2], [0, 3])

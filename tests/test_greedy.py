@@ -255,3 +255,39 @@ def test_method_help_lists_every_criterion():
     from reap.criteria import DEFAULT, METHODS
 
     assert all(m in METHOD_HELP for m in METHODS) and f"{DEFAULT} (default)" in METHOD_HELP
+
+
+# -- the default reproduces its table numbers (slow: the shared fixtures end to end) ------------------------------
+@pytest.mark.slow
+def test_default_reproduces_its_table_on_mini_qwen3moe(tmp_path):
+    """`reap calibrate` on the first 16 calibration documents (the study's protocol: 1,024 tokens each, fp32) gives
+    exactly the greedy order of the study's independent implementation (benchmarks/results/criteria, its own
+    routing code and hooks on transformers' model), and the checkpoint `reap prune` writes from it has the table's
+    loss (docs/criteria.md: 2.7635 at 0.3, 16 documents) under `reap eval` on the table's eval slice."""
+    from reap.calibrate import CalibrateOptions, calibrate
+    from reap.data import DataOptions
+    from reap.evaluate import EvalOptions, evaluate
+    from reap.prune import PruneOptions, prune_model
+    from reap.stream import EngineOptions
+
+    root = Path(__file__).resolve().parents[1]
+    shared = root.parent / "shared" if (root.parent / "shared").exists() else Path("/work/shared")
+    fixture = shared / "fixtures" / "mini-qwen3moe"
+    if not fixture.exists():
+        pytest.skip(f"{fixture} is absent")
+    results = root / "benchmarks" / "results" / "criteria"
+    cpu = EngineOptions(device="cpu", dtype="float32", progress=False)
+    stats_path = tmp_path / "s.safetensors"
+    stats, _ = calibrate(CalibrateOptions(model=str(fixture), out=stats_path, engine=cpu, data=DataOptions(
+        dataset=str(shared / "data" / "calibration.jsonl.gz"), samples=16, max_length=1024)), log=lambda m: None)
+    want = json.loads((results / "mini-qwen3moe.docs16.greedy.json").read_text())["orders"]
+    for layer, order in want.items():
+        got = [int(e) for e in torch.argsort(stats.greedy_rank[int(layer)], stable=True)][: len(order)]
+        assert got == order, layer
+    out = tmp_path / "pruned"
+    prune_model(PruneOptions(model=str(fixture), out=out, ratio=0.3, stats=stats_path, progress=False),
+                log=lambda m: None)
+    table = json.loads((results / "mini-qwen3moe.docs16.table.json").read_text())
+    loss = evaluate(EvalOptions(str(out), str(shared / "data" / "eval.jsonl.gz"), 32768, 512, cpu),
+                    log=lambda m: None)["loss"]
+    assert abs(loss - table["greedy-rerouted"]["0.3"]["loss"]) < 2e-3, loss

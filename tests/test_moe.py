@@ -69,6 +69,7 @@ def test_statistics_equal_a_per_pair_recomputation(family):
                 want["ean_sum"][e] += n
                 want["reap_sum"][e] += w * n
                 want["max_norm"][e] = max(float(want["max_norm"][e]), n)
+                want["ean_sq_sum"][e] += n * n
     assert torch.equal(out[25:], torch.zeros_like(out[25:]))
     torch.testing.assert_close(out[:25], experts(x[:25], index[:25], weights[:25]), rtol=1e-5, atol=1e-5)
     for f in FIELDS:

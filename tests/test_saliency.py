@@ -43,6 +43,7 @@ def _reference(idx, gate, norm, num_experts: int) -> dict[str, list[float]]:
         ref["ean_sum"][e] += n
         ref["reap_sum"][e] += g * n
         ref["max_norm"][e] = max(ref["max_norm"][e], n)
+        ref["ean_sq_sum"][e] += n * n
     return ref
 
 
@@ -211,7 +212,7 @@ def test_saved_file_layout(tmp_path):
     _filled_stats(meta={"x": 1}).save(path)
     with safe_open(str(path), framework="pt") as fh:
         md = fh.metadata()
-        assert md["format"] == "reap-stats" and md["version"] == "1"
+        assert md["format"] == "reap-stats" and md["version"] == "2"
         assert json.loads(md["meta"]) == {"x": 1}
         assert set(fh.keys()) == {*FIELDS, "completed"}
         mask = fh.get_tensor("completed")

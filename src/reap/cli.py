@@ -126,6 +126,14 @@ PageCacheOpt = typer.Option(False, "--keep-page-cache", metavar="", help="Leave 
                             "cache after reading a layer (faster re-runs; job memory limits may count them).")
 
 
+GreedyTokensOpt = typer.Option(65536, "--greedy-tokens", metavar="N", help="Tokens per MoE layer in the sample the "
+                               "greedy-rerouted search runs on (every ceil(T/N)-th; 0: skip the search).")
+GreedyMemoryOpt = typer.Option(4.0, "--greedy-memory", metavar="GIB", help="Memory for every expert's output on the "
+                               "greedy sample (tokens x experts x hidden); fewer tokens are sampled where N would not fit.")
+#: the names --method accepts (reap.criteria.METHODS; listed here so that the CLI starts without torch)
+METHOD_HELP = ("greedy-rerouted (default), reap, frequency, weighted-frequency, ean, weighted-ean, ean-mean, ean-sq, "
+               "max-activation, reap-prior or random (docs/criteria.md).")
+
 ConfigOpt = typer.Option(None, "--config", metavar="RECIPE.yaml", help="YAML recipe with any of these options; flags "
                          "override it.")
 
@@ -151,7 +159,7 @@ def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: boo
                        seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
     engine = EngineOptions(device=p["device"], dtype=p["dtype"], batch_tokens=p["batch_tokens"], offload=p["offload"],
                            workdir=p["workdir"], keep_page_cache=p["keep_page_cache"], exchange=p["weight_exchange"],
-                           progress=not p["quiet"],
+                           progress=not p["quiet"], greedy_tokens=p["greedy_tokens"], greedy_memory=p["greedy_memory"],
                            trust_remote_code=p["trust_remote_code"])
     return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
                             recipe=effective(p), strict=p["strict"], checkpoint_every=p.get("checkpoint_every"),
@@ -171,8 +179,12 @@ def prune(
                                           "(0 < R < 1)."),
     keep: Optional[Path] = typer.Option(None, "--keep", metavar="KEEP.json", help='JSON {"<layer>": \\[kept expert ids]} '
                                         "instead of --ratio."),
-    method: str = typer.Option("reap", "--method", metavar="METHOD", help="reap, ean, frequency, weighted-frequency or "
-                               "random."),
+    method: str = typer.Option("greedy-rerouted", "--method", metavar="METHOD", help=METHOD_HELP),
+    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help="Round the kept experts per layer down to a "
+                                    "multiple of N (e.g. 8 for expert parallelism on 8 GPUs)."),
+    protect_super_experts: bool = typer.Option(False, "--protect-super-experts", metavar="", help="Never prune an "
+                                               "expert whose max output norm exceeds max(99.5th percentile, max/10) of "
+                                               "its layer."),
     stats: Optional[Path] = typer.Option(None, "--stats", metavar="STATS", help="Reuse a stats file from `reap "
                                          "calibrate`."),
     dataset: Optional[str] = DatasetOpt,
@@ -192,6 +204,8 @@ def prune(
     trust_remote_code: bool = RemoteOpt,
     strict: bool = StrictOpt,
     drop_mtp: bool = DropMtpOpt,
+    greedy_tokens: int = GreedyTokensOpt,
+    greedy_memory: float = GreedyMemoryOpt,
     overwrite: bool = OverwriteOpt,
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", metavar="", help="Flush the output to disk before publishing "
                                "it (--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
@@ -212,6 +226,7 @@ def prune(
         calibration = _calibration_options(p)
     opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
                         seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
+                        multiple_of=p["multiple_of"], protect_super=p["protect_super_experts"],
                         fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p), strict=p["strict"],
                         drop_mtp=p["drop_mtp"])
     result = prune_model(opts, log=log)
@@ -253,6 +268,8 @@ def calibrate(
     trust_remote_code: bool = RemoteOpt,
     strict: bool = StrictOpt,
     drop_mtp: bool = DropMtpOpt,
+    greedy_tokens: int = GreedyTokensOpt,
+    greedy_memory: float = GreedyMemoryOpt,
     resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted run at its next layer (a "
                                 "complete stats file is left as it is)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Write the hidden "
@@ -334,8 +351,8 @@ def report(
                                        "(default: the pruned directory itself, or <stats>-report/ beside a stats file)."),
     ratio: Optional[float] = typer.Option(None, "--ratio", metavar="R", help="For a stats file: show the cut at this "
                                           "ratio."),
-    method: str = typer.Option("reap", "--method", metavar="METHOD", help="For a stats file: the saliency to show (reap, "
-                               "ean, frequency, weighted-frequency)."),
+    method: str = typer.Option("greedy-rerouted", "--method", metavar="METHOD", help="For a stats file: the criterion "
+                               "to show and cut by, any but random: " + METHOD_HELP),
     eval_file: Optional[Path] = typer.Option(None, "--eval", metavar="RESULT.json", help="A `reap eval --out` result of "
                                              "this pruned model (or of it against its original) for the model card."),
     as_json: bool = JsonOpt,

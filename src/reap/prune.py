@@ -53,15 +53,30 @@ STATS_NAME = "reap_stats.safetensors"
 Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
 
 
-def experts_to_drop(spec: Layout, ratio: float) -> int:
+def experts_to_drop(spec: Layout, ratio: float, multiple_of: int = 1) -> int:
     """floor(E * ratio), after checking the ratio leaves enough experts (top-k; with expert groups, rounded
-    down to a multiple of the group count so that every group loses the same number)."""
+    down to a multiple of the group count so that every group loses the same number). With ``multiple_of`` N > 1
+    the kept count E - floor(E * ratio) is rounded down to a multiple of N (``--multiple-of``); refused if that
+    leaves fewer than the model needs or a count its expert groups cannot share equally."""
     from reap.saliency import n_to_drop
 
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
         raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.3")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise UserError(f"--multiple-of must be a positive whole number (got {multiple_of!r}); e.g. --multiple-of 8")
     n_drop = n_to_drop(spec.num_experts, ratio)
     groups = spec.n_group
+    if multiple_of > 1:
+        kept = (spec.num_experts - n_drop) // multiple_of * multiple_of
+        if groups > 1 and kept % groups:
+            raise UserError(f"--multiple-of {multiple_of} keeps {kept} of {spec.num_experts} experts per layer, which "
+                            f"the {groups} expert groups of {spec.family} cannot share equally; pass a --multiple-of "
+                            f"that is a multiple of {groups}")
+        if kept < spec.min_kept():
+            raise UserError(f"--ratio {ratio} with --multiple-of {multiple_of} keeps {kept} of {spec.num_experts} "
+                            f"experts per layer, fewer than the {spec.min_kept()} the model needs (top-{spec.top_k}); "
+                            "pass a smaller --ratio or --multiple-of")
+        n_drop = spec.num_experts - kept
     if n_drop == 0:
         raise UserError(
             f"--ratio {ratio} drops floor({spec.num_experts} x {ratio}) = 0 experts; use a ratio of at least "
@@ -119,7 +134,7 @@ def read_keep_file(path: str | Path, spec: Layout, layers: list[int]) -> Keep:
     keep: Keep = {}
     for key, ids in data.items():
         if not (isinstance(key, str) and key.isdigit() and int(key) in layers):
-            raise UserError(f"keep file {path} names layer {key!r}, which is not an MoE layer of the model (0..{spec.num_layers - 1})")
+            raise UserError(f"keep file {path} names layer {key!r}, which is not an MoE layer of the model (0..{spec.stat_layers - 1})")
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise UserError(f"keep file {path}: layer {key} must map to a list of integer expert ids")
         bad = [i for i in ids if not 0 <= i < spec.num_experts]
@@ -559,8 +574,10 @@ class PruneOptions:
     out: Path
     ratio: float | None = None
     keep_file: Path | None = None
-    method: str = "reap"
+    method: str = "greedy-rerouted"  # reap.criteria.DEFAULT
     seed: int = 0
+    multiple_of: int = 1  # round the kept count per layer down to a multiple of this (expert parallelism)
+    protect_super: bool = False  # never prune super experts (reap.selection.super_experts)
     stats: Path | None = None  # reuse a `reap calibrate` stats file
     calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
     overwrite: bool = False
@@ -596,23 +613,35 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
     if (opts.keep_file is None) == (opts.ratio is None):
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
     stats, scores, extra = None, None, {}
+    if opts.keep_file is None:
+        from reap.criteria import get_criterion
+
+        criterion = get_criterion(opts.method)  # UserError naming the known criteria
+    if opts.keep_file is not None and (opts.multiple_of != 1 or opts.protect_super):
+        raise UserError("--multiple-of and --protect-super-experts choose among scored experts; --keep names the "
+                        "experts itself: drop them or pass --ratio")
     unused = [flag for flag, given in (("--stats", opts.stats is not None), ("--dataset", opts.calibration is not None))
-              if given and (opts.keep_file is not None or opts.method == "random")]
+              if given and (opts.keep_file is not None or not criterion.needs_data)]
     if unused:
-        why = "--keep names the experts itself" if opts.keep_file is not None else "--method random uses no data"
+        why = "--keep names the experts itself" if opts.keep_file is not None else f"--method {opts.method} uses no data"
         raise UserError(f"{' and '.join(unused)} would be ignored: {why}; drop it or choose a saliency --method")
     if opts.keep_file is not None:
         keep, method = read_keep_file(opts.keep_file, spec, layers), "keep-file"
         extra["keep_file"] = str(opts.keep_file)
     else:
-        from reap.saliency import METHODS, ExpertStats  # torch: not needed to copy with a keep file
+        from reap.saliency import ExpertStats  # torch: not needed to copy with a keep file
 
-        if opts.method not in METHODS:
-            raise UserError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
-        n_drop = experts_to_drop(spec, opts.ratio)
+        n_drop = experts_to_drop(spec, opts.ratio, opts.multiple_of)
+        if opts.multiple_of > 1:
+            plain = spec.num_experts - experts_to_drop(spec, opts.ratio)
+            log(f"--multiple-of {opts.multiple_of}: keeping {spec.num_experts - n_drop} of {spec.num_experts} experts "
+                f"per layer (--ratio {opts.ratio} alone keeps {plain})")
+            extra["multiple_of"] = opts.multiple_of
         method = opts.method
-        if method == "random":
-            scores = ExpertStats(spec.stat_layers, spec.num_experts).scores("random", opts.seed)
+        if not criterion.needs_data:
+            if opts.protect_super:
+                raise UserError(f"--protect-super-experts needs calibration statistics; --method {method} has none")
+            scores = ExpertStats(spec.stat_layers, spec.num_experts).scores(method, opts.seed)
             extra["seed"] = opts.seed
         else:
             if opts.stats is not None and opts.calibration is not None:
@@ -623,6 +652,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
                 from reap.calibrate import check_thin, thin_data
 
                 check_thin(thin_data(stats, spec), opts.strict, log)
+                scores = stats.scores(method)  # before any other work: an old stats file fails here, in one line
             elif opts.calibration is not None:
                 from dataclasses import replace
 
@@ -638,6 +668,11 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
                                 "or --stats STATS from `reap calibrate`; or use --method random")
             scores = stats.scores(method)
             extra["calibration"] = stats.meta
+            extra.update(_selection_notes(stats, spec, method, opts, n_drop, log))
+            if opts.protect_super:
+                from reap.selection import protect, super_experts
+
+                scores = protect(scores, super_experts(stats.max_norm))
         keep = keep_from_scores(scores, layers, n_drop, spec.n_group)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
@@ -669,6 +704,35 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
             "expert count; serve without MTP speculative decoding" + (" (--drop-mtp)" if opts.drop_mtp else ""))
     return result
+
+
+def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_drop: int, log) -> dict[str, Any]:
+    """What the report records (and the log says) about the choice beyond the scores: super experts (always;
+    protected with --protect-super-experts) and the layers where greedy-rerouted fell back to weighted-ean."""
+    from reap.criteria import GREEDY_FALLBACK, greedy_fallback_layers
+    from reap.selection import super_experts
+
+    notes: dict[str, Any] = {}
+    sup = super_experts(stats.max_norm)
+    found = {str(layer): [int(e) for e in sup[layer].nonzero().squeeze(1).tolist()] for layer in spec.moe_layers
+             if bool(sup[layer].any())}
+    notes["super_experts"] = found
+    notes["protect_super_experts"] = bool(opts.protect_super)
+    if opts.protect_super:
+        most = max((len(v) for v in found.values()), default=0)
+        if most > spec.num_experts - n_drop:
+            raise UserError(f"{most} super experts in a layer but only {spec.num_experts - n_drop} kept; pass a "
+                            "smaller --ratio or leave out --protect-super-experts")
+        log(f"--protect-super-experts: {sum(len(v) for v in found.values())} super experts (max ||f|| above "
+            "max(99.5th percentile, max/10) of their layer) are never pruned")
+    if method == "greedy-rerouted":
+        fallback = {layer: why for layer, why in greedy_fallback_layers(stats).items() if layer in spec.moe_layers}
+        if fallback:
+            notes["greedy_fallback"] = {"criterion": GREEDY_FALLBACK, "layers": {str(k): v for k, v in fallback.items()}}
+            first = next(iter(fallback.values()))
+            log(f"greedy-rerouted: {plural(len(fallback), 'MoE layer')} {sorted(fallback)[:8]} use {GREEDY_FALLBACK} "
+                f"instead ({first.split('; ')[0]}); reap_report.json greedy_fallback says why for each")
+    return notes
 
 
 def check_stats(stats, spec: Layout, path) -> None:

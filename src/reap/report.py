@@ -82,6 +82,28 @@ class ReportData:
         return self.num_experts - len(self.pruned[layer]) if layer in self.pruned else None
 
 
+def _criterion_card(method: str) -> str:
+    from reap.criteria import CRITERIA
+
+    return CRITERIA[method].card.rstrip(".") if method in CRITERIA else method
+
+
+def _selection_rows(report: dict) -> list[str]:
+    """Model-card rows for --multiple-of, super experts and greedy fallback layers (where the report has them)."""
+    rows = []
+    if report.get("multiple_of"):
+        rows.append(f"| Kept count | rounded down to a multiple of {report['multiple_of']} (--multiple-of) |")
+    sup = report.get("super_experts")
+    if sup is not None:
+        n = sum(len(v) for v in sup.values())
+        state = "never pruned (--protect-super-experts)" if report.get("protect_super_experts") else "not protected"
+        rows.append(f"| Super experts | {n} (max output norm > max(99.5th percentile, max/10) of the layer), {state} |")
+    fb = report.get("greedy_fallback")
+    if fb:
+        rows.append(f"| Greedy fallback | {fb['criterion']} in layers {', '.join(sorted(fb['layers'], key=int))} |")
+    return rows
+
+
 def _stats_scores(stats, method: str) -> torch.Tensor:
     scores = stats.scores(method).clone()  # [L, E]
     for layer in range(stats.num_layers):
@@ -546,9 +568,11 @@ def model_card(
                               "calibration tokens",
         "random": f"random choice (seed {report.get('seed', 0)}), a baseline",
         "keep-file": f"an explicit list of kept experts ({report.get('keep_file', 'keep file')})",
-    }.get(method, method)
+    }.get(method) or _criterion_card(method)
     chosen_by = {"reap": "by REAP saliency", "ean": "by expert activation norm", "frequency": "by routing frequency",
                  "weighted-frequency": "by weighted routing frequency", "random": "at random (a baseline)",
+                 "greedy-rerouted": "by a greedy search that removes, one at a time, the expert whose removal least "
+                                    "changes the MoE layers' output with its tokens re-routed",
                  "keep-file": "from an explicit keep list"}.get(method, f"by {method}")
     lines += [
         f"This is **{source_name}** with {E - K if E and K else '?'} of its {E} routed experts removed from every "
@@ -563,6 +587,7 @@ def model_card(
         "|---|---|",
         f"| Source model | `{source}` |",
         f"| Method | {method_text} |",
+        *_selection_rows(report),
         f"| Ratio | {ratio if ratio is not None else '-'} |",
         f"| Experts per layer | {E} -> {K} (top-{report.get('top_k', '?')} routing unchanged) |",
     ]

@@ -3,17 +3,14 @@
 Calibration streams prompts through the model layer by layer. For every routed (token x, expert j) pair
 we know g_j(x), the routing weight the model applies to expert j's output, and ||f_j(x)||, the L2 norm of
 that output. A :class:`LayerAccumulator` sums these on the compute device (float64, no host sync per
-batch); :class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors, and turns
-them into scores:
-
-* ``reap``               mean over routed tokens of g_j(x) * ||f_j(x)||   (REAP, arXiv 2510.13999)
-* ``ean``                sum over routed tokens of ||f_j(x)||              (expert activation norm)
-* ``frequency``          number of routed tokens
-* ``weighted-frequency`` sum over routed tokens of g_j(x)
-* ``random``             uniform noise from a seeded CPU generator (a baseline)
+batch): tokens routed, sum of g, sum of ||f||, sum of g ||f||, max ||f|| and (stats format version 2) sum
+of ||f||^2. :class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors (version 1
+files still load; the fields they lack are listed in ``ExpertStats.missing``) and turns them into scores
+through the criterion registry in :mod:`reap.criteria` (``reap``, ``ean``, ``frequency``, ...; ``METHODS``
+is re-exported here).
 
 :func:`choose_experts` drops the lowest-scoring experts of a layer; :func:`n_to_drop` turns a ratio into a
-count. Experts that were never routed have count 0 and score 0 under every method except ``random``.
+count. Experts that were never routed have count 0 and score 0 under every criterion except ``random``.
 """
 
 from __future__ import annotations
@@ -30,15 +27,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reap.criteria import CRITERIA, METHODS  # noqa: F401  (re-exported: the names --method accepts)
 from reap.errors import UserError
 
 # Shape legend: N routed (token, expert) pairs, E experts, L layers.
 
-METHODS = ("reap", "ean", "frequency", "weighted-frequency", "random")
-FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm")
-_SUM_FIELDS = FIELDS[:4]
+FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm", "ean_sq_sum")
+_SUM_FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "ean_sq_sum")
+RANK_FIELDS = ("greedy_rank",)  # per-layer results, not sums: never merged, NaN until computed
+_REQUIRED = FIELDS[:5]  # version 1 had exactly these; later fields are optional on load
 _FORMAT = "reap-stats"
-_VERSION = "1"
+_VERSION = "2"  # 2 added ean_sq_sum and greedy_rank
+_READS = ("1", "2")
 _FIX = "rerun `reap calibrate` to produce it"
 
 
@@ -69,6 +69,7 @@ class LayerAccumulator:
         self.ean_sum = zeros()  # [E]
         self.reap_sum = zeros()  # [E]
         self.max_norm = zeros()  # [E]; norms are >= 0, so 0 is the identity of max
+        self.ean_sq_sum = zeros()  # [E]
 
     def add(self, expert_idx: Tensor, gate: Tensor, norm: Tensor) -> None:
         """Accumulate N routed pairs: ``expert_idx`` [N] long, ``gate`` [N] and ``norm`` [N] of any float dtype.
@@ -91,6 +92,7 @@ class LayerAccumulator:
         self.ean_sum.index_add_(0, idx, nrm)
         self.reap_sum.index_add_(0, idx, g * nrm)
         self.max_norm.scatter_reduce_(0, idx, nrm, reduce="amax", include_self=True)
+        self.ean_sq_sum.index_add_(0, idx, nrm * nrm)
 
     def all_reduce(self) -> None:
         """Combine accumulators across ranks: SUM for the four sums, MAX for ``max_norm``.
@@ -113,7 +115,12 @@ class LayerAccumulator:
 
 class ExpertStats:
     """Per-layer, per-expert statistics, float64 [L, E] each, plus JSON metadata and the set of completed
-    layers."""
+    layers.
+
+    ``missing`` names the fields the source did not have (a version-1 file has no ``ean_sq_sum``); they are
+    held as zeros, are not written back by :meth:`save`, and a criterion that needs one raises a UserError
+    (:meth:`require`).
+    """
 
     def __init__(self, num_layers: int, num_experts: int, meta: dict[str, Any] | None = None):
         if num_layers <= 0 or num_experts <= 0:
@@ -122,13 +129,53 @@ class ExpertStats:
         self.num_experts = num_experts
         self.meta: dict[str, Any] = dict(meta or {})
         self.completed: set[int] = set()
+        self.missing: set[str] = set()
+        self.source: str | None = None  # the file it was loaded from, for error messages
+        self.version = _VERSION  # the stats format version of that file
         for f in FIELDS:
             setattr(self, f, torch.zeros(num_layers, num_experts, dtype=torch.float64))  # [L, E]
+        # [L, E] position of each expert in the greedy re-routing removal order (0 = removed first); NaN where
+        # not computed; "missing" until a layer's order is set (set_greedy_order)
+        self.greedy_rank = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
+        self.missing.add("greedy_rank")
         self.count: Tensor
         self.gate_sum: Tensor
         self.ean_sum: Tensor
         self.reap_sum: Tensor
         self.max_norm: Tensor
+        self.ean_sq_sum: Tensor
+
+    def require(self, fields: tuple[str, ...], what: str) -> None:
+        """UserError naming ``what`` (e.g. "criterion 'ean-sq'") if any of ``fields`` is missing, or (for
+        ``greedy_rank``) not computed for every completed layer."""
+        lacking = [f for f in fields if f in self.missing]
+        where = f"stats file {self.source}" if self.source else "these statistics"
+        if lacking:
+            why = (f"written by an older reap, stats format version {self.version}" if self.version != _VERSION
+                   else "not computed by that calibration")
+            raise UserError(
+                f"{what} needs {', '.join(lacking)}, which {where} lacks ({why}); rerun `reap calibrate` with this "
+                "reap to produce it, or choose another criterion"
+            )
+        for f in set(fields) & set(RANK_FIELDS):
+            done = sorted(self.completed)
+            bad = [layer for layer in done if torch.isnan(getattr(self, f)[layer]).any()]
+            if bad:
+                raise UserError(f"{what} needs {f} for every layer, {where} lacks it for layers {bad[:5]}; "
+                                "rerun `reap calibrate` with this reap to produce it, or choose another criterion")
+
+    def set_greedy_order(self, layer: int, order: list[int]) -> None:
+        """Record ``layer``'s greedy removal order (expert ids, first removed first; see
+        :func:`greedy_rerouted_order`): ``greedy_rank[layer, order[i]] = i``, and every expert not in ``order``
+        (never removed) gets ``len(order)``."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        if len(set(order)) != len(order) or not all(0 <= e < self.num_experts for e in order):
+            raise ValueError(f"greedy order must name distinct experts in [0, {self.num_experts}), got {order}")
+        rank = torch.full((self.num_experts,), float(len(order)), dtype=torch.float64)
+        rank[list(order)] = torch.arange(len(order), dtype=torch.float64)
+        self.greedy_rank[layer] = rank
+        self.missing.discard("greedy_rank")
 
     def set_layer(self, layer: int, acc: LayerAccumulator) -> None:
         """Store the accumulators of ``layer`` (overwriting) and mark it completed."""
@@ -139,9 +186,20 @@ class ExpertStats:
         for f, t in acc.to_dict().items():
             getattr(self, f)[layer] = t
         self.completed.add(layer)
+        if hasattr(acc, "greedy_order"):  # the calibrator ran the greedy search (or said why not) for this layer
+            greedy = self.meta.setdefault("greedy", {"sample_tokens": {}, "fallback": {}})
+            greedy["sample_tokens"][str(layer)] = int(getattr(acc, "greedy_sample", 0))
+            if acc.greedy_order is not None:
+                self.set_greedy_order(layer, acc.greedy_order)
+                greedy["fallback"].pop(str(layer), None)
+            else:
+                self.greedy_rank[layer] = float("nan")
+                self.missing.discard("greedy_rank")  # searched: the note says why this layer has no order
+                greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
 
     def merge(self, other: ExpertStats) -> None:
-        """Add ``other`` into ``self`` (sums add, ``max_norm`` takes the max, ``completed`` is the union).
+        """Add ``other`` into ``self`` (sums add, ``max_norm`` takes the max, ``completed`` and ``missing`` are
+        unions). Greedy ranks cannot be combined (they are a search over one token sample): they become missing.
 
         ``self.meta`` is kept unchanged; the caller decides how to combine metadata.
         """
@@ -154,9 +212,15 @@ class ExpertStats:
             getattr(self, f).add_(getattr(other, f))
         torch.maximum(self.max_norm, other.max_norm, out=self.max_norm)
         self.completed |= other.completed
+        self.missing |= other.missing | set(RANK_FIELDS)
+        for f in RANK_FIELDS:
+            getattr(self, f).fill_(float("nan"))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a safetensors file atomically (temporary file in the same folder, then ``os.replace``)."""
+        """Write a safetensors file atomically (temporary file in the same folder, then ``os.replace``).
+
+        Fields in ``missing`` are left out, so a file re-saved from an old one still says what it lacks.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -164,7 +228,8 @@ class ExpertStats:
         mask = torch.zeros(self.num_layers, dtype=torch.int64)  # [L] 0/1
         if self.completed:
             mask[sorted(self.completed)] = 1
-        tensors = {f: getattr(self, f).to(torch.float64).contiguous() for f in FIELDS}
+        tensors = {f: getattr(self, f).to(torch.float64).contiguous()
+                   for f in (*FIELDS, *RANK_FIELDS) if f not in self.missing}
         tensors["completed"] = mask
         metadata = {"format": _FORMAT, "version": _VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -182,7 +247,8 @@ class ExpertStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertStats:
-        """Read a file written by :meth:`save`; UserError if it is missing, foreign, or corrupt."""
+        """Read a file written by :meth:`save` (any version in ``_READS``); UserError if it is missing, foreign,
+        or corrupt. Optional fields the file lacks are zeros and listed in ``missing``."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -194,15 +260,16 @@ class ExpertStats:
                 keys = set(fh.keys())
                 if metadata.get("format") != _FORMAT:
                     raise UserError(f"{path} is not a reap expert stats file; {_FIX}")
-                if metadata.get("version") != _VERSION:
+                version = metadata.get("version")
+                if version not in _READS:
                     raise UserError(
-                        f"{path} has stats format version {metadata.get('version')!r}, this reap reads "
-                        f"version {_VERSION}; {_FIX}"
+                        f"{path} has stats format version {version!r}, this reap reads versions "
+                        f"{', '.join(_READS)}; {_FIX}"
                     )
-                missing = [k for k in (*FIELDS, "completed") if k not in keys]
+                missing = [k for k in (*_REQUIRED, "completed") if k not in keys]
                 if missing:
                     raise UserError(f"{path} lacks tensors {', '.join(missing)}; {_FIX}")
-                tensors = {k: fh.get_tensor(k) for k in (*FIELDS, "completed")}
+                tensors = {k: fh.get_tensor(k) for k in (*FIELDS, *RANK_FIELDS, "completed") if k in keys}
             meta = json.loads(metadata.get("meta", "{}"))
         except UserError:
             raise
@@ -213,7 +280,12 @@ class ExpertStats:
         if count.dim() != 2 or mask.shape != (count.shape[0],) or not isinstance(meta, dict):
             raise UserError(f"{path} has inconsistent tensor shapes or metadata; {_FIX}")
         stats = cls(count.shape[0], count.shape[1], meta=meta)
-        for f in FIELDS:
+        stats.source, stats.version = str(path), version
+        stats.missing = set()
+        for f in (*FIELDS, *RANK_FIELDS):
+            if f not in tensors:
+                stats.missing.add(f)
+                continue
             t = tensors[f]
             if t.shape != count.shape or not t.dtype.is_floating_point:
                 raise UserError(f"{path}: tensor {f!r} has shape {list(t.shape)}, expected "
@@ -223,20 +295,11 @@ class ExpertStats:
         return stats
 
     def scores(self, method: str, seed: int = 0) -> Tensor:
-        """Saliency [L, E] float64 for ``method`` (one of METHODS); higher means more important."""
-        if method == "reap":
-            # mean of g*||f|| over routed tokens; never-routed experts (count 0) score 0
-            return torch.where(self.count > 0, self.reap_sum / self.count.clamp_min(1.0), 0.0)
-        if method == "ean":
-            return self.ean_sum.clone()
-        if method == "frequency":
-            return self.count.clone()
-        if method == "weighted-frequency":
-            return self.gate_sum.clone()
-        if method == "random":
-            gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            return torch.rand(self.num_layers, self.num_experts, generator=gen, dtype=torch.float64)
-        raise UserError(f"unknown saliency method {method!r}; use one of: {', '.join(METHODS)}")
+        """Saliency [L, E] float64 under criterion ``method`` (a name in :data:`reap.criteria.CRITERIA`);
+        higher means more important. UserError for an unknown name or a field these statistics lack."""
+        from reap.criteria import get_criterion
+
+        return get_criterion(method).scores(self, seed)
 
     def summary(self) -> dict[str, Any]:
         """A small JSON-able summary: shape, completed layers, per-layer routed pair counts, etc."""
@@ -247,6 +310,7 @@ class ExpertStats:
             "routed_pairs_per_layer": [int(round(x)) for x in self.count.sum(1).tolist()],  # [L]
             "never_routed_per_layer": [int(x) for x in (self.count == 0).sum(1).tolist()],  # [L]
             "max_norm": float(self.max_norm.max()),
+            "missing_fields": sorted(self.missing),
             "meta": self.meta,
         }
 
@@ -279,3 +343,177 @@ def n_to_drop(num_experts: int, ratio: float) -> int:
         raise UserError(f"prune ratio must be a number in [0, 1), got {ratio!r}; e.g. --ratio 0.5")
     exact = Fraction(repr(float(ratio))) * num_experts
     return int(math.floor(exact + Fraction(1, 10**9)))
+
+
+# -- greedy selection with re-routing ------------------------------------------------------------------------
+class TokenSample:
+    """A deterministic sample of a layer's MoE inputs for :func:`greedy_rerouted_order`: every ``stride``-th
+    real token in calibration order (token 0, stride, 2*stride, ...), at most ``max_tokens`` of them.
+
+    The calibrator feeds each batch's real-token inputs with :meth:`add` ([T, H], in calibration order) and,
+    after the layer, computes the routing weights, choice scores and all experts' outputs on :attr:`rows`.
+    Choose ``stride = ceil(total tokens / max_tokens)`` to spread the sample over the whole calibration set.
+    """
+
+    def __init__(self, max_tokens: int, stride: int = 1):
+        if max_tokens <= 0 or stride <= 0:
+            raise ValueError(f"max_tokens and stride must be positive, got {max_tokens}, {stride}")
+        self.max_tokens, self.stride = max_tokens, stride
+        self.seen = 0  # tokens offered so far
+        self._parts: list[Tensor] = []
+        self.size = 0
+
+    def add(self, x: Tensor) -> None:
+        """Offer the next ``x.shape[0]`` tokens (rows of ``x`` [T, H]); the sampled ones are copied."""
+        t = x.shape[0]
+        first = (-self.seen) % self.stride  # offset of the first sampled row in this batch
+        room = self.max_tokens - self.size
+        rows = torch.arange(first, t, self.stride, device=x.device)[:room] if first < t and room > 0 else None
+        if rows is not None and rows.numel():
+            self._parts.append(x[rows].detach().clone())
+            self.size += rows.numel()
+        self.seen += t
+
+    @property
+    def rows(self) -> Tensor:
+        """The sampled inputs [S, H] (S <= max_tokens)."""
+        if not self._parts:
+            raise ValueError("the token sample is empty")
+        if len(self._parts) > 1:
+            self._parts = [torch.cat(self._parts)]
+        return self._parts[0]
+
+
+def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_k: int, n_steps: int | None = None,
+                          chunk: int = 4096) -> list[int]:
+    """Experts of one layer in greedy removal order, minimizing the layer-output error with re-routing.
+
+    Inputs, on a sample of T tokens (any device; computed in float64 a chunk of tokens at a time):
+
+    * ``weights`` [T, E]: each expert's unnormalized routing weight w (softmax probability for Qwen3-MoE /
+      Mixtral-style routers, sigmoid score for MiniMax-M2 / DeepSeek-V3, exp(logit) for gpt-oss);
+    * ``choice`` [T, E]: the score the router's top-k picks by (w itself, or sigmoid + e_score_correction_bias);
+    * ``outputs`` [T, E, H]: every expert's output f_e(x_t).
+
+    The MoE output of a token with chosen set C is y_C = sum_{i in C} w_i f_i / sum_{i in C} w_i (the chosen
+    weights renormalized, as every family with ``norm_topk_prob`` or a softmax over the top-k does; a constant
+    scale such as ``routed_scaling_factor`` does not change the order). Pruning a set S re-routes each token to
+    the top-k of ``choice`` among the remaining experts. Starting from S = {}, each step adds the expert j that
+    minimizes sum_t ||y(x_t) - y_{S+j}(x_t)||^2 (the exact error of the pruned layer against the unpruned one;
+    only tokens that had j among their current top-k change); ties go to the lower id. ``n_steps`` (default
+    E - top_k) steps; the first n of the order are the n experts to prune, for every n <= n_steps.
+    Not for group-limited routing (DeepSeek-V3 ``n_group`` > 1), whose choice is not a plain top-k.
+    """
+    t, e = weights.shape
+    if choice.shape != (t, e) or outputs.shape[:2] != (t, e):
+        raise ValueError(f"weights {list(weights.shape)}, choice {list(choice.shape)} and outputs "
+                         f"{list(outputs.shape)} must be [T, E], [T, E], [T, E, H]")
+    if not 0 < top_k < e:
+        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
+    n_steps = e - top_k if n_steps is None else n_steps
+    if not 0 <= n_steps <= e - top_k:
+        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    k = top_k
+    removed = torch.zeros(e, dtype=torch.bool, device=weights.device)
+    y0 = [_mix(weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk], removed, k)[0]
+          for lo in range(0, t, chunk)]  # the unpruned outputs, per chunk [t_c, H]
+    order: list[int] = []
+    for _ in range(n_steps):
+        cost = torch.zeros(e, dtype=torch.float64, device=weights.device)
+        for c, lo in enumerate(range(0, t, chunk)):
+            w, ch, f = weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk]
+            y, wr, fr, idx = _mix(w, ch, f, removed, k)  # current outputs; top-(k+1) weights and outputs
+            r = ((y0[c] - y) ** 2).sum(-1, keepdim=True)  # [t_c, 1] current squared error
+            wk, fk = wr[:, :k], fr[:, :k]
+            num = (wk[..., None] * fk).sum(1)  # [t_c, H]
+            # remove position i of the top-k: its place goes to the next choice (position k)
+            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t_c, k, H]
+            den_i = wk.sum(1, keepdim=True) - wk + wr[:, k, None]  # [t_c, k]
+            err_i = ((y0[c][:, None] - num_i / den_i[..., None]) ** 2).sum(-1)  # [t_c, k]
+            cost.index_add_(0, idx[:, :k].reshape(-1), (err_i - r).reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))  # first minimum: the lower id on ties
+        removed[j] = True
+        order.append(j)
+    return order
+
+
+def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
+    """(y [t, H], top-(k+1) weights [t, k+1], their outputs [t, k+1, H], ids [t, k+1]) with ``removed`` experts
+    never chosen, float64. At least k + 1 experts must remain (greedy_rerouted_order stops at E - k)."""
+    ch = choice.masked_fill(removed, float("-inf")) if bool(removed.any()) else choice
+    idx = torch.topk(ch, k + 1, dim=-1).indices  # [t, k+1] in the router's own dtype; sorted: next choice last
+    wr = w.gather(1, idx).to(torch.float64)
+    fr = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])).to(torch.float64)  # [t, k+1, H]
+    y = (wr[:, :k, None] * fr[:, :k]).sum(1) / wr[:, :k].sum(1, keepdim=True)
+    return y, wr, fr, idx
+
+
+def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None = None, renormalize: bool = True,
+                        chunk: int | None = None) -> list[int]:
+    """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
+
+    ``route(removed, rows)`` (``removed`` bool [E], ``rows`` long [R] sample positions) returns (ids [R, K+1],
+    weights [R, K+1]) for those tokens: the first K columns the token's top-k with the removed experts gone, the
+    last its next choice, the weights as the model computes them for those K+1 (with ``renormalize`` the MoE
+    output is sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's
+    output on the S sample tokens. Each step removes the expert whose removal (its tokens moving to their next
+    choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower id. After a removal only the tokens
+    that had the removed expert among their K+1 are routed and costed again (routing is per token). Without
+    renormalization the weights of a step's candidates are those of the step's routing (a softmax over the kept
+    experts that loses one more changes its normalizer slightly; that change is ignored).
+    """
+    s, e, h = outputs.shape
+    if not 0 < top_k < e:
+        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
+    n_steps = e - top_k if n_steps is None else n_steps
+    if not 0 <= n_steps <= e - top_k:
+        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    k = top_k
+    chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
+    dev = outputs.device
+    removed = torch.zeros(e, dtype=torch.bool, device=dev)
+    every = torch.arange(s, device=dev)
+    ids, w = route(removed, every)
+    ids, w = ids.to(dev), w.to(dev, torch.float64)  # [S, K+1] the current routing
+    y0 = torch.empty(s, h, dtype=torch.float64, device=dev)
+    contrib = torch.empty(s, k, dtype=torch.float64, device=dev)  # [S, K] error change if position i is removed
+
+    def update(rows: Tensor, first: bool = False) -> None:
+        for lo in range(0, rows.numel(), chunk):
+            r_ = rows[lo : lo + chunk]
+            i, wr = ids[r_], w[r_]
+            fr = outputs[r_].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
+            wk, fk = wr[:, :k], fr[:, :k]
+            num = (wk[..., None] * fk).sum(1)  # [t, H]
+            y = num / wk.sum(1, keepdim=True) if renormalize else num
+            if first:
+                y0[r_] = y
+            ref = y0[r_]
+            cur = ((ref - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
+            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
+            if renormalize:
+                num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
+            contrib[r_] = ((ref[:, None] - num_i) ** 2).sum(-1) - cur
+
+    update(every, first=True)
+    order: list[int] = []
+    for _ in range(n_steps):
+        cost = torch.zeros(e, dtype=torch.float64, device=dev)
+        cost.index_add_(0, ids[:, :k].reshape(-1), contrib.reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))
+        removed[j] = True
+        order.append(j)
+        hit = (ids == j).any(1).nonzero().squeeze(1)  # tokens whose top-k or next choice was j
+        if hit.numel() and len(order) < n_steps:
+            new_ids, new_w = route(removed, hit)
+            ids[hit], w[hit] = new_ids.to(dev), new_w.to(dev, torch.float64)
+            update(hit)
+    return order
+
+
+def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float) -> int:
+    """How many tokens a layer's greedy sample holds: at most ``max_tokens``, and every expert's output on them
+    ([S, E, H] of ``elem_bytes``) within ``memory_bytes``."""
+    return max(0, min(int(max_tokens), int(memory_bytes // max(1, num_experts * hidden * elem_bytes))))

@@ -56,6 +56,10 @@ class EngineOptions:
     exchange: str = "auto"
     progress: bool = True
     trust_remote_code: bool = False
+    # greedy re-routing order (the default criterion): per MoE layer a strided sample of at most this many of its
+    # input tokens (0: not computed), with every expert's output on them ([S, E, H]) within greedy_memory GiB
+    greedy_tokens: int = 65536
+    greedy_memory: float = 4.0
 
     def resolved(self) -> "EngineOptions":
         """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
@@ -739,10 +743,13 @@ class LayerStreamer:
         module = self.load_layer(layer)
         probes = []
         moe = self.layout.moe.get(layer)
+        sample = hook = None
         if moe is not None:
             experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
             experts._reap_probe = ExpertsProbe(accumulator)
             probes.append(experts)
+            if accumulator is not None and self.opts.greedy_tokens > 0:
+                sample, hook = self._greedy_sampler(module, moe, experts, layer)
         bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
                    desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
                    disable=not self.opts.progress or self.dist.rank != 0)
@@ -762,14 +769,123 @@ class LayerStreamer:
                     out = out[0]
                 self.store.put(i, out)
                 bar.update(sum(b.lengths))
+            if sample is not None:
+                if hook is not None:
+                    hook.remove()
+                    hook = None
+                accumulator.greedy_order, accumulator.greedy_note = self._greedy(module, moe, experts, layer, sample)
+                accumulator.greedy_sample = getattr(self, "_greedy_size", 0)
         finally:
             bar.close()
+            if hook is not None:
+                hook.remove()
             for experts in probes:
                 del experts._reap_probe
             self.free_layer(layer)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.layer_seconds.append(time.perf_counter() - t0)
+
+    # -- the greedy re-routing order (reap.saliency.greedy_routed_order) on a sample of each MoE layer's input
+    def _block_of(self, module, moe, layer: int):
+        return module.get_submodule(moe.block[len(f"{self.layout.layers_path}.{layer}."):]) if moe.block != \
+            f"{self.layout.layers_path}.{layer}" else module
+
+    def greedy_sample_size(self) -> int:
+        """Tokens per layer in the greedy sample (all ranks together): ``greedy_tokens``, fewer where every expert's
+        output on them would not fit ``greedy_memory`` GiB."""
+        from reap.saliency import greedy_sample_tokens
+
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return greedy_sample_tokens(self.layout.num_experts, self.layout.hidden_size, elem, self.opts.greedy_tokens,
+                                    self.opts.greedy_memory * (1 << 30))
+
+    def _greedy_sampler(self, module, moe, experts, layer: int):
+        """(TokenSample, hook): a forward pre-hook on the layer's MoE block keeps every ceil(T / S)-th real token of
+        its input, in calibration order (T: this rank's tokens, S: its share of the sample)."""
+        from reap.saliency import TokenSample
+
+        size = -(-self.greedy_sample_size() // self.dist.world)
+        if size <= 0:
+            return TokenSample(1), None
+        sample = TokenSample(size, stride=max(1, -(-self.tokens // size)))
+        block = self._block_of(module, moe, layer)
+
+        def pre(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            x = x.reshape(-1, x.shape[-1])
+            mask = experts._reap_probe.token_mask
+            sample.add(x[mask] if mask is not None and mask.numel() == x.shape[0] else x)
+
+        return sample, block.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def _greedy(self, module, moe, experts, layer: int, sample) -> tuple[list[int] | None, str | None]:
+        """(removal order, None), or (None, why weighted-ean stands in for this layer)."""
+        self._greedy_size = 0
+        from reap.moe import RouterDriver, expert_outputs
+        from reap.saliency import greedy_routed_order
+
+        fallback = "; weighted-ean (sum of g x ||f||) stands in for greedy-rerouted in this layer"
+        spec, E, K = self.layout, self.layout.num_experts, self.layout.top_k
+        if spec.n_group > 1:
+            return None, f"group-limited routing (n_group {spec.n_group}) is not a plain top-k{fallback}"
+        if moe.id_tables:
+            return None, f"hash routing (expert-id tables) does not re-route{fallback}"
+        if sample.size == 0 and self.dist.world == 1:
+            return None, (f"--greedy-memory {self.opts.greedy_memory:g} GiB holds no token's {E} expert outputs"
+                          f"{fallback}")
+        xs = sample.rows if sample.size else None
+        if self.dist.world > 1:  # every rank greedy-searches the same sample (all ranks' tokens): the same order
+            import torch.distributed as d
+
+            parts = [None] * self.dist.world
+            d.all_gather_object(parts, xs.cpu() if xs is not None else None)
+            xs = torch.cat([p.to(self.device) for p in parts if p is not None])
+        block = self._block_of(module, moe, layer)
+        try:
+            driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E)
+            ids_k, w_k = driver(xs)
+            ids_n, w_n = driver(xs, None, K + 1)
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as err:
+            return None, f"its router cannot be driven with experts removed ({err}){fallback}"
+        member = (ids_n[:, :, None] == ids_k[:, None, :]).any(-1)  # [S, K+1]
+        nested = member.sum(1) == K
+        if float(nested.float().mean()) < 0.999:
+            return None, (f"its top-{K + 1} choice does not contain its top-{K} for {int((~nested).sum())} of "
+                          f"{xs.shape[0]} tokens{fallback}")
+        def constant(t):  # the same value for every token (up to rounding)
+            return bool((t.max() - t.min()) <= 1e-3 * t.abs().mean())
+
+        renorm = constant(w_k.double().sum(1))  # the chosen weights renormalized (times a constant scale, maybe)
+        if not renorm:
+            _, w_all = driver(xs[:4096], None, E)
+            if constant(w_all.double().sum(1)):  # a softmax over all experts, not renormalized over the chosen
+                return None, ("its weights are a softmax over all experts, not renormalized over the chosen ones, so "
+                              "removing an expert rescales every token's output; the greedy error model assumes "
+                              f"renormalized (or independent sigmoid) weights{fallback}")
+
+        def route(removed, rows):
+            x = xs[rows.to(xs.device)]
+            ids_a, _ = driver(x, removed, K)
+            ids_b, w_b = driver(x, removed, K + 1)
+            last = (ids_b[:, :, None] != ids_a[:, None, :]).all(-1)  # [S, K+1]: the next choice
+            pos = torch.argsort(last.to(torch.int8), dim=1, stable=True)  # the top-k first, the next choice last
+            return ids_b.gather(1, pos), w_b.gather(1, pos)
+
+        # every expert's output on the sample [S, E, H] (model dtype), one expert at a time
+        S = self._greedy_size = xs.shape[0]
+        outputs = None
+        grouped = experts._reap_probe.grouped if experts._reap_probe.grouped is not None else False
+        for e in range(E):
+            counts = torch.zeros(E, dtype=torch.long, device=xs.device)
+            counts[e] = S
+            ids = torch.full((S,), e, dtype=torch.long, device=xs.device)
+            y = expert_outputs(experts, xs, ids, counts, grouped)
+            if outputs is None:
+                outputs = y.new_empty(S, E, y.shape[-1])
+            outputs[:, e] = y
+        order = greedy_routed_order(route, outputs, K, renormalize=renorm)
+        return order, None
 
     @torch.inference_mode()
     def final_output(self, i: int):

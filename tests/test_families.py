@@ -167,7 +167,7 @@ def test_calibrate_then_prune_by_reap_score(family_models, tmp_path, name, kind)
     layout = derive(Checkpoint(src))
     for layer in range(layout.num_layers):
         assert stats.count[layer].sum().item() == (summary["tokens"] * layout.top_k if layer in layout.moe else 0)
-    report = _prune(src, tmp_path / "o", "--stats", stats_path)
+    report = _prune(src, tmp_path / "o", "--stats", stats_path, "--method", "reap")
     scores = stats.scores("reap")
     groups = layout.n_group
     size = layout.num_experts // groups

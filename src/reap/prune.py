@@ -42,14 +42,13 @@ from reap.checkpoint import (
     write_safetensors,
 )
 from reap.errors import UserError, plural
+from reap.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
 from reap.progress import Progress
 from reap.staging import OutputLock, check_complete, check_free_space, clean_stale, estimate_bytes
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
     import torch
 
-REPORT_NAME = "reap_report.json"
-STATS_NAME = "reap_stats.safetensors"
 Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
 
 
@@ -264,7 +263,7 @@ def rewrite(
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
     from reap.formats import HF_QUANT_CONFIG
-    from reap.report import CARD_NAME, GENERATED, publish_assets, publish_card  # never copied from the source
+    from reap.report import publish_assets, publish_card
 
     # the configs first: a module list that cannot be renumbered is an error before anything is written
     new_config = pruned_config(ckpt.config, spec, k, bool(mtp), keep)

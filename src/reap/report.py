@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from reap import __version__
 from reap.errors import UserError
+from reap.names import CARD_NAME, FIGURES, GENERATED, REPORT_NAME, STATS_NAME, SUMMARY_NAME  # noqa: F401 - GENERATED: re-exported
 from reap.staging import write_text
 
 if TYPE_CHECKING:  # torch is imported where scores are computed: a keep file without statistics needs none, so the
@@ -41,17 +42,6 @@ if TYPE_CHECKING:  # torch is imported where scores are computed: a keep file wi
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "reap_report.json"  # as in reap.prune (not imported, to keep this module light)
-STATS_NAME = "reap_stats.safetensors"
-CARD_NAME = "README.md"
-SUMMARY_NAME = "reap_summary.txt"
-FIGURES = {
-    "heatmap": "reap_saliency_heatmap.png",
-    "curves": "reap_saliency_curves.png",
-    "scatter": "reap_frequency_vs_reap.png",
-}
-#: files this module writes beside a pruned checkpoint (never copied from a source that was pruned before)
-GENERATED = (*FIGURES.values(), SUMMARY_NAME)
 _DPI = 100
 
 

@@ -8,7 +8,7 @@ experts were chosen from calibration). Output, into the pruned directory by defa
   experts in grey;
 * ``reap_saliency_curves.png``   per layer, the sorted saliency curve with the cut (small multiples);
 * ``reap_frequency_vs_reap.png`` routing frequency against REAP score (needs the statistics);
-* ``reap_summary.txt``           the text summary: the numbers in text;
+* ``reap_summary.txt``           the text summary: the numbers per layer, in text;
 * ``README.md``                  the model card of the pruned checkpoint (:func:`write_model_card`).
 
 The modules: :mod:`reap.report.data` (reading the inputs into per-layer data), :mod:`reap.report.figures` (the
@@ -17,8 +17,8 @@ are :mod:`reap.names`'. This package holds the entry points, :func:`render_repor
 :func:`publish_assets` / :func:`publish_card` (the pruner), and re-exports the names callers use; the entry points
 call the drawing and writing functions through this namespace.
 
-Without matplotlib the card and the summary are written and a note logged; in the pruner (``strict``) any other
-failure to write a side file fails the run, so an output never holds a short or missing card, summary or
+Without matplotlib the card and the text summary are written and a note logged; in the pruner any other failure
+to write one of these side files fails the run, so an output never holds a short or missing card, summary or
 picture. A ``--method random`` pruning is drawn as kept/pruned only: its draw is no score. ``reap report
 --eval`` takes only a ``reap eval`` result of the pruned model itself (and of its source).
 
@@ -41,8 +41,8 @@ from reap.staging import write_text
 
 __all__ = [
     "CARD_NAME", "FIGURES", "GENERATED", "KEPT_CMAP", "PRUNED_GREYS", "REPORT_NAME", "STATS_NAME", "SUMMARY_NAME",
-    "ReportData", "check_evaluation", "curves", "heatmap", "load_report_data", "model_card", "publish",
-    "publish_assets", "publish_card", "pruned_cmap", "read_evaluation", "render_figures", "render_report",
+    "ReportData", "check_evaluation", "curves", "heatmap", "load_report_data", "model_card", "publish_assets",
+    "publish_card", "pruned_cmap", "read_evaluation", "render_figures", "render_report",
     "reproduce_command", "scatter", "spearman", "summary_text", "write_model_card",
 ]
 
@@ -121,21 +121,8 @@ def render_report(
     return written
 
 
-def publish(out_dir: str | Path, report: dict[str, Any], stats=None, source: str | Path | None = None,
-            published_as: str | Path | None = None, log=None) -> list[Path]:
-    """Pictures, summary and model card of a pruning just written to ``out_dir``; never raises.
-
-    A failure here (matplotlib missing, anything else) is logged and skipped. The pruner itself calls
-    :func:`publish_assets` and :func:`publish_card` with ``strict``: there a side file that cannot be written fails the
-    run (nothing is published), only a missing matplotlib is a note.
-    """
-    written = publish_assets(out_dir, stats, log)
-    return written + publish_card(out_dir, report, source, [p.name for p in written if p.suffix == ".png"],
-                                  published_as, log)
-
-
 def _side_file_failed(what: str, err: Exception) -> Exception:
-    """The exception a strict side file raises: an OSError as it is (a full disk: one line from the CLI), anything
+    """The exception a side file's failure raises: an OSError as it is (a full disk: one line from the CLI), anything
     else a UserError that names the step."""
     if isinstance(err, (OSError, UserError)):
         return err
@@ -143,10 +130,11 @@ def _side_file_failed(what: str, err: Exception) -> Exception:
                      "was published; this is a bug in reap: please report it")
 
 
-def publish_assets(out_dir: str | Path, stats=None, log=None, strict: bool = False) -> list[Path]:
+def publish_assets(out_dir: str | Path, stats=None, log=None, strict: bool = True) -> list[Path]:
     """The pictures and text summary of ``out_dir``'s ``reap_report.json`` (they do not read the weights, so
-    the pruner draws them while it copies the shards). Without matplotlib: no pictures, a note. Any other failure is
-    a note too, or with ``strict`` raised."""
+    the pruner draws them while it copies the shards). Without matplotlib: no pictures, a note to ``log``. Any other
+    failure raises (:func:`_side_file_failed`): the pruner publishes nothing then. ``strict`` is the only
+    behaviour (the note-and-skip mode had no caller); the keyword stays for the pruner's call."""
     note = log or logger.warning
     out_dir = Path(out_dir)
     written: list[Path] = []
@@ -159,29 +147,21 @@ def publish_assets(out_dir: str | Path, stats=None, log=None, strict: bool = Fal
         except ImportError:
             note("note: matplotlib is not installed, so the pruning report has no pictures "
                  "(pip install matplotlib, then `reap report <output dir>`)")
-        except Exception as err:  # noqa: BLE001 - pictures are a convenience, unless strict
-            if strict:
-                raise _side_file_failed("drawing the pictures", err) from None
-            note(f"note: the pruning report's pictures failed ({type(err).__name__}: {err}); skipped")
+        except Exception as err:  # noqa: BLE001 - named and re-raised
+            raise _side_file_failed("drawing the pictures", err) from None
         written.append(write_text(out_dir / SUMMARY_NAME, summary_text(data)))
-    except Exception as err:  # noqa: BLE001
-        if strict:
-            raise _side_file_failed("writing the pruning summary", err) from None
-        note(f"note: the pruning summary failed ({type(err).__name__}: {err}); skipped")
+    except Exception as err:  # noqa: BLE001 - named and re-raised
+        raise _side_file_failed("writing the pruning summary", err) from None
     return written
 
 
 def publish_card(out_dir: str | Path, report: dict[str, Any], source: str | Path | None = None,
-                 figures: list[str] | None = None, published_as: str | Path | None = None, log=None,
-                 strict: bool = False) -> list[Path]:
-    """The model card of a finished output directory (it reads the shard headers for the sizes); a failure is a
-    note, or with ``strict`` raised."""
-    note = log or logger.warning
+                 figures: list[str] | None = None, published_as: str | Path | None = None,
+                 strict: bool = True) -> list[Path]:
+    """The model card of a finished output directory (it reads the shard headers for the sizes), as a one-item list;
+    a failure raises (:func:`_side_file_failed`). ``strict``: as in :func:`publish_assets`."""
     try:
         return [write_model_card(Path(out_dir), report, source=source, figures=figures or [],
                                  published_as=published_as)]
-    except Exception as err:  # noqa: BLE001
-        if strict:
-            raise _side_file_failed("writing the model card", err) from None
-        note(f"note: the model card failed ({type(err).__name__}: {err}); skipped")
-        return []
+    except Exception as err:  # noqa: BLE001 - named and re-raised
+        raise _side_file_failed("writing the model card", err) from None

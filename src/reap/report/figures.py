@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 _DPI = 100
+KEPT_CMAP = "viridis"  # the kept experts' colour map in the heat map
+PRUNED_GREYS = ("#a6a6a6", "#ededed")  # the pruned experts' grey scale: low -> high saliency
 
 
 def _figure(width: float, height: float):
@@ -38,10 +40,6 @@ def _relative(scores: torch.Tensor) -> torch.Tensor:
 
     top = scores.abs().amax(dim=1, keepdim=True)
     return scores / torch.where(top > 0, top, torch.ones_like(top))
-
-
-KEPT_CMAP = "viridis"
-PRUNED_GREYS = ("#a6a6a6", "#ededed")  # the pruned experts' grey scale: low -> high saliency
 
 
 def pruned_cmap():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reap.calibrate import CalibrateOptions, EngineOptions
+from reap.checkpoint import hub_id
 from reap.data import DataOptions
 from reap.errors import UserError
 from reap.prune import PruneOptions, prune_model
@@ -18,7 +18,6 @@ from reap.report import (
     CARD_NAME,
     FIGURES,
     SUMMARY_NAME,
-    _hub_id,
     load_report_data,
     render_report,
     reproduce_command,
@@ -199,8 +198,8 @@ def test_card_when_the_source_is_gone(pruned_reap, tmp_path):
 
 def test_helpers():
     snapshot = "/home/u/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2/snapshots/abc123"
-    assert _hub_id(snapshot) == "MiniMaxAI/MiniMax-M2"
-    assert _hub_id("/data/models/MiniMax-M2") is None
+    assert hub_id(snapshot) == "MiniMaxAI/MiniMax-M2"
+    assert hub_id("/data/models/MiniMax-M2") is None
     assert reproduce_command({"command": "reap prune m --out o --ratio 0.5"}) == "reap prune m --out o --ratio 0.5"
     rebuilt = reproduce_command({"command": "reap -k test", "source": "/m", "ratio": 0.5, "method": "ean",
                                  "calibration": {"data": {"dataset": "d.jsonl", "samples": 8, "max_length": 64,

@@ -216,7 +216,8 @@ def prune(
     """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
     p = _with_config(ctx, locals(), prune, required=("model", "out"))  # first: locals() = the options
     from reap.arch import human_bytes
-    from reap.prune import REPORT_NAME, PruneOptions, prune_model
+    from reap.names import REPORT_NAME
+    from reap.prune import PruneOptions, prune_model
 
     typed = ctx.get_parameter_source("dataset")
     if (typed is None or typed.name != "COMMANDLINE") and (p["stats"] or p["keep"] or p["method"] == "random"):
@@ -358,7 +359,8 @@ def report(
     as_json: bool = JsonOpt,
 ):
     """Pictures (saliency heat map, sorted saliency per layer, frequency vs REAP), a summary and the model card."""
-    from reap.report import SUMMARY_NAME, read_evaluation, render_report
+    from reap.names import SUMMARY_NAME
+    from reap.report import read_evaluation, render_report
 
     if path is None:
         raise UserError("missing DIR_OR_STATS: pass a pruned output directory or a stats file from `reap calibrate`")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from reap.errors import UserError
+from reap.names import REPORT_NAME
 
 MARKER = ".reap-demo"
 
@@ -33,7 +34,7 @@ def masked_logits_gap(original: Path, pruned: Path, seed: int = 0) -> float:
     """max |logits(pruned) - logits(original with pruned experts' correction bias = -inf)| on random tokens."""
     from transformers import AutoModelForCausalLM
 
-    report = json.loads((pruned / "reap_report.json").read_text())
+    report = json.loads((pruned / REPORT_NAME).read_text())
     a = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
     with torch.no_grad():
@@ -70,7 +71,7 @@ def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=prin
     out = workdir / "tiny-minimax-m2-reap"
     result = prune_model(PruneOptions(model=str(model), out=out, ratio=ratio, method="reap",
                                       calibration=calibration, progress=progress), log=log)
-    report = json.loads((out / "reap_report.json").read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
     gap = masked_logits_gap(model, out)
     log(f"3/3 pruned {report['num_experts']} -> {result.kept_per_layer} experts per layer into {out}; transformers "
         f"loads it; max |logit difference| vs the original with those experts masked out of routing: {gap:.2e}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shlex
 import os
 import re
@@ -42,62 +41,15 @@ from reap.checkpoint import (
     write_safetensors,
 )
 from reap.errors import UserError, plural
+from reap.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
 from reap.progress import Progress
+from reap.rules import experts_to_drop
 from reap.staging import OutputLock, check_complete, check_free_space, clean_stale, estimate_bytes
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
     import torch
 
-REPORT_NAME = "reap_report.json"
-STATS_NAME = "reap_stats.safetensors"
 Keep = dict[int, list[int]]  # layer -> kept original expert ids, ascending
-
-
-def experts_to_drop(spec: Layout, ratio: float, multiple_of: int = 1) -> int:
-    """floor(E * ratio), after checking the ratio leaves enough experts (top-k; with expert groups, rounded
-    down to a multiple of the group count so that every group loses the same number). With ``multiple_of`` N > 1
-    the kept count E - floor(E * ratio) is rounded down to a multiple of N (``--multiple-of``); refused if that
-    leaves fewer than the model needs or a count its expert groups cannot share equally."""
-    from reap.saliency import n_to_drop
-
-    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
-        raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {ratio}); e.g. --ratio 0.3")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise UserError(f"--multiple-of must be a positive whole number (got {multiple_of!r}); e.g. --multiple-of 8")
-    n_drop = n_to_drop(spec.num_experts, ratio)
-    groups = spec.n_group
-    if multiple_of > 1:
-        kept = (spec.num_experts - n_drop) // multiple_of * multiple_of
-        if groups > 1 and kept % groups:
-            raise UserError(f"--multiple-of {multiple_of} keeps {kept} of {spec.num_experts} experts per layer, which "
-                            f"the {groups} expert groups of {spec.family} cannot share equally; pass a --multiple-of "
-                            f"that is a multiple of {groups}")
-        if kept < spec.min_kept():
-            raise UserError(f"--ratio {ratio} with --multiple-of {multiple_of} keeps {kept} of {spec.num_experts} "
-                            f"experts per layer, fewer than the {spec.min_kept()} the model needs (top-{spec.top_k}); "
-                            "pass a smaller --ratio or --multiple-of")
-        n_drop = spec.num_experts - kept
-    if n_drop == 0:
-        raise UserError(
-            f"--ratio {ratio} drops floor({spec.num_experts} x {ratio}) = 0 experts; use a ratio of at least "
-            f"{1 / spec.num_experts:.4g}"
-        )
-    if groups > 1:
-        n_drop -= n_drop % groups
-        if n_drop == 0:
-            raise UserError(
-                f"--ratio {ratio} drops fewer experts than the {groups} expert groups of {spec.family}, and "
-                f"every group must lose the same number; use a ratio of at least {groups / spec.num_experts:.4g}"
-            )
-    if spec.num_experts - n_drop < spec.min_kept():
-        # the largest drop that keeps min_kept experts, as a ratio
-        most = (spec.num_experts - spec.min_kept()) / spec.num_experts
-        why = (f"fewer than the {spec.top_k} each token is routed to" if groups <= 1 else
-               f"fewer than the {spec.min_kept()} that top-{spec.top_k} routing into {spec.topk_group} of "
-               f"{groups} equal groups needs")
-        raise UserError(f"--ratio {ratio} keeps {plural(spec.num_experts - n_drop, 'expert')}, {why}; use --ratio "
-                        f"{most:.4g} or less")
-    return n_drop
 
 
 def keep_from_scores(scores: torch.Tensor, layers: list[int], n_drop: int, n_group: int = 1) -> Keep:
@@ -264,7 +216,7 @@ def rewrite(
     k = len(next(iter(keep.values())))
     total = ckpt.total_bytes
     from reap.formats import HF_QUANT_CONFIG
-    from reap.report import CARD_NAME, GENERATED, publish_assets, publish_card  # never copied from the source
+    from reap.report import publish_assets, publish_card
 
     # the configs first: a module list that cannot be renumbered is an error before anything is written
     new_config = pruned_config(ckpt.config, spec, k, bool(mtp), keep)

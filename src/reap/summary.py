@@ -18,14 +18,13 @@ from typing import Any
 from reap.arch import human_bytes, human_count
 from reap.checkpoint import Checkpoint
 from reap.formats import stored_params
+from reap.rules import experts_to_drop
 
 
 def describe(ckpt: Checkpoint, ratio: float | None = None, keep_mtp: bool = True) -> dict[str, Any]:
     """Family, sizes, parameter counts and disk size, before and (with ratio) after pruning. Multi-token-prediction
     modules are pruned like every layer (``keep_mtp=False``: left out, as ``--drop-mtp`` does); they count in the
     totals and on disk, never in the active (per-token) parameters, as the model cards count them."""
-    from reap.prune import experts_to_drop
-
     from reap.validate import derive_checked
 
     spec, model = derive_checked(ckpt, with_model=True, keep_mtp=keep_mtp)

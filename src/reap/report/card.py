@@ -1,0 +1,308 @@
+"""The model card (``README.md``) of a pruned checkpoint.
+
+:func:`model_card` writes the text from a ``reap_report.json``: front matter carried from the source's card, what
+was pruned and how, sizes before and after, a ``reap eval`` result when given, the experts kept per layer, the
+pictures beside it and the command that reproduces the pruning (:func:`reproduce_command`);
+:func:`write_model_card` reads the inputs from disk and writes the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from reap import __version__
+from reap.checkpoint import hub_id
+from reap.errors import UserError
+from reap.names import CARD_NAME, FIGURES, REPORT_NAME, STATS_NAME
+from reap.report.data import card_front_matter, checkpoint_sizes
+from reap.staging import write_text
+
+
+def _criterion_card(method: str) -> str:
+    from reap.criteria import CRITERIA
+
+    return CRITERIA[method].card.rstrip(".") if method in CRITERIA else method
+
+
+def _selection_rows(report: dict) -> list[str]:
+    """Model-card rows for --multiple-of, super experts and greedy fallback layers (where the report has them)."""
+    rows = []
+    if report.get("multiple_of"):
+        rows.append(f"| Kept count | rounded down to a multiple of {report['multiple_of']} (--multiple-of) |")
+    sup = report.get("super_experts")
+    if sup is not None:
+        n = sum(len(v) for v in sup.values())
+        state = "never pruned (--protect-super-experts)" if report.get("protect_super_experts") else "not protected"
+        rows.append(f"| Super experts | {n} (max output norm > max(99.5th percentile, max/10) of the layer), {state} |")
+    fb = report.get("greedy_fallback")
+    if fb:
+        rows.append(f"| Greedy fallback | {fb['criterion']} in layers {', '.join(sorted(fb['layers'], key=int))} |")
+    return rows
+
+
+def _fmt_count(n: int | None) -> str:
+    from reap.arch import human_count
+
+    return "-" if n is None else f"{human_count(n)} ({n:,})"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    from reap.arch import human_bytes
+
+    return "-" if n is None else f"{human_bytes(n)} ({n:,} bytes)"
+
+
+def _change(a: int | None, b: int | None) -> str:
+    return f"-{100 * (1 - b / a):.1f}%" if a and b is not None else "-"
+
+
+def reproduce_command(report: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """The command that made this pruning: the recorded one when it was ``reap prune``, else rebuilt."""
+    cmd = str(report.get("command") or "")
+    if cmd.startswith("reap prune "):
+        return cmd
+    parts = ["reap", "prune", str(report.get("source", "MODEL")), "--out", str(out_dir or "OUT")]
+    if report.get("keep_file"):
+        parts += ["--keep", str(report["keep_file"])]
+    else:
+        parts += ["--ratio", f"{report.get('ratio')}", "--method", str(report.get("method", "reap"))]
+        if report.get("method") == "random":
+            parts += ["--seed", str(report.get("seed", 0))]
+        cal = report.get("calibration") or {}
+        data = cal.get("data") or {}
+        if data.get("dataset"):
+            parts += ["--dataset", str(data["dataset"])]
+            if data.get("samples") is not None:
+                parts += ["--samples", str(data["samples"])]
+            if data.get("max_length") is not None:
+                parts += ["--max-length", str(data["max_length"])]
+            if data.get("shuffle"):
+                parts += ["--shuffle", "--seed", str(data.get("seed", 0))]
+            if data.get("pack"):
+                parts.append("--pack")
+            if data.get("text_field", "text") != "text":
+                parts += ["--text-field", str(data["text_field"])]
+            if cal.get("dtype"):
+                parts += ["--dtype", str(cal["dtype"])]
+    return shlex.join(parts)
+
+
+def _pruned_ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids)) if ids else "none"
+
+
+def model_card(
+    report: dict[str, Any],
+    *,
+    name: str | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    figures: list[str] | tuple[str, ...] = (),
+    source_front_matter: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+) -> str:
+    """The README.md text for a pruned checkpoint (see :func:`write_model_card`)."""
+    source = str(report.get("source", ""))
+    source_name = hub_id(source) or Path(source).name or "the source model"
+    name = name or f"{Path(source).name or 'model'}-reap"
+    method, ratio = report.get("method", "?"), report.get("ratio")
+    E, K = report.get("num_experts"), report.get("kept_per_layer")
+    layers = {int(k): v for k, v in (report.get("layers") or {}).items()}
+    if K is None and layers:
+        K = len(next(iter(layers.values()))["kept"])
+    created = report.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    fm: dict[str, Any] = {}
+    src_fm = source_front_matter or {}
+    for key in ("license", "license_name", "license_link", "library_name", "pipeline_tag", "language"):
+        if src_fm.get(key) is not None:
+            fm[key] = src_fm[key]
+    fm.setdefault("library_name", "transformers")
+    if hub_id(source):
+        fm["base_model"] = hub_id(source)
+    fm["tags"] = ["moe", "expert-pruning", "reap"]
+    lines = ["---"]
+    for key, value in fm.items():
+        lines.append(f"{key}: {json.dumps(value)}")
+    lines += ["---", "", f"# {name}", ""]
+    method_text = {
+        "reap": "REAP (router-weighted expert activation pruning, "
+                "[arXiv 2510.13999](https://arxiv.org/abs/2510.13999)): "
+                "each expert scored by the mean over the calibration tokens routed to it of gate weight x "
+                "output norm",
+        "ean": "expert activation norm: each expert scored by the sum of its output norms over the calibration tokens",
+        "frequency": "routing frequency: each expert scored by the number of calibration tokens routed to it",
+        "weighted-frequency": "weighted frequency: each expert scored by the sum of its gate weights over the "
+                              "calibration tokens",
+        "random": f"random choice (seed {report.get('seed', 0)}), a baseline",
+        "keep-file": f"an explicit list of kept experts ({report.get('keep_file', 'keep file')})",
+    }.get(method) or _criterion_card(method)
+    chosen_by = {"reap": "by REAP saliency", "ean": "by expert activation norm", "frequency": "by routing frequency",
+                 "weighted-frequency": "by weighted routing frequency", "random": "at random (a baseline)",
+                 "greedy-rerouted": "by a greedy search that removes, one at a time, the expert whose removal least "
+                                    "changes the MoE layers' output with its tokens re-routed",
+                 "keep-file": "from an explicit keep list"}.get(method, f"by {method}")
+    lines += [
+        f"This is **{source_name}** with {E - K if E and K else '?'} of its {E} routed experts removed from every "
+        f"MoE layer by reap, chosen {chosen_by}. Nothing else was changed: the kept experts' "
+        "weights are copied byte for byte, the router rows (and the correction bias) are sliced to match, "
+        "`config.json` gets the new expert count, and the checkpoint loads in the same serving engines as the "
+        "original.",
+        "",
+        "## Pruning",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Source model | `{source}` |",
+        f"| Method | {method_text} |",
+        *_selection_rows(report),
+        f"| Ratio | {ratio if ratio is not None else '-'} |",
+        f"| Experts per layer | {E} -> {K} (top-{report.get('top_k', '?')} routing unchanged) |",
+    ]
+    mtp = report.get("mtp") or {}
+    if mtp.get("kept"):
+        lines.append(f"| Multi-token prediction | kept: {mtp['modules']} MTP module{'s' if mtp['modules'] != 1 else ''} "
+                     f"(layer{'s' if mtp['modules'] != 1 else ''} {', '.join(map(str, mtp['layers']))} below) pruned "
+                     f"to {K} experts {chosen_by.replace('by ', 'by their own ', 1) if chosen_by.startswith('by ') else chosen_by}"
+                     "; MTP speculative decoding works as before |")
+    elif report.get("dropped_mtp_tensors"):
+        lines.append(f"| Multi-token prediction | left out ({report['dropped_mtp_tensors']} tensors, `--drop-mtp`): "
+                     "serve without MTP speculative decoding |")
+    cal = report.get("calibration") or {}
+    if cal:
+        data = cal.get("data") or {}
+        opts = ", ".join(f"{k} {data[k]}" for k in ("samples", "max_length", "shuffle", "pack", "seed")
+                         if data.get(k) not in (None, False))
+        lines.append(f"| Calibration data | `{data.get('dataset', '?')}`" + (f" ({opts})" if opts else "") + " |")
+        lines.append(f"| Calibration tokens | {cal.get('tokens', '?'):,} in {cal.get('samples', '?')} samples, "
+                     f"{cal.get('dtype', '?')} |" if isinstance(cal.get("tokens"), int) else
+                     f"| Calibration tokens | {cal.get('tokens', '?')} |")
+    else:
+        lines.append("| Calibration data | none (the choice does not use calibration) |")
+    lines += [
+        f"| Date | {created} |",
+        f"| Tool | reap {report.get('version', __version__)} |",
+        "",
+        "## Size",
+        "",
+        "| | before | after | change |",
+        "|---|---|---|---|",
+    ]
+    b_params = before.get("total_params") if before else None
+    a_params = after.get("total_params") if after else None
+    b_active = before.get("active_params") if before else None
+    a_active = after.get("active_params") if after else None
+    b_disk = (before or {}).get("disk_bytes", report.get("bytes_before"))
+    a_disk = (after or {}).get("disk_bytes", report.get("bytes_after"))
+    lines += [
+        f"| Parameters | {_fmt_count(b_params)} | {_fmt_count(a_params)} | {_change(b_params, a_params)} |",
+        f"| Active parameters per token | {_fmt_count(b_active)} | {_fmt_count(a_active)} | "
+        f"{_change(b_active, a_active)} |",
+        f"| Tensor bytes on disk | {_fmt_bytes(b_disk)} | {_fmt_bytes(a_disk)} | {_change(b_disk, a_disk)} |",
+        "",
+    ]
+    if evaluation:
+        lines += _evaluation_lines(evaluation)
+    lines += [
+        "## Experts kept per layer",
+        "",
+        f"Each MoE layer keeps {K} of its {E} expert{'s' if E != 1 else ''}, renumbered 0..{(K or 1) - 1} in their "
+        "original order. "
+        "The removed experts (original ids):",
+        "",
+        "| layer | kept | removed experts |",
+        "|---|---|---|",
+    ]
+    for layer, v in sorted(layers.items()):
+        lines.append(f"| {layer} | {len(v['kept'])} | {_pruned_ids(v['pruned'])} |")
+    lines += ["", "<details><summary>Kept experts (original ids) per layer</summary>", "",
+              "| layer | kept experts |", "|---|---|"]
+    for layer, v in sorted(layers.items()):
+        lines.append(f"| {layer} | {', '.join(map(str, v['kept']))} |")
+    lines += ["", "</details>", ""]
+    if figures:
+        captions = {
+            FIGURES["heatmap"]: "Saliency of every expert (per layer, relative to the layer's largest); "
+                                "the removed experts are drawn in grey.",
+            FIGURES["curves"]: "Per layer, the experts' saliency sorted from high to low; the dashed line is the cut.",
+            FIGURES["scatter"]: "Routing frequency against REAP score; red: removed experts.",
+        }
+        lines += ["## Pictures", ""]
+        for fig in figures:
+            lines += [f"![{fig}]({fig})", "", captions.get(fig, ""), ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```bash",
+        reproduce_command(report, out_dir),
+        "```",
+        "",
+        f"`{REPORT_NAME}` holds the full record (kept and removed experts, every expert's score, the "
+        "calibration settings)" + (f"; `{STATS_NAME}` the calibration statistics" if cal else "") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """A table of ``reap eval`` results: a comparison (original/pruned) or one model's evaluation."""
+    if "original" in evaluation and "pruned" in evaluation:
+        a, b = evaluation["original"], evaluation["pruned"]
+        rows = [("original", a), ("pruned", b)]
+    else:
+        a = b = evaluation
+        rows = [("this model", evaluation)]
+    lines = ["## Evaluation", "",
+             f"Next-token loss on `{a.get('dataset', '?')}`: {a.get('tokens', '?')} tokens, windows of "
+             f"{a.get('seq_len', '?')} tokens (`reap eval`).", "",
+             "| model | loss | perplexity |", "|---|---|---|"]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.3f} |")
+    if a is not b:
+        lines.append(f"| change | {b['loss'] - a['loss']:+.4f} | x{b['perplexity'] / a['perplexity']:.4f} |")
+    return lines + [""]
+
+
+def write_model_card(
+    out_dir: str | Path,
+    report: dict[str, Any] | None = None,
+    *,
+    source: str | Path | None = None,
+    evaluation: dict[str, Any] | None = None,
+    figures: list[str] | tuple[str, ...] | None = None,
+    published_as: str | Path | None = None,
+) -> Path:
+    """Write ``README.md`` into a pruned output directory.
+
+    ``report`` defaults to the directory's ``reap_report.json``; ``source`` (default: the report's source)
+    is read with :func:`reap.summary.describe` for the sizes before, the directory itself for the sizes
+    after (the report's byte counts when a checkpoint cannot be read). ``figures`` defaults to the pictures
+    present in the directory; ``published_as`` is the final path when ``out_dir`` is a staging directory.
+    """
+    out_dir = Path(out_dir)
+    if report is None:
+        try:
+            report = json.loads((out_dir / REPORT_NAME).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{out_dir} has no readable {REPORT_NAME} ({err}); "
+                            "pass a pruned output directory") from None
+    src = source if source is not None else report.get("source")
+    if figures is None:
+        figures = [name for name in FIGURES.values() if (out_dir / name).is_file()]
+    final = Path(published_as) if published_as is not None else out_dir
+    text = model_card(
+        report,
+        name=final.resolve().name,
+        before=checkpoint_sizes(src),
+        after=checkpoint_sizes(out_dir),
+        evaluation=evaluation,
+        figures=figures,
+        source_front_matter=card_front_matter(Path(src) / CARD_NAME) if src else None,
+        out_dir=final,
+    )
+    return write_text(out_dir / CARD_NAME, text)

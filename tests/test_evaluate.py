@@ -152,7 +152,8 @@ def test_bad_options_are_user_errors(tiny_fp32, text_data):
 # -- quality: REAP beats frequency and random on the trained fixture -----------------------------------
 @pytest.mark.slow
 def test_reap_beats_frequency_and_random_on_mini_m2(mini_m2, calibration_data, eval_data, tmp_path):
-    """Same statistics for reap and frequency (one calibration); 30% of experts pruned per layer.
+    """Same statistics for the default (greedy-rerouted), reap and frequency (one calibration); 30% of experts pruned
+    per layer.
 
     Measured (64 calibration documents, 16K eval tokens, windows of 1024): original 2.444, reap 2.618,
     frequency 2.660, random 2.736 nats. On 64K tokens the reap-frequency gap is 0.044 +- 0.011 (paired over
@@ -162,7 +163,7 @@ def test_reap_beats_frequency_and_random_on_mini_m2(mini_m2, calibration_data, e
     calibrate(CalibrateOptions(model=str(mini_m2), out=stats, engine=CPU,
                                data=DataOptions(dataset=str(calibration_data), samples=64, max_length=512)), log=QUIET)
     losses = {"original": evaluate(EvalOptions(str(mini_m2), str(eval_data), 16384, 1024, CPU), log=QUIET)["loss"]}
-    for method in ("reap", "frequency", "random"):
+    for method in ("greedy-rerouted", "reap", "frequency", "random"):
         out = tmp_path / method
         prune_model(PruneOptions(model=str(mini_m2), out=out, ratio=0.3, method=method, seed=0,
                                  stats=None if method == "random" else stats, progress=False), log=QUIET)
@@ -171,3 +172,5 @@ def test_reap_beats_frequency_and_random_on_mini_m2(mini_m2, calibration_data, e
     assert losses["original"] < losses["reap"]  # pruning costs something
     assert losses["reap"] + 0.02 < losses["frequency"], losses
     assert losses["reap"] + 0.05 < losses["random"], losses
+    # the default (docs/criteria.md): at least as good as REAP on this fixture, where REAP is strong
+    assert losses["greedy-rerouted"] <= losses["reap"] + 0.01 and losses["greedy-rerouted"] + 0.02 < losses["frequency"], losses

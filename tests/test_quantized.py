@@ -170,7 +170,7 @@ def test_prune_with_calibration_exact_verified_loadable(quantized, calibration_f
     predicted = describe(Checkpoint(src), ratio=0.3)["after"]
     report = _prune(src, tmp_path / "o", "--ratio", "0.3", "--dataset", calibration_file, "--max-length", "128",
                     "--device", "cpu")
-    assert report["method"] == "reap" and report["calibration"]["tokens"] > 0
+    assert report["method"] == "greedy-rerouted" and report["calibration"]["tokens"] > 0  # the default
     kept = _kept(report)
     assert_exact_surgery(src, tmp_path / "o", kept)
     before, after = json.loads((src / "config.json").read_text()), json.loads((tmp_path / "o" / "config.json").read_text())

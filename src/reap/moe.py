@@ -32,7 +32,7 @@ class ExpertsProbe:
     accumulator: object | None = None  # reap.saliency.LayerAccumulator
     token_mask: torch.Tensor | None = None  # [T] bool
     grouped: bool | None = None  # None: grouped matmul where it is fast and exact enough (CUDA, 16-bit weights)
-    # a list: record each call's (top_k_index, top_k_weights) and return zeros without running any expert (the
+    # a list: record each call's (top_k_index, top_k_weights, hidden_states) and return zeros without running any expert (the
     # routing of a token sample, driven by RouterDriver)
     capture: list | None = None
 
@@ -93,7 +93,7 @@ def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     """The experts module's forward: hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
     probe: ExpertsProbe | None = getattr(self, "_reap_probe", None)
     if probe is not None and probe.capture is not None:
-        probe.capture.append((top_k_index.detach().clone(), top_k_weights.detach().clone()))
+        probe.capture.append((top_k_index.detach().clone(), top_k_weights.detach().clone(), hidden_states.detach()))
         return torch.zeros_like(hidden_states)
     T, H = hidden_states.shape
     K = top_k_index.shape[-1]
@@ -242,7 +242,7 @@ class RouterDriver:
                 setattr(m, a, v)
         if len(captured) != 1:
             raise ValueError(f"the MoE block called its experts {len(captured)} times, expected once")
-        idx, w = captured[0]
+        idx, w, self.inputs = captured[0]  # inputs: what the block hands its experts (its own projection, maybe)
         if idx.shape != (x.shape[0], k):
             raise ValueError(f"the router chose {list(idx.shape)} experts with top-k set to {k}, expected "
                              f"{[x.shape[0], k]}: it does not take its top-k from the attributes reap sets")

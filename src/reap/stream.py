@@ -845,6 +845,7 @@ class LayerStreamer:
         try:
             driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E)
             ids_k, w_k = driver(xs)
+            xe = driver.inputs.reshape(xs.shape[0], -1)  # the experts' own input (a block may project first)
             ids_n, w_n = driver(xs, None, K + 1)
         except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as err:
             return None, f"its router cannot be driven with experts removed ({err}){fallback}"
@@ -876,14 +877,17 @@ class LayerStreamer:
         S = self._greedy_size = xs.shape[0]
         outputs = None
         grouped = experts._reap_probe.grouped if experts._reap_probe.grouped is not None else False
-        for e in range(E):
-            counts = torch.zeros(E, dtype=torch.long, device=xs.device)
-            counts[e] = S
-            ids = torch.full((S,), e, dtype=torch.long, device=xs.device)
-            y = expert_outputs(experts, xs, ids, counts, grouped)
-            if outputs is None:
-                outputs = y.new_empty(S, E, y.shape[-1])
-            outputs[:, e] = y
+        try:
+            for e in range(E):
+                counts = torch.zeros(E, dtype=torch.long, device=xs.device)
+                counts[e] = S
+                ids = torch.full((S,), e, dtype=torch.long, device=xs.device)
+                y = expert_outputs(experts, xe, ids, counts, grouped)
+                if outputs is None:
+                    outputs = y.new_empty(S, E, y.shape[-1])
+                outputs[:, e] = y
+        except (RuntimeError, ValueError, TypeError) as err:  # an experts module reap's replay does not fit
+            return None, f"its experts could not be run on the sample ({str(err).splitlines()[0]}){fallback}"
         order = greedy_routed_order(route, outputs, K, renormalize=renorm)
         return order, None
 

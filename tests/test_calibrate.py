@@ -159,6 +159,7 @@ def test_make_batches_respects_budget():
     assert all(b.ids.numel() <= 20 or len(b.lengths) == 1 for b in batches)
 
 
+@pytest.mark.slow
 def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
     """torchrun --nproc-per-node 2 -m reap calibrate == a single process, up to float rounding."""
     data = _write_jsonl(tmp_path / "d.jsonl", texts)
@@ -177,6 +178,7 @@ def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):
     """The same model in FP8 (dequantized on the fly) gives nearly the same saliency and the same choices."""
     from reap.saliency import choose_experts
@@ -231,6 +233,7 @@ def test_resume_replays_no_layer(tiny_fp32, tmp_path, texts, monkeypatch):
     assert not (tmp_path / "stats.safetensors.hidden").exists()  # removed by default
 
 
+@pytest.mark.slow
 def test_two_ranks_sharing_the_reading_equal_one(tiny_fp8, tmp_path, texts):
     """--weight-exchange share over gloo: each rank reads half of every layer's bytes (FP8 values and scales) and
     the ranks all-gather the rest; the statistics equal a single process's."""

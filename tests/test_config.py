@@ -50,6 +50,7 @@ def test_recipe_keys_are_valid_options(recipe, tmp_path):
     assert "--config" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ci_recipe_runs_and_is_recorded(mini_m2, tmp_path):
     out = tmp_path / "pruned"
     proc = reap("prune", "--config", "configs/mini-m2-ci.yaml", "--out", out, "--ratio", "0.25", "-q")

@@ -26,6 +26,8 @@ from reap.cli import app
 from reap.saliency import FIELDS, LayerAccumulator
 from reap.stream import EngineOptions, LayerStreamer
 
+pytestmark = pytest.mark.slow  # the named families in their released formats, end to end: ~1 minute
+
 # name -> (family, tiny overrides)
 MODELS = {
     "qwen3": ("qwen3_moe", {}),  # norm_topk_prob false (Qwen3MoeConfig default), layer 1 dense (mlp_only_layers)

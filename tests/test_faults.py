@@ -29,6 +29,8 @@ from typer.testing import CliRunner
 
 from reap.cli import app
 
+pytestmark = pytest.mark.slow  # every fault end to end (subprocesses, tmpfs mounts, signals): ~4 minutes on 2 cores
+
 FAULTY = Path(__file__).with_name("reap_faulty.py")
 W1 = "model.layers.0.block_sparse_moe.experts.{e}.w1.weight"
 ROUTER = "model.layers.1.block_sparse_moe.gate.weight"

@@ -29,6 +29,8 @@ from reap.families import MATRIX_NAME, load_matrix, markdown_table
 from reap.saliency import FIELDS, LayerAccumulator
 from reap.stream import EngineOptions, LayerStreamer
 
+pytestmark = pytest.mark.slow  # every MoE model type of transformers end to end: ~2 minutes on 2 cores
+
 TYPES = tiny_configs.moe_model_types()
 LENGTHS = (23, 17, 9, 30)  # two padded batches of two at 64 tokens per batch
 OUTCOMES: dict[str, dict] = {}

@@ -29,6 +29,8 @@ from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
 
+pytestmark = pytest.mark.slow  # every quantized format end to end against its library: ~1 minute
+
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install -e '.[dev]')")
 
 ROUTER_AND_HEAD = ["lm_head", "re:.*mlp\\.gate$"]

@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 
 from reap.cli import app
 
+pytestmark = pytest.mark.slow  # the released configs as tiny checkpoints, end to end: ~1 minute
+
 # DeepSeek-V3 shaped releases (Kimi-K2, DeepSeek-R1): the sizes that make them tiny, every other field as released
 DEEPSEEK_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,

@@ -18,6 +18,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from reap import tiny_configs
 
+pytestmark = pytest.mark.slow  # a tiny config of every MoE model type built by transformers
+
 TYPES = tiny_configs.moe_model_types()
 TOP1 = {"zaya"}  # ZayaConfig.validate_architecture accepts num_experts_per_tok=1 only
 NO_DENSE = {"deepseek_v4"}  # mlp_layer_types of DeepSeek-V4 are hash_moe / moe only

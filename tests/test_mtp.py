@@ -321,3 +321,10 @@ def test_resume_continues_across_the_mtp_module(mtp_models, calibration_texts, t
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--drop-mtp"):
         calibrate(CalibrateOptions(**{**opts.__dict__, "out": dropped, "resume": True}))
+
+
+def test_inspect_families_says_mtp_is_kept():
+    res = CliRunner().invoke(app, ["inspect", "--families"])
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "MTP" in last and "kept" in last and "--drop-mtp" in last and "mtp.layers.k." in last

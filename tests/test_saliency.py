@@ -320,13 +320,6 @@ def test_scores_unknown_method():
     assert all(m in msg for m in METHODS)
 
 
-def test_summary_is_json():
-    s = _hand_stats().summary()
-    json.dumps(s)
-    assert s["completed_layers"] == [0, 1]
-    assert s["routed_pairs_per_layer"] == [3, 4]
-
-
 def test_choose_experts_drops_lowest():
     scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7])
     assert choose_experts(scores, 2) == ([0, 2, 4], [1, 3])

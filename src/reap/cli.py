@@ -140,9 +140,9 @@ ConfigOpt = typer.Option(None, "--config", metavar="RECIPE.yaml", help="YAML rec
 
 def _with_config(ctx, params: dict, command, required: tuple[str, ...]) -> dict:
     """The command's options merged with its --config recipe; required ones checked after the merge."""
-    from reap.config import apply_config
+    from reap.config import apply_config, option_types
 
-    params = apply_config(ctx, {k: v for k, v in params.items() if k != "ctx"}, command.__annotations__)
+    params = apply_config(ctx, {k: v for k, v in params.items() if k != "ctx"}, option_types(command))
     missing = [name for name in required if params.get(name) is None]
     if missing:
         flags = ", ".join("MODEL" if m == "model" else "--" + m.replace("_", "-") for m in missing)

@@ -13,13 +13,19 @@ from typing import Any
 
 from reap.errors import UserError
 
-# the Python type each option must have in YAML, by the annotation's spelling in cli.py
-_TYPES = (("bool", bool), ("float", float), ("int", int), ("Path", Path), ("str", str))
+def option_types(command) -> dict[str, type]:
+    """The Python type each option of a CLI command takes, from its resolved type hints (``Optional[X]`` -> X)."""
+    import typing
+
+    out = {}
+    for name, hint in typing.get_type_hints(command).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return out
 
 
 def _expected(annotation: Any) -> type:
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    return next((t for name, t in _TYPES if name in text), str)
+    return annotation if annotation in (bool, float, int, Path, str) else str
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -53,11 +59,11 @@ def _convert(key: str, value: Any, want: type, path: Path) -> Any:
                     f"got {type(value).__name__} {value!r}")
 
 
-def apply_config(ctx: Any, params: dict[str, Any], annotations: dict[str, Any]) -> dict[str, Any]:
+def apply_config(ctx: Any, params: dict[str, Any], types: dict[str, type]) -> dict[str, Any]:
     """Merge ``params['config']`` (YAML) under the flags the user actually typed; returns the effective options.
 
-    ``ctx`` is the click/typer context (for where each value came from), ``annotations`` the command's
-    parameter annotations (for types).
+    ``ctx`` is the click/typer context (for where each value came from), ``types`` the command's option types
+    (:func:`option_types`).
     """
     path = params.get("config")
     if path is None:
@@ -72,7 +78,7 @@ def apply_config(ctx: Any, params: dict[str, Any], annotations: dict[str, Any]) 
         source = ctx.get_parameter_source(key)
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             continue  # a flag overrides the file
-        merged[key] = _convert(key, value, _expected(annotations.get(key, "str")), path)
+        merged[key] = _convert(key, value, _expected(types.get(key, str)), path)
     return merged
 
 

@@ -63,7 +63,19 @@ def format_families(rows: list[dict[str, Any]]) -> str:
         detail = r.get("layout") if r["status"] == "verified" else r.get("reason", "")
         note = f" [{r['note']}]" if r.get("note") else ""
         lines.append(f"{r['model_type']:<{width}}  {r['status']:<13} {detail}{note}")
+    lines += ["", mtp_sentence()]
     return "\n".join(lines)
+
+
+def mtp_sentence() -> str:
+    """What happens to multi-token-prediction modules, from the styles reap knows (reap.arch.MTP_STYLES)."""
+    from reap.arch import MTP_STYLES
+
+    styles = "; ".join(f"{s.name}: {s.prefix.format(layers='model.layers.', n='N', k='k')}{{{s.embed_norm}, "
+                       f"{s.hidden_norm}, {s.proj}, {s.final_norm}}} + {s.layer.format(layers='model.layers.', n='N', k='k')}*"
+                       for s in MTP_STYLES)
+    return ("multi-token-prediction (MTP) modules are kept: calibrated after the last decoder layer and pruned like "
+            f"every layer, so MTP speculative decoding keeps working (--drop-mtp leaves them out); stored as {styles}")
 
 
 def markdown_table(matrix: dict[str, Any] | None = None) -> str:

@@ -301,19 +301,6 @@ class ExpertStats:
 
         return get_criterion(method).scores(self, seed)
 
-    def summary(self) -> dict[str, Any]:
-        """A small JSON-able summary: shape, completed layers, per-layer routed pair counts, etc."""
-        return {
-            "num_layers": self.num_layers,
-            "num_experts": self.num_experts,
-            "completed_layers": sorted(self.completed),
-            "routed_pairs_per_layer": [int(round(x)) for x in self.count.sum(1).tolist()],  # [L]
-            "never_routed_per_layer": [int(x) for x in (self.count == 0).sum(1).tolist()],  # [L]
-            "max_norm": float(self.max_norm.max()),
-            "missing_fields": sorted(self.missing),
-            "meta": self.meta,
-        }
-
 
 def choose_experts(scores: Tensor, n_drop: int) -> tuple[list[int], list[int]]:
     """Split experts into (kept, pruned), both sorted ascending, dropping the ``n_drop`` lowest scores.

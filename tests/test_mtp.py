@@ -328,3 +328,17 @@ def test_inspect_families_says_mtp_is_kept():
     assert res.exit_code == 0, res.output
     last = res.output.strip().splitlines()[-1]
     assert "MTP" in last and "kept" in last and "--drop-mtp" in last and "mtp.layers.k." in last
+
+
+def test_eval_of_a_model_with_mtp_is_the_main_models_loss(mtp_models, calibration_texts, tmp_path):
+    """`reap eval` streams the main model only: the same loss with and without the MTP module on disk."""
+    from reap.evaluate import EvalOptions, evaluate
+
+    src = mtp_models("glm")
+    data = tmp_path / "e.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration_texts))
+    engine = EngineOptions(device="cpu", dtype="float32", progress=False)
+    quiet = lambda _m: None  # noqa: E731
+    with_mtp = evaluate(EvalOptions(str(src), str(data), 512, 64, engine), log=quiet)["loss"]
+    without = evaluate(EvalOptions(str(src.parent / "glm-plain"), str(data), 512, 64, engine), log=quiet)["loss"]
+    assert with_mtp == pytest.approx(without, rel=1e-6)

@@ -132,7 +132,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     if engine.dtype not in DTYPES:
         raise UserError(f"--dtype {engine.dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     ckpt = Checkpoint(opts.model)
-    spec = derive_checked(ckpt)
+    spec = derive_checked(ckpt, keep_mtp=False)  # the loss is the main model's: MTP modules are not run
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code=engine.trust_remote_code, config=ckpt.config)
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -40,6 +40,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ["REAP_SHARED"]) if os.environ.get("REAP_SHARED") else ROOT.parent / "shared"
 if not SHARED.exists():
     SHARED = Path("/work/shared")
 RESULTS = ROOT / "benchmarks" / "results" / "criteria"

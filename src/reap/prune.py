@@ -610,10 +610,12 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
 
                 from reap.calibrate import calibrate
 
-                stats, summary = calibrate(replace(opts.calibration, model=str(ckpt.path), out=None,
-                                                   strict=opts.strict or opts.calibration.strict,
-                                                   drop_mtp=opts.drop_mtp), ckpt, log=log,
-                                           layout=spec)
+                cal = opts.calibration
+                if method != "greedy-rerouted":  # the search's order is read by that criterion only
+                    cal = replace(cal, engine=replace(cal.engine, greedy_tokens=0))
+                stats, summary = calibrate(replace(cal, model=str(ckpt.path), out=None,
+                                                   strict=opts.strict or cal.strict, drop_mtp=opts.drop_mtp), ckpt,
+                                           log=log, layout=spec)
                 log(f"calibrated {summary['tokens']} tokens in {summary['seconds']:.1f}s")
             else:
                 raise UserError(f"--method {method} needs calibration: pass --dataset DATA (e.g. a .jsonl file) "

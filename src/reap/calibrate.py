@@ -4,6 +4,9 @@ The calibration sequences go through :class:`reap.stream.LayerStreamer` one deco
 layer's statistics (float64, :mod:`reap.saliency`) are all-reduced across ranks and written after every layer
 (rank 0 only), so ``--resume`` continues at the next layer.
 
+Multi-token-prediction modules (kept unless ``drop_mtp``) run after the last decoder layer (:mod:`reap.mtp`);
+their statistics are rows num_layers + k of the stats file, and ``--resume`` continues across them.
+
 Data parallel: under ``torchrun`` each rank takes every WORLD_SIZE-th sequence, statistics are all-reduced after
 each layer (NCCL on GPU, gloo on CPU) and only rank 0 writes.
 

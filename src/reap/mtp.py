@@ -111,9 +111,7 @@ class MtpRunner:
         experts = layer.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{self.layout.num_layers + k}."):])
         experts._reap_probe = ExpertsProbe(accumulator)
         n = self.layout.num_layers + k
-        sample = hook = None  # the greedy re-routing order's token sample, as for every MoE layer (reap.stream)
-        if accumulator is not None and st.opts.greedy_tokens > 0:
-            sample, hook = st._greedy_sampler(layer, moe, experts, n)
+        sample, hook = st.greedy_start(layer, moe, experts, n, accumulator)  # as for every MoE layer (reap.stream)
         embed = st.model.get_input_embeddings()
         try:
             for i, b in enumerate(st.batches):
@@ -140,12 +138,7 @@ class MtpRunner:
                 y = layer(*args, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 st.store.put(i, fnorm(y))
-            if sample is not None:
-                if hook is not None:
-                    hook.remove()
-                    hook = None
-                accumulator.greedy_order, accumulator.greedy_note = st._greedy(layer, moe, experts, n, sample)
-                accumulator.greedy_sample = getattr(st, "_greedy_size", 0)
+            hook = st.greedy_finish(layer, moe, experts, n, sample, hook, accumulator)
         finally:
             if hook is not None:
                 hook.remove()

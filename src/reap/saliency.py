@@ -371,6 +371,16 @@ class TokenSample:
         return self._parts[0]
 
 
+def _greedy_steps(e: int, top_k: int, n_steps: int | None) -> int:
+    """The number of greedy removal steps (default E - top_k), checked against E and top-k."""
+    if not 0 < top_k < e:
+        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
+    n_steps = e - top_k if n_steps is None else n_steps
+    if not 0 <= n_steps <= e - top_k:
+        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    return n_steps
+
+
 def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_k: int, n_steps: int | None = None,
                           chunk: int = 4096) -> list[int]:
     """Experts of one layer in greedy removal order, minimizing the layer-output error with re-routing.
@@ -395,11 +405,7 @@ def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_
     if choice.shape != (t, e) or outputs.shape[:2] != (t, e):
         raise ValueError(f"weights {list(weights.shape)}, choice {list(choice.shape)} and outputs "
                          f"{list(outputs.shape)} must be [T, E], [T, E], [T, E, H]")
-    if not 0 < top_k < e:
-        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
-    n_steps = e - top_k if n_steps is None else n_steps
-    if not 0 <= n_steps <= e - top_k:
-        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    n_steps = _greedy_steps(e, top_k, n_steps)
     k = top_k
     removed = torch.zeros(e, dtype=torch.bool, device=weights.device)
     y0 = [_mix(weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk], removed, k)[0]
@@ -451,11 +457,7 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
     experts that loses one more changes its normalizer slightly; that change is ignored).
     """
     s, e, h = outputs.shape
-    if not 0 < top_k < e:
-        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
-    n_steps = e - top_k if n_steps is None else n_steps
-    if not 0 <= n_steps <= e - top_k:
-        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    n_steps = _greedy_steps(e, top_k, n_steps)
     k = top_k
     chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
     dev = outputs.device

@@ -748,8 +748,7 @@ class LayerStreamer:
             experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
             experts._reap_probe = ExpertsProbe(accumulator)
             probes.append(experts)
-            if accumulator is not None and self.opts.greedy_tokens > 0:
-                sample, hook = self._greedy_sampler(module, moe, experts, layer)
+            sample, hook = self.greedy_start(module, moe, experts, layer, accumulator)
         bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
                    desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
                    disable=not self.opts.progress or self.dist.rank != 0)
@@ -770,11 +769,7 @@ class LayerStreamer:
                 self.store.put(i, out)
                 bar.update(sum(b.lengths))
             if sample is not None:
-                if hook is not None:
-                    hook.remove()
-                    hook = None
-                accumulator.greedy_order, accumulator.greedy_note = self._greedy(module, moe, experts, layer, sample)
-                accumulator.greedy_sample = getattr(self, "_greedy_size", 0)
+                hook = self.greedy_finish(module, moe, experts, layer, sample, hook, accumulator)
         finally:
             bar.close()
             if hook is not None:
@@ -799,6 +794,23 @@ class LayerStreamer:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return greedy_sample_tokens(self.layout.num_experts, self.layout.hidden_size, elem, self.opts.greedy_tokens,
                                     self.opts.greedy_memory * (1 << 30))
+
+    def greedy_start(self, module, moe, experts, layer: int, accumulator):
+        """(TokenSample, hook) of the greedy search for this MoE layer (module: its decoder layer), or (None, None)
+        when nothing is accumulated or the search is off (``greedy_tokens`` 0)."""
+        if accumulator is None or self.opts.greedy_tokens <= 0:
+            return None, None
+        return self._greedy_sampler(module, moe, experts, layer)
+
+    def greedy_finish(self, module, moe, experts, layer: int, sample, hook, accumulator):
+        """After the layer's batches: stop sampling and put the greedy order (or why there is none) on
+        ``accumulator``. Returns the hook still to remove (None)."""
+        if hook is not None:
+            hook.remove()
+        if sample is not None:
+            accumulator.greedy_order, accumulator.greedy_note = self._greedy(module, moe, experts, layer, sample)
+            accumulator.greedy_sample = getattr(self, "_greedy_size", 0)
+        return None
 
     def _greedy_sampler(self, module, moe, experts, layer: int):
         """(TokenSample, hook): a forward pre-hook on the layer's MoE block keeps every ceil(T / S)-th real token of

@@ -6,6 +6,17 @@ from pathlib import Path
 
 import torch
 
+#: Kimi-K2-Thinking's quantization_config as released (compressed-tensors pack-quantized INT4, group 32)
+KIMI_INT4_QUANT = {
+    "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
+                                  "weights": {"actorder": None, "block_structure": None, "dynamic": False,
+                                              "group_size": 32, "num_bits": 4, "observer": "minmax",
+                                              "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                                              "type": "int"}}},
+    "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                                           "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+
 
 def random_sequences(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -295,3 +306,34 @@ def add_tensors(path: Path, tensors: dict[str, torch.Tensor], shard: str) -> Non
     if isinstance(index["metadata"].get("total_parameters"), int):  # parameters, as transformers counts them
         index["metadata"]["total_parameters"] += sum(t.numel() for t in tensors.values() if t.is_floating_point())
     index_path.write_text(json.dumps(index, indent=2))
+
+
+def write_sparse_shards(path: Path, tensors: list[tuple[str, str, list[int]]], sizes: dict[str, int], n_shards: int,
+                        shard_name) -> int:
+    """Shards of real safetensors headers with holes for data (each file os.truncate'd to its full size: no weight
+    is written or read), ``tensors`` (name, dtype, shape; ``sizes``: bytes per element of each dtype) spread over
+    ``n_shards`` files named ``shard_name(i)``, and their index. Returns the total data bytes."""
+    import json
+    import math
+    import os
+    import struct
+
+    per = -(-len(tensors) // n_shards)
+    weight_map, total = {}, 0
+    for i in range(n_shards):
+        name = shard_name(i)
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tname, dtype, shape in tensors[i * per : (i + 1) * per]:
+            n = math.prod(shape) * sizes[dtype]
+            header[tname] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[tname] = name
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(path / name, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        os.truncate(path / name, 8 + len(blob) + offset)
+        total += offset
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    return total

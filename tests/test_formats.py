@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import KIMI_INT4_QUANT as KIMI_QUANT
 from safetensors import safe_open
 
 from reap.checkpoint import Checkpoint
@@ -249,17 +250,6 @@ def test_nvfp4_modelopt_packer_and_dequantizer_equal_modelopt():
 
 
 # -- detection, parameter counts, companion checks ---------------------------------------------------------------
-KIMI_QUANT = {"config_groups": {"group_0": {"input_activations": None, "output_activations": None,
-                                            "targets": ["Linear"], "weights": {
-                                                "actorder": None, "block_structure": None, "dynamic": False,
-                                                "group_size": 32, "num_bits": 4, "observer": "minmax",
-                                                "observer_kwargs": {}, "strategy": "group", "symmetric": True,
-                                                "type": "int"}}},
-              "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                                                     "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-              "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
-
-
 def test_detection_of_compressed_tensors_and_modelopt(tmp_path):
     fmt = checkpoint_format({"quantization_config": KIMI_QUANT})
     assert fmt.name == "compressed-tensors"

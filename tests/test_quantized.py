@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_exact_surgery, load_causal_lm, random_sequences, stored_tensors
+from helpers import (KIMI_INT4_QUANT, assert_exact_surgery, load_causal_lm, random_sequences, stored_tensors,
+                     write_sparse_shards)
 from typer.testing import CliRunner
 
 from reap.arch import derive
@@ -297,15 +296,7 @@ def test_unsupported_quantization_exits_2_in_one_line(quantized, tmp_path, quant
 
 # -- a sparse full-size Kimi-K2-Thinking (INT4 experts) ----------------------------------------------------------
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-configs" / "Kimi-K2-Instruct" / "config.json"
-KIMI_THINKING_QUANT = {
-    "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
-                                  "weights": {"actorder": None, "block_structure": None, "dynamic": False,
-                                              "group_size": 32, "num_bits": 4, "observer": "minmax",
-                                              "observer_kwargs": {}, "strategy": "group", "symmetric": True,
-                                              "type": "int"}}},
-    "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                                           "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+KIMI_THINKING_QUANT = KIMI_INT4_QUANT  # Kimi-K2-Thinking's quantization_config as released
 SIZES = {"BF16": 2, "F32": 4, "I32": 4}
 
 
@@ -351,24 +342,8 @@ def write_sparse_kimi(path: Path, n_shards: int = 62) -> Path:
     config["quantization_config"] = KIMI_THINKING_QUANT
     path.mkdir()
     tensors = kimi_tensors(config)
-    per = -(-len(tensors) // n_shards)
-    weight_map, total = {}, 0
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:06d}.safetensors"  # as released: 6-digit total
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tname, dtype, shape in tensors[i * per: (i + 1) * per]:
-            n = math.prod(shape) * SIZES[dtype]
-            header[tname] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-            weight_map[tname] = name
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(path / name, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-        os.truncate(path / name, 8 + len(blob) + offset)
-        total += offset
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
+    # shard names as released: 6-digit total
+    write_sparse_shards(path, tensors, SIZES, n_shards, lambda i: f"model-{i + 1:05d}-of-{n_shards:06d}.safetensors")
     (path / "config.json").write_text(json.dumps(config))
     return path
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from helpers import write_sparse_shards
 
 from reap.cli import app
 
@@ -135,25 +135,8 @@ def write_sparse_model(path: Path, n_shards: int = 4) -> Path:
     c = FULL
     path.mkdir()
     tensors = full_tensors()
-    per = -(-len(tensors) // n_shards)
-    weight_map = {}
-    total = 0
-    for i in range(n_shards):
-        name = f"model-{i:05d}-of-00130.safetensors"  # zero-based, wrong "-of-N": as released
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tname, dtype, shape in tensors[i * per : (i + 1) * per]:
-            n = math.prod(shape) * SIZES[dtype]
-            header[tname] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-            weight_map[tname] = name
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(path / name, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-        os.truncate(path / name, 8 + len(blob) + offset)
-        total += offset
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
+    # shard names zero-based with a wrong "-of-N", as released
+    write_sparse_shards(path, tensors, SIZES, n_shards, lambda i: f"model-{i:05d}-of-00130.safetensors")
     config = {
         "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
         "auto_map": {"AutoConfig": "configuration_minimax_m2.MiniMaxM2Config",

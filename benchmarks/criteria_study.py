@@ -304,7 +304,7 @@ def cmd_greedy(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.fixture)
     xs = capture_inputs(model, calibration_ids(tok, args.docs))
-    from reap.saliency import n_to_drop
+    from reap.selection import n_to_drop
 
     k = model.config.num_experts_per_tok
     steps = n_to_drop(num_experts(model), max(RATIOS))  # enough for the table's ratios (the library default: E - k)
@@ -362,7 +362,7 @@ def quadratic_greedy_order(gram: torch.Tensor, n_drop: int) -> list[int]:
 
 
 def keep_from(scores: torch.Tensor, ratio: float) -> dict[int, list[int]]:
-    from reap.saliency import choose_experts, n_to_drop
+    from reap.selection import choose_experts, n_to_drop
 
     n = n_to_drop(scores.shape[1], ratio)
     return {layer: choose_experts(scores[layer], n)[0] for layer in range(scores.shape[0])}
@@ -373,7 +373,7 @@ def keep_for(stats, name: str, ratio: float, fixture: str, docs: int) -> dict[in
     from reap.selection import select
 
     if name == "greedy-quadratic":
-        from reap.saliency import n_to_drop
+        from reap.selection import n_to_drop
 
         e, n = stats.num_experts, n_to_drop(stats.num_experts, ratio)
         return {l: sorted(set(range(e)) - set(quadratic_greedy_order(stats.rr_gram[l], n))) for l in range(stats.num_layers)}
@@ -382,7 +382,7 @@ def keep_for(stats, name: str, ratio: float, fixture: str, docs: int) -> dict[in
         return keep_from(scores, ratio)
     base, _, modifier = name.partition("+")
     if base in CRITERIA and modifier in ("", "protect"):
-        return {layer: kept for layer, (kept, _) in select(stats, base, ratio, protect_super=bool(modifier)).items()}
+        return select(stats, base, ratio, protect_super=bool(modifier)).keep
     raise SystemExit(f"unknown criterion {name!r}")
 
 
@@ -419,11 +419,12 @@ def cmd_eval_keep(args) -> None:
 
 
 def cmd_tool(args) -> None:
-    """Eval of the experts reap itself chooses from a `reap calibrate` stats file (reap.prune.keep_from_scores on
+    """Eval of the experts reap itself chooses from a `reap calibrate` stats file (reap.selection.plan_from_scores on
     reap.criteria's scores), with the pruned-set overlap against the study's own choice for the same criterion at
     256 documents where that table has it."""
-    from reap.prune import keep_from_scores
-    from reap.saliency import ExpertStats, n_to_drop
+    from reap.plan import Routing
+    from reap.saliency import ExpertStats
+    from reap.selection import n_to_drop, plan_from_scores
 
     torch.set_num_threads(args.threads)
     stats = ExpertStats.load(RESULTS / f"{args.fixture}.docs{args.docs}.stats.safetensors")
@@ -438,7 +439,8 @@ def cmd_tool(args) -> None:
     for name in args.criteria.split(","):
         scores = stats.scores(name)
         for ratio in RATIOS:
-            keep = keep_from_scores(scores, layers, n_to_drop(stats.num_experts, ratio))
+            routing = Routing(args.fixture, stats.num_experts, 1)
+            keep = plan_from_scores(scores, routing, layers, n_to_drop(stats.num_experts, ratio), name).keep
             set_keep(model, keep)
             loss = eval_loss(model, inputs, targets)
             entry = {"loss": loss, "keep": {str(k): v for k, v in keep.items()}, "tokens": stats.meta.get("tokens")}

@@ -31,7 +31,7 @@ from reap.calibrate import CalibrateOptions, calibrate
 from reap.data import DataOptions
 from reap.evaluate import EvalOptions, evaluate, eval_stream, windows
 from reap.prune import PruneOptions, prune_model
-from reap.saliency import choose_experts, n_to_drop
+from reap.selection import choose_experts, n_to_drop
 from reap.stream import EngineOptions
 from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
 

@@ -24,7 +24,8 @@ from reap.calibrate import CalibrateOptions, calibrate
 from reap.checkpoint import Checkpoint
 from reap.data import DataOptions
 from reap.moe import ExpertsProbe, reap_experts_forward
-from reap.saliency import FIELDS, LayerAccumulator, choose_experts
+from reap.saliency import FIELDS, LayerAccumulator
+from reap.selection import choose_experts
 from reap.stream import EngineOptions, LayerStreamer
 
 

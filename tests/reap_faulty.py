@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import reap.prune  # noqa: E402
+import reap.surgery  # noqa: E402
 
 if os.environ.get("REAP_SLOW_SHARD") or os.environ.get("REAP_MARK"):
-    _write = reap.prune.write_safetensors
+    _write = reap.surgery.write_safetensors
 
     def slow_write(*args, **kwargs):
         mark = os.environ.get("REAP_MARK")
@@ -30,7 +30,7 @@ if os.environ.get("REAP_SLOW_SHARD") or os.environ.get("REAP_MARK"):
         time.sleep(float(os.environ.get("REAP_SLOW_SHARD") or 0))
         return _write(*args, **kwargs)
 
-    reap.prune.write_safetensors = slow_write
+    reap.surgery.write_safetensors = slow_write
 
 if os.environ.get("REAP_SLOW_LAYER"):
     import reap.stream
@@ -47,7 +47,7 @@ if os.environ.get("REAP_SLOW_LAYER"):
     reap.stream.LayerStreamer.run_layer = slow_layer
 
 if os.environ.get("REAP_NO_SPACE_CHECK"):
-    reap.prune.check_free_space = lambda *args, **kwargs: None
+    reap.surgery.check_free_space = lambda *args, **kwargs: None
 
 from reap.cli import main  # noqa: E402
 

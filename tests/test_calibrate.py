@@ -181,7 +181,7 @@ def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
 @pytest.mark.slow
 def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):
     """The same model in FP8 (dequantized on the fly) gives nearly the same saliency and the same choices."""
-    from reap.saliency import choose_experts
+    from reap.selection import choose_experts
 
     results = []
     for model in (mini_m2, mini_m2_fp8):

@@ -472,17 +472,17 @@ def test_a_stale_lock_is_taken_over(tiny_fp32, tmp_path):
 
 
 def test_a_target_that_appears_during_the_run_is_not_replaced(tiny_fp32, tmp_path, monkeypatch):
-    import reap.prune
+    import reap.surgery
 
     out = tmp_path / "out"
-    verify = reap.prune.verify
+    verify = reap.surgery.verify
 
     def meanwhile(*args, **kwargs):
         out.mkdir()
         (out / "theirs.txt").write_text("written by another program")
         return verify(*args, **kwargs)
 
-    monkeypatch.setattr(reap.prune, "verify", meanwhile)
+    monkeypatch.setattr(reap.surgery, "verify", meanwhile)
     refused(cli("prune", tiny_fp32, "--out", out, "--ratio", "0.25", "--method", "random", "-q"), "appeared while",
             "nothing was published")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and _beside(out) == []

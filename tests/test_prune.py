@@ -278,7 +278,7 @@ def test_pruned_model_equals_original_with_pruned_experts_masked(model, request,
 def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch):
     """An error (or Ctrl-C) after the 2nd shard leaves no target and no .NAME.incomplete-* folder."""
     import reap.checkpoint
-    import reap.prune
+    import reap.surgery
     from reap.prune import PruneOptions, prune_model
 
     real = reap.checkpoint.write_safetensors
@@ -298,7 +298,7 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
         calls.clear()
         failing = make_failing(exc)
         monkeypatch.setattr(reap.checkpoint, "write_safetensors", failing)
-        monkeypatch.setattr(reap.prune, "write_safetensors", failing)
+        monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
         target = tmp_path / "out"
         with pytest.raises(type(exc)):
             prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", progress=False),
@@ -314,7 +314,7 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     (target / "precious.txt").write_text("keep me")
     calls.clear()
     failing = make_failing(RuntimeError("disk full"))
-    monkeypatch.setattr(reap.prune, "write_safetensors", failing)
+    monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
     monkeypatch.setattr(reap.checkpoint, "write_safetensors", failing)
     with pytest.raises(RuntimeError):
         prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", overwrite=True,

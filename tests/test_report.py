@@ -23,7 +23,8 @@ from reap.report import (
     reproduce_command,
     write_model_card,
 )
-from reap.saliency import ExpertStats, choose_experts
+from reap.saliency import ExpertStats
+from reap.selection import choose_experts
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUIET = lambda *_: None  # noqa: E731

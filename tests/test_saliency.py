@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import socket
 
 import pytest
@@ -19,8 +18,6 @@ from reap.saliency import (
     METHODS,
     ExpertStats,
     LayerAccumulator,
-    choose_experts,
-    n_to_drop,
 )
 
 
@@ -258,21 +255,6 @@ def test_load_foreign_safetensors(tmp_path):
         ExpertStats.load(partial)
 
 
-def test_merge():
-    a = _filled_stats(seed=0, layers=(0,))
-    b = _filled_stats(seed=10, layers=(0, 1))
-    want_sum = {f: getattr(a, f) + getattr(b, f) for f in ("count", "gate_sum", "ean_sum", "reap_sum")}
-    want_max = torch.maximum(a.max_norm, b.max_norm)
-    assert not torch.equal(want_max, a.max_norm) and not torch.equal(want_max, b.max_norm)
-    a.merge(b)
-    for f, t in want_sum.items():
-        assert torch.equal(getattr(a, f), t), f
-    assert torch.equal(a.max_norm, want_max)
-    assert a.completed == {0, 1}
-    with pytest.raises(UserError):
-        a.merge(ExpertStats(3, 6))
-
-
 def _hand_stats() -> ExpertStats:
     # layer 0: expert 0 gets pairs (g=0.5,n=2),(g=0.25,n=4); expert 1 one pair (g=1,n=3); expert 2 never routed
     # layer 1: expert 2 gets (g=0.1,n=10) x3; expert 0 (g=0.9,n=1)
@@ -318,59 +300,3 @@ def test_scores_unknown_method():
         _hand_stats().scores("magnitude")
     msg = _one_line_user_error(ei)
     assert all(m in msg for m in METHODS)
-
-
-def test_choose_experts_drops_lowest():
-    scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7])
-    assert choose_experts(scores, 2) == ([0, 2, 4], [1, 3])
-    assert choose_experts(scores, 0) == ([0, 1, 2, 3, 4], [])
-    assert choose_experts(scores, 4) == ([2], [0, 1, 3, 4])
-
-
-def test_choose_experts_tie_rule():
-    # equal scores: the higher index is pruned first
-    assert choose_experts(torch.tensor([1.0, 1.0, 1.0, 1.0]), 1) == ([0, 1, 2], [3])
-    assert choose_experts(torch.tensor([2.0, 0.0, 0.0, 0.0, 5.0]), 2) == ([0, 1, 4], [2, 3])
-    assert choose_experts(torch.zeros(6, dtype=torch.float64), 3) == ([0, 1, 2], [3, 4, 5])
-
-
-def test_choose_experts_matches_brute_force():
-    rng = random.Random(0)
-    for _ in range(200):
-        e = rng.randint(1, 12)
-        vals = [float(rng.randint(0, 3)) for _ in range(e)]  # many ties
-        n = rng.randint(0, e - 1)
-        kept, pruned = choose_experts(torch.tensor(vals), n)
-        # independent rule: an expert is pruned iff at least E-n experts beat it in (score desc, index asc)
-        want_pruned = [i for i in range(e)
-                       if sum(1 for j in range(e) if (vals[j], -j) > (vals[i], -i)) >= e - n]
-        assert pruned == want_pruned and kept == [i for i in range(e) if i not in want_pruned]
-
-
-def test_choose_experts_rejects_nan_and_bad_n():
-    with pytest.raises(ValueError):
-        choose_experts(torch.tensor([1.0, float("nan"), 2.0]), 1)
-    with pytest.raises(ValueError):
-        choose_experts(torch.tensor([1.0, 2.0]), 2)
-    with pytest.raises(ValueError):
-        choose_experts(torch.tensor([1.0, 2.0]), -1)
-
-
-@pytest.mark.parametrize(
-    "num_experts,ratio,want",
-    [(256, 0.3, 76), (64, 0.3, 19), (256, 0.25, 64), (256, 0.4, 102), (128, 0.5, 64), (100, 0.29, 29),
-     (100, 0.57, 57), (10, 0.1 * 3, 3), (64, 0.0, 0), (8, 0.99, 7)],
-)
-def test_n_to_drop(num_experts, ratio, want):
-    assert n_to_drop(num_experts, ratio) == want
-
-
-def test_n_to_drop_needs_float_guard():
-    assert math.floor(100 * 0.29) == 28  # naive floor is wrong here
-    assert n_to_drop(100, 0.29) == 29
-
-
-@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
-def test_n_to_drop_bad_ratio(ratio):
-    with pytest.raises(UserError):
-        n_to_drop(64, ratio)

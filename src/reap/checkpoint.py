@@ -230,6 +230,19 @@ class Checkpoint:
             self._handles[info.shard] = handle
         return handle.get_tensor(name)
 
+    def integers(self, name: str):
+        """An integer tensor's values (numpy, flat) read from its stored bytes, without torch (expert-id tables,
+        compressed-tensors ``weight_shape``); UserError for a non-integer dtype."""
+        import numpy as np
+
+        info = self.infos[name]
+        dtype = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8}.get(info.dtype)
+        if dtype is None:
+            raise UserError(f"{name} is an expert-id table stored as {info.dtype}; reap renumbers integer tables")
+        with open(self.path / info.shard, "rb") as f:
+            f.seek(info.start)
+            return np.frombuffer(f.read(info.nbytes), dtype=dtype)
+
     def load(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """A weight ready for compute: FP8 block-quantized weights are dequantized with their scale."""
         import torch

@@ -9,18 +9,16 @@ files still load; the fields they lack are listed in ``ExpertStats.missing``) an
 through the criterion registry in :mod:`reap.criteria` (``reap``, ``ean``, ``frequency``, ...; ``METHODS``
 is re-exported here).
 
-:func:`choose_experts` drops the lowest-scoring experts of a layer; :func:`n_to_drop` turns a ratio into a
-count. Experts that were never routed have count 0 and score 0 under every criterion except ``random``.
+:mod:`reap.selection` turns scores into the experts kept. Experts that were never routed have count 0 and
+score 0 under every criterion except ``random``.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +195,6 @@ class ExpertStats:
                 self.missing.discard("greedy_rank")  # searched: the note says why this layer has no order
                 greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
 
-    def merge(self, other: ExpertStats) -> None:
-        """Add ``other`` into ``self`` (sums add, ``max_norm`` takes the max, ``completed`` and ``missing`` are
-        unions). Greedy ranks cannot be combined (they are a search over one token sample): they become missing.
-
-        ``self.meta`` is kept unchanged; the caller decides how to combine metadata.
-        """
-        if (other.num_layers, other.num_experts) != (self.num_layers, self.num_experts):
-            raise UserError(
-                f"cannot merge expert stats of shape [{other.num_layers}, {other.num_experts}] into "
-                f"[{self.num_layers}, {self.num_experts}]; merge only stats calibrated on the same model"
-            )
-        for f in _SUM_FIELDS:
-            getattr(self, f).add_(getattr(other, f))
-        torch.maximum(self.max_norm, other.max_norm, out=self.max_norm)
-        self.completed |= other.completed
-        self.missing |= other.missing | set(RANK_FIELDS)
-        for f in RANK_FIELDS:
-            getattr(self, f).fill_(float("nan"))
-
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file atomically (temporary file in the same folder, then ``os.replace``).
 
@@ -300,36 +279,6 @@ class ExpertStats:
         from reap.criteria import get_criterion
 
         return get_criterion(method).scores(self, seed)
-
-
-def choose_experts(scores: Tensor, n_drop: int) -> tuple[list[int], list[int]]:
-    """Split experts into (kept, pruned), both sorted ascending, dropping the ``n_drop`` lowest scores.
-
-    Experts are ranked by (score descending, index ascending) and the first E - n_drop are kept, so among
-    equal scores the higher index is pruned first. NaN scores raise ValueError.
-    """
-    s = scores.detach().reshape(-1).to("cpu", torch.float64)  # [E]
-    num_experts = s.numel()
-    if torch.isnan(s).any():
-        raise ValueError("expert scores contain NaN")
-    if not 0 <= n_drop < max(num_experts, 1):
-        raise ValueError(f"n_drop must be in [0, {num_experts}), got {n_drop}")
-    vals = s.tolist()
-    order = sorted(range(num_experts), key=lambda i: (-vals[i], i))
-    keep_n = num_experts - n_drop
-    return sorted(order[:keep_n]), sorted(order[keep_n:])
-
-
-def n_to_drop(num_experts: int, ratio: float) -> int:
-    """floor(num_experts * ratio), robust to float representation (256*0.3 -> 76, 100*0.29 -> 29).
-
-    The ratio is read through its shortest decimal repr (an exact Fraction), and a small epsilon absorbs
-    values such as 0.29999999999999999 that come out of arithmetic.
-    """
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-        raise UserError(f"prune ratio must be a number in [0, 1), got {ratio!r}; e.g. --ratio 0.5")
-    exact = Fraction(repr(float(ratio))) * num_experts
-    return int(math.floor(exact + Fraction(1, 10**9)))
 
 
 # -- greedy selection with re-routing ------------------------------------------------------------------------

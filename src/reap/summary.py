@@ -18,7 +18,8 @@ from typing import Any
 from reap.arch import human_bytes, human_count
 from reap.checkpoint import Checkpoint
 from reap.formats import stored_params
-from reap.rules import experts_to_drop
+from reap.plan import Routing
+from reap.selection import experts_to_drop
 
 
 def describe(ckpt: Checkpoint, ratio: float | None = None, keep_mtp: bool = True) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None, keep_mtp: bool = True
         "before": sizes(E),
     }
     if ratio is not None:
-        drop = experts_to_drop(spec, ratio)
+        drop = experts_to_drop(Routing.of(spec), ratio)
         info["ratio"] = ratio
         info["after"] = sizes(E - drop)
     return info

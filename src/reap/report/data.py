@@ -103,7 +103,7 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
             shown, scores = "reap", _stats_scores(stats, "reap")
         return ReportData(num_layers, num_experts, shown, scores, {k: list(v["pruned"]) for k, v in layers.items()},
                           report.get("ratio"), stats, report, str(report.get("source", "")))
-    from reap.saliency import METHODS, ExpertStats, choose_experts, n_to_drop
+    from reap.saliency import METHODS, ExpertStats
 
     if path.is_dir() and (path / STATS_NAME).is_file():
         path = path / STATS_NAME
@@ -119,12 +119,16 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
     stats = ExpertStats.load(path)
     scores = _stats_scores(stats, method)
     pruned: dict[int, list[int]] = {}
-    if ratio is not None:
-        n_drop = n_to_drop(stats.num_experts, ratio)
-        if n_drop == 0 or n_drop >= stats.num_experts:
-            raise UserError(f"--ratio {ratio} drops {n_drop} of {stats.num_experts} experts; pass a ratio that "
-                            "drops at least one and keeps at least one")
-        pruned = {layer: choose_experts(scores[layer], n_drop)[1] for layer in sorted(stats.completed)}
+    if ratio is not None:  # the cut reap prune --ratio would make (top-k and groups from the stats' metadata)
+        from reap.plan import Routing
+        from reap.selection import experts_to_drop, plan_from_scores
+
+        meta = stats.meta
+        routing = Routing(str(meta.get("family", "model")), stats.num_experts, int(meta.get("top_k") or 1),
+                          int(meta.get("n_group") or 1), int(meta.get("topk_group") or 1))
+        layers = sorted(stats.completed)
+        plan = plan_from_scores(scores, routing, layers, experts_to_drop(routing, ratio), method)
+        pruned = {layer: plan.pruned(layer) for layer in layers}
     return ReportData(stats.num_layers, stats.num_experts, method, scores, pruned, ratio, stats, None,
                       str(stats.meta.get("model", "")))
 

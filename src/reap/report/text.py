@@ -49,7 +49,7 @@ def summary_text(data: ReportData) -> str:
         for m in others:
             width = max(13, len(m) + 8)
             if pruned:
-                from reap.saliency import choose_experts  # others are only there with statistics (and torch)
+                from reap.selection import choose_experts  # others are only there with statistics (and torch)
 
                 theirs = set(choose_experts(data.stats.scores(m)[layer], len(pruned))[1])
                 overlap = len(theirs & set(pruned)) / len(pruned)

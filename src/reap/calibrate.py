@@ -198,6 +198,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         "mtp_layers": spec.mtp_layers,
         "num_experts": spec.num_experts,
         "top_k": spec.top_k,
+        "n_group": spec.n_group,  # expert groups: the cut `reap report --ratio` shows keeps them equal
+        "topk_group": spec.topk_group,
         "data": _data_meta(opts.data),
         "dtype": opts.engine.dtype,
     }
@@ -315,6 +317,10 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     ran = rows - first  # layers run in this call, replayed ones included
     summary = {"tokens": tokens, "seconds": round(seconds, 3), "layers": rows - start_layer,
                "layers_run": ran, "tokens_per_second_per_layer": round(tokens * ran / max(seconds, 1e-9), 1),
+               # where the time went: the embedding, each layer run, and of that the wait for its weights
+               "embed_seconds": round(streamer.stats.embed_seconds, 3),
+               "layer_seconds": [round(t, 3) for t in streamer.stats.layer_seconds],
+               "weights_wait_seconds": [round(t, 3) for t in streamer.stats.wait_seconds],
                **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()}}
     stats.meta["summary"] = summary
     if out is not None and dist.rank == 0:

@@ -453,7 +453,9 @@ class LayerReader:
 @dataclass
 class StreamStats:
     tokens: int = 0
-    layer_seconds: list[float] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # per layer run: load + forward + statistics
+    wait_seconds: list[float] = field(default_factory=list)  # of which waiting for the layer's weights
+    embed_seconds: float = 0.0
 
 
 class LayerStreamer:
@@ -731,16 +733,19 @@ class LayerStreamer:
     # -- running
     def embed(self) -> None:
         """The hidden states the base model gives layer 0 (embeddings, scaled or expanded as the model does)."""
+        t0 = time.perf_counter()
         with torch.inference_mode():
             for i in range(len(self.batches)):
                 args, kwargs = self.layer_call(i, 0)
                 self.store.put(i, args[0] if args else kwargs["hidden_states"])
+        self.stats.embed_seconds += time.perf_counter() - t0
 
     @torch.inference_mode()
     def run_layer(self, layer: int, accumulator=None, desc: str | None = None) -> None:
         """Run every batch through decoder layer ``layer``; MoE statistics go to ``accumulator``."""
         t0 = time.perf_counter()
         module = self.load_layer(layer)
+        self.stats.wait_seconds.append(time.perf_counter() - t0)
         probes = []
         moe = self.layout.moe.get(layer)
         sample = hook = None

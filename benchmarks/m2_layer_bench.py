@@ -190,13 +190,13 @@ def whole_cli(model: Path, tokens: int, workdir: Path) -> dict:
     out = workdir / "cli.stats"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "reap", "calibrate", str(model), "--dataset", str(data), "--max-length", "2048",
-           "--out", str(out), "--device", DEVICE, "-q"]
+           "--out", str(out), "--device", DEVICE, "-q", "--json"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
     wall = time.perf_counter() - t0
     if proc.returncode:
         return {"error": proc.stderr[-2000:]}
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: one object
     return {"wall_s": round(wall, 2), **summary}
 
 

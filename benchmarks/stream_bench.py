@@ -4,6 +4,7 @@ forward alone, and where the hidden states live (run on a CUDA machine).
     PYTHONPATH=src python benchmarks/stream_bench.py --out $OUT/stream.json [--workdir /tmp/stream-bench]
         [--memory-layers 2 6] [--memory-tokens 262144] [--cli-tokens 1048576]
         [--offload-tokens 1048576 10485760] [--disk-tokens 4194304] [--skip memory cli offload]
+        [--cli-cache cold warm] [--cli-variants '' '--greedy-tokens 0']
 
 Random-weight FP8 checkpoints (benchmarks/rewrite_bench.py's generator, hidden 3072, 256 experts) with 2 and 6
 (``--memory-layers``) decoder layers, a byte-level tokenizer, random text of 2048 tokens per document:
@@ -75,13 +76,13 @@ def run_cli(model: Path, data: Path, out: Path, *extra: str) -> dict:
             "sys.argv = ['reap'] + sys.argv[1:]\n"
             "runpy.run_module('reap', run_name='__main__')\n")
     cmd = [sys.executable, "-c", code, "calibrate", str(model), "--dataset", str(data), "--max-length", "2048",
-           "--out", str(out), "--device", DEVICE, "-q", *extra]
+           "--out", str(out), "--device", DEVICE, "-q", "--json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
     wall = time.perf_counter() - t0
     if proc.returncode:
         return {"error": proc.stderr[-3000:]}
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # --json: one object
     mem = next((json.loads(line[5:]) for line in proc.stderr.splitlines() if line.startswith("PROC ")), {})
     plan = next((line for line in proc.stderr.splitlines() if line.startswith("plan:")), "")
     return {"wall_s": round(wall, 2), "plan": plan, "proc": mem, **summary}
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--offload-tokens", type=int, nargs="*", default=[1048576, 10485760])
     ap.add_argument("--disk-tokens", type=int, default=4194304)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--cli-cache", nargs="*", default=["cold", "warm"], help="cli runs from the disk and/or the page cache")
+    ap.add_argument("--cli-variants", nargs="*", default=[""], help="extra flags of each warm cli run, e.g. '' "
+                    "'--greedy-tokens 0'")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dims", type=json.loads, default=None)
     args = ap.parse_args()
@@ -167,13 +171,18 @@ def main() -> None:
     if "cli" not in args.skip:
         n = max(models)
         data = data_file(args.workdir, args.cli_tokens)
-        result["cli"] = run_cli(models[n], data, args.workdir / "cli.stats", "--checkpoint-every", "0")
-        result["cli_with_hidden_checkpoints"] = run_cli(models[n], data, args.workdir / "cli2.stats")
-        run_cli(models[n], data, args.workdir / "cli3.stats", "--checkpoint-every", "0", "--keep-page-cache")  # warms
-        result["cli_page_cache_warm"] = run_cli(models[n], data, args.workdir / "cli3.stats", "--checkpoint-every",
-                                                "0", "--keep-page-cache")
-        for key in ("cli", "cli_with_hidden_checkpoints", "cli_page_cache_warm"):
-            print(key, json.dumps(result[key]), flush=True)
+        if "cold" in args.cli_cache:
+            result["cli"] = run_cli(models[n], data, args.workdir / "cli.stats", "--checkpoint-every", "0")
+            result["cli_with_hidden_checkpoints"] = run_cli(models[n], data, args.workdir / "cli2.stats")
+            for key in ("cli", "cli_with_hidden_checkpoints"):
+                print(key, json.dumps(result[key]), flush=True)
+        if "warm" in args.cli_cache:
+            warm = ("--checkpoint-every", "0", "--keep-page-cache")
+            run_cli(models[n], data, args.workdir / "cli3.stats", *warm)  # brings the checkpoint into the page cache
+            for variant in args.cli_variants:  # extra flags of each warm run ("": the defaults)
+                key = "cli_page_cache_warm" + (f" {variant}" if variant else "")
+                result[key] = run_cli(models[n], data, args.workdir / "cli3.stats", *warm, *variant.split())
+                print(key, json.dumps(result[key]), flush=True)
         save()
     if "offload" not in args.skip:
         for n, path in models.items():  # the disk runs need the room

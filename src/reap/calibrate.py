@@ -321,6 +321,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                "embed_seconds": round(streamer.stats.embed_seconds, 3),
                "layer_seconds": [round(t, 3) for t in streamer.stats.layer_seconds],
                "weights_wait_seconds": [round(t, 3) for t in streamer.stats.wait_seconds],
+               "greedy_seconds": round(streamer.stats.greedy_seconds, 3),
                **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()}}
     stats.meta["summary"] = summary
     if out is not None and dist.rank == 0:

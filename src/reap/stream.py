@@ -456,6 +456,7 @@ class StreamStats:
     layer_seconds: list[float] = field(default_factory=list)  # per layer run: load + forward + statistics
     wait_seconds: list[float] = field(default_factory=list)  # of which waiting for the layer's weights
     embed_seconds: float = 0.0
+    greedy_seconds: float = 0.0  # the greedy-rerouted search after the layers' forward (included in layer_seconds)
 
 
 class LayerStreamer:
@@ -774,7 +775,9 @@ class LayerStreamer:
                 self.store.put(i, out)
                 bar.update(sum(b.lengths))
             if sample is not None:
+                tg = time.perf_counter()
                 hook = self.greedy_finish(module, moe, experts, layer, sample, hook, accumulator)
+                self.stats.greedy_seconds += time.perf_counter() - tg
         finally:
             bar.close()
             if hook is not None:

@@ -41,5 +41,5 @@ assert res.exit_code == 0, res.output
 
 
 def test_the_byte_layer_of_the_rewrite_imports_no_torch():
-    got = _imported("import reap.checkpoint, reap.staging, reap.validate, reap.errors, reap.progress")
+    got = _imported("import reap.checkpoint, reap.writer, reap.staging, reap.validate, reap.errors, reap.progress")
     assert not got["torch"] and not got["transformers"], got

@@ -277,11 +277,11 @@ def test_pruned_model_equals_original_with_pruned_experts_masked(model, request,
 
 def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch):
     """An error (or Ctrl-C) after the 2nd shard leaves no target and no .NAME.incomplete-* folder."""
-    import reap.checkpoint
     import reap.surgery
+    import reap.writer
     from reap.prune import PruneOptions, prune_model
 
-    real = reap.checkpoint.write_safetensors
+    real = reap.writer.write_safetensors
     calls = []
 
     def make_failing(exc):
@@ -297,7 +297,6 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     for exc in (RuntimeError("disk full"), KeyboardInterrupt()):
         calls.clear()
         failing = make_failing(exc)
-        monkeypatch.setattr(reap.checkpoint, "write_safetensors", failing)
         monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
         target = tmp_path / "out"
         with pytest.raises(type(exc)):
@@ -315,7 +314,6 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     calls.clear()
     failing = make_failing(RuntimeError("disk full"))
     monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
-    monkeypatch.setattr(reap.checkpoint, "write_safetensors", failing)
     with pytest.raises(RuntimeError):
         prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", overwrite=True,
                                  progress=False), log=lambda *_: None)

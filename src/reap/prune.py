@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from reap import __version__
 from reap.arch import Layout
-from reap.checkpoint import Checkpoint, check_output_dir
+from reap.checkpoint import Checkpoint
 from reap.errors import UserError, plural
 from reap.plan import ExpertPlan, Routing
 from reap.selection import experts_to_drop, plan_from_scores, read_keep_file
-from reap.staging import OutputLock, clean_stale
+from reap.staging import OutputLock, check_output_dir, clean_stale
 from reap.surgery import SurgeryResult, id_remap, rewrite
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it

@@ -11,6 +11,7 @@ ever published.
   run beside the same target, and reported; leftovers of a running process or another host are reported only.
 * :func:`check_free_space`, :func:`write_text`, :func:`check_complete`: bytes needed against bytes free before the
   first byte is written; side files written, flushed and size-checked; no empty or short file in an output.
+* :func:`check_output_dir`: an output that is, holds or lies inside an input, or exists non-empty, is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,22 @@ def check_complete(folder: Path, copied: Mapping[str, int]) -> None:
             raise OSError(errno.EIO, f"copied {size} of {copied[rel]} bytes (is the disk full?)", str(p))
         if rel not in copied and size == 0:
             raise OSError(errno.EIO, "the file is empty after writing it (is the disk full?)", str(p))
+
+
+def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
+    """Refuse an output that is, or is inside, or contains an input, or exists non-empty (unless overwrite)."""
+    out = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out} is the input model directory or inside it; choose a directory elsewhere")
+        if out in src.parents:
+            raise UserError(f"--out {out} contains the input model {src}; choose a directory that does not")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is a file; choose a new directory")
+        if any(out.iterdir()) and not overwrite:
+            raise UserError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    if not out.parent.exists():
+        raise UserError(f"the parent of --out ({out.parent}) does not exist; create it first")
+    return out

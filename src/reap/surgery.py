@@ -26,23 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from reap.arch import Layout, human_bytes
-from reap.checkpoint import (
-    CONFIG_NAME,
-    INDEX_NAME,
-    BackgroundSync,
-    Checkpoint,
-    Entry,
-    atomic_directory,
-    other_files,
-    write_json,
-    write_safetensors,
-)
+from reap.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint
 from reap.errors import UserError
 from reap.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
 from reap.plan import ExpertPlan
 from reap.progress import Progress
-from reap.staging import check_complete, check_free_space, estimate_bytes
+from reap.staging import atomic_directory, check_complete, check_free_space, estimate_bytes
 from reap.verify import verify
+from reap.writer import BackgroundSync, Entry, other_files, write_json, write_safetensors
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from reap.checkpoint import DTYPE_NAMES, Checkpoint, Entry, tensor_bytes, write_json, write_safetensors
+from reap.checkpoint import DTYPE_NAMES, Checkpoint
+from reap.writer import Entry, tensor_bytes, write_json, write_safetensors
 
 # linear layers stored in FP8 by the released checkpoints: experts, shared experts, dense MLPs and attention
 FP8_PATTERN = re.compile(r"(experts\.\d+\.w[123]|self_attn\.[qkvo]_proj|self_attn\.(q_a|q_b|kv_a|kv_b)_proj\w*"

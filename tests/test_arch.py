@@ -7,9 +7,11 @@ from collections import Counter
 
 import pytest
 
-from reap.arch import build_config, derive, derive_model, disk_axis, human_bytes, human_count
+from reap.arch import build_config, derive, human_bytes, human_count
 from reap.checkpoint import Checkpoint
+from reap.disk_layout import disk_axis
 from reap.errors import UserError
+from reap.model_layout import derive_model
 
 
 @pytest.mark.parametrize(

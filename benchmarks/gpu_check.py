@@ -33,7 +33,7 @@ def check_grouped(device) -> dict:
     """reap's experts implementation on a bf16 MiniMax-M2 experts module: the grouped matmul path == the loop."""
     from transformers import AutoModelForCausalLM
 
-    from reap.arch import is_experts_module
+    from reap.model_layout import is_experts_module
     from reap.tiny import tiny_config
 
     torch.manual_seed(0)

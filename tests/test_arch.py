@@ -7,9 +7,12 @@ from collections import Counter
 
 import pytest
 
-from reap.arch import build_config, derive, derive_model, disk_axis, human_bytes, human_count
+from reap.arch import build_config, derive, human_bytes, human_count
 from reap.checkpoint import Checkpoint
+from reap.plan import Routing
+from reap.disk_layout import disk_axis
 from reap.errors import UserError
+from reap.model_layout import derive_model
 
 
 @pytest.mark.parametrize(
@@ -69,7 +72,7 @@ def test_groups_and_dense_layers_are_read_off_the_model(tmp_path):
     from reap.tiny import make_tiny_model
 
     layout = derive(Checkpoint(make_tiny_model(tmp_path / "d", family="deepseek_v3")))
-    assert (layout.n_group, layout.topk_group, layout.min_kept()) == (4, 2, 8)
+    assert (layout.n_group, layout.topk_group, Routing.of(layout).min_kept()) == (4, 2, 8)
     assert layout.moe_layers == [1, 2]  # first_k_dense_replace 1
     assert all(r.kind == "other" for n, r in layout.roles.items() if "shared_experts" in n)
 

@@ -18,8 +18,9 @@ from reap.arch import derive
 from reap.calibrate import CalibrateOptions, calibrate
 from reap.checkpoint import Checkpoint
 from reap.data import DataOptions
+from reap.hidden import make_batches
 from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
-from reap.stream import EngineOptions, LayerStreamer, make_batches
+from reap.stream import EngineOptions, LayerStreamer
 
 LENGTHS = (23, 40, 7, 31)
 

@@ -15,7 +15,7 @@ def _experts(family: str, seed: int = 0):
     """A tiny model's first experts module with spread-out random weights (float32, on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from reap.arch import is_experts_module
+    from reap.model_layout import is_experts_module
     from reap.tiny import tiny_family_config
 
     torch.manual_seed(seed)

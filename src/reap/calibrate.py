@@ -31,7 +31,8 @@ from reap.arch import Layout
 from reap.checkpoint import Checkpoint
 from reap.errors import UserError, plural
 from reap.progress import Progress, use_bars
-from reap.stream import Dist, EngineOptions, LayerStreamer, peak_memory
+from reap.ranks import Dist
+from reap.stream import EngineOptions, LayerStreamer, peak_memory
 
 #: fewer routed (token, expert) pairs per expert than this in a layer is thin calibration data
 MIN_PAIRS_PER_EXPERT = 4

@@ -145,7 +145,7 @@ def register() -> None:
 
 def use_reap_experts(model) -> list:
     """Switch every experts module of ``model`` to reap's implementation; returns those modules."""
-    from reap.arch import is_experts_module
+    from reap.model_layout import is_experts_module
 
     register()
     model.set_experts_implementation(IMPLEMENTATION)

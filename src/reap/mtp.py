@@ -81,7 +81,7 @@ class MtpRunner:
     def _load_layer(self, k: int) -> torch.nn.Module:
         """Module k's decoder layer: transformers' layer num_hidden_layers + k of the extended model, loaded by its
         loader (stored MTP layer names spelled as the main layers' where the family stores them apart)."""
-        from reap.stream import load_into
+        from reap.weights import load_into
 
         n = self.layout.num_layers + k
         names = self.st._stored.get(n, [])
@@ -100,7 +100,8 @@ class MtpRunner:
     @torch.inference_mode()
     def run(self, k: int, accumulator=None) -> None:
         """MTP module k over every batch: statistics to ``accumulator``; the store then holds its normed output."""
-        from reap.stream import Batch, to_meta
+        from reap.hidden import Batch
+        from reap.weights import to_meta
 
         st = self.st
         own = self._own(k)

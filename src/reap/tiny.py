@@ -142,7 +142,7 @@ def _make_generic(path: Path, model_type: str, dtype: torch.dtype, shard_size: s
     """A tiny random checkpoint of any MoE model type (:func:`reap.tiny_configs.tiny_config`): routers spread so
     that routing depends on the input, experts non-trivial, expert-id tables (hash routing) filled with distinct
     random experts per token; saved by transformers in several shards with the byte-level tokenizer."""
-    from reap.arch import derive_model
+    from reap.model_layout import derive_model
     from reap.tiny_configs import causal_lm_class, tiny_config
 
     cfg = tiny_config(model_type, **overrides)

@@ -14,7 +14,7 @@ checkpoint against transformers' model.
   and correction bias is finite (these are read: a few MB per layer).
 
 The expert count on disk against config.json (more experts stored than the config says, or fewer) is checked
-by :func:`reap.arch.map_checkpoint` as it gives every stored tensor its role. Every failure is a
+by :func:`reap.disk_layout.map_checkpoint` as it gives every stored tensor its role. Every failure is a
 :class:`reap.errors.UserError` naming the tensor and the shard.
 """
 

@@ -9,10 +9,10 @@ import pytest
 
 from reap.arch import build_config, derive, human_bytes, human_count
 from reap.checkpoint import Checkpoint
-from reap.plan import Routing
 from reap.disk_layout import disk_axis
 from reap.errors import UserError
 from reap.model_layout import derive_model
+from reap.plan import Routing
 
 
 @pytest.mark.parametrize(

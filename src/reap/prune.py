@@ -42,6 +42,7 @@ from reap.checkpoint import (
 )
 from reap.errors import UserError, plural
 from reap.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
+from reap.options import PruneOptions
 from reap.progress import Progress
 from reap.rules import experts_to_drop
 from reap.staging import OutputLock, check_complete, check_free_space, clean_stale, estimate_bytes
@@ -518,28 +519,6 @@ def base_report(ckpt: Checkpoint, spec: Layout, method: str, ratio: float | None
 
 
 # -- the whole job -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PruneOptions:
-    """Everything ``reap prune`` needs. Exactly one of keep_file / ratio."""
-
-    model: str
-    out: Path
-    ratio: float | None = None
-    keep_file: Path | None = None
-    method: str = "greedy-rerouted"  # reap.criteria.DEFAULT
-    seed: int = 0
-    multiple_of: int = 1  # round the kept count per layer down to a multiple of this (expert parallelism)
-    protect_super: bool = False  # never prune super experts (reap.selection.super_experts)
-    stats: Path | None = None  # reuse a `reap calibrate` stats file
-    calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
-    overwrite: bool = False
-    progress: bool = True
-    fsync: bool = True  # flush the output to disk before publishing it (False: leave it to the OS, like cp)
-    recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
-    strict: bool = False  # thin calibration statistics (reap.calibrate.thin_data) are an error, not a warning
-    drop_mtp: bool = False  # leave multi-token-prediction modules out instead of pruning them like every layer
-
-
 def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     """Check everything, choose the experts (keep file, random, stats file or calibration), rewrite.
 

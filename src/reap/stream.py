@@ -26,7 +26,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,36 +37,9 @@ from reap.checkpoint import Checkpoint
 from reap.errors import UserError
 from reap.formats import dequantize, group_parts
 from reap.moe import ExpertsProbe, use_reap_experts
+from reap.options import EngineOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to run the layer streamer."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
-    batch_tokens: int = 16384  # padded tokens per forward batch
-    offload: str = "auto"  # where hidden states live between layers: auto | device | cpu | disk
-    workdir: Path | None = None  # for offload=disk (default: a temporary directory)
-    keep_page_cache: bool = False  # leave what was read in the page cache (faster re-runs, memory counted by cgroups)
-    # several ranks: "share" reads 1/N of each layer per rank and all-gathers the rest (NCCL), "read" has every rank
-    # read it all; "auto" shares on GPUs
-    exchange: str = "auto"
-    progress: bool = True
-    trust_remote_code: bool = False
-    # greedy re-routing order (the default criterion): per MoE layer a strided sample of at most this many of its
-    # input tokens (0: not computed), with every expert's output on them ([S, E, H]) within greedy_memory GiB
-    greedy_tokens: int = 65536
-    greedy_memory: float = 4.0
-
-    def resolved(self) -> "EngineOptions":
-        """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
-        if self.dtype != "auto":
-            return self
-        gpu = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return replace(self, dtype="bfloat16" if gpu else "float32")
 
 
 # -- torch.distributed -------------------------------------------------------------------------------

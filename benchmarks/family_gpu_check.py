@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from reap.arch import build_config, model_class
-from reap.calibrate import CalibrateOptions, calibrate
-from reap.data import DataOptions
-from reap.evaluate import EvalOptions, evaluate, eval_stream, windows
-from reap.prune import PruneOptions, prune_model
+from reap.calibrate import calibrate
+from reap.evaluate import evaluate, eval_stream, windows
+from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+from reap.prune import prune_model
 from reap.selection import choose_experts, n_to_drop
-from reap.stream import EngineOptions
 from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
 
 #: the families named in the "any family" issue, as transformers model types

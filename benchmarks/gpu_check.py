@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from reap.arch import derive
-from reap.calibrate import CalibrateOptions, calibrate
+from reap.calibrate import calibrate
 from reap.checkpoint import Checkpoint
-from reap.data import DataOptions
 from reap.moe import ExpertsProbe, reap_experts_forward
+from reap.options import CalibrateOptions, DataOptions, EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator
 from reap.selection import choose_experts
-from reap.stream import EngineOptions, LayerStreamer
+from reap.stream import LayerStreamer
 
 
 def check_grouped(device) -> dict:

@@ -41,8 +41,9 @@ from rewrite_bench import M2, make_m2_checkpoint  # noqa: E402
 from reap.arch import derive  # noqa: E402
 from reap.checkpoint import Checkpoint  # noqa: E402
 from reap.moe import IMPLEMENTATION, ExpertsProbe  # noqa: E402
+from reap.options import EngineOptions  # noqa: E402
 from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
+from reap.stream import LayerStreamer  # noqa: E402
 
 
 DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (small --dims) on a machine without a GPU

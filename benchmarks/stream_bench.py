@@ -37,8 +37,9 @@ from rewrite_bench import make_m2_checkpoint  # noqa: E402
 
 from reap.arch import derive  # noqa: E402
 from reap.checkpoint import Checkpoint  # noqa: E402
+from reap.options import EngineOptions  # noqa: E402
 from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
+from reap.stream import LayerStreamer  # noqa: E402
 from reap.tiny import make_byte_tokenizer  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu --dims '{...}': a dry run of the script's logic on a machine without a GPU

@@ -15,12 +15,12 @@ from helpers import (assert_reference_outputs, feed_reference_inputs, hooked_sta
                      reference_layers)
 
 from reap.arch import derive
-from reap.calibrate import CalibrateOptions, calibrate
+from reap.calibrate import calibrate
 from reap.checkpoint import Checkpoint
-from reap.data import DataOptions
 from reap.hidden import make_batches
+from reap.options import CalibrateOptions, DataOptions, EngineOptions
 from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
-from reap.stream import EngineOptions, LayerStreamer
+from reap.stream import LayerStreamer
 
 LENGTHS = (23, 40, 7, 31)
 

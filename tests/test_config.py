@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from reap.chat import to_chat
-from reap.data import DataOptions, calibration_sequences, parse_dataset_spec
+from reap.data import calibration_sequences, parse_dataset_spec
 from reap.errors import UserError
+from reap.options import DataOptions
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("minimax-m2-*.yaml"))

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from reap.calibrate import CalibrateOptions, EngineOptions, calibrate
-from reap.data import DataOptions, load_tokenizer
+from reap.calibrate import calibrate
+from reap.data import load_tokenizer
 from reap.errors import UserError
-from reap.evaluate import EvalOptions, compare, evaluate, windows
-from reap.prune import PruneOptions, prune_model
+from reap.evaluate import compare, evaluate, windows
+from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+from reap.prune import prune_model
 
 CPU = EngineOptions(device="cpu", dtype="float32", progress=False)
 QUIET = lambda *_: None  # noqa: E731

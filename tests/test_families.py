@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.options import EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator
-from reap.stream import EngineOptions, LayerStreamer
+from reap.stream import LayerStreamer
 
 pytestmark = pytest.mark.slow  # the named families in their released formats, end to end: ~1 minute
 
@@ -148,8 +149,8 @@ def test_groups_stay_equal_and_contiguous(family_models, tmp_path, name):
 def _calibrate_on_source(model: Path, tmp_path: Path, stats_path: Path, files: int, chars: int, max_length: int):
     """`calibrate` on CPU with the first ``chars`` characters of reap's first ``files`` source files as the data;
     the statistics are also written to ``stats_path``. Returns (stats, summary)."""
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
+    from reap.calibrate import calibrate
+    from reap.options import CalibrateOptions, DataOptions
 
     sources = sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:files]
     data = tmp_path / "d.jsonl"

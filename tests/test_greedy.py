@@ -103,7 +103,8 @@ def test_router_driver_equals_pruned_checkpoint(family, tmp_path):
     from reap.arch import derive
     from reap.checkpoint import Checkpoint
     from reap.moe import RouterDriver, use_reap_experts
-    from reap.prune import PruneOptions, prune_model
+    from reap.options import PruneOptions
+    from reap.prune import prune_model
     from reap.tiny import make_tiny_model
 
     src = make_tiny_model(tmp_path / "m", family=family, seed=3)
@@ -264,11 +265,10 @@ def test_default_reproduces_its_table_on_mini_qwen3moe(tmp_path):
     exactly the greedy order of the study's independent implementation (benchmarks/results/criteria, its own
     routing code and hooks on transformers' model), and the checkpoint `reap prune` writes from it has the table's
     loss (docs/criteria.md: 2.7635 at 0.3, 16 documents) under `reap eval` on the table's eval slice."""
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
-    from reap.evaluate import EvalOptions, evaluate
-    from reap.prune import PruneOptions, prune_model
-    from reap.stream import EngineOptions
+    from reap.calibrate import calibrate
+    from reap.evaluate import evaluate
+    from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+    from reap.prune import prune_model
 
     root = Path(__file__).resolve().parents[1]
     shared = root.parent / "shared" if (root.parent / "shared").exists() else Path("/work/shared")

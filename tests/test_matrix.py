@@ -26,8 +26,9 @@ from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
 from reap.families import MATRIX_NAME, load_matrix, markdown_table
+from reap.options import EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator
-from reap.stream import EngineOptions, LayerStreamer
+from reap.stream import LayerStreamer
 
 pytestmark = pytest.mark.slow  # every MoE model type of transformers end to end: ~2 minutes on 2 cores
 

@@ -27,8 +27,9 @@ from typer.testing import CliRunner
 from reap.arch import MTP_STYLES, derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.options import EngineOptions
 from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
-from reap.stream import EngineOptions, LayerStreamer
+from reap.stream import LayerStreamer
 
 FAMILIES = {"deepseek": "deepseek_v3", "glm": "glm4_moe", "qwen3_next": "qwen3_next"}
 LENGTHS = (23, 40, 7, 31)
@@ -284,9 +285,9 @@ def test_drop_mtp_leaves_the_module_out(mtp_models, tmp_path, name):
 def test_resume_continues_across_the_mtp_module(mtp_models, calibration_texts, tmp_path, monkeypatch):
     """An interrupt in the MTP module leaves the decoder layers' rows; --resume computes the MTP row only and the
     file equals an uninterrupted run's; prune --stats of a file without MTP rows says how to fix it."""
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
+    from reap.calibrate import calibrate
     from reap.errors import UserError
+    from reap.options import CalibrateOptions, DataOptions
 
     src = mtp_models("glm")
     data = tmp_path / "d.jsonl"
@@ -332,7 +333,8 @@ def test_inspect_families_says_mtp_is_kept():
 
 def test_eval_of_a_model_with_mtp_is_the_main_models_loss(mtp_models, calibration_texts, tmp_path):
     """`reap eval` streams the main model only: the same loss with and without the MTP module on disk."""
-    from reap.evaluate import EvalOptions, evaluate
+    from reap.evaluate import evaluate
+    from reap.options import EvalOptions
 
     src = mtp_models("glm")
     data = tmp_path / "e.jsonl"

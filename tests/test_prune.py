@@ -279,7 +279,8 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     """An error (or Ctrl-C) after the 2nd shard leaves no target and no .NAME.incomplete-* folder."""
     import reap.surgery
     import reap.writer
-    from reap.prune import PruneOptions, prune_model
+    from reap.options import PruneOptions
+    from reap.prune import prune_model
 
     real = reap.writer.write_safetensors
     calls = []
@@ -325,7 +326,8 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
 def test_no_fsync_writes_the_same_checkpoint(tiny_fp8, tmp_path):
     """--no-fsync changes when bytes reach the disk, never which bytes: same files, same contents (the report
     and card differ only in their timestamps and command line)."""
-    from reap.prune import PruneOptions, prune_model
+    from reap.options import PruneOptions
+    from reap.prune import prune_model
 
     outs = {}
     for fsync in (True, False):

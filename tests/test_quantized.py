@@ -215,8 +215,9 @@ def test_streamed_layers_equal_transformers(quantized, tmp_path, name):
     whose weights test_prune_with_calibration_exact_verified_loadable checks are transformers' own)."""
     from helpers import assert_reference_outputs, feed_reference_inputs, reference_layers
 
+    from reap.options import EngineOptions
     from reap.saliency import LayerAccumulator
-    from reap.stream import EngineOptions, LayerStreamer
+    from reap.stream import LayerStreamer
 
     src = quantized(name)
     seqs = random_sequences(250, (23, 40, 7))

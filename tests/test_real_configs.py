@@ -276,9 +276,8 @@ def test_card_wording(tiny_fp32, tmp_path):
 
 # -- item 6: no FutureWarning from transformers -------------------------------------------------------------------
 def test_calibration_raises_no_future_or_deprecation_warning(tiny_fp32, data):
-    from reap.calibrate import CalibrateOptions, calibrate
-    from reap.data import DataOptions
-    from reap.stream import EngineOptions
+    from reap.calibrate import calibrate
+    from reap.options import CalibrateOptions, DataOptions, EngineOptions
 
     opts = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), samples=6, max_length=48),
                             engine=EngineOptions(device="cpu", dtype="float32", progress=False))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from reap.calibrate import CalibrateOptions, EngineOptions
 from reap.checkpoint import hub_id
-from reap.data import DataOptions
 from reap.errors import UserError
-from reap.prune import PruneOptions, prune_model
+from reap.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
+from reap.prune import prune_model
 from reap.report import (
     CARD_NAME,
     FIGURES,

@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from reap import __version__
 from reap.arch import Layout
 from reap.checkpoint import Checkpoint
 from reap.errors import UserError, plural
+from reap.options import CalibrateOptions
 from reap.progress import Progress, use_bars
 from reap.ranks import Dist
-from reap.stream import EngineOptions, LayerStreamer, peak_memory
+from reap.stream import LayerStreamer, peak_memory
 
 #: fewer routed (token, expert) pairs per expert than this in a layer is thin calibration data
 MIN_PAIRS_PER_EXPERT = 4
@@ -41,23 +42,6 @@ MAX_NEVER_ROUTED = 0.25
 
 
 # -- calibration -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CalibrateOptions:
-    model: str
-    data: Any  # reap.data.DataOptions
-    out: Path | None = None  # stats file (safetensors); None = keep in memory
-    engine: EngineOptions = EngineOptions()
-    resume: bool = False
-    overwrite: bool = False
-    recipe: dict[str, Any] | None = None  # the effective CLI options, recorded in the stats metadata
-    # hidden states written beside the stats file every N layers so that --resume replays none (0: never; None:
-    # automatically, as often as keeps the writing under ~10% of the compute); kept after the run if asked
-    checkpoint_every: int | None = None
-    keep_checkpoint: bool = False
-    drop_mtp: bool = False  # leave multi-token-prediction modules out (not calibrated, dropped by the pruner)
-    strict: bool = False  # thin calibration data is an error, not a warning
-
-
 class HiddenCheckpoint:
     """Every rank's hidden states after a layer, beside the stats file (``STATS.hidden/rank{r}-after-{L}/``), so
     that ``--resume`` continues at the next layer with no layer replayed. A checkpoint counts once its ``done``

@@ -12,6 +12,8 @@ import functools
 import json
 import os
 import sys
+import typing
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +23,8 @@ from typer.core import TyperCommand
 from reap import __version__
 from reap.config import effective
 from reap.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
+from reap.options import (METHOD_HELP, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions, build,
+                          params)
 
 app = typer.Typer(
     add_completion=False,
@@ -90,146 +94,87 @@ def emit(result: dict, human: str, as_json: bool) -> None:
         typer.echo(json.dumps(result, indent=2) if as_json else human)
 
 
-# -- shared option groups ------------------------------------------------------------------------------
-ModelArg = typer.Argument(None, metavar="MODEL", show_default=False,
-                          help="Model directory or Hugging Face id (from the local cache).")
-DatasetOpt = typer.Option(None, "--dataset", metavar="DATA", help="Calibration data: a .jsonl/.jsonl.gz/.json/.parquet/"
-                          ".txt file or a Hugging Face dataset (local cache), or a mixture 'specA:count,specB:count'.")
-SamplesOpt = typer.Option(None, "--samples", metavar="N", help="Use the first N records (or N sampled with --shuffle).")
-MaxLenOpt = typer.Option(2048, "--max-length", metavar="L", help="Truncate each sample to its first L tokens.")
-ShuffleOpt = typer.Option(False, "--shuffle", metavar="", help="Sample records at random (seeded by --seed) instead of "
-                          "file order.")
-PackOpt = typer.Option(False, "--pack", metavar="", help="Concatenate samples (EOS between) into --max-length chunks.")
-TextFieldOpt = typer.Option("text", "--text-field", metavar="FIELD", help="Record field holding plain text.")
-DeviceOpt = typer.Option("auto", "--device", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (cuda when available).")
-DtypeOpt = typer.Option("auto", "--dtype", metavar="DTYPE", help="Compute dtype: float32, bfloat16 or auto (bf16 on GPU, "
-                        "fp32 on CPU).")
-BatchOpt = typer.Option(16384, "--batch-tokens", metavar="N", help="Padded tokens per forward batch.")
-OffloadOpt = typer.Option("auto", "--offload", metavar="MODE", help="Hidden states between layers: auto, device, cpu or "
-                          "disk.")
-WorkdirOpt = typer.Option(None, "--workdir", metavar="DIR", help="Folder for hidden states with --offload disk.")
-RemoteOpt = typer.Option(False, "--trust-remote-code", metavar="", help="Allow the model's own Python code (its "
-                         "tokenizer, say; off by default).")
-QuietOpt = typer.Option(False, "--quiet", "-q", metavar="", help="No progress bars or progress lines.")
-JsonOpt = typer.Option(False, "--json", metavar="", help="Print the result as one JSON object on stdout (human text "
-                       "otherwise).")
-DropMtpOpt = typer.Option(False, "--drop-mtp", metavar="", help="Leave multi-token-prediction modules out (smaller "
-                          "output, no MTP speculative decoding) instead of calibrating and pruning them like every "
-                          "layer.")
-StrictOpt = typer.Option(False, "--strict", metavar="", help="Make thin calibration data an error instead of a warning "
-                         "(fewer than 4 routed tokens per expert, or over a quarter of a layer's experts never routed).")
-OverwriteOpt = typer.Option(False, "--overwrite", metavar="", help="Replace an existing output.")
-ExchangeOpt = typer.Option("auto", "--weight-exchange", metavar="MODE", help="Several ranks: share (each rank reads "
-                           "1/N of a layer, the ranks all-gather the rest), read (every rank reads all of it), auto "
-                           "(share on GPUs).")
-PageCacheOpt = typer.Option(False, "--keep-page-cache", metavar="", help="Leave the checkpoint's pages in the page "
-                            "cache after reading a layer (faster re-runs; job memory limits may count them).")
+# -- options: declared on the fields of reap.options' classes ---------------------------------------------
+def _declared(param: Param):
+    """typer's parameter for one declared option (reap.options.flag)."""
+    flag = param.flag
+    if not flag.names:
+        return typer.Argument(param.default, metavar=flag.metavar, show_default=False, help=flag.help)
+    return typer.Option(param.default, *flag.names, metavar=flag.metavar, help=flag.help)
 
 
-GreedyTokensOpt = typer.Option(65536, "--greedy-tokens", metavar="N", help="Tokens per MoE layer in the sample the "
-                               "greedy-rerouted search runs on (every ceil(T/N)-th; 0: skip the search).")
-GreedyMemoryOpt = typer.Option(4.0, "--greedy-memory", metavar="GIB", help="Memory for every expert's output on the "
-                               "greedy sample (tokens x experts x hidden); fewer tokens are sampled where N would not fit.")
-#: the names --method accepts (reap.criteria.METHODS; listed here so that the CLI starts without torch)
-METHOD_HELP = ("greedy-rerouted (default), reap, frequency, weighted-frequency, ean, weighted-ean, ean-mean, ean-sq, "
-               "max-activation, reap-prior or random (docs/criteria.md).")
+def takes(*parts, skip: tuple[str, ...] = ()):
+    """A command whose parameters come from the options classes it takes (:func:`reap.options.params`).
 
-ConfigOpt = typer.Option(None, "--config", metavar="RECIPE.yaml", help="YAML recipe with any of these options; flags "
-                         "override it.")
+    ``parts`` in the order of ``--help``: options classes, or names of the command's own parameters; its other own
+    parameters (the context, say) come first. ``skip``: declared options the command does not take. The command
+    gets every value as a keyword argument (``**p``); ``command.takes`` says what it takes (for its recipe types).
+    """
+    classes = tuple(part for part in parts if not isinstance(part, str))
+    declared = params(*classes, skip=skip)
+
+    def decorate(fn):
+        hints = typing.get_type_hints(fn)
+        own = {name: prm.replace(kind=prm.KEYWORD_ONLY, annotation=hints.get(name, prm.annotation))
+               for name, prm in signature(fn).parameters.items() if prm.kind is not prm.VAR_KEYWORD}
+        layout = [prm for name, prm in own.items() if name not in parts]
+        for part in parts:
+            if isinstance(part, str):
+                layout.append(own[part])
+                continue
+            layout += [Parameter(p.name, Parameter.KEYWORD_ONLY, default=_declared(p), annotation=p.annotation)
+                       for p in declared.values() if p.part == classes.index(part)]
+        fn.__signature__ = Signature(layout)
+        fn.__annotations__ = {prm.name: prm.annotation for prm in layout}
+        fn.takes = (classes, skip)
+        return fn
+
+    return decorate
 
 
-def _with_config(ctx, params: dict, command, required: tuple[str, ...]) -> dict:
-    """The command's options merged with its --config recipe; required ones checked after the merge."""
+ModelArg = _declared(params(CalibrateOptions)["model"])
+QuietOpt = _declared(params(CommandOptions)["quiet"])
+JsonOpt = _declared(params(CommandOptions)["as_json"])
+#: calibrate's own flags: `reap prune` calibrates (CalibrateOptions) without them
+_CALIBRATE_ONLY = ("resume", "checkpoint_every", "keep_checkpoint")
+#: what `reap eval` does not take: the engine's flags for calibrating (page cache, several ranks, greedy search), a
+#: recipe
+_NOT_FOR_EVAL = ("keep_page_cache", "weight_exchange", "greedy_tokens", "greedy_memory", "config")
+
+
+def _with_config(ctx, p: dict, command, required: tuple[str, ...]) -> dict:
+    """The command's options merged with its --config recipe (typed by the option fields); required ones checked
+    after the merge."""
     from reap.config import apply_config, option_types
 
-    params = apply_config(ctx, {k: v for k, v in params.items() if k != "ctx"}, option_types(command))
-    missing = [name for name in required if params.get(name) is None]
+    classes, skip = command.takes
+    p = apply_config(ctx, p, option_types(*classes, skip=skip))
+    missing = [name for name in required if p.get(name) is None]
     if missing:
         flags = ", ".join("MODEL" if m == "model" else "--" + m.replace("_", "-") for m in missing)
         raise UserError(f"missing {flags}: give it on the command line or in the --config recipe")
-    return params
-
-
-def _calibration_options(p: dict, out=None, resume: bool = False, overwrite: bool = False):
-    from reap.calibrate import CalibrateOptions
-    from reap.data import DataOptions
-    from reap.stream import EngineOptions
-
-    data = DataOptions(dataset=p["dataset"], samples=p["samples"], max_length=p["max_length"], shuffle=p["shuffle"],
-                       seed=p["seed"], pack=p["pack"], text_field=p["text_field"])
-    engine = EngineOptions(device=p["device"], dtype=p["dtype"], batch_tokens=p["batch_tokens"], offload=p["offload"],
-                           workdir=p["workdir"], keep_page_cache=p["keep_page_cache"], exchange=p["weight_exchange"],
-                           progress=not p["quiet"], greedy_tokens=p["greedy_tokens"], greedy_memory=p["greedy_memory"],
-                           trust_remote_code=p["trust_remote_code"])
-    return CalibrateOptions(model=p["model"], data=data, out=out, engine=engine, resume=resume, overwrite=overwrite,
-                            recipe=effective(p), strict=p["strict"], checkpoint_every=p.get("checkpoint_every"),
-                            drop_mtp=bool(p.get("drop_mtp")),
-                            keep_checkpoint=bool(p.get("keep_checkpoint")))
+    return p
 
 
 # -- commands --------------------------------------------------------------------------------------------
 @app.command(cls=_Command)
 @user_errors
-def prune(
-    ctx: typer.Context,
-    model: Optional[str] = ModelArg,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Output directory for the pruned "
-                                       "checkpoint."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", metavar="R", help="Fraction of experts to drop per layer "
-                                          "(0 < R < 1)."),
-    keep: Optional[Path] = typer.Option(None, "--keep", metavar="KEEP.json", help='JSON {"<layer>": \\[kept expert ids]} '
-                                        "instead of --ratio."),
-    method: str = typer.Option("greedy-rerouted", "--method", metavar="METHOD", help=METHOD_HELP),
-    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help="Round the kept experts per layer down to a "
-                                    "multiple of N (e.g. 8 for expert parallelism on 8 GPUs)."),
-    protect_super_experts: bool = typer.Option(False, "--protect-super-experts", metavar="", help="Never prune an "
-                                               "expert whose max output norm exceeds max(99.5th percentile, max/10) of "
-                                               "its layer."),
-    stats: Optional[Path] = typer.Option(None, "--stats", metavar="STATS", help="Reuse a stats file from `reap "
-                                         "calibrate`."),
-    dataset: Optional[str] = DatasetOpt,
-    samples: Optional[int] = SamplesOpt,
-    max_length: int = MaxLenOpt,
-    shuffle: bool = ShuffleOpt,
-    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed for --shuffle and --method random."),
-    pack: bool = PackOpt,
-    text_field: str = TextFieldOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    batch_tokens: int = BatchOpt,
-    offload: str = OffloadOpt,
-    workdir: Optional[Path] = WorkdirOpt,
-    keep_page_cache: bool = PageCacheOpt,
-    weight_exchange: str = ExchangeOpt,
-    trust_remote_code: bool = RemoteOpt,
-    strict: bool = StrictOpt,
-    drop_mtp: bool = DropMtpOpt,
-    greedy_tokens: int = GreedyTokensOpt,
-    greedy_memory: float = GreedyMemoryOpt,
-    overwrite: bool = OverwriteOpt,
-    fsync: bool = typer.Option(True, "--fsync/--no-fsync", metavar="", help="Flush the output to disk before publishing "
-                               "it (--no-fsync leaves that to the OS, as cp does: faster, not crash-safe)."),
-    quiet: bool = QuietOpt,
-    as_json: bool = JsonOpt,
-    config: Optional[Path] = ConfigOpt,
-):
+@takes(PruneOptions, CommandOptions, skip=_CALIBRATE_ONLY)
+def prune(ctx: typer.Context, **p):
     """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
-    p = _with_config(ctx, locals(), prune, required=("model", "out"))  # first: locals() = the options
+    p = _with_config(ctx, p, prune, required=("model", "out"))
     from reap.arch import human_bytes
     from reap.names import REPORT_NAME
-    from reap.prune import PruneOptions, prune_model
+    from reap.prune import prune_model
 
     typed = ctx.get_parameter_source("dataset")
     if (typed is None or typed.name != "COMMANDLINE") and (p["stats"] or p["keep"] or p["method"] == "random"):
         p["dataset"] = None  # a recipe's data is not needed when the stats, the keep list or chance decide
+    recipe = effective(p)
     calibration = None
     if p["dataset"] is not None:
-        calibration = _calibration_options(p)
-    opts = PruneOptions(model=p["model"], out=p["out"], ratio=p["ratio"], keep_file=p["keep"], method=p["method"],
-                        seed=p["seed"], stats=p["stats"], calibration=calibration, overwrite=p["overwrite"],
-                        multiple_of=p["multiple_of"], protect_super=p["protect_super_experts"],
-                        fsync=p["fsync"], progress=not p["quiet"], recipe=effective(p), strict=p["strict"],
-                        drop_mtp=p["drop_mtp"])
+        calibration = build(CalibrateOptions, p, out=None, resume=False, overwrite=False, recipe=recipe)
+    opts = build(PruneOptions, p, calibration=calibration, recipe=recipe)
     result = prune_model(opts, log=log)
     if result is None:  # another rank of a torchrun job: rank 0 writes
         return
@@ -247,48 +192,13 @@ def prune(
 
 @app.command(cls=_Command)
 @user_errors
-def calibrate(
-    ctx: typer.Context,
-    model: Optional[str] = ModelArg,
-    dataset: Optional[str] = DatasetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="STATS", help="Stats file to write (safetensors), "
-                                       "updated after every layer."),
-    samples: Optional[int] = SamplesOpt,
-    max_length: int = MaxLenOpt,
-    shuffle: bool = ShuffleOpt,
-    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed for --shuffle."),
-    pack: bool = PackOpt,
-    text_field: str = TextFieldOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    batch_tokens: int = BatchOpt,
-    offload: str = OffloadOpt,
-    workdir: Optional[Path] = WorkdirOpt,
-    keep_page_cache: bool = PageCacheOpt,
-    weight_exchange: str = ExchangeOpt,
-    trust_remote_code: bool = RemoteOpt,
-    strict: bool = StrictOpt,
-    drop_mtp: bool = DropMtpOpt,
-    greedy_tokens: int = GreedyTokensOpt,
-    greedy_memory: float = GreedyMemoryOpt,
-    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue an interrupted run at its next layer (a "
-                                "complete stats file is left as it is)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", help="Write the hidden "
-                                                   "states beside the stats file every N layers, so --resume replays "
-                                                   "no layer (0: never; default: as often as costs under ~10% of the "
-                                                   "time)."),
-    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", metavar="", help="Keep those hidden states after "
-                                         "the run."),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace an existing stats file."),
-    quiet: bool = QuietOpt,
-    as_json: bool = JsonOpt,
-    config: Optional[Path] = ConfigOpt,
-):
+@takes(CalibrateOptions, CommandOptions)
+def calibrate(ctx: typer.Context, **p):
     """Measure every expert's saliency by streaming calibration data through the model layer by layer."""
-    p = _with_config(ctx, locals(), calibrate, required=("model", "dataset", "out"))  # first: locals() = the options
+    p = _with_config(ctx, p, calibrate, required=("model", "dataset", "out"))
     from reap.calibrate import calibrate as run
 
-    _, summary = run(_calibration_options(p, out=p["out"], resume=p["resume"], overwrite=p["overwrite"]), log=log)
+    _, summary = run(build(CalibrateOptions, p, recipe=effective(p)), log=log)
     done = summary.get("layers", 0)
     human = (f"{p['out']} was already complete; nothing to do" if summary.get("already_complete") else
              f"wrote {p['out']}: {summary['tokens']} tokens through {done} layer{'s' if done != 1 else ''} in "
@@ -298,46 +208,27 @@ def calibrate(
 
 @app.command("eval", cls=_Command)
 @user_errors
+@takes(EvalOptions, "out", CommandOptions, skip=_NOT_FOR_EVAL)
 def eval_(
-    model: Optional[str] = typer.Argument(None, metavar="MODEL", show_default=False, help="Model directory (e.g. a "
-                                          "pruned output) or Hugging Face id (from the local cache)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", metavar="DATA", help="Evaluation text: a .jsonl/.jsonl.gz/"
-                                          ".json/.parquet/.txt file or a Hugging Face dataset (local cache); each "
-                                          "document is followed by EOS, all concatenated."),
     baseline: Optional[str] = typer.Option(None, "--baseline", metavar="MODEL", help="Also evaluate this model (e.g. the "
                                            "original) on the same tokens and report the difference."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", metavar="N", help="Number of predicted tokens to score."),
-    seq_len: int = typer.Option(1024, "--seq-len", metavar="S", help="Window length: windows of S+1 tokens at stride S, "
-                                "no context carried over between windows."),
-    text_field: str = TextFieldOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    batch_tokens: int = BatchOpt,
-    offload: str = OffloadOpt,
-    workdir: Optional[Path] = WorkdirOpt,
-    trust_remote_code: bool = RemoteOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="RESULT.json", help="Also write the result as JSON "
                                        "(for `reap report --eval`); checked writable before the evaluation starts."),
-    quiet: bool = QuietOpt,
-    as_json: bool = JsonOpt,
+    **p,
 ):
     """Next-token loss and perplexity, streamed layer by layer (models larger than memory work too)."""
     from dataclasses import replace
 
-    from reap.evaluate import EvalOptions, check_writable, compare, evaluate, format_result, write_json
-    from reap.stream import EngineOptions
+    from reap.evaluate import check_writable, compare, evaluate, format_result, write_json
 
-    missing = [flag for flag, value in (("MODEL", model), ("--dataset", dataset)) if value is None]
+    missing = [flag for flag, value in (("MODEL", p["model"]), ("--dataset", p["dataset"])) if value is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)}: e.g. `reap eval PRUNED --dataset eval.jsonl --baseline ORIGINAL`")
     if out is not None:
         check_writable(out)
-    engine = EngineOptions(device=device, dtype=dtype, batch_tokens=batch_tokens, offload=offload, workdir=workdir,
-                           progress=not quiet, trust_remote_code=trust_remote_code)
-    opts = EvalOptions(model=model, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len, engine=engine,
-                       text_field=text_field)
+    opts = build(EvalOptions, p)
     result = compare(replace(opts, model=baseline), opts, log=log) if baseline else evaluate(opts, log=log)
-    emit(result, format_result(result), as_json)  # first: a failing --out below must not lose the result
+    emit(result, format_result(result), p["as_json"])  # first: a failing --out below must not lose the result
     if out is not None:
         write_json(out, result)
         log(f"wrote {out}")

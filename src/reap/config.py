@@ -13,15 +13,12 @@ from typing import Any
 
 from reap.errors import UserError
 
-def option_types(command) -> dict[str, type]:
-    """The Python type each option of a CLI command takes, from its resolved type hints (``Optional[X]`` -> X)."""
-    import typing
+def option_types(*classes: type, skip: tuple[str, ...] = ()) -> dict[str, type]:
+    """The Python type of each option a command takes (its recipe keys) when it takes these options classes:
+    the declaring field's type (``typing.get_type_hints`` on the dataclass, ``Optional[X]`` -> X)."""
+    from reap.options import params
 
-    out = {}
-    for name, hint in typing.get_type_hints(command).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        out[name] = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
-    return out
+    return {name: param.type for name, param in params(*classes, skip=skip).items()}
 
 
 def _expected(annotation: Any) -> type:

@@ -43,6 +43,7 @@ from typing import Any, TextIO
 
 from reap.chat import to_chat
 from reap.errors import UserError
+from reap.options import DataOptions
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,6 @@ _TOKENIZE_BATCH = 256  # records per tokenizer call
 _COUNT_RE = re.compile(r"^(?P<source>.*):(?P<count>\d+)$")
 _NAME_RE = re.compile(r"(?P<name>[^@#]+)(?P<rest>(?:[@#][^@#]*)*)")
 _SUFFIX_RE = re.compile(r"([@#])([^@#]*)")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """How to turn a dataset spec into calibration sequences."""
-
-    dataset: str
-    samples: int | None = None  # the first N records overall (after the mixture); None = all
-    max_length: int | None = None  # truncate each sample to its first L tokens (chunk size with pack)
-    shuffle: bool = False  # sample records at random (seeded) instead of taking them in file order
-    seed: int = 0
-    pack: bool = False  # join all samples with EOS between documents and cut into max_length chunks
-    text_field: str = "text"
-    messages_field: str = "messages"
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,8 @@ def masked_logits_gap(original: Path, pruned: Path, seed: int = 0) -> float:
 
 def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=print) -> dict:
     """The whole pipeline in ``workdir``; returns what it made (paths, expert counts, the logit check)."""
-    from reap.calibrate import CalibrateOptions
-    from reap.data import DataOptions
-    from reap.prune import PruneOptions, prune_model
-    from reap.stream import EngineOptions
+    from reap.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
+    from reap.prune import prune_model
     from reap.tiny import make_tiny_model
 
     from transformers.utils import logging as hf_logging

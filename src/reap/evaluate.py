@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from reap import __version__
-from reap.stream import DTYPES, EngineOptions, LayerStreamer, peak_memory
+from reap.stream import DTYPES, LayerStreamer, peak_memory
 from reap.errors import UserError
+from reap.options import EvalOptions
 
 _LOGIT_BYTES = 512 << 20  # float32 logits computed at once (per slice of tokens) in the loss
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """Everything ``reap eval`` needs for one model."""
-
-    model: str
-    dataset: str
-    max_tokens: int = 65536  # number of predicted (target) tokens that are scored
-    seq_len: int = 1024  # window length S (inputs per window)
-    engine: EngineOptions = EngineOptions()
-    text_field: str = "text"
 
 
 # -- data --------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from reap import __version__
 from reap.arch import Layout
 from reap.checkpoint import Checkpoint
 from reap.errors import UserError, plural
+from reap.options import PruneOptions
 from reap.plan import ExpertPlan, Routing
 from reap.selection import experts_to_drop, plan_from_scores, read_keep_file
 from reap.staging import OutputLock, check_output_dir, clean_stale
@@ -57,28 +57,6 @@ def base_report(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan, ratio: float |
 
 
 # -- the whole job -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PruneOptions:
-    """Everything ``reap prune`` needs. Exactly one of keep_file / ratio."""
-
-    model: str
-    out: Path
-    ratio: float | None = None
-    keep_file: Path | None = None
-    method: str = "greedy-rerouted"  # reap.criteria.DEFAULT
-    seed: int = 0
-    multiple_of: int = 1  # round the kept count per layer down to a multiple of this (expert parallelism)
-    protect_super: bool = False  # never prune super experts (reap.selection.super_experts)
-    stats: Path | None = None  # reuse a `reap calibrate` stats file
-    calibration: Any = None  # reap.calibrate.CalibrateOptions (model/out ignored) when calibrating here
-    overwrite: bool = False
-    progress: bool = True
-    fsync: bool = True  # flush the output to disk before publishing it (False: leave it to the OS, like cp)
-    recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
-    strict: bool = False  # thin calibration statistics (reap.calibrate.thin_data) are an error, not a warning
-    drop_mtp: bool = False  # leave multi-token-prediction modules out instead of pruning them like every layer
-
-
 def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     """Check everything, choose the experts (keep file, random, stats file or calibration), rewrite.
 

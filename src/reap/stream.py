@@ -31,8 +31,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -43,38 +42,11 @@ from reap.errors import UserError
 from reap.greedy import GreedySearch
 from reap.hidden import Batch, HiddenStore, make_batches
 from reap.moe import ExpertsProbe, use_reap_experts
+from reap.options import EngineOptions
 from reap.ranks import Dist, WeightShare, resolve_device
 from reap.weights import LayerReader, load_into, materialize, to_meta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to run the layer streamer."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
-    batch_tokens: int = 16384  # padded tokens per forward batch
-    offload: str = "auto"  # where hidden states live between layers: auto | device | cpu | disk
-    workdir: Path | None = None  # for offload=disk (default: a temporary directory)
-    keep_page_cache: bool = False  # leave what was read in the page cache (faster re-runs, memory counted by cgroups)
-    # several ranks: "share" reads 1/N of each layer per rank and all-gathers the rest (NCCL), "read" has every rank
-    # read it all; "auto" shares on GPUs
-    exchange: str = "auto"
-    progress: bool = True
-    trust_remote_code: bool = False
-    # greedy re-routing order (the default criterion): per MoE layer a strided sample of at most this many of its
-    # input tokens (0: not computed), with every expert's output on them ([S, E, H]) within greedy_memory GiB
-    greedy_tokens: int = 65536
-    greedy_memory: float = 4.0
-
-    def resolved(self) -> "EngineOptions":
-        """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
-        if self.dtype != "auto":
-            return self
-        gpu = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return replace(self, dtype="bfloat16" if gpu else "float32")
 
 
 class _Stop(Exception):

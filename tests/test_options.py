@@ -1,0 +1,236 @@
+"""Options declared once, on the fields of reap.options' classes: every command that takes a class lists each of its
+flags with the declared names, metavar and help; recipes are typed by the fields; the parsed flags become the
+frozen objects the stages take, field by field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from reap.cli import app
+from reap.config import option_types
+from reap.options import (CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, Flag,
+                          PruneOptions, build, flag, params)
+
+WIDE = {"COLUMNS": "2000"}  # one line per option in --help
+
+
+def declared(cls) -> dict[str, Flag]:
+    """The flags ``cls`` declares on its own fields, by parameter name (no nesting)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        found = f.metadata.get("reap.cli")
+        if isinstance(found, Flag):
+            out[found.param(f.name)] = found
+    return out
+
+
+def command(name: str):
+    return typer.main.get_command(app).commands[name]
+
+
+def on_command(name: str) -> dict:
+    return {p.name: p for p in command(name).params}
+
+
+# what each command takes: (its own class, the nested classes whose flags it lists, declared flags it leaves out)
+TAKES = {
+    "prune": (PruneOptions, (CalibrateOptions, DataOptions, EngineOptions, CommandOptions),
+              {"resume", "checkpoint_every", "keep_checkpoint"}),
+    "calibrate": (CalibrateOptions, (DataOptions, EngineOptions, CommandOptions), set()),
+    "eval": (EvalOptions, (EngineOptions, CommandOptions),
+             {"keep_page_cache", "weight_exchange", "greedy_tokens", "greedy_memory", "config"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAKES))
+def test_every_declared_flag_is_on_the_commands_that_take_its_class(name):
+    """Each flag field of the classes a command takes is one of its parameters, with the flag names, metavar and
+    help of the declaration (the command's own class wins where it declares the same flag: prune's --seed)."""
+    own, nested, left_out = TAKES[name]
+    got = on_command(name)
+    mine = declared(own)
+    expected = {**{k: v for cls in reversed(nested) for k, v in declared(cls).items()}, **mine}
+    assert set(got) - {"baseline", "out"} <= set(expected), set(got) - set(expected)
+    for param, decl in expected.items():
+        if param in left_out:
+            assert param not in got, param
+            continue
+        assert param in got, f"{name} lacks {param}"
+        p = got[param]
+        assert p.help == decl.help and p.metavar == decl.metavar, (param, p.help, decl.help)
+        if decl.names:
+            assert [*p.opts, *p.secondary_opts] == [n for names in decl.names for n in names.split("/")], param
+
+
+def test_prune_and_calibrate_list_the_same_shared_options_with_the_same_help():
+    prune, calibrate = on_command("prune"), on_command("calibrate")
+    shared = set(prune) & set(calibrate)
+    every_data_and_engine_flag = set(declared(DataOptions)) | set(declared(EngineOptions))
+    assert every_data_and_engine_flag | set(declared(CommandOptions)) <= shared
+    own = {"out", "overwrite", "seed"}  # declared by each command's class with its own words
+    for param in shared - own:
+        a, b = prune[param], calibrate[param]
+        assert (a.opts, a.help, a.metavar, a.default) == (b.opts, b.help, b.metavar, b.default), param
+    assert prune["seed"].help != calibrate["seed"].help and "--method random" in prune["seed"].help
+    evaluate = on_command("eval")
+    for param in (set(evaluate) & every_data_and_engine_flag) - {"dataset"}:  # eval's --dataset: evaluation text
+        assert evaluate[param].help == calibrate[param].help, param
+
+
+@pytest.mark.parametrize("name", sorted(TAKES))
+def test_help_shows_each_option_with_its_declared_help(name):
+    res = CliRunner().invoke(app, [name, "--help"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    for param in params(*((TAKES[name][0], CommandOptions)), skip=tuple(TAKES[name][2])).values():
+        text = param.flag.help.replace("\\[", "[")
+        where = re.escape(param.flag.names[0].split("/")[0]) if param.flag.names else re.escape(param.flag.metavar)
+        assert re.search(rf"│ +{where} .*{re.escape(text)}", res.output), (param.name, text)
+
+
+def test_cli_defaults_that_differ_from_the_fields_are_the_declared_ones():
+    calibrate = on_command("calibrate")
+    assert calibrate["max_length"].default == 2048 and DataOptions("x").max_length is None
+    assert calibrate["dtype"].default == "auto" and EngineOptions().dtype == "float32"
+    assert calibrate["quiet"].default is False and EngineOptions().progress is True
+    assert calibrate["dataset"].default is None  # required by DataOptions: checked after the recipe is merged
+
+
+def test_recipe_types_come_from_the_fields():
+    types = option_types(PruneOptions, CommandOptions)
+    assert types["max_length"] is int and types["greedy_memory"] is float and types["workdir"] is Path
+    assert types["keep"] is Path and types["weight_exchange"] is str and types["quiet"] is bool
+    assert types["as_json"] is bool and types["config"] is Path and "progress" not in types
+    assert set(declared(PruneOptions)) | set(declared(CommandOptions)) <= set(types)
+
+    @dataclass(frozen=True)
+    class Probe:  # a new options class: its field's type is the recipe type, whatever any command annotates
+        size: float = flag("--size", "X", "A size.", default=1.0)
+        data: DataOptions = DataOptions("x")
+
+    assert option_types(Probe) == {"size": float, **option_types(DataOptions)}
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("greedy_tokens: 2.5\n", "greedy_tokens must be int"),
+    ("greedy-memory: fast\n", "greedy_memory must be float"),
+    ("workdir: 3\n", "workdir must be a path"),
+    ("quiet: 1\n", "quiet must be bool"),
+    ("keep_page_cache: yes please\n", "keep_page_cache must be bool"),
+])
+def test_a_wrong_type_in_a_recipe_is_refused(tmp_path, text, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: x\n" + text)
+    res = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--dataset", "d", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2 and needle in res.stderr, res.output
+
+
+def test_same_flag_declared_two_ways_is_refused():
+    @dataclass(frozen=True)
+    class Other:
+        seed: float = flag("--seed", "S", "A float seed.", default=0.0)
+
+    with pytest.raises(TypeError, match="seed"):
+        params(DataOptions, Other)
+
+
+# -- the parsed flags become the objects, field by field ---------------------------------------------------------
+EVERY_ENGINE_FLAG = ["--device", "cpu", "--dtype", "float32", "--batch-tokens", "99", "--offload", "disk",
+                     "--workdir", "w", "--keep-page-cache", "--weight-exchange", "read", "--trust-remote-code",
+                     "--greedy-tokens", "11", "--greedy-memory", "0.5"]
+ENGINE = EngineOptions(device="cpu", dtype="float32", batch_tokens=99, offload="disk", workdir=Path("w"),
+                       keep_page_cache=True, exchange="read", progress=False, trust_remote_code=True, greedy_tokens=11,
+                       greedy_memory=0.5)
+EVERY_DATA_FLAG = ["--dataset", "d.jsonl", "--samples", "5", "--max-length", "7", "--shuffle", "--seed", "3", "--pack",
+                   "--text-field", "body"]
+DATA = DataOptions("d.jsonl", samples=5, max_length=7, shuffle=True, seed=3, pack=True, text_field="body")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The options object each stage is called with (the stage itself does not run)."""
+    import reap.calibrate
+    import reap.evaluate
+    import reap.prune
+
+    got = {}
+
+    def keep(name, result):
+        def stage(opts, log=None):
+            got[name] = opts
+            return result
+        return stage
+
+    monkeypatch.setattr(reap.calibrate, "calibrate", keep("calibrate", (None, {"already_complete": True})))
+    monkeypatch.setattr(reap.prune, "prune_model", keep("prune", None))
+    monkeypatch.setattr(reap.evaluate, "evaluate", keep("eval", {}))
+    monkeypatch.setattr(reap.evaluate, "format_result", lambda result: "")
+    return got
+
+
+def run(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, (res.output, res.exception)
+
+
+def test_calibrate_flags_become_calibrate_options(captured, tmp_path):
+    run("calibrate", "M", "--out", "s.st", *EVERY_DATA_FLAG, *EVERY_ENGINE_FLAG, "--strict", "--drop-mtp", "--resume",
+        "--checkpoint-every", "2", "--keep-checkpoint", "--overwrite", "-q")
+    got = captured["calibrate"]
+    assert replace(got, recipe=None) == CalibrateOptions(
+        model="M", out=Path("s.st"), data=DATA, engine=ENGINE, strict=True, drop_mtp=True, resume=True,
+        checkpoint_every=2, keep_checkpoint=True, overwrite=True)
+    assert set(got.recipe) == set(on_command("calibrate")) and got.recipe["weight_exchange"] == "read"
+
+    run("calibrate", "M", "--dataset", "d.jsonl", "--out", "s.st")
+    assert replace(captured["calibrate"], recipe=None) == CalibrateOptions(
+        model="M", out=Path("s.st"), data=DataOptions("d.jsonl", max_length=2048), engine=EngineOptions(dtype="auto"))
+
+
+def test_prune_flags_become_prune_options(captured, tmp_path):
+    run("prune", "M", "--out", "o", "--ratio", "0.5", "--keep", "k.json", "--method", "reap", "--multiple-of", "8",
+        "--protect-super-experts", *EVERY_DATA_FLAG, *EVERY_ENGINE_FLAG, "--strict", "--drop-mtp", "--overwrite",
+        "--no-fsync", "--quiet")
+    got = captured["prune"]
+    calibration = CalibrateOptions(model="M", data=DATA, engine=ENGINE, strict=True, drop_mtp=True, recipe=got.recipe)
+    assert got == PruneOptions(model="M", out=Path("o"), ratio=0.5, keep_file=Path("k.json"), method="reap", seed=3,
+                               multiple_of=8, protect_super=True, calibration=calibration, strict=True, drop_mtp=True,
+                               overwrite=True, fsync=False, progress=False, recipe=got.recipe)
+    assert set(got.recipe) == set(on_command("prune"))
+
+    run("prune", "M", "--out", "o", "--ratio", "0.5", "--method", "random")
+    assert captured["prune"] == PruneOptions(model="M", out=Path("o"), ratio=0.5, method="random",
+                                             recipe=captured["prune"].recipe)
+
+
+def test_eval_flags_become_eval_options(captured, tmp_path):
+    run("eval", "M", "--dataset", "e.jsonl", "--max-tokens", "10", "--seq-len", "4", "--text-field", "body",
+        "--device", "cpu", "--dtype", "float32", "--batch-tokens", "99", "--offload", "disk", "--workdir", "w",
+        "--trust-remote-code", "-q")
+    assert captured["eval"] == EvalOptions("M", "e.jsonl", 10, 4, EngineOptions(
+        device="cpu", dtype="float32", batch_tokens=99, offload="disk", workdir=Path("w"), progress=False,
+        trust_remote_code=True), text_field="body")
+    run("eval", "M", "--dataset", "e.jsonl")
+    assert captured["eval"] == EvalOptions("M", "e.jsonl", engine=EngineOptions(dtype="auto"))
+
+
+def test_build_fills_what_the_values_hold_and_leaves_the_rest_at_the_defaults():
+    opts = build(CalibrateOptions, {"model": "M", "dataset": "d", "quiet": True, "weight_exchange": "share"})
+    assert opts == CalibrateOptions(model="M", data=DataOptions("d"), engine=EngineOptions(exchange="share",
+                                                                                            progress=False))
+    assert build(PruneOptions, {"model": "M", "out": Path("o"), "dataset": "d"}).calibration is None  # only if given
+
+
+def test_the_options_import_no_torch():
+    probe = "import sys, reap.options, reap.config; print(json.dumps([m in sys.modules for m in ('torch', 'transformers')]))"
+    out = subprocess.run([sys.executable, "-c", "import json; " + probe], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [False, False]

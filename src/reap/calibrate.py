@@ -246,7 +246,9 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                 f"{human_bytes(plan['hidden_bytes'])} per rank on {plan['hidden_on']}, largest layer "
                 f"{human_bytes(plan['layer_bytes'])} read per layer; rough ETA "
                 + (f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s")
-                + f" (assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s and 2 GB/s reads)")
+                + " (" + (f"{plan['greedy_s'] * (rows - start_layer) / rows:.0f} s of it the greedy search, which "
+                          "--greedy-tokens 0 skips; " if plan["greedy_s"] >= 1 else "")
+                + f"assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s and 2 GB/s reads)")
             log(f"calibrating {ckpt.name}: {len(sequences)} samples, {tokens} tokens, {spec.num_layers} layers x "
                 f"{spec.num_experts} experts (top-{spec.top_k})"
                 + (f" + {plural(spec.mtp_layers, 'MTP module')}" if spec.mtp_layers else "")

@@ -182,18 +182,23 @@ class LayerStreamer(GreedySearch):
         from reap.formats import stored_params
 
         hidden = self.tokens * self.layout.hidden_size * torch.finfo(self.dtype).bits // 8
-        active = 0.0  # parameters a token meets in the layers (experts: top-k of E)
+        active = experts = 0.0  # parameters a token meets in the layers (experts: top-k of E); all experts' parameters
         for layer, names in ((k, v) for k, v in self._stored.items() if isinstance(k, int)):
             for name in names:
                 info, role = self.ckpt.infos[name], self.layout.roles[name]
                 n = stored_params(name, info.dtype, info.numel, self.layout.format)
                 active += n * (self.layout.top_k / self.layout.num_experts if role.part == "experts" else 1)
+                experts += n if role.part == "experts" else 0
         rate = 250e12 if self.device.type == "cuda" else 0.05e12 * max(1, torch.get_num_threads())
         read = sum(self.ckpt.infos[n].nbytes for k, v in self._stored.items() if isinstance(k, int) for n in v)
-        eta = 2 * active * self.tokens / rate + read / 2e9
+        # the greedy search runs every expert on its sample of each MoE layer (all ranks together: one rank's share)
+        greedy = 2 * experts * min(self.tokens, self.greedy_sample_size() / self.dist.world) / rate \
+            if self.opts.greedy_tokens > 0 else 0.0
+        eta = 2 * active * self.tokens / rate + read / 2e9 + greedy
         return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": self.store.mode,
                 "layer_bytes": max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
-                                    if isinstance(k, int)), default=0), "eta_s": eta, "assumed_flops": rate}
+                                    if isinstance(k, int)), default=0), "eta_s": eta, "greedy_s": greedy,
+                "assumed_flops": rate}
 
     def layer_bytes(self, layer: int | None = None) -> int:
         """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""

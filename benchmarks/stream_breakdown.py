@@ -1,7 +1,7 @@
 """Where a streamed calibration's time goes, batch by batch and layer by layer (run on a CUDA machine).
 
     PYTHONPATH=src python benchmarks/stream_breakdown.py --out $OUT/breakdown.json [--workdir /tmp/stream-bench]
-        [--layers 6] [--tokens 1048576] [--interval 0.005] [--tokenize-s 3] [--warmup]
+        [--layers 6] [--tokens 1048576] [--interval 0.005] [--tokenize-s 3]
 
 The streamer as ``reap calibrate`` drives it (benchmarks/stream_bench.py's random-weight MiniMax-M2-width FP8
 checkpoint, bf16, hidden states on the device, no greedy search, the checkpoint in the page cache): created first
@@ -38,7 +38,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1 << 20)
     ap.add_argument("--interval", type=float, default=None)
     ap.add_argument("--tokenize-s", type=float, default=3.0)
-    ap.add_argument("--warmup", action="store_true", help="call the streamer's warm_up() during the stand-in pause")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     gpu = args.device != "cpu"
@@ -55,11 +54,6 @@ def main() -> None:
     time.sleep(args.tokenize_s)
     g = torch.Generator().manual_seed(0)
     st.set_sequences([torch.randint(0, 4096, (2048,), generator=g).tolist() for _ in range(args.tokens // 2048)])
-    warm = 0.0
-    if args.warmup:
-        t = time.perf_counter()
-        st.warm_up()
-        warm = time.perf_counter() - t
     embed = []
     with torch.inference_mode():
         for i in range(len(st.batches)):
@@ -77,7 +71,7 @@ def main() -> None:
     st.close()
     res = {"gpu": torch.cuda.get_device_name(0) if gpu else "none", "torch": torch.__version__,
            "switch_interval": args.interval if args.interval is not None else "reap default",
-           "tokens": st.tokens, "batches": len(st.batches), "streamer_s": round(made, 3), "warm_up_s": round(warm, 3),
+           "tokens": st.tokens, "batches": len(st.batches), "streamer_s": round(made, 3),
            "embed_s": round(sum(embed), 3), "embed_first_batch_s": round(embed[0], 3),
            "embed_rest_mean_ms": round(1e3 * sum(embed[1:]) / max(1, len(embed) - 1), 2),
            "layer_s": [round(x, 3) for x in layers], "weights_wait_s": [round(x, 3) for x in st.stats.wait_seconds],

@@ -319,19 +319,6 @@ class LayerStreamer(GreedySearch):
                         "stream this model")
 
     # -- running
-    def warm_up(self, tokens: int = 2048) -> None:
-        """A small batch through layer 0 once it is loaded, no statistics: CUDA's kernels loaded, the attention and
-        matmul libraries set up, before the first real batch. Layer 0 stays loaded for :meth:`load_layer`."""
-        if self._side is None:
-            return
-        _, event = self._pending[0].result()
-        torch.cuda.current_stream(self.device).wait_event(event)
-        dummy = make_batches([[0] * (tokens // 2)] * 2, tokens)[0]
-        with torch.inference_mode():
-            call_args, kwargs = self.layer_call_for(dummy, 0)
-            self.layers[0](*call_args, **kwargs)
-        torch.cuda.synchronize(self.device)
-
     def embed(self) -> None:
         """The hidden states the base model gives layer 0 (embeddings, scaled or expanded as the model does)."""
         t0 = time.perf_counter()

@@ -137,7 +137,8 @@ def _make_generic(path: Path, model_type: str, dtype: torch.dtype, shard_size: s
     that routing depends on the input, experts non-trivial, expert-id tables (hash routing) filled with distinct
     random experts per token; saved by transformers in several shards with the byte-level tokenizer."""
     from reap.model_layout import derive_model
-    from reap.tiny_configs import causal_lm_class, tiny_config
+    from reap.moe_types import causal_lm_class
+    from reap.tiny_configs import tiny_config
 
     cfg = tiny_config(model_type, **overrides)
     model = causal_lm_class(model_type)._from_config(cfg, dtype=torch.float32)

@@ -32,7 +32,8 @@ from reap.evaluate import evaluate, eval_stream, windows
 from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
 from reap.prune import prune_model
 from reap.selection import choose_experts, n_to_drop
-from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
+from reap.tiny import make_tiny_model
+from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
 #: the families named in the "any family" issue, as transformers model types
 NAMED = ("minimax_m2", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen3_next", "gpt_oss",

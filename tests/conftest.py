@@ -40,7 +40,7 @@ def tiny_bf16(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory, tiny_bf16) -> Path:
-    from reap.tiny import convert_to_fp8
+    from reap.tiny_formats import convert_to_fp8
 
     return convert_to_fp8(tiny_bf16, tmp_path_factory.mktemp("models") / "tiny-fp8")
 

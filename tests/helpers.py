@@ -257,7 +257,8 @@ def tiny_release(config_path: Path, out: Path, shrink: dict, fmt: str | None = N
     import tempfile
 
     from reap.arch import build_config, model_class
-    from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_byte_tokenizer
+    from reap.tiny import make_byte_tokenizer
+    from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
     config = {**copy.deepcopy(json.loads(Path(config_path).read_text())), **shrink}
     if fmt is None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from reap.chat import to_chat
-from reap.data import calibration_sequences, parse_dataset_spec
+from reap.data import calibration_sequences
 from reap.errors import UserError
 from reap.options import DataOptions
+from reap.records import parse_dataset_spec
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("minimax-m2-*.yaml"))

@@ -47,7 +47,8 @@ LENGTHS = (23, 40, 7, 31)
 def family_models(tmp_path_factory):
     """Tiny checkpoints made on first use, per (name, kind): float32/bfloat16 saved by transformers in several
     shards, "fp8" (the bf16 one in the released FP8 block layout), "mxfp4" (gpt-oss's released layout)."""
-    from reap.tiny import convert_to_fp8, convert_to_mxfp4, make_tiny_model
+    from reap.tiny import make_tiny_model
+    from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
     cache: dict[tuple[str, str], Path] = {}
 

@@ -130,7 +130,7 @@ def _ct_roundtrip(weight: torch.Tensor, preset: str, **overrides):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-    from reap.tiny import _ct_qparams
+    from reap.tiny_formats import _ct_qparams
 
     args = QuantizationArgs(**{**PRESET_SCHEMES[preset]["weights"].model_dump(), **overrides})
     kind = str(getattr(args.type, "value", args.type))
@@ -233,7 +233,7 @@ def test_nvfp4_modelopt_packer_and_dequantizer_equal_modelopt():
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     from reap.formats.kernels import dequantize_nvfp4_modelopt
-    from reap.tiny import quantize_nvfp4_modelopt
+    from reap.tiny_formats import quantize_nvfp4_modelopt
 
     for seed, dtype in ((0, torch.bfloat16), (1, torch.float32)):
         gen = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """The support matrix: every MoE model type of the installed transformers, end to end on a tiny checkpoint.
 
-For each model type (``reap.tiny_configs``): a tiny random checkpoint saved by transformers in several shards;
+For each model type (``reap.moe_types``): a tiny random checkpoint saved by transformers in several shards;
 the statistics reap's streamer gathers (padded batches) == hooks on transformers' own experts on the same batches
 (fp32); ``reap prune --ratio 0.3 --method random`` writes a checkpoint whose every tensor is a source tensor byte
 for byte (kept experts renumbered, router rows and biases sliced, expert-id tables renumbered), that transformers
@@ -21,7 +21,7 @@ import torch
 from helpers import assert_exact_surgery, hooked_stats, load_causal_lm, random_sequences, removed_in_memory
 from typer.testing import CliRunner
 
-from reap import tiny_configs
+from reap import moe_types
 from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
@@ -32,7 +32,7 @@ from reap.stream import LayerStreamer
 
 pytestmark = pytest.mark.slow  # every MoE model type of transformers end to end: ~2 minutes on 2 cores
 
-TYPES = tiny_configs.moe_model_types()
+TYPES = moe_types.moe_model_types()
 LENGTHS = (23, 17, 9, 30)  # two padded batches of two at 64 tokens per batch
 OUTCOMES: dict[str, dict] = {}
 
@@ -59,9 +59,9 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_model_type_end_to_end(model_type, tmp_path, text_file):
-    if model_type in tiny_configs.UNSUPPORTED:
-        OUTCOMES[model_type] = {"status": "unsupported", "reason": tiny_configs.UNSUPPORTED[model_type]}
-        pytest.skip(tiny_configs.UNSUPPORTED[model_type])
+    if model_type in moe_types.UNSUPPORTED:
+        OUTCOMES[model_type] = {"status": "unsupported", "reason": moe_types.UNSUPPORTED[model_type]}
+        pytest.skip(moe_types.UNSUPPORTED[model_type])
     from reap.errors import UserError
     from reap.tiny import make_tiny_model
 

@@ -4,7 +4,7 @@ the quantization config renumbered; unsupported quantization refused in one line
 Kimi-K2-Thinking INT4 checkpoint inspected.
 
 The tiny checkpoints are quantized by compressed-tensors itself (its min/max scales and compressor:
-:func:`reap.tiny.convert_to_compressed_tensors`) or, for ModelOpt, by reap's packer, which tests/test_formats.py
+:func:`reap.tiny_formats.convert_to_compressed_tensors`) or, for ModelOpt, by reap's packer, which tests/test_formats.py
 checks byte for byte against ModelOpt's quantizer. The references are transformers' own loading where it works on
 the CPU (compressed-tensors with ``dequantize=True``: symmetric INT4 and FP8), else the model with every weight
 dequantized by reap (whose dequantizers tests/test_formats.py checks bit for bit against the libraries) and loaded
@@ -51,7 +51,8 @@ TRANSFORMERS_LOADS = {"kimi-int4": torch.float32, "kimi-int4-channel": torch.flo
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from reap.tiny import LINEAR_BUT_ROUTER, convert_to_compressed_tensors, convert_to_nvfp4_modelopt, make_tiny_model
+    from reap.tiny import make_tiny_model
+    from reap.tiny_formats import LINEAR_BUT_ROUTER, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
 
     cache: dict[str, Path] = {}
 
@@ -238,7 +239,7 @@ def test_module_lists_naming_experts_are_renumbered(quantized, tmp_path):
     """Entries of compressed-tensors' ignore list and ModelOpt's exclude_modules that name expert indices point,
     after pruning, at the same experts under their new index (or are dropped with a pruned expert); the modules
     they name are still the ones stored unquantized; the result loads."""
-    from reap.tiny import KIMI_INT4_IGNORE, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
+    from reap.tiny_formats import KIMI_INT4_IGNORE, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
 
     base = quantized("kimi-int4").parent / "kimi_k2-bf16"
     named = ["model.layers.1.mlp.experts.3.down_proj", "model.layers.2.mlp.experts.9.gate_proj",
@@ -382,7 +383,7 @@ def _fused_ct(src: Path, dst: Path, preset: str) -> Path:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-    from reap.tiny import _ct_qparams, _rewrite_tensors
+    from reap.tiny_formats import _ct_qparams, _rewrite_tensors
 
     preset_args = PRESET_SCHEMES[preset]
     wargs = QuantizationArgs(**{**preset_args["weights"].model_dump(), **({"group_size": 32} if preset == "W4A16" else {})})

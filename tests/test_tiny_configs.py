@@ -16,11 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from reap import tiny_configs
+from reap import moe_types, tiny_configs
 
 pytestmark = pytest.mark.slow  # a tiny config of every MoE model type built by transformers
 
-TYPES = tiny_configs.moe_model_types()
+TYPES = moe_types.moe_model_types()
 TOP1 = {"zaya"}  # ZayaConfig.validate_architecture accepts num_experts_per_tok=1 only
 NO_DENSE = {"deepseek_v4"}  # mlp_layer_types of DeepSeek-V4 are hash_moe / moe only
 DENSE_KEYS = ("first_k_dense_replace", "mlp_only_layers", "mlp_layer_types", "num_dense_layers",
@@ -59,17 +59,17 @@ def _inputs():
 def test_types_found():
     assert len(TYPES) >= 50 and TYPES == sorted(TYPES)
     assert {"mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"} <= set(TYPES)
-    supported = [t for t in TYPES if t not in tiny_configs.UNSUPPORTED]
+    supported = [t for t in TYPES if t not in moe_types.UNSUPPORTED]
     assert len(supported) >= len(TYPES) - 5
-    assert set(tiny_configs.NOTES) & set(TYPES) <= set(supported)  # (the notes name 5.24's types; 5.17 has fewer)
-    assert all(reason for reason in tiny_configs.UNSUPPORTED.values())
+    assert set(moe_types.NOTES) & set(TYPES) <= set(supported)  # (the notes name 5.24's types; 5.17 has fewer)
+    assert all(reason for reason in moe_types.UNSUPPORTED.values())
 
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_tiny_config(model_type, tmp_path):
-    if model_type in tiny_configs.UNSUPPORTED:
-        pytest.skip(tiny_configs.UNSUPPORTED[model_type])
-    cls = tiny_configs.causal_lm_class(model_type)
+    if model_type in moe_types.UNSUPPORTED:
+        pytest.skip(moe_types.UNSUPPORTED[model_type])
+    cls = moe_types.causal_lm_class(model_type)
     config = tiny_configs.tiny_config(model_type)
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def test_tiny_config(model_type, tmp_path):
 
     # experts and layer pattern
     text = config.get_text_config()
-    get = lambda key: tiny_configs._get(text, key)  # noqa: E731 (global values of heterogeneous configs too)
+    get = lambda key: moe_types._get(text, key)  # noqa: E731 (global values of heterogeneous configs too)
     layers = _decoder_layers(model)
     moe_layers = [layer for layer in layers if _experts(layer)]
     assert len(moe_layers) >= 2
@@ -95,7 +95,7 @@ def test_tiny_config(model_type, tmp_path):
         assert len(moe_layers) < len(layers), "a dense layer among the MoE layers"
     default = type(text)()
     for key in KIND_KEYS:  # every layer kind of the family's default pattern is kept
-        kinds = tiny_configs._get(default, key)
+        kinds = moe_types._get(default, key)
         if isinstance(kinds, list):
             assert set(kinds) <= set(get(key)), key
 

@@ -29,7 +29,7 @@ def load_matrix() -> dict[str, Any]:
 
 def installed_moe_types() -> list[str]:
     """MoE model types of the installed transformers (those on its standard experts interface)."""
-    from reap.tiny_configs import moe_model_types
+    from reap.moe_types import moe_model_types
 
     return moe_model_types()
 

@@ -80,7 +80,7 @@ def test_tiny_config(model_type, tmp_path):
 
     # experts and layer pattern
     text = config.get_text_config()
-    get = lambda key: moe_types._get(text, key)  # noqa: E731 (global values of heterogeneous configs too)
+    get = lambda key: moe_types.config_value(text, key)  # noqa: E731 (global values of heterogeneous configs too)
     layers = _decoder_layers(model)
     moe_layers = [layer for layer in layers if _experts(layer)]
     assert len(moe_layers) >= 2
@@ -95,7 +95,7 @@ def test_tiny_config(model_type, tmp_path):
         assert len(moe_layers) < len(layers), "a dense layer among the MoE layers"
     default = type(text)()
     for key in KIND_KEYS:  # every layer kind of the family's default pattern is kept
-        kinds = moe_types._get(default, key)
+        kinds = moe_types.config_value(default, key)
         if isinstance(kinds, list):
             assert set(kinds) <= set(get(key)), key
 

@@ -21,7 +21,7 @@ from typing import Any
 from reap.chat import to_chat
 from reap.errors import UserError
 from reap.options import DataOptions
-from reap.records import _Located, _first_line, _select_records, parse_dataset_spec
+from reap.records import Located, first_line, select_records, parse_dataset_spec
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False, confi
 
 def _tokenizer_failure(path: Path, err: Exception, trust_remote_code: bool) -> str:
     """What to do about a tokenizer that does not load, from what the directory holds and what failed."""
-    what = f"could not load a tokenizer from {path} ({type(err).__name__}: {_first_line(err)})"
+    what = f"could not load a tokenizer from {path} ({type(err).__name__}: {first_line(err)})"
     try:
         tok_config = json.loads((path / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
@@ -97,7 +97,7 @@ def _tokenizer_failure(path: Path, err: Exception, trust_remote_code: bool) -> s
 
 
 def _tokenize_records(
-    records: Sequence[_Located], tokenizer: Any, text_field: str, messages_field: str, log=None
+    records: Sequence[Located], tokenizer: Any, text_field: str, messages_field: str, log=None
 ) -> list[list[int]]:
     """Token ids of each record, in order: texts without special tokens, messages via the chat template. With
     ``log``, progress: a bar on a terminal, a line at the start and the end otherwise."""
@@ -152,7 +152,7 @@ def _chat_ids(tokenizer: Any, record: dict, messages_field: str, where: str) -> 
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)
     except Exception as err:  # jinja TemplateError, the template's raise_exception(...), ...
-        raise UserError(f"the chat template failed on {where} ({type(err).__name__}: {_first_line(err)}): "
+        raise UserError(f"the chat template failed on {where} ({type(err).__name__}: {first_line(err)}): "
                         "fix that record's messages") from err
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding by default
         ids = ids["input_ids"]
@@ -180,7 +180,7 @@ def calibration_sequences(opts: DataOptions, tokenizer: Any, log=None) -> list[l
                             "drop --pack or set eos_token in tokenizer_config.json")
 
     sources = parse_dataset_spec(opts.dataset)
-    records = _select_records(sources, opts.samples, opts.shuffle, opts.seed, opts.text_field)
+    records = select_records(sources, opts.samples, opts.shuffle, opts.seed, opts.text_field)
     seqs = _tokenize_records(records, tokenizer, opts.text_field, opts.messages_field, log)
     kept = [s for s in seqs if s]
     if len(kept) < len(seqs):
@@ -212,7 +212,7 @@ def eval_token_stream(
     without special tokens and followed by ``eos_id``, all concatenated. Empty documents contribute only EOS."""
     if max_docs is not None and max_docs <= 0:
         raise UserError(f"the number of eval documents is {max_docs}: it must be positive (or omitted for all)")
-    records = _select_records(parse_dataset_spec(dataset), max_docs, False, 0, text_field)
+    records = select_records(parse_dataset_spec(dataset), max_docs, False, 0, text_field)
     stream: list[int] = []
     for ids in _tokenize_records(records, tokenizer, text_field, messages_field):
         stream.extend(ids)

@@ -169,13 +169,13 @@ def moe_model_types() -> list[str]:
     return sorted(types)
 
 
-def _config_class(model_type: str):
+def config_class(model_type: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     return CONFIG_MAPPING[model_type]
 
 
-def _text_key(config_cls) -> str | None:
+def text_key(config_cls) -> str | None:
     subs = getattr(config_cls, "sub_configs", {}) or {}
     return next((k for k in TEXT_KEYS if k in subs), None)
 
@@ -194,39 +194,39 @@ def causal_lm_class(model_type: str, strict: bool = False) -> type | None:
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if name is not None or strict:
         return getattr(transformers, name) if name else None
-    config_cls = _config_class(model_type)
+    config_cls = config_class(model_type)
     module_name = model_type_to_module_name(model_type)
     module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     for attr in dir(module):
         cls = getattr(module, attr)
         if attr.endswith("ForCausalLM") and getattr(cls, "config_class", None) is config_cls:
             return cls
-    key = _text_key(config_cls)
+    key = text_key(config_cls)
     if key is not None:
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(_sub_config_class(config_cls, key).model_type)
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(sub_config_class(config_cls, key).model_type)
         if name is not None:
             return getattr(transformers, name)
     name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
     if name is not None and name.endswith("ForConditionalGeneration"):
         return getattr(transformers, name)
-    sub = _delegate(model_type)
+    sub = delegate(model_type)
     return causal_lm_class(sub) if sub else None
 
 
-def _delegate(model_type: str) -> str | None:
+def delegate(model_type: str) -> str | None:
     """The sub-config type that stands for a composite without a text_config nor a class of its own (qwen3_omni_moe,
     generate-only: its MoE thinker ``qwen3_omni_moe_thinker``)."""
-    config_cls = _config_class(model_type)
-    if _text_key(config_cls) is not None:
+    config_cls = config_class(model_type)
+    if text_key(config_cls) is not None:
         return None
     for key in getattr(config_cls, "sub_configs", {}) or {}:
-        sub_type = getattr(_sub_config_class(config_cls, key), "model_type", "")
+        sub_type = getattr(sub_config_class(config_cls, key), "model_type", "")
         if sub_type and sub_type != model_type and causal_lm_class(sub_type) is not None:
             return sub_type
     return None
 
 
-def _get(config, key: str, default=None):
+def config_value(config, key: str, default=None):
     """``config.key`` without the per-layer guard of heterogeneous configs (the global value)."""
     if hasattr(config, "_getattr_without_heterogeneous_validation"):
         return config._getattr_without_heterogeneous_validation(key, default)
@@ -234,15 +234,15 @@ def _get(config, key: str, default=None):
 
 
 @functools.cache
-def _base(config_cls):
+def base_config_class(config_cls):
     """The config class's default instance (cached: read, never handed out)."""
     return config_cls()
 
 
-def _sub_config_class(config_cls, key: str):
+def sub_config_class(config_cls, key: str):
     """The class of a composite's sub-config (the default's class where it is declared as AutoConfig)."""
     sub = config_cls.sub_configs[key]
-    return sub if dataclasses.is_dataclass(sub) else type(_get(_base(config_cls), key))
+    return sub if dataclasses.is_dataclass(sub) else type(config_value(base_config_class(config_cls), key))
 
 
 def _unsupported() -> dict[str, str]:

@@ -139,7 +139,7 @@ def load_records(src: DataSource, text_field: str = "text") -> Iterator[dict]:
             with _open_text(path) as f:
                 yield from _jsonl_records(f, path)
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
-        raise UserError(f"could not read dataset file {path} ({type(err).__name__}: {_first_line(err)}): "
+        raise UserError(f"could not read dataset file {path} ({type(err).__name__}: {first_line(err)}): "
                         "check that it is a valid, complete, UTF-8 file") from err
 
 
@@ -189,7 +189,7 @@ def _parquet_records(path: Path) -> Iterator[dict]:
     try:
         reader = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid etc. for non-parquet content
-        raise UserError(f"{path} is not a readable parquet file ({_first_line(err)}): "
+        raise UserError(f"{path} is not a readable parquet file ({first_line(err)}): "
                         "check the file or convert it to .jsonl") from err
     for batch in reader.iter_batches(batch_size=1024):
         yield from batch.to_pylist()
@@ -219,7 +219,7 @@ def _hf_records(src: DataSource) -> Iterator[dict]:
     except Exception as err:  # ConnectionError / FileNotFoundError / ValueError when not cached
         raise UserError(
             f"Hugging Face dataset {label} could not be loaded from the local cache ({type(err).__name__}: "
-            f"{_first_line(err)}); reap runs with HF_DATASETS_OFFLINE=1 and never downloads: fetch it once on a "
+            f"{first_line(err)}); reap runs with HF_DATASETS_OFFLINE=1 and never downloads: fetch it once on a "
             f"machine with network access with python -c \"import datasets; datasets.load_dataset({src.source!r}, "
             f"{src.subset!r}, split={src.split!r})\", or pass a local .jsonl/.parquet file"
         ) from err
@@ -236,12 +236,12 @@ def _as_record(record: Any, where: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- selection
 
-_Located = tuple[dict, str]  # a record and where it came from, for error messages
+Located = tuple[dict, str]  # a record and where it came from, for error messages
 
 
-def _select_records(
+def select_records(
     sources: Sequence[DataSource], samples: int | None, shuffle: bool, seed: int, text_field: str
-) -> list[_Located]:
+) -> list[Located]:
     """The mixture: per-source COUNT, concatenated in spec order, then the first ``samples`` records."""
     if not shuffle:
         stream = itertools.chain.from_iterable(_take_in_order(src, text_field) for src in sources)
@@ -263,13 +263,13 @@ def _select_records(
     return records
 
 
-def _located(src: DataSource, text_field: str) -> Iterator[_Located]:
+def _located(src: DataSource, text_field: str) -> Iterator[Located]:
     label = _label(src)
     for i, record in enumerate(load_records(src, text_field)):
         yield record, f"{label} record {i}"
 
 
-def _take_in_order(src: DataSource, text_field: str) -> Iterator[_Located]:
+def _take_in_order(src: DataSource, text_field: str) -> Iterator[Located]:
     n = 0
     for item in itertools.islice(_located(src, text_field), src.count):
         n += 1
@@ -292,6 +292,6 @@ def _label(src: DataSource) -> str:
     return src.source + (f"#{src.subset}" if src.subset else "") + f"@{src.split}"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import functools
 
-from reap.moe_types import _base, _config_class, _delegate, _get, _sub_config_class, _text_key, causal_lm_class
+from reap.moe_types import base_config_class, config_class, delegate, config_value, sub_config_class, text_key, causal_lm_class
 
 TINY_LAYERS = 4  # L: room for a dense layer, two MoE layers and both attention kinds
 MAX_LAYERS = 6  # more distinct layer kinds than this: the family's layer lists belong in OVERRIDES
@@ -139,7 +139,7 @@ def _per_layer_overrides(config) -> dict[int, dict]:
     if spec is None:
         return {}
     attrs = spec.explicit_per_layer_attributes
-    return {i: {a: o.get(a, _get(config, a)) for a in attrs} | o for i, o in spec.per_layer_overrides.items()}
+    return {i: {a: o.get(a, config_value(config, a)) for a in attrs} | o for i, o in spec.per_layer_overrides.items()}
 
 
 def _scaled(value, default, tiny):
@@ -182,8 +182,8 @@ def _shrink(config_cls, overrides: dict, encoder: bool = False) -> dict:
     overrides = dict(overrides)
     layer_table = overrides.pop("per_layer_shrink", {})
     defaults = _fields(config_cls)
-    base = _base(config_cls)
-    get = functools.partial(_get, base)
+    base = base_config_class(config_cls)
+    get = functools.partial(config_value, base)
     kw: dict[str, object] = {}
     kw.update(_table(config_cls, {**SHRINK, **(ENCODER if encoder else {})}))
     heads, kv = get("num_attention_heads"), defaults.get("num_key_value_heads")
@@ -249,9 +249,9 @@ def _shrink(config_cls, overrides: dict, encoder: bool = False) -> dict:
 def _table(config_cls, table: dict) -> dict:
     """The entries of ``table`` for the keys ``config_cls`` declares and sets (see :data:`SHRINK`); a list default
     (ernie4_5_vl_moe's per-modality expert sizes) shrinks element-wise in proportion."""
-    defaults, base, out = _fields(config_cls), _base(config_cls), {}
+    defaults, base, out = _fields(config_cls), base_config_class(config_cls), {}
     for key, tiny in table.items():
-        value = _get(base, key)
+        value = config_value(base, key)
         if key in defaults and (value not in (None, 0) or key in ALWAYS):
             if isinstance(value, (list, tuple)) and value and isinstance(tiny, int) and isinstance(value[0], int):
                 tiny = [_scaled(v, value[0], tiny) for v in value]
@@ -273,24 +273,24 @@ def tiny_config(model_type: str, **overrides):
     """A tiny config of ``model_type`` for ``causal_lm_class(model_type)._from_config`` (and AutoModelForCausalLM
     where it maps the type): the text config alone where the class is text-only, else the composite config with a
     tiny text config and tiny (one-layer) vision / audio configs. ``overrides`` go to the text config."""
-    config_cls = _config_class(model_type)
+    config_cls = config_class(model_type)
     lm = causal_lm_class(model_type)
-    if lm is not None and getattr(lm, "config_class", config_cls) is not config_cls and (sub := _delegate(model_type)):
+    if lm is not None and getattr(lm, "config_class", config_cls) is not config_cls and (sub := delegate(model_type)):
         return tiny_config(sub, **{**OVERRIDES.get(model_type, {}), **overrides})
-    key = _text_key(config_cls)
+    key = text_key(config_cls)
     table = copy.deepcopy({**OVERRIDES.get(model_type, {}), **overrides})  # configs may edit their lists in place
     if key is None:
         return config_cls(**_shrink(config_cls, table))
-    text_cls = _sub_config_class(config_cls, key)
+    text_cls = sub_config_class(config_cls, key)
     text = text_cls(**_shrink(text_cls, table))
     if lm is not None and getattr(lm, "config_class", None) is text_cls:
         return text
     kw: dict[str, object] = {key: text}
-    base = _base(config_cls)
+    base = base_config_class(config_cls)
     for sub_key, sub_cls in config_cls.sub_configs.items():
-        if sub_key == key or _get(base, sub_key) is None:  # optional encoders left out by default stay out
+        if sub_key == key or config_value(base, sub_key) is None:  # optional encoders left out by default stay out
             continue
-        sub_cls = _sub_config_class(config_cls, sub_key)
+        sub_cls = sub_config_class(config_cls, sub_key)
         kw[sub_key] = sub_cls(**_shrink_encoder(sub_cls, {}))
     kw.update({k: v for k, v in _table(config_cls, {**SHRINK, **ENCODER}).items() if k not in LAYER_COUNTS})
     kw.update(copy.deepcopy(COMPOSITE_OVERRIDES.get(model_type, {})))

@@ -267,6 +267,7 @@ def test_hub_id_not_in_cache(tmp_path):
     assert list(work.iterdir()) == [] and list(hf_home.iterdir()) == []
 
 
+@pytest.mark.slow  # end to end through `python -m reap` in a subprocess
 def test_python_m_reap_prunes_the_fp8_fixture(mini_m2_fp8, tmp_path):
     """The installed entry point end to end on the released-format fixture (odd shard names kept)."""
     out = tmp_path / "out"

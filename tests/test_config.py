@@ -89,6 +89,7 @@ def test_missing_required_option_says_where_to_give_it(tmp_path):
     assert proc.returncode == 2 and "MODEL, --out" in proc.stderr and "--config" in proc.stderr
 
 
+@pytest.mark.slow  # two calibrations through the CLI
 def test_calibrate_config_records_options(tiny_fp32, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(5)))

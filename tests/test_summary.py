@@ -154,6 +154,7 @@ def write_sparse_model(path: Path, n_shards: int = 4) -> Path:
     return path
 
 
+@pytest.mark.slow  # a sparse full-size MiniMax-M2 checkpoint (62 layers x 256 experts)
 def test_inspect_full_size_minimax_m2(tmp_path):
     model = write_sparse_model(tmp_path / "MiniMax-M2")
     assert sum(p.stat().st_blocks for p in model.iterdir()) * 512 < 200 << 20  # sparse: ~headers only on disk

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,25 +178,14 @@ def stream_layers(ckpt, layout, tokens: int) -> list[dict]:
 
 
 def whole_cli(model: Path, tokens: int, workdir: Path) -> dict:
+    """The whole ``reap calibrate`` command on the checkpoint (benchmarks/stream_bench.py's runner and data)."""
+    import stream_bench
+
     from reap.tiny import make_byte_tokenizer
 
+    stream_bench.DEVICE = DEVICE
     make_byte_tokenizer(model)
-    data = workdir / "cli-data.jsonl"
-    g = torch.Generator().manual_seed(2)
-    with open(data, "w") as f:
-        for _ in range(tokens // 2048):
-            f.write(json.dumps({"text": bytes(torch.randint(32, 127, (2048,), generator=g).tolist()).decode()}) + "\n")
-    out = workdir / "cli.stats"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "reap", "calibrate", str(model), "--dataset", str(data), "--max-length", "2048",
-           "--out", str(out), "--device", DEVICE, "-q", "--json"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        return {"error": proc.stderr[-2000:]}
-    summary = json.loads(proc.stdout)  # --json: one object
-    return {"wall_s": round(wall, 2), **summary}
+    return stream_bench.run_cli(model, stream_bench.data_file(workdir, tokens), workdir / "cli.stats")
 
 
 def main() -> None:

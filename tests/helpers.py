@@ -23,6 +23,34 @@ def random_sequences(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def python_snippets(count: int, lines=lambda n: 8 + 3 * n, seed: int = 7) -> list[str]:
+    """``count`` fixed Python-like snippets (random keywords, seeded; not the repository's own files, which change),
+    snippet n with ``lines(n)`` lines of 12 words."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["def", "return", "self", "import", "for", "in", "if", "else", "value", "items", "print", "(", ")", ":"]
+    return ["\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g))
+                      for _ in range(lines(n))) for n in range(count)]
+
+
+def calibrate_one_and_two_ranks(model: Path, data: Path, out_dir: Path, *extra: str) -> tuple[Path, Path, str]:
+    """``reap calibrate`` in one process and under ``torchrun --nproc-per-node 2`` (gloo, CPU) on the same data:
+    (single stats file, two-rank stats file, the two-rank run's stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    single, two = out_dir / "one.safetensors", out_dir / "two.safetensors"
+    common = ["calibrate", str(model), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "reap", *common, "--out", str(two), *extra], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return single, two, proc.stderr
+
+
 def load_causal_lm(model_dir: Path, config_only: dict | None = None, **kwargs):
     """transformers' own model for the checkpoint (``from_pretrained`` kwargs pass through), as the class its
     config.json's ``architectures`` names (else the causal-LM class). Kimi-K2's model_type "kimi_k2" is remote

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import (assert_reference_outputs, feed_reference_inputs, hooked_stats, random_sequences,
-                     reference_layers)
+from helpers import (assert_reference_outputs, calibrate_one_and_two_ranks, feed_reference_inputs, hooked_stats,
+                     python_snippets, random_sequences, reference_layers)
 
 from reap.arch import derive
 from reap.calibrate import calibrate
@@ -55,11 +51,7 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    """Six fixed Python snippets (not the repository's own files, which change)."""
-    g = torch.Generator().manual_seed(7)
-    words = ["def", "return", "self", "import", "for", "in", "if", "else", "value", "items", "print", "(", ")", ":"]
-    return ["\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g))
-                      for _ in range(8 + 3 * n)) for n in range(6)]
+    return python_snippets(6)
 
 
 def _opts(model, data, **engine) -> CalibrateOptions:
@@ -163,16 +155,7 @@ def test_make_batches_respects_budget():
 @pytest.mark.slow
 def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
     """torchrun --nproc-per-node 2 -m reap calibrate == a single process, up to float rounding."""
-    data = _write_jsonl(tmp_path / "d.jsonl", texts)
-    single, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    common = ["calibrate", str(tiny_fp32), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
-                   capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run([*torchrun, "-m", "reap", *common, "--out", str(two)], env=env, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, two, _ = calibrate_one_and_two_ranks(tiny_fp32, _write_jsonl(tmp_path / "d.jsonl", texts), tmp_path)
     a, b = ExpertStats.load(single), ExpertStats.load(two)
     assert b.meta["world_size"] == 2 and a.meta["tokens"] == b.meta["tokens"]
     for f in FIELDS:  # the ranks batch different sequences together: float32 blocking differs slightly
@@ -238,17 +221,9 @@ def test_resume_replays_no_layer(tiny_fp32, tmp_path, texts, monkeypatch):
 def test_two_ranks_sharing_the_reading_equal_one(tiny_fp8, tmp_path, texts):
     """--weight-exchange share over gloo: each rank reads half of every layer's bytes (FP8 values and scales) and
     the ranks all-gather the rest; the statistics equal a single process's."""
-    data = _write_jsonl(tmp_path / "d.jsonl", texts)
-    single, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    common = ["calibrate", str(tiny_fp8), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
-                   capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run([*torchrun, "-m", "reap", *common, "--out", str(two), "--weight-exchange", "share"], env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "each layer read once per node (2 ranks share it)" in proc.stderr
+    single, two, stderr = calibrate_one_and_two_ranks(tiny_fp8, _write_jsonl(tmp_path / "d.jsonl", texts), tmp_path,
+                                                      "--weight-exchange", "share")
+    assert "each layer read once per node (2 ranks share it)" in stderr
     a, b = ExpertStats.load(single), ExpertStats.load(two)
     assert b.meta["world_size"] == 2
     for f in FIELDS:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_causal_lm, random_sequences, removed_in_memory, stored_tensors
+from helpers import load_causal_lm, python_snippets, random_sequences, removed_in_memory, stored_tensors
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -37,11 +37,7 @@ LENGTHS = (23, 40, 7, 31)
 
 @pytest.fixture(scope="module")
 def calibration_texts() -> list[str]:
-    """Eight fixed Python-like snippets."""
-    g = torch.Generator().manual_seed(7)
-    words = ["def", "return", "self", "import", "for", "in", "if", "else", "value", "items", "print", "(", ")", ":"]
-    return ["\n".join(" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g))
-                      for _ in range(4 + 2 * n)) for n in range(8)]
+    return python_snippets(8, lines=lambda n: 4 + 2 * n)
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from reap.arch import derive
 from reap.calibrate import calibrate
 from reap.checkpoint import Checkpoint
+from reap.derive import derive
 from reap.moe import ExpertsProbe, reap_experts_forward
 from reap.options import CalibrateOptions, DataOptions, EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator

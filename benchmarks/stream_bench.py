@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rewrite_bench import make_m2_checkpoint  # noqa: E402
 
-from reap.arch import derive  # noqa: E402
 from reap.checkpoint import Checkpoint  # noqa: E402
+from reap.derive import derive  # noqa: E402
 from reap.options import EngineOptions  # noqa: E402
 from reap.saliency import LayerAccumulator  # noqa: E402
 from reap.stream import LayerStreamer  # noqa: E402

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import checkpoint  # noqa: E402
 
-from reap.arch import derive  # noqa: E402
 from reap.checkpoint import Checkpoint  # noqa: E402
+from reap.derive import derive  # noqa: E402
 from reap.saliency import LayerAccumulator  # noqa: E402
 from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
 

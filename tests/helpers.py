@@ -252,8 +252,9 @@ def assert_config_changed_only_in_counts(src: Path, out: Path) -> None:
     import copy
     import json
 
-    from reap.arch import MTP_KEYS, derive
+    from reap.arch import MTP_KEYS
     from reap.checkpoint import Checkpoint
+    from reap.derive import derive
 
     before = json.loads((Path(src) / "config.json").read_text())
     after = json.loads((Path(out) / "config.json").read_text())

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from reap.arch import build_config, derive, human_bytes, human_count
+from reap.arch import build_config, human_bytes, human_count
 from reap.checkpoint import Checkpoint
+from reap.derive import derive
 from reap.disk_layout import disk_axis
 from reap.errors import UserError
 from reap.model_layout import derive_model

@@ -10,9 +10,9 @@ import torch
 from helpers import (assert_reference_outputs, calibrate_one_and_two_ranks, feed_reference_inputs, hooked_stats,
                      python_snippets, random_sequences, reference_layers)
 
-from reap.arch import derive
 from reap.calibrate import calibrate
 from reap.checkpoint import Checkpoint
+from reap.derive import derive
 from reap.hidden import make_batches
 from reap.options import CalibrateOptions, DataOptions, EngineOptions
 from reap.saliency import FIELDS, ExpertStats, LayerAccumulator

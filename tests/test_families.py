@@ -20,9 +20,9 @@ from helpers import (assert_exact_surgery, assert_reference_outputs, feed_refere
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.derive import derive
 from reap.options import EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator
 from reap.stream import LayerStreamer

@@ -100,8 +100,8 @@ FAMILIES = ["minimax_m2", "qwen3_moe", "mixtral", "kimi_k2", "gpt_oss", "glm4_mo
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_driver_equals_pruned_checkpoint(family, tmp_path):
-    from reap.arch import derive
     from reap.checkpoint import Checkpoint
+    from reap.derive import derive
     from reap.moe import RouterDriver, use_reap_experts
     from reap.options import PruneOptions
     from reap.prune import prune_model

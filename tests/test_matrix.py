@@ -22,9 +22,9 @@ from helpers import assert_exact_surgery, hooked_stats, load_causal_lm, random_s
 from typer.testing import CliRunner
 
 from reap import moe_types
-from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.derive import derive
 from reap.families import MATRIX_NAME, load_matrix, markdown_table
 from reap.options import EngineOptions
 from reap.saliency import FIELDS, LayerAccumulator

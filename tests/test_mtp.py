@@ -24,9 +24,10 @@ from helpers import load_causal_lm, python_snippets, random_sequences, removed_i
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from reap.arch import MTP_STYLES, derive
+from reap.arch import MTP_STYLES
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.derive import derive
 from reap.options import EngineOptions
 from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
 from reap.stream import LayerStreamer

@@ -24,9 +24,9 @@ from helpers import (KIMI_INT4_QUANT, assert_exact_surgery, load_causal_lm, rand
                      write_sparse_shards)
 from typer.testing import CliRunner
 
-from reap.arch import derive
 from reap.checkpoint import Checkpoint
 from reap.cli import app
+from reap.derive import derive
 
 pytestmark = pytest.mark.slow  # every quantized format end to end against its library: ~1 minute
 

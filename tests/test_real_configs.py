@@ -105,8 +105,8 @@ def test_calibrated_prune_keeps_the_released_config(real_configs, tmp_path, data
 def test_kimi_k2_as_released_calibrates_and_prunes(kimi, tmp_path, data):
     from safetensors import safe_open
 
-    from reap.arch import derive
     from reap.checkpoint import Checkpoint
+    from reap.derive import derive
 
     layout = derive(Checkpoint(kimi))
     inv = [n for n in layout.roles if n.endswith("rotary_emb.inv_freq")]

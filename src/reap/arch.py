@@ -25,8 +25,9 @@ than the previous layer gave) and :data:`MTP_KEYS`. Errors name the piece that i
 This module holds those tables (with :data:`MTP_STYLES` and :data:`TOP_K_ATTRS`), the data classes
 (:class:`Layout`, :class:`MoELayer`, :class:`Role`, :class:`MtpStyle`), transformers' config and meta model for a
 ``config.json`` (:func:`build_config`, :func:`model_class`, :func:`build_model`, :func:`extended_config`), the
-humanizers :func:`human_count` / :func:`human_bytes`, and :func:`derive`. The MoE layers and the expert axis are
-read by :mod:`reap.model_layout`, the disk layout by :mod:`reap.disk_layout`.
+humanizers :func:`human_count` / :func:`human_bytes`. The MoE layers and the expert axis are read by
+:mod:`reap.model_layout`, the disk layout by :mod:`reap.disk_layout`, and :func:`reap.derive.derive` puts the two
+together.
 
 Legend: E experts, K kept experts, L decoder layers, H hidden.
 """
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
@@ -43,8 +44,6 @@ from reap.formats import Format
 
 if TYPE_CHECKING:
     import torch
-
-    from reap.checkpoint import Checkpoint
 
 #: ``model_type`` values that are remote code for an architecture transformers implements: built with its classes
 #: (the ``auto_map`` code is never run). Add an entry when a release renames a model type it did not change.
@@ -301,26 +300,3 @@ def extended_config(config: dict[str, Any], extra: int) -> dict[str, Any]:
         if isinstance(value, list) and len(value) == n:
             text[key] = value + [fill if fill is not None else value[-1]] * extra
     return out
-
-
-def derive(ckpt: "Checkpoint", keep_mtp: bool = True) -> Layout:
-    """The checkpoint's :class:`Layout`, every stored tensor with its role. Multi-token-prediction modules stored
-    beside the decoder layers are kept as MoE layers after the last one (their decoder layer built by transformers
-    as one more layer of the model), unless ``keep_mtp`` is False: then they are left out of pruned outputs."""
-    return derive_with_model(ckpt, keep_mtp)[0]
-
-
-def derive_with_model(ckpt: "Checkpoint", keep_mtp: bool = True):
-    """:func:`derive` and transformers' meta model it maps the checkpoint onto (with the MTP modules' decoder layers
-    as layers num_hidden_layers + k when they are kept)."""
-    from reap.disk_layout import map_checkpoint, mtp_modules
-    from reap.model_layout import derive_model
-
-    layout, model, _ = derive_model(ckpt.config)
-    style, count, disk = mtp_modules(layout, ckpt.infos) if keep_mtp else (None, 0, "")
-    if not count:
-        return map_checkpoint(layout, model, ckpt), model
-    wide, wide_model, _ = derive_model(extended_config(ckpt.config, count), type(model))
-    mtp = replace(wide, num_layers=layout.num_layers, mtp_layers=count, mtp_style=style, mtp_disk_layers=disk,
-                   mtp_keys=layout.mtp_keys)
-    return map_checkpoint(mtp, wide_model, ckpt), wide_model

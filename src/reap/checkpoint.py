@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reap.errors import UserError
-from reap.validate import DTYPE_BITS, check_header, check_shards
+from reap.validate import DTYPE_BITS, check_header, check_shards, torch_dtypes
 
 if TYPE_CHECKING:
     import torch
@@ -33,18 +33,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 ITEMSIZE = {k: v // 8 for k, v in DTYPE_BITS.items() if v % 8 == 0}
 
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                 "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
-                 "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
-
-
 def __getattr__(name: str) -> Any:
     """``DTYPES`` (safetensors name -> torch dtype) and ``DTYPE_NAMES`` (the reverse), built on first use so that
     copying a checkpoint (``reap prune --keep``, ``reap inspect``) never pays for importing torch."""
     if name in ("DTYPES", "DTYPE_NAMES"):
-        import torch
-
-        dtypes = {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items() if hasattr(torch, v)}
+        dtypes = torch_dtypes()
         globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

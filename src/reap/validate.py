@@ -39,6 +39,17 @@ DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0"
               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64,
               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 _REDOWNLOAD = "the shard is damaged or was not written by a safetensors writer: re-download it"
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+                 "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+
+
+def torch_dtypes() -> dict[str, "torch.dtype"]:
+    """safetensors dtype name -> torch dtype, for the dtypes this torch has (imports torch: call it where tensors
+    are made; ``reap.checkpoint.DTYPES`` is the same table)."""
+    import torch
+
+    return {k: getattr(torch, v) for k, v in _TORCH_DTYPES.items() if hasattr(torch, v)}
 
 
 def span_bytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int | None:
@@ -127,10 +138,10 @@ def check_shards(root: Path, weight_map: Mapping[str, str], names: Mapping[str, 
 
 # -- the checkpoint against transformers' model ---------------------------------------------------------------
 def derive_checked(ckpt: "Checkpoint", with_model: bool = False, keep_mtp: bool = True):
-    """:func:`reap.arch.derive` plus :func:`check_layout`: the layout of a checkpoint that passed every check (and
+    """:func:`reap.derive.derive` plus :func:`check_layout`: the layout of a checkpoint that passed every check (and
     with ``with_model`` transformers' meta model it was derived from: ``(layout, model)``). ``keep_mtp``: as in
-    :func:`reap.arch.derive` (False: multi-token-prediction modules are left out of the pruned output)."""
-    from reap.arch import derive_with_model
+    :func:`reap.derive.derive` (False: multi-token-prediction modules are left out of the pruned output)."""
+    from reap.derive import derive_with_model
 
     layout, model = derive_with_model(ckpt, keep_mtp)
     check_layout(ckpt, layout, model)
@@ -176,7 +187,7 @@ def _dry_run(ckpt: "Checkpoint", layout: "Layout", model) -> None:
     names (layer index aside) and shapes give the same answer and are loaded once."""
     import torch
 
-    from reap.checkpoint import DTYPES
+    DTYPES = torch_dtypes()
     from reap.formats import dequantize, group_parts
 
     groups: dict[Any, list[str]] = {}
@@ -311,7 +322,7 @@ def _read(ckpt: "Checkpoint", info) -> "torch.Tensor":
     """One stored tensor, read with plain reads (no memory map of a shard that may be hundreds of GB)."""
     import torch
 
-    from reap.checkpoint import DTYPES
+    DTYPES = torch_dtypes()
 
     with open(ckpt.path / info.shard, "rb") as f:
         data = bytearray(os.pread(f.fileno(), info.nbytes, info.start))

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reap.arch import Layout, derive
+from reap.arch import Layout
 from reap.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, read_header
+from reap.derive import derive
 from reap.errors import UserError
 from reap.plan import ExpertPlan, Routing, check_plan
 

@@ -9,8 +9,8 @@ kept), expert-id tables renumbered (:func:`id_remap`), every other tensor copied
 rebuilt, other files copied, ``reap_report.json`` written, the pictures drawn beside the copy; the result is
 checked (:func:`reap.verify.verify`) and only then renamed into place.
 
-Nothing here imports torch except :func:`id_remap` (only for hash-routed layers): ``reap prune --keep`` copies
-byte ranges.
+The copy itself moves byte ranges, never tensors. torch comes in only through :func:`id_remap` (hash-routed
+layers) and through verify, which derives the output's layout from transformers' meta model.
 """
 
 from __future__ import annotations

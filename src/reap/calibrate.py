@@ -237,10 +237,10 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         if hidden is not None and not start_layer and dist.rank == 0:
             shutil.rmtree(hidden.root, ignore_errors=True)  # a fresh run: an old run's hidden states are stale
         restored = hidden.latest(start_layer - 1) if hidden is not None and start_layer else None
+        plan = streamer.plan()  # once: its sizes do not change while the layers run
         if dist.rank == 0:
             from reap.arch import human_bytes
 
-            plan = streamer.plan()
             eta = plan["eta_s"] * (rows - start_layer) / rows
             log(f"plan: {plural(plan['batches'], 'batch', 'batches')} per rank, hidden states "
                 f"{human_bytes(plan['hidden_bytes'])} per rank on {plan['hidden_on']}, largest layer "
@@ -282,7 +282,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             if out is not None and dist.rank == 0:
                 stats.save(out)  # first the statistics, then the hidden states: a kill between replays one layer
             if hidden is not None and hidden.due(layer, rows - 1, streamer.stats.layer_seconds[-1],
-                                                 streamer.plan()["hidden_bytes"]):
+                                                 plan["hidden_bytes"]):
                 hidden.write(streamer, layer)
             bar.set_postfix(**{"tokens/s": f"{streamer.tokens * dist.world / streamer.stats.layer_seconds[-1]:.0f}"})
             bar.update()

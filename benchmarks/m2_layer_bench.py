@@ -106,7 +106,7 @@ def bench_size(ckpt, layout, tokens: int, repeats: int, peak: float) -> dict:
     seqs = [torch.randint(0, 4096, (2048,), generator=g).tolist() for _ in range(tokens // 2048)]
     st = LayerStreamer(ckpt, layout, seqs, EngineOptions(device=DEVICE, dtype="bfloat16", batch_tokens=16384,
                                                          offload="device", progress=False))
-    st.embed()
+    st.embed(ahead=True)
     inputs = [st.store.get(i) for i in range(len(st.batches))]
     module = st.load_layer(0)
     experts = next(m for m in module.modules() if hasattr(m, "has_gate"))

@@ -6,7 +6,7 @@
 The streamer as ``reap calibrate`` drives it (benchmarks/stream_bench.py's random-weight MiniMax-M2-width FP8
 checkpoint, bf16, hidden states on the device, no greedy search, the checkpoint in the page cache): created first
 (layer 0 is read and loaded in the background), then ``--tokenize-s`` seconds standing in for tokenization, then
-the embedding (each batch timed) and every layer (load wait, forward, statistics). ``--interval`` sets the GIL's
+every layer (load wait, forward, statistics; layer 0 embeds its own batches, as in calibrate). ``--interval`` sets the GIL's
 switch interval after the streamer is made (default: reap's own, reap.stream.SWITCH_INTERVAL); Python's default
 is 0.005. Each variant belongs in a process of its own (CUDA start-up happens once per process).
 """
@@ -54,15 +54,7 @@ def main() -> None:
     time.sleep(args.tokenize_s)
     g = torch.Generator().manual_seed(0)
     st.set_sequences([torch.randint(0, 4096, (2048,), generator=g).tolist() for _ in range(args.tokens // 2048)])
-    embed = []
-    with torch.inference_mode():
-        for i in range(len(st.batches)):
-            t = time.perf_counter()
-            call_args, kwargs = st.layer_call(i, 0)
-            st.store.put(i, call_args[0] if call_args else kwargs["hidden_states"])
-            if gpu:
-                torch.cuda.synchronize()
-            embed.append(time.perf_counter() - t)
+    st.embed()  # as calibrate does: layer 0 embeds its own batches (its per-batch call of the base model)
     layers = []
     for layer in range(layout.num_layers):
         t = time.perf_counter()
@@ -72,11 +64,10 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(0) if gpu else "none", "torch": torch.__version__,
            "switch_interval": args.interval if args.interval is not None else "reap default",
            "tokens": st.tokens, "batches": len(st.batches), "streamer_s": round(made, 3),
-           "embed_s": round(sum(embed), 3), "embed_first_batch_s": round(embed[0], 3),
-           "embed_rest_mean_ms": round(1e3 * sum(embed[1:]) / max(1, len(embed) - 1), 2),
+           "warmup_s": round(st.warmup_seconds, 3),
            "layer_s": [round(x, 3) for x in layers], "weights_wait_s": [round(x, 3) for x in st.stats.wait_seconds],
-           "total_s": round(sum(embed) + sum(layers), 3),
-           "tok_s_per_layer": round(st.tokens * len(layers) / (sum(embed) + sum(layers)), 1)}
+           "total_s": round(sum(layers), 3),
+           "tok_s_per_layer": round(st.tokens * len(layers) / sum(layers), 1)}
     print(json.dumps(res), flush=True)
     args.out.write_text(json.dumps(res, indent=2))
 

@@ -145,6 +145,39 @@ def test_layers_are_freed_after_use(tiny_fp32):
     streamer.close()
 
 
+def _stream_stats(path, prepare) -> list[dict]:
+    ckpt = Checkpoint(path)
+    spec = derive(ckpt)
+    streamer = LayerStreamer(ckpt, spec, _sequences(ckpt.config["vocab_size"]),
+                             EngineOptions(device="cpu", batch_tokens=64, progress=False))
+    try:
+        prepare(streamer)
+        out = []
+        for layer in range(spec.num_layers):
+            acc = LayerAccumulator(spec.num_experts)
+            streamer.run_layer(layer, acc)
+            out.append(acc.to_dict())
+        return out
+    finally:
+        streamer.close()
+
+
+def test_layer_0_embeds_its_own_batches_and_a_warm_up_changes_nothing(tiny_fp32):
+    """The embeddings are not computed ahead (layer 0 takes them from its own call of the base model): the same
+    statistics as with every batch embedded into the store first, and as after a warm-up batch through layer 0."""
+    def warm_up(st):
+        st.load_layer(0)
+        st._warm_up(0)
+        assert st.warmup_seconds > 0  # it ran (a failing warm-up is skipped quietly)
+        st.embed()
+
+    ahead = _stream_stats(tiny_fp32, lambda st: st.embed(ahead=True))
+    for prepare in (lambda st: st.embed(), warm_up):
+        got = _stream_stats(tiny_fp32, prepare)
+        for a, b in zip(ahead, got):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_make_batches_respects_budget():
     seqs = [[1] * n for n in (5, 5, 9, 2, 30, 1)]
     batches = make_batches(seqs, 20)

@@ -304,8 +304,9 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     ran = rows - first  # layers run in this call, replayed ones included
     summary = {"tokens": tokens, "seconds": round(seconds, 3), "layers": rows - start_layer,
                "layers_run": ran, "tokens_per_second_per_layer": round(tokens * ran / max(seconds, 1e-9), 1),
-               # where the time went: the embedding, each layer run, and of that the wait for its weights
-               "embed_seconds": round(streamer.stats.embed_seconds, 3),
+               # where the time went: each layer run, of that the wait for its weights and the greedy search; the
+               # GPU warm-up batch, run while the data was tokenized (outside ``seconds``)
+               "warmup_seconds": round(streamer.warmup_seconds, 3),
                "layer_seconds": [round(t, 3) for t in streamer.stats.layer_seconds],
                "weights_wait_seconds": [round(t, 3) for t in streamer.stats.wait_seconds],
                "greedy_seconds": round(streamer.stats.greedy_seconds, 3),

@@ -38,13 +38,15 @@ from tqdm.auto import tqdm
 
 from reap.arch import Layout, build_config, build_model, model_class
 from reap.checkpoint import Checkpoint
+from reap import load_recipe
 from reap.errors import UserError
+from reap.formats import group_parts
 from reap.greedy import GreedySearch
 from reap.hidden import Batch, HiddenStore, make_batches
 from reap.moe import ExpertsProbe, use_reap_experts
 from reap.options import EngineOptions
 from reap.ranks import Dist, WeightShare, resolve_device
-from reap.weights import LayerReader, load_into, materialize, to_meta
+from reap.weights import LayerBytes, LayerReader, load_into, materialize, to_meta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +64,6 @@ class StreamStats:
     tokens: int = 0
     layer_seconds: list[float] = field(default_factory=list)  # per layer run: load + forward + statistics
     wait_seconds: list[float] = field(default_factory=list)  # of which waiting for the layer's weights
-    embed_seconds: float = 0.0
     greedy_seconds: float = 0.0  # the greedy-rerouted search after the layers' forward (included in layer_seconds)
 
 
@@ -114,6 +115,10 @@ class LayerStreamer(GreedySearch):
         self._pending: dict[int, cf.Future] = {}
         self._reads: dict[int, cf.Future] = {}
         self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
+        self._recipes: dict[tuple, load_recipe.Recipe] = {}  # layer signature -> how transformers loaded one
+        self._recipe_tries: dict[tuple, int] = {}
+        self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
+        self.warmup_seconds = 0.0
         self._load(self._stored["base"], "the embeddings and final norm")
         self.prefetch(0)
         self.batches: list[Batch] = []
@@ -209,32 +214,37 @@ class LayerStreamer(GreedySearch):
     # -- reading and materializing a layer (on the prefetch thread, on its own CUDA stream, one layer ahead)
     def prefetch(self, layer: int) -> None:
         """Start preparing layer ``layer``. On a GPU its bytes are read by the read-ahead thread, which reads layer
-        after layer back to back into the two buffer slots (a slot is free once its layer's bytes are on the device);
-        every read goes through that one thread, so ranks sharing the reading exchange in the same order."""
+        after layer back to back, at most two ahead, onto the device (through the reader's pinned chunks); every
+        read goes through that one thread, so ranks sharing the reading exchange in the same order."""
         if not 0 <= layer < self.layout.num_layers or layer in self._pending:
             return
         if self._side is not None:
-            for ahead in (layer, layer + 1):  # slot (layer + 1) % 2 last held layer - 1, already on the device
+            for ahead in (layer, layer + 1):
                 if ahead < self.layout.num_layers and ahead not in self._reads and ahead not in self._pending:
                     self._reads[ahead] = self._read_pool.submit(self._read_layer, ahead)
         self._pending[layer] = self._pool.submit(self._prepare, layer)
 
-    def _read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer ``layer``'s stored tensors in its slot (on the device already when the ranks share the reading)."""
-        device = self.device if self.reader.share is not None else None
-        return self.reader.read(self._stored.get(layer, []), slot=layer % 2, device=device)
+    def _read_layer(self, layer: int) -> LayerBytes:
+        """Layer ``layer``'s stored tensors: on a GPU, on the device already (through the reader's pinned chunks,
+        or all-gathered when the ranks share the reading); on the CPU, in its slot."""
+        device = self.device if self.device.type == "cuda" else None
+        return self.reader.read_bytes(self._stored.get(layer, []), slot=layer % 2, device=device)
 
     def _prepare(self, layer: int):
-        """Copy layer ``layer`` to the device, dequantize it and load it into transformers' model, all while the
-        previous layer computes; returns the model keys still missing and the CUDA event the compute stream waits
-        for. On the CPU the layer is also read here."""
+        """Dequantize layer ``layer`` (its bytes on the device already) and load it into transformers' model, while
+        the previous layer computes; returns the model keys still missing and the CUDA event the compute stream
+        waits for. Layer 0 then runs a warm-up batch. On the CPU the layer is also read here."""
         if self._side is None:
-            return self._load_raw(self._read_layer(layer), f"layer {layer}"), None
+            return self._load_layer(self._read_layer(layer).views(), layer), None
         host = self._reads.pop(layer).result()
         with torch.cuda.stream(self._side):
-            raw = {n: t.to(self.device, non_blocking=True) for n, t in host.items()}
-            self._side.synchronize()  # the host slot is free again once its bytes are on the device
-            missing = self._load_raw(raw, f"layer {layer}")
+            raw = host.to(self.device).views()  # no copy: already there
+            # its block goes back to the stream that allocated it (the reader's copies) only once this stream's
+            # work on it is done
+            host.base.record_stream(self._side)
+            missing = self._load_layer(raw, layer)
+            if layer == 0:
+                self._warm_up(layer)
             event = torch.cuda.Event()
             event.record(self._side)
         return missing, event
@@ -245,6 +255,41 @@ class LayerStreamer(GreedySearch):
 
     def _load_raw(self, raw: dict[str, torch.Tensor], what: str) -> set[str]:
         return load_into(self.model, self._materialize(raw), self.device, self.dtype, what)
+
+    def _load_layer(self, raw: dict[str, torch.Tensor], layer: int) -> set[str]:
+        """Decoder layer ``layer``'s stored tensors into the model: by the recipe learned from an earlier layer of
+        its kind (:mod:`reap.load_recipe`), else by transformers' loader, learning the recipe from what it did."""
+        state = self._materialize(raw)
+        sig = load_recipe.signature(state, layer) if load_recipe.enabled() else None
+        recipe = self._recipes.get(sig)
+        if recipe is not None:
+            recipe.apply(self.layers[layer], state, layer)
+            return set()
+        missing = load_into(self.model, state, self.device, self.dtype, f"layer {layer}")
+        prefix = f"{self.layout.layers_path}.{layer}."
+        tries = self._recipe_tries.get(sig, 0)
+        if sig is not None and tries < 2 and not any(k.startswith(prefix) for k in missing):
+            self._recipe_tries[sig] = tries + 1
+            recipe, why = load_recipe.learn(self.layers[layer], prefix, state, self._targets(raw), layer)
+            if recipe is not None:
+                self._recipes[sig] = recipe
+            elif self.opts.progress and self.dist.rank == 0 and tries == 0:
+                tqdm.write(f"note: layer {layer} and those like it load through transformers' loader ({why})",
+                           file=sys.stderr)
+        return missing
+
+    def _targets(self, raw: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """For each base name of these stored tensors: (the model tensor it loads into, its expert index or None,
+        its name with the expert index written ``*`` or None)."""
+        out = {}
+        for base, parts in group_parts(list(raw), self.layout.format).items():
+            role = self.layout.roles.get(parts["values"])
+            if role is None:
+                continue
+            expert = role.kind == "expert" and role.span is not None
+            out[base] = (role.model, role.expert if expert else None,
+                         base[: role.span[0]] + "*" + base[role.span[1]:] if expert else None)
+        return out
 
     def _load(self, names: list[str], what: str) -> set[str]:
         """Load tensors kept for the whole run (embeddings, norm, head) from a buffer of their own."""
@@ -319,14 +364,37 @@ class LayerStreamer(GreedySearch):
                         "stream this model")
 
     # -- running
-    def embed(self) -> None:
-        """The hidden states the base model gives layer 0 (embeddings, scaled or expanded as the model does)."""
+    def embed(self, ahead: bool = False) -> None:
+        """Start from the embeddings: the hidden states the base model gives layer 0 (embedded, scaled or expanded
+        as the model does). They are not computed ahead unless asked (``ahead``: into the hidden-state store): the
+        base model's call of layer 0, which :meth:`run_layer` makes for every batch anyway, carries them, so layer 0
+        takes its input from there."""
+        self._from_embeddings = not ahead
+        if ahead:
+            with torch.inference_mode():
+                for i in range(len(self.batches)):
+                    args, kwargs = self.layer_call(i, 0)
+                    self.store.put(i, args[0] if args else kwargs["hidden_states"])
+
+    def _warm_up(self, layer: int) -> None:
+        """One batch of random tokens through decoder layer ``layer`` (no statistics), on the prefetch thread
+        right after the layer is loaded: the GPU's kernels are loaded and its libraries set up while the data is
+        still tokenized, not in the first real batch."""
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            for i in range(len(self.batches)):
-                args, kwargs = self.layer_call(i, 0)
-                self.store.put(i, args[0] if args else kwargs["hidden_states"])
-        self.stats.embed_seconds += time.perf_counter() - t0
+        text = self.model.config.get_text_config()
+        width = max(1, min(2048, self.opts.batch_tokens))
+        rows = max(1, self.opts.batch_tokens // width)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, max(1, int(getattr(text, "vocab_size", 2) or 2)), (rows, width), generator=g)
+        try:
+            with torch.inference_mode():
+                args, kwargs = self.layer_call_for(Batch(ids, [width] * rows), layer)
+                self.layers[layer](*args, **kwargs)
+            if self._side is not None:
+                self._side.synchronize()
+        except Exception:  # noqa: BLE001 (a warm-up only: whatever fails here, the first real batch reports)
+            return
+        self.warmup_seconds = time.perf_counter() - t0
 
     @torch.inference_mode()
     def run_layer(self, layer: int, accumulator=None, desc: str | None = None) -> None:
@@ -346,12 +414,14 @@ class LayerStreamer(GreedySearch):
                    desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
                    disable=not self.opts.progress or self.dist.rank != 0)
         try:
+            from_store = not (layer == 0 and self._from_embeddings)
             for i, b in enumerate(self.batches):
-                args, kwargs = self.layer_call(i, layer)
-                h = self.store.get(i)
-                args = (h, *args[1:]) if args else args
-                if not args:
-                    kwargs = {**kwargs, "hidden_states": h}
+                args, kwargs = self.layer_call(i, layer)  # layer 0's input (the embeddings) among them
+                if from_store:
+                    h = self.store.get(i)
+                    args = (h, *args[1:]) if args else args
+                    if not args:
+                        kwargs = {**kwargs, "hidden_states": h}
                 for experts in probes:
                     experts._reap_probe.token_mask = b.mask().reshape(-1).bool().to(self.device) if b.padded else None
                 out = module(*args, **kwargs)
@@ -361,6 +431,8 @@ class LayerStreamer(GreedySearch):
                     out = out[0]
                 self.store.put(i, out)
                 bar.update(sum(b.lengths))
+            if layer == 0:
+                self._from_embeddings = False
             if sample is not None:
                 tg = time.perf_counter()
                 hook = self.greedy_finish(module, moe, experts, layer, sample, hook, accumulator)

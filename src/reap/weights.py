@@ -1,7 +1,8 @@
 """A layer's weights, from the shards into transformers' model and back to the meta device.
 
-* :class:`LayerReader`: stored tensors read straight into reusable (pinned) buffers, one read per tensor in file
-  order, the page cache dropped behind the reads; with a :class:`reap.ranks.WeightShare`, each rank of a node reads
+* :class:`LayerReader`: stored tensors read straight into reusable (pinned) buffers (:class:`LayerBytes`), a few
+  large reads per layer (adjacent tensors scattered into the buffer by one ``preadv``), the page cache dropped
+  behind the reads; with a :class:`reap.ranks.WeightShare`, each rank of a node reads
   its share and the ranks all-gather the rest;
 * :func:`materialize`: stored tensors -> base-name tensors on the compute device, quantized ones dequantized there
   (:mod:`reap.formats`), the per-expert tensors of one projection together;
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
 
 
 class LayerReader:
-    """Reads stored tensors straight into a reusable buffer (pinned when the compute device is a GPU), one read per
-    tensor in file order, and drops the page-cache pages it read (``posix_fadvise(DONTNEED)``) unless told to keep
+    """Reads stored tensors straight into a reusable buffer (pinned when the compute device is a GPU), adjacent ones
+    by one read, and drops the page-cache pages it read (``posix_fadvise(DONTNEED)``) unless told to keep
     them: no checkpoint file stays mapped and the page cache does not fill with the model, so host memory stays
     bounded by the buffers (two layers in flight) and the hidden states, whatever the model's size.
 
@@ -46,22 +47,56 @@ class LayerReader:
         self._buffers: dict[object, torch.Tensor] = {}
         self._io = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reap-read")  # queue depth for NVMe
 
-    def _read_one(self, view, info, offset: int, lo: int = 0, hi: int | None = None) -> None:
-        """Bytes [lo, hi) of the buffer that belong to ``info`` (stored at ``offset`` in the buffer)."""
-        begin = max(offset, lo)
-        end = min(offset + info.nbytes, hi if hi is not None else offset + info.nbytes)
-        if begin >= end:
-            return
-        fd = os.open(self.ckpt.path / info.shard, os.O_RDONLY)
+    RUN_BYTES = 16 << 20  # one preadv reads at most this much (adjacent tensors of a shard, scattered into the buffer)
+    RUN_TENSORS = 512  # and into at most this many buffers (IOV_MAX is 1024 on Linux)
+
+    def _runs(self, plan: list, lo: int, hi: int) -> list[tuple[str, int, list]]:
+        """This rank's bytes [lo, hi) of the buffer as (shard, file offset, [buffer ranges]) runs: adjacent on disk,
+        read by one ``preadv`` each, so a layer of a thousand tensors is a few dozen reads (and a few dozen
+        Python calls on the I/O threads, not one per tensor)."""
+        runs: list[tuple[str, int, list]] = []
+        size = 0
+        for info, offset in plan:
+            begin, end = max(offset, lo), min(offset + info.nbytes, hi)
+            if begin >= end:
+                continue
+            pos = info.start + begin - offset
+            last = runs[-1] if runs else None
+            if (last is not None and last[0] == info.shard and last[1] + size == pos and size < self.RUN_BYTES
+                    and len(last[2]) < self.RUN_TENSORS):
+                last[2].append((begin, end, info.name))
+            else:
+                runs.append((info.shard, pos, [(begin, end, info.name)]))
+                size = 0
+            size += end - begin
+        return runs
+
+    def _read_run(self, view, shard: str, pos: int, pieces: list) -> None:
+        """One run: the file's bytes from ``pos`` scattered into the buffer ranges ``pieces``."""
+        bufs = [memoryview(view[b:e]) for b, e, _ in pieces]
+        total = sum(e - b for b, e, _ in pieces)
+        fd = os.open(self.ckpt.path / shard, os.O_RDONLY)
         try:
-            done = begin
-            while done < end:
-                n = os.preadv(fd, [view[done:end]], info.start + done - offset)
+            done = 0
+            while done < total:
+                n = os.preadv(fd, bufs, pos + done)
                 if n <= 0:
-                    raise UserError(f"{info.shard} ended early while reading {info.name}; re-download that shard")
+                    at, name = done, pieces[-1][2]
+                    for b, e, nm in pieces:  # the tensor the file ended in
+                        if at < e - b:
+                            name = nm
+                            break
+                        at -= e - b
+                    raise UserError(f"{shard} ended early while reading {name}; re-download that shard")
                 done += n
+                while n and bufs:  # drop what was filled; the first partly filled buffer keeps its rest
+                    k = min(n, len(bufs[0]))
+                    bufs[0] = bufs[0][k:]
+                    n -= k
+                    if not len(bufs[0]):
+                        bufs.pop(0)
             if not self.keep_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, info.start + begin - offset, end - begin, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, pos, total, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -79,7 +114,16 @@ class LayerReader:
     def read(self, names: list[str], slot: object = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` as stored (dtype, shape), read into buffer ``slot`` (None: a buffer of their own);
         with ``device``, the filled part of the buffer is copied there in one transfer and the views are on it."""
+        return self.read_bytes(names, slot, device).views()
+
+    def read_bytes(self, names: list[str], slot: object = None, device: torch.device | None = None) -> LayerBytes:
+        """:meth:`read`, the buffer and where each tensor sits in it (:class:`LayerBytes`) rather than the views.
+        To a GPU (and not shared among ranks), the bytes go through a few small pinned chunks straight into a
+        buffer of their own on the device (``slot`` unused): see :meth:`_read_to_device`."""
         plan, size = self._layout(names)
+        places = [(info.name, offset, info.nbytes, self.dtypes[info.dtype], info.shape) for info, offset in plan]
+        if self.share is None and self.pin and device is not None and torch.device(device).type == "cuda":
+            return LayerBytes(self._read_to_device(plan, size, torch.device(device)), places)
         share = self.share
         if share is not None:  # equal chunks for the all-gather
             size = -(-max(size, 1) // (share.world * self.ALIGN)) * share.world * self.ALIGN
@@ -89,18 +133,71 @@ class LayerReader:
             if slot is not None:
                 self._buffers[slot] = buf
         view = buf.numpy()
-        out: dict[str, torch.Tensor] = {}
         lo, hi = (share.rank * size // share.world, (share.rank + 1) * size // share.world) if share else (0, size)
-        for future in [self._io.submit(self._read_one, view, info, offset, lo, hi) for info, offset in plan]:
+        for future in [self._io.submit(self._read_run, view, *run) for run in self._runs(plan, lo, hi)]:
             future.result()
         base = buf[:size]
         if share is not None:
             base = share.gather(base, lo, hi, device)
-        elif device is not None and device.type != "cpu":
-            base = base.to(device, non_blocking=True)
-        for info, offset in plan:
-            out[info.name] = base[offset : offset + info.nbytes].view(self.dtypes[info.dtype]).reshape(info.shape)
-        return out
+        out = LayerBytes(base, places)
+        return out.to(device) if share is None and device is not None else out
+
+    STAGE_BYTES = 128 << 20  # one pinned staging chunk
+    STAGES = 4  # chunks in the ring: reads fill one while the copies of the others run
+
+    def _read_to_device(self, plan: list, size: int, device: torch.device) -> torch.Tensor:
+        """The bytes of ``plan`` in a new device buffer [size]: read chunk by chunk into a ring of pinned chunks
+        (:data:`STAGES` x :data:`STAGE_BYTES`), each copied to the device on a stream of its own as soon as it is
+        full while the next one is read. Pinned host memory stays at the ring's size whatever the layer's, and
+        pinning it once is quick (pinning a whole layer's buffer takes seconds).
+
+        The buffer is allocated on the copy stream, so the caching allocator hands it out again only to a later
+        read's copies; its users (dequantization on the prefetch stream, parameters on the compute stream) are
+        synchronized before their tensors are dropped (``_prepare``, ``free_layer``)."""
+        if getattr(self, "_stages", None) is None:
+            self._copy = torch.cuda.Stream(device)
+            self._stages = [torch.empty(self.STAGE_BYTES, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(self.STAGES)]
+            self._stage_done: list = [None] * self.STAGES
+        with torch.cuda.stream(self._copy):
+            out = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+        for k, c0 in enumerate(range(0, size, self.STAGE_BYTES)):
+            c1, j = min(size, c0 + self.STAGE_BYTES), k % self.STAGES
+            if self._stage_done[j] is not None:
+                self._stage_done[j].synchronize()  # its last chunk is on the device: the chunk is free
+            stage = self._stages[j]
+            view = stage.numpy()
+            runs = [(shard, pos, [(b - c0, e - c0, n) for b, e, n in pieces])
+                    for shard, pos, pieces in self._runs(plan, c0, c1)]
+            for future in [self._io.submit(self._read_run, view, *run) for run in runs]:
+                future.result()
+            with torch.cuda.stream(self._copy):
+                out[c0:c1].copy_(stage[: c1 - c0], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._copy)
+            self._stage_done[j] = done
+        self._copy.synchronize()
+        return out[:size]
+
+
+class LayerBytes:
+    """Stored tensors in one byte buffer: ``base`` [size] uint8 and, per tensor, (name, offset, bytes, dtype,
+    shape). Copied to a device in one transfer; :meth:`views` are the tensors, views into the buffer."""
+
+    def __init__(self, base: torch.Tensor, places: list[tuple]):
+        self.base, self.places = base, places
+
+    def to(self, device: torch.device) -> LayerBytes:
+        """The same bytes on ``device`` (one asynchronous copy from pinned memory; no copy where they are already)."""
+        device = torch.device(device) if device is not None else None
+        here = self.base.device
+        if device is None or (here.type == device.type and device.index in (None, here.index)):
+            return self
+        return LayerBytes(self.base.to(device, non_blocking=True), self.places)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {name: self.base[offset : offset + nbytes].view(dtype).reshape(shape)
+                for name, offset, nbytes, dtype, shape in self.places}
 
 
 def materialize(raw: dict[str, torch.Tensor], layout: Layout, device: torch.device, dtype: torch.dtype,

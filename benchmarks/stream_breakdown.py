@@ -6,9 +6,9 @@
 The streamer as ``reap calibrate`` drives it (benchmarks/stream_bench.py's random-weight MiniMax-M2-width FP8
 checkpoint, bf16, hidden states on the device, no greedy search, the checkpoint in the page cache): created first
 (layer 0 is read and loaded in the background), then ``--tokenize-s`` seconds standing in for tokenization, then
-every layer (load wait, forward, statistics; layer 0 embeds its own batches, as in calibrate). ``--interval`` sets the GIL's
-switch interval after the streamer is made (default: reap's own, reap.stream.SWITCH_INTERVAL); Python's default
-is 0.005. Each variant belongs in a process of its own (CUDA start-up happens once per process).
+every layer (load wait, forward, statistics; layer 0 embeds its own batches, as in calibrate). ``--interval``
+sets the GIL's switch interval after the streamer is made (default: reap's own, reap.stream.SWITCH_INTERVAL);
+Python's default is 0.005. Each variant belongs in a process of its own (CUDA start-up happens once per process).
 """
 
 from __future__ import annotations

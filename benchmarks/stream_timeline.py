@@ -122,7 +122,8 @@ def main() -> None:
     for layer in range(layout.num_layers):
         pts = [(g_, h) for L, g_, h in gpu if L == layer]
         batch_gpu = [b[0] - a[0] for a, b in zip(pts, pts[1:])]
-        prep = [p for p in rec.phases if p["what"] == "prepare" and layer_host[layer][0] <= p["start"] < layer_host[layer][1]]
+        lo, hi = layer_host[layer]
+        prep = [p for p in rec.phases if p["what"] == "prepare" and lo <= p["start"] < hi]
         busy_until = max((p["end"] for p in prep), default=layer_host[layer][0])
         during = [d for (a, _), d in zip(pts[1:], batch_gpu) if a <= busy_until]
         after = [d for (a, _), d in zip(pts[1:], batch_gpu) if a > busy_until]
@@ -136,7 +137,8 @@ def main() -> None:
             "prefetch_busy_s": round(busy_until - layer_host[layer][0], 3) if prep else 0.0,
             "batch_gpu_ms": [round(1e3 * d, 1) for d in batch_gpu]})
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "mode": args.mode,
-           "loader": "transformers" if not load_recipe.enabled() else "recipes", "warmup_s": round(st.warmup_seconds, 3),
+           "loader": "transformers" if not load_recipe.enabled() else "recipes",
+           "warmup_s": round(st.warmup_seconds, 3),
            "tokens": st.tokens, "batches": len(st.batches),
            "layers": layers, "stats": {"layer_seconds": st.stats.layer_seconds, "wait_seconds": st.stats.wait_seconds},
            "phases": [{**p, "start": round(p["start"], 4), "end": round(p["end"], 4)} for p in rec.phases]}

@@ -367,3 +367,29 @@ def write_sparse_shards(path: Path, tensors: list[tuple[str, str, list[int]]], s
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     return total
+
+
+def assert_recipe_load_equals_transformers(streamer, layer: int) -> bool:
+    """Decoder layer ``layer`` loaded the streamer's way (by a learned recipe where it has one for the layer's
+    kind) == loaded by transformers' own loader from the same stored tensors, bit for bit; True when a recipe
+    was used."""
+    from reap import load_recipe
+    from reap.weights import load_into, to_meta
+
+    raw = streamer._read_layer(layer).views()
+    used = load_recipe.signature(streamer._materialize(raw), layer) in streamer._recipes
+    module = streamer.layers[layer]
+
+    def loaded():
+        out = {n: t.clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        to_meta(module)
+        return out
+
+    streamer._load_layer(raw, layer)
+    ours = loaded()
+    load_into(streamer.model, streamer._materialize(raw), streamer.device, streamer.dtype, f"layer {layer}")
+    theirs = loaded()
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), f"layer {layer} {name}"
+    return used

@@ -114,7 +114,8 @@ def test_values_that_cannot_tell_candidates_apart_keep_transformers_loader(tiny_
 
 
 def test_layer_index_normalized_once():
-    assert load_recipe.normalize("model.layers.3.mlp.experts.3.w1.weight", 3) == "model.layers.#.mlp.experts.3.w1.weight"
+    name = "model.layers.3.mlp.experts.3.w1.weight"
+    assert load_recipe.normalize(name, 3) == "model.layers.#.mlp.experts.3.w1.weight"
     assert load_recipe.normalize("model.layers.0.mlp.experts.0.w1", 0) == "model.layers.#.mlp.experts.0.w1"
     assert load_recipe.normalize("model.layers.12.x", 1) == "model.layers.12.x"  # 12 is not 1
 

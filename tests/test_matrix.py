@@ -2,10 +2,11 @@
 
 For each model type (``reap.moe_types``): a tiny random checkpoint saved by transformers in several shards;
 the statistics reap's streamer gathers (padded batches) == hooks on transformers' own experts on the same batches
-(fp32); ``reap prune --ratio 0.3 --method random`` writes a checkpoint whose every tensor is a source tensor byte
-for byte (kept experts renumbered, router rows and biases sliced, expert-id tables renumbered), that transformers
-loads with no missing or unexpected weights, whose logits equal the original model's with the pruned experts
-removed in memory, and whose config.json differs only in the expert-count keys; and ``reap eval`` equals
+(fp32), and every layer after the first of its kind, loaded by the recipe learned from transformers' own load
+(``reap.load_recipe``), == transformers' loader's result bit for bit; ``reap prune --ratio 0.3 --method random``
+writes a checkpoint whose every tensor is a source tensor byte for byte (kept experts renumbered, router rows and
+biases sliced, expert-id tables renumbered), that transformers loads with no missing or unexpected weights, whose
+logits equal the original model's with the pruned experts removed in memory, and whose config.json differs only in the expert-count keys; and ``reap eval`` equals
 transformers' own loss. The outcome of every type is compared with ``src/reap/families.json`` (what
 ``reap inspect --families`` and the README show); ``REAP_UPDATE_FAMILIES=1`` rewrites that file instead.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_exact_surgery, hooked_stats, load_causal_lm, random_sequences, removed_in_memory
+from helpers import (assert_exact_surgery, assert_recipe_load_equals_transformers, hooked_stats, load_causal_lm,
+                     random_sequences, removed_in_memory)
 from typer.testing import CliRunner
 
 from reap import moe_types
@@ -91,6 +93,10 @@ def test_model_type_end_to_end(model_type, tmp_path, text_file):
         got = acc.to_dict()
         for f in FIELDS:
             torch.testing.assert_close(got[f], want[f][layer], rtol=1e-4, atol=1e-5, msg=f"layer {layer} {f}")
+    # every later layer of a kind is loaded by the recipe learned from transformers' load of the first: bit for bit
+    # what transformers' loader gives
+    used = [assert_recipe_load_equals_transformers(streamer, layer) for layer in range(1, layout.num_layers)]
+    assert any(used), "no layer loads by a recipe: every layer goes through transformers' slower loader"
     streamer.close()
 
     # prune: exact surgery, transformers loads it, logits == removal in memory, config changes in the counts only

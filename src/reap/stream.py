@@ -119,6 +119,7 @@ class LayerStreamer(GreedySearch):
         self._recipe_tries: dict[tuple, int] = {}
         self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
         self.warmup_seconds = 0.0
+        self._waiting_on: int | None = None  # the layer the compute thread waits for
         self._load(self._stored["base"], "the embeddings and final norm")
         self.prefetch(0)
         self.batches: list[Batch] = []
@@ -243,7 +244,7 @@ class LayerStreamer(GreedySearch):
             # work on it is done
             host.base.record_stream(self._side)
             missing = self._load_layer(raw, layer)
-            if layer == 0:
+            if layer == 0 and self._waiting_on != 0:  # the run is not waiting for layer 0 yet: time to spare
                 self._warm_up(layer)
             event = torch.cuda.Event()
             event.record(self._side)
@@ -298,6 +299,7 @@ class LayerStreamer(GreedySearch):
     def load_layer(self, layer: int) -> torch.nn.Module:
         """Decoder layer ``layer`` on the device (prepared by the prefetch thread; the next one starts there)."""
         self.prefetch(layer)
+        self._waiting_on = layer
         missing, event = self._pending.pop(layer).result()
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -377,16 +379,24 @@ class LayerStreamer(GreedySearch):
                     self.store.put(i, args[0] if args else kwargs["hidden_states"])
 
     def _warm_up(self, layer: int) -> None:
-        """One batch of random tokens through decoder layer ``layer`` (no statistics), on the prefetch thread
-        right after the layer is loaded: the GPU's kernels are loaded and its libraries set up while the data is
-        still tokenized, not in the first real batch."""
+        """One batch of random tokens through decoder layer ``layer`` (its statistics thrown away), on the prefetch
+        thread right after the layer is loaded: the GPU's kernels are loaded and its libraries set up while the data
+        is still tokenized, not in the first real batch. Skipped where the run already waits for the layer (the
+        first real batch sets them up as soon)."""
+        from reap.saliency import LayerAccumulator
+
         t0 = time.perf_counter()
         text = self.model.config.get_text_config()
         width = max(1, min(2048, self.opts.batch_tokens))
         rows = max(1, self.opts.batch_tokens // width)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, max(1, int(getattr(text, "vocab_size", 2) or 2)), (rows, width), generator=g)
+        experts = None
         try:
+            moe = self.layout.moe.get(layer)
+            experts = self.model.get_submodule(moe.experts) if moe is not None else None
+            if experts is not None:
+                experts._reap_probe = ExpertsProbe(LayerAccumulator(self.layout.num_experts, self.device))
             with torch.inference_mode():
                 args, kwargs = self.layer_call_for(Batch(ids, [width] * rows), layer)
                 self.layers[layer](*args, **kwargs)
@@ -394,6 +404,9 @@ class LayerStreamer(GreedySearch):
                 self._side.synchronize()
         except Exception:  # noqa: BLE001 (a warm-up only: whatever fails here, the first real batch reports)
             return
+        finally:
+            if experts is not None and hasattr(experts, "_reap_probe"):
+                del experts._reap_probe
         self.warmup_seconds = time.perf_counter() - t0
 
     @torch.inference_mode()

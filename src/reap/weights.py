@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,7 @@ class LayerReader:
         self.ckpt, self.pin, self.keep_cache, self.share = ckpt, pin, keep_cache, share
         self.dtypes = DTYPES
         self._buffers: dict[object, torch.Tensor] = {}
+        self._stage_lock = threading.Lock()
         self._io = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reap-read")  # queue depth for NVMe
 
     RUN_BYTES = 16 << 20  # one preadv reads at most this much (adjacent tensors of a shard, scattered into the buffer)
@@ -154,6 +156,10 @@ class LayerReader:
         The buffer is allocated on the copy stream, so the caching allocator hands it out again only to a later
         read's copies; its users (dequantization on the prefetch stream, parameters on the compute stream) are
         synchronized before their tensors are dropped (``_prepare``, ``free_layer``)."""
+        with self._stage_lock:  # one ring: reads to the device from several threads take turns
+            return self._read_staged(plan, size, device)
+
+    def _read_staged(self, plan: list, size: int, device: torch.device) -> torch.Tensor:
         if getattr(self, "_stages", None) is None:
             self._copy = torch.cuda.Stream(device)
             self._stages = [torch.empty(self.STAGE_BYTES, dtype=torch.uint8, pin_memory=True)

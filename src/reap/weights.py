@@ -32,7 +32,8 @@ class LayerReader:
     """Reads stored tensors straight into a reusable buffer (pinned when the compute device is a GPU), adjacent ones
     by one read, and drops the page-cache pages it read (``posix_fadvise(DONTNEED)``) unless told to keep
     them: no checkpoint file stays mapped and the page cache does not fill with the model, so host memory stays
-    bounded by the buffers (two layers in flight) and the hidden states, whatever the model's size.
+    bounded by the buffers (to a GPU: a ring of small pinned chunks; on the CPU: two layers in flight) and the
+    hidden states, whatever the model's size.
 
     A slot's tensors are views into its buffer: they are valid until the slot is read into again."""
 
@@ -115,8 +116,12 @@ class LayerReader:
 
     def read(self, names: list[str], slot: object = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` as stored (dtype, shape), read into buffer ``slot`` (None: a buffer of their own);
-        with ``device``, the filled part of the buffer is copied there in one transfer and the views are on it."""
-        return self.read_bytes(names, slot, device).views()
+        with ``device``, the filled part of the buffer is copied there in one transfer and the views are on it (used on
+        the caller's current stream: the buffer is not handed out again before that stream's work on it is done)."""
+        out = self.read_bytes(names, slot, device)
+        if out.base.is_cuda:
+            out.base.record_stream(torch.cuda.current_stream(out.base.device))
+        return out.views()
 
     def read_bytes(self, names: list[str], slot: object = None, device: torch.device | None = None) -> LayerBytes:
         """:meth:`read`, the buffer and where each tensor sits in it (:class:`LayerBytes`) rather than the views.

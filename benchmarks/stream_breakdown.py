@@ -30,14 +30,20 @@ from reap.saliency import LayerAccumulator  # noqa: E402
 from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options this benchmark and benchmarks/stream_timeline.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/stream-bench"))
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=1 << 20)
-    ap.add_argument("--interval", type=float, default=None)
     ap.add_argument("--tokenize-s", type=float, default=3.0)
+    return ap
+
+
+def main() -> None:
+    ap = arguments(__doc__)
+    ap.add_argument("--interval", type=float, default=None)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     gpu = args.device != "cpu"

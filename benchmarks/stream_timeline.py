@@ -16,7 +16,6 @@ layer's compute with nothing beside it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import checkpoint  # noqa: E402
+from stream_breakdown import arguments  # noqa: E402
 
 import reap.load_recipe as load_recipe  # noqa: E402
 import reap.stream as stream  # noqa: E402
@@ -60,13 +60,8 @@ class Recorder:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/stream-bench"))
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--tokens", type=int, default=1 << 20)
+    ap = arguments(__doc__)
     ap.add_argument("--mode", choices=("overlap", "serial"), default="overlap")
-    ap.add_argument("--tokenize-s", type=float, default=3.0)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = checkpoint(args.workdir, args.layers)

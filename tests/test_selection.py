@@ -207,6 +207,20 @@ def test_super_experts_threshold():
     assert not super_experts(m2).any()  # 10 == P99.5 (no expert strictly above)
 
 
+def test_more_super_experts_than_kept_is_a_one_line_error():
+    import torch
+
+    from reap.selection import check_super_fit
+
+    protected = torch.zeros(3, 8, dtype=torch.bool)
+    protected[2, :5] = True  # layer 2: five super experts
+    check_super_fit(protected, 5)
+    check_super_fit(protected, 2, layers=[0, 1])  # layer 2 is not among the layers pruned
+    with pytest.raises(UserError) as err:
+        check_super_fit(protected, 4)
+    assert "\n" not in str(err.value) and "5 super experts" in str(err.value) and "4 kept" in str(err.value)
+
+
 def test_protect_keeps_protected_and_order():
     scores = torch.tensor([[5.0, 0.1, 3.0, 0.2], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
     prot = torch.tensor([[False, True, False, True], [False, False, False, False]])

@@ -30,12 +30,16 @@ def _as_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
+def _with(monkeypatch, path, **sizes) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """The checkpoint and safetensors' own tensors of it, with LayerReader's sizes (RUN_BYTES...) set."""
+    for name, value in sizes.items():
+        monkeypatch.setattr(LayerReader, name, value)
+    return Checkpoint(path), _reference(path)
+
+
 @pytest.mark.parametrize("run_bytes, run_tensors", [(64 << 20, 512), (1000, 3), (1, 1)])
 def test_every_tensor_equals_safetensors(tiny_fp8, run_bytes, run_tensors, monkeypatch):
-    monkeypatch.setattr(LayerReader, "RUN_BYTES", run_bytes)
-    monkeypatch.setattr(LayerReader, "RUN_TENSORS", run_tensors)
-    ckpt = Checkpoint(tiny_fp8)
-    want = _reference(tiny_fp8)
+    ckpt, want = _with(monkeypatch, tiny_fp8, RUN_BYTES=run_bytes, RUN_TENSORS=run_tensors)
     assert len({i.shard for i in ckpt.infos.values()}) > 2  # several shards
     reader = LayerReader(ckpt, pin=False)
     try:
@@ -116,10 +120,7 @@ def test_bytes_move_to_a_device_in_one_piece(tiny_fp8):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reading to a GPU through pinned chunks needs CUDA")
 @pytest.mark.parametrize("stage_bytes, stages", [(128 << 20, 4), (1000, 2), (4096, 1)])
 def test_reads_to_a_gpu_through_pinned_chunks_equal_safetensors(tiny_fp8, stage_bytes, stages, monkeypatch):
-    monkeypatch.setattr(LayerReader, "STAGE_BYTES", stage_bytes)
-    monkeypatch.setattr(LayerReader, "STAGES", stages)
-    ckpt = Checkpoint(tiny_fp8)
-    want = _reference(tiny_fp8)
+    ckpt, want = _with(monkeypatch, tiny_fp8, STAGE_BYTES=stage_bytes, STAGES=stages)
     reader = LayerReader(ckpt, pin=True)
     try:
         names = sorted(ckpt.infos)

@@ -181,7 +181,7 @@ def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_dro
     """What the report records (and the log says) about the choice beyond the scores: super experts (always;
     protected with --protect-super-experts) and the layers where greedy-rerouted fell back to weighted-ean."""
     from reap.criteria import GREEDY_FALLBACK, greedy_fallback_layers
-    from reap.selection import super_experts
+    from reap.selection import check_super_fit, super_experts
 
     notes: dict[str, Any] = {}
     sup = super_experts(stats.max_norm)
@@ -190,10 +190,7 @@ def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_dro
     notes["super_experts"] = found
     notes["protect_super_experts"] = bool(opts.protect_super)
     if opts.protect_super:
-        most = max((len(v) for v in found.values()), default=0)
-        if most > spec.num_experts - n_drop:
-            raise UserError(f"{most} super experts in a layer but only {spec.num_experts - n_drop} kept; pass a "
-                            "smaller --ratio or leave out --protect-super-experts")
+        check_super_fit(sup, spec.num_experts - n_drop, spec.moe_layers)
         log(f"--protect-super-experts: {sum(len(v) for v in found.values())} super experts (max ||f|| above "
             "max(99.5th percentile, max/10) of their layer) are never pruned")
     if method == "greedy-rerouted":

@@ -169,6 +169,16 @@ def super_experts(max_norm: Tensor) -> Tensor:
     return (m > thr) & (top > 0)
 
 
+def check_super_fit(protected: Tensor, keep: int, layers=None) -> None:
+    """UserError where a layer (of ``layers``; default: every row) has more super experts (``protected`` [L, E])
+    than the ``keep`` experts it keeps."""
+    rows = protected if layers is None else protected[list(layers)]
+    most = int(rows.sum(1).max()) if rows.numel() else 0
+    if most > keep:
+        raise UserError(f"{most} super experts in a layer but only {keep} kept; pass a smaller --ratio or leave out "
+                        "--protect-super-experts")
+
+
 def protect(scores: Tensor, protected: Tensor) -> Tensor:
     """Scores with every protected expert raised above all unprotected ones of its layer (order among the
     protected kept): a lowest-score cut never reaches them while it can drop an unprotected expert."""
@@ -193,10 +203,8 @@ def select(stats, criterion: str, ratio: float, *, routing: Routing | None = Non
     routing = routing or Routing("model", stats.num_experts, top_k)
     scores, protected = scores_for(stats, criterion, protect_super=protect_super, seed=seed)
     n_drop = experts_to_drop(routing, ratio, multiple_of)
-    keep = routing.num_experts - n_drop
-    if protect_super and int(protected.sum(1).max()) > keep:
-        raise UserError(f"{int(protected.sum(1).max())} super experts in a layer but only {keep} kept; "
-                        "pass a smaller --ratio or leave out super-expert protection")
+    if protect_super:
+        check_super_fit(protected, routing.num_experts - n_drop)
     return plan_from_scores(scores, routing, sorted(stats.completed), n_drop, criterion, multiple_of)
 
 

@@ -29,7 +29,7 @@ from stream_bench import checkpoint  # noqa: E402
 from stream_breakdown import arguments  # noqa: E402
 
 import reap.load_recipe as load_recipe  # noqa: E402
-import reap.stream as stream  # noqa: E402
+import reap.layer_loading as layer_loading  # noqa: E402
 from reap.checkpoint import Checkpoint  # noqa: E402
 from reap.derive import derive  # noqa: E402
 from reap.saliency import LayerAccumulator  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     ckpt = Checkpoint(model)
     layout = derive(ckpt)
     rec = Recorder()
-    rec.wrap(stream, "load_into", "load_into")
+    rec.wrap(layer_loading, "load_into", "load_into")
     rec.wrap(load_recipe.Recipe, "apply", "recipe")
     rec.wrap(LayerStreamer, "_materialize", "materialize")
     rec.wrap(LayerStreamer, "_read_layer", "read")

@@ -206,3 +206,26 @@ def test_helpers():
                                                           "pack": True}, "dtype": "bfloat16"}}, "/o")
     assert rebuilt == ("reap prune /m --out /o --ratio 0.5 --method ean --dataset d.jsonl --samples 8 --max-length 64 "
                        "--pack --dtype bfloat16")
+
+
+def test_other_criteria_are_compared_by_the_same_grouped_cut(tmp_path):
+    """With expert groups, each group drops its own share: the comparison with another criterion that ranks the
+    experts the same way (here REAP, gates all equal, against EAN) is 100%, not the share a group-blind cut of the
+    globally lowest experts would give (group 0 holds the four lowest, of which the grouped cut keeps two)."""
+    import torch
+
+    from reap.report.text import summary_text
+    from reap.saliency import LayerAccumulator
+
+    E = 8
+    acc = LayerAccumulator(E)
+    norms = torch.tensor([1.0, 2, 3, 4, 10, 11, 12, 13], dtype=torch.float64)  # group 0 | group 1
+    acc.add(torch.arange(E), torch.full((E,), 0.5, dtype=torch.float64), norms)
+    stats = ExpertStats(1, E, {"model": "m", "top_k": 1, "n_group": 2, "topk_group": 1})
+    stats.set_layer(0, acc)
+    path = tmp_path / "s.safetensors"
+    stats.save(path)
+    data = load_report_data(path, ratio=0.5, method="ean")
+    assert data.pruned[0] == [0, 1, 4, 5]  # two of each group
+    row = next(line for line in summary_text(data).splitlines() if line.startswith("    0 "))
+    assert row.split()[-1] == "100%" and "reap would prune 100% of the same experts" in summary_text(data)

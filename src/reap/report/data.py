@@ -120,12 +120,9 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
     scores = _stats_scores(stats, method)
     pruned: dict[int, list[int]] = {}
     if ratio is not None:  # the cut reap prune --ratio would make (top-k and groups from the stats' metadata)
-        from reap.plan import Routing
         from reap.selection import experts_to_drop, plan_from_scores
 
-        meta = stats.meta
-        routing = Routing(str(meta.get("family", "model")), stats.num_experts, int(meta.get("top_k") or 1),
-                          int(meta.get("n_group") or 1), int(meta.get("topk_group") or 1))
+        routing = routing_of(stats)
         layers = sorted(stats.completed)
         plan = plan_from_scores(scores, routing, layers, experts_to_drop(routing, ratio), method)
         pruned = {layer: plan.pruned(layer) for layer in layers}
@@ -232,3 +229,12 @@ def checkpoint_sizes(path: str | Path | None) -> dict[str, Any] | None:
             ckpt.close()
     except Exception:  # noqa: BLE001 - the source may be gone or elsewhere; sizes then come from the report
         return None
+
+
+def routing_of(stats):
+    """The router's constraints a stats file records (top-k, expert groups), as :class:`reap.plan.Routing`."""
+    from reap.plan import Routing
+
+    meta = stats.meta
+    return Routing(str(meta.get("family", "model")), stats.num_experts, int(meta.get("top_k") or 1),
+                   int(meta.get("n_group") or 1), int(meta.get("topk_group") or 1))

@@ -49,9 +49,15 @@ def summary_text(data: ReportData) -> str:
         for m in others:
             width = max(13, len(m) + 8)
             if pruned:
-                from reap.selection import choose_experts  # others are only there with statistics (and torch)
+                from reap.report.data import routing_of  # others are only there with statistics (and torch)
+                from reap.selection import choose_experts, plan_from_scores
 
-                theirs = set(choose_experts(data.stats.scores(m)[layer], len(pruned))[1])
+                scores = data.stats.scores(m)
+                try:  # the same cut as this one's (per expert group where the model has groups)
+                    theirs = set(plan_from_scores(scores, routing_of(data.stats), [layer], len(pruned),
+                                                  m).pruned(layer))
+                except (ValueError, RuntimeError):  # a keep file's cut no scored plan makes (groups uneven)
+                    theirs = set(choose_experts(scores[layer], len(pruned))[1])
                 overlap = len(theirs & set(pruned)) / len(pruned)
                 agree[m].append(overlap)
                 row += f" {100 * overlap:>{width - 1}.0f}%"

@@ -377,7 +377,8 @@ def assert_recipe_load_equals_transformers(streamer, layer: int) -> bool:
     from reap.weights import load_into, to_meta
 
     raw = streamer._read_layer(layer).views()
-    used = load_recipe.signature(streamer._materialize(raw), layer) in streamer._recipes
+    state = streamer._materialize(raw)
+    used = load_recipe.signature(state, load_recipe.normalized(state, layer)) in streamer._recipes
     module = streamer.layers[layer]
 
     def loaded():

@@ -75,10 +75,11 @@ class LayerLoading:
         """Decoder layer ``layer``'s stored tensors into the model: by the recipe learned from an earlier layer of
         its kind (:mod:`reap.load_recipe`), else by transformers' loader, learning the recipe from what it did."""
         state = self._materialize(raw)
-        sig = load_recipe.signature(state, layer) if load_recipe.enabled() else None
+        names = load_recipe.normalized(state, layer)
+        sig = load_recipe.signature(state, names) if load_recipe.enabled() else None
         recipe = self._recipes.get(sig)
         if recipe is not None:
-            recipe.apply(self.layers[layer], state, layer)
+            recipe.apply(self.layers[layer], state, names)
             return set()
         missing = load_into(self.model, state, self.device, self.dtype, f"layer {layer}")
         prefix = f"{self.layout.layers_path}.{layer}."
@@ -129,7 +130,6 @@ class LayerLoading:
         if self.device.type == "cuda":  # its weights may be reused by the next layer's loading on the other stream
             torch.cuda.current_stream(self.device).synchronize()
         to_meta(self.layers[layer])
-
 
     # -- warming up the GPU
     def _warm_up(self, layer: int) -> None:

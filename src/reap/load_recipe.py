@@ -45,9 +45,14 @@ def normalize(name: str, layer: int) -> str:
     return re.sub(rf"(^|\.){layer}(\.|$)", r"\1#\2", name, count=1)
 
 
-def signature(state: dict[str, torch.Tensor], layer: int) -> tuple:
-    """What makes two layers alike for a recipe: tensor names (layer index normalized), shapes and dtypes."""
-    return tuple(sorted((normalize(k, layer), tuple(t.shape), t.dtype) for k, t in state.items()))
+def normalized(state: dict[str, torch.Tensor], layer: int) -> dict[str, str]:
+    """Layer ``layer``'s tensor names, normalized (:func:`normalize`) -> as they are in ``state``."""
+    return {normalize(k, layer): k for k in state}
+
+
+def signature(state: dict[str, torch.Tensor], names: dict[str, str]) -> tuple:
+    """What makes two layers alike for a recipe: tensor names (``names``: :func:`normalized`), shapes and dtypes."""
+    return tuple(sorted((n, tuple(state[k].shape), state[k].dtype) for n, k in names.items()))
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,10 @@ class Recipe:
     """How transformers loaded one kind of layer: a :class:`Step` per model tensor."""
 
     steps: tuple[Step, ...]
-    names: frozenset[str]  # the layer's normalized tensor names it was learned from
 
-    def apply(self, module: torch.nn.Module, state: dict[str, torch.Tensor], layer: int) -> None:
-        """Build every model tensor of ``module`` (decoder layer ``layer``) from its tensors ``state``."""
-        names = {normalize(k, layer): k for k in state}
+    def apply(self, module: torch.nn.Module, state: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+        """Build every model tensor of decoder layer ``module`` from its tensors ``state`` (``names``: their
+        :func:`normalized` names)."""
         for step in self.steps:
             built = step.build([[state[names[n]] for n in g] for g in step.sources])
             owner_path, _, leaf = step.target.rpartition(".")
@@ -163,7 +167,8 @@ def learn(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor], 
             if owner._buffers.get(leaf) is None or owner._buffers[leaf].device.type == "meta":
                 return None, f"transformers loaded nothing into {rel}"
             loaded[rel] = (owner._buffers[leaf], True)
-    names = {normalize(k, layer): k for k in state}
+    names = normalized(state, layer)
+    norm = {k: n for n, k in names.items()}
     shapes = {n: tuple(state[k].shape) for n, k in names.items()}
     steps = []
     for rel, keys in sorted(by_target.items()):
@@ -173,10 +178,10 @@ def learn(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor], 
         if stack:
             groups_by: dict[str, list[tuple[int, str]]] = {}
             for k, (_, expert, group) in zip(keys, info):
-                groups_by.setdefault(group, []).append((expert, normalize(k, layer)))
+                groups_by.setdefault(group, []).append((expert, norm[k]))
             groups = [tuple(n for _, n in sorted(v)) for _, v in sorted(groups_by.items())]
         else:
-            groups = [(normalize(k, layer),) for k in sorted(keys)]
+            groups = [(norm[k],) for k in sorted(keys)]
         hits = []
         for step in _candidates(rel, buffer, want, groups, stack, shapes):
             built = step.build([[state[names[n]] for n in g] for g in step.sources])
@@ -188,4 +193,4 @@ def learn(module: torch.nn.Module, prefix: str, state: dict[str, torch.Tensor], 
             return None, (f"no recipe reproduces transformers' {rel} from {len(keys)} tensor(s)" if not hits else
                           f"{len(hits)} recipes reproduce transformers' {rel} (its values cannot tell them apart)")
         steps.append(hits[0])
-    return Recipe(tuple(steps), frozenset(names)), ""
+    return Recipe(tuple(steps)), ""

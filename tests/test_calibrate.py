@@ -164,18 +164,33 @@ def _stream_stats(path, prepare) -> list[dict]:
 
 def test_layer_0_embeds_its_own_batches_and_a_warm_up_changes_nothing(tiny_fp32):
     """The embeddings are not computed ahead (layer 0 takes them from its own call of the base model): the same
-    statistics as with every batch embedded into the store first, and as after a warm-up batch through layer 0."""
+    statistics as with every batch embedded into the store first, and as after a warm-up batch through layer 0 or
+    through a layer with random weights before it is loaded."""
     def warm_up(st):
         st.load_layer(0)
         st._warm_up(0)
         assert st.warmup_seconds > 0  # it ran (a failing warm-up is skipped quietly)
         st.embed()
 
+    def spare(st):  # layer 1 (not prepared yet on the CPU) with random weights, then back on the meta device
+        st._pool.submit(st._warm_up, 1, True).result()
+        assert st.warmup_seconds > 0
+        assert all(p.device.type == "meta" for p in st.layers[1].parameters())
+        st.embed()
+
+    beside_ran = []
+
+    def beside(st):  # the last layer with random weights on a thread of its own while layer 0 is prepared and runs
+        st._start_warm_up(None)
+        beside_ran.append(st)
+        st.embed()
+
     ahead = _stream_stats(tiny_fp32, lambda st: st.embed(ahead=True))
-    for prepare in (lambda st: st.embed(), warm_up):
+    for prepare in (lambda st: st.embed(), warm_up, spare, beside):
         got = _stream_stats(tiny_fp32, prepare)
         for a, b in zip(ahead, got):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert beside_ran[0].warmup_seconds > 0
 
 
 def test_make_batches_respects_budget():

@@ -4,11 +4,16 @@ A mixin of :class:`reap.stream.LayerStreamer` (its ``reader``, ``layout``, ``mod
 pools): on a GPU the read-ahead thread reads layer after layer onto the device (:class:`reap.weights.LayerReader`)
 while the prefetch thread, on its own CUDA stream, dequantizes the next layer (:func:`reap.weights.materialize`)
 and loads it into transformers' model: the first layer of each kind by transformers' own loader, later ones by the
-recipe learned from it (:mod:`reap.load_recipe`). Layer 0 then runs a warm-up batch while the data is tokenized.
+recipe learned from it (:mod:`reap.load_recipe`). Meanwhile a warm-up thread runs one batch of random tokens through
+a spare layer with random weights, so that the GPU's kernels and libraries are set up before the first real batch
+(:func:`warm_up_mode`); every other caller of the base model waits for it (:meth:`LayerLoading.join_warm_up`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
+import os
 import sys
 import time
 
@@ -48,7 +53,8 @@ class LayerLoading:
     def _prepare(self, layer: int):
         """Dequantize layer ``layer`` (its bytes on the device already) and load it into transformers' model, while
         the previous layer computes; returns the model keys still missing and the CUDA event the compute stream
-        waits for. Layer 0 then runs a warm-up batch. On the CPU the layer is also read here."""
+        waits for. With ``REAP_WARMUP=layer``, layer 0 then runs the warm-up batch. On the CPU the layer is also read
+        here."""
         if self._side is None:
             return self._load_layer(self._read_layer(layer).views(), layer), None
         host = self._reads.pop(layer).result()
@@ -58,8 +64,8 @@ class LayerLoading:
             # work on it is done
             host.base.record_stream(self._side)
             missing = self._load_layer(raw, layer)
-            if layer == 0 and self._waiting_on != 0:  # the run is not waiting for layer 0 yet: time to spare
-                self._warm_up(layer)
+            if layer == 0 and not self.warmup_seconds and self._waiting_on != 0 and warm_up_mode() == "layer":
+                self._warm_up(layer, stream=self._side)  # the run is not waiting for layer 0 yet: time to spare
             event = torch.cuda.Event()
             event.record(self._side)
         return missing, event
@@ -116,6 +122,7 @@ class LayerLoading:
         self.prefetch(layer)
         self._waiting_on = layer
         missing, event = self._pending.pop(layer).result()
+        self.join_warm_up()  # before the next layer (perhaps the warm-up's) is prepared
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         self.prefetch(layer + 1)
@@ -132,11 +139,37 @@ class LayerLoading:
         to_meta(self.layers[layer])
 
     # -- warming up the GPU
-    def _warm_up(self, layer: int) -> None:
-        """One batch of random tokens through decoder layer ``layer`` (its statistics thrown away), on the prefetch
-        thread right after the layer is loaded: the GPU's kernels are loaded and its libraries set up while the data
-        is still tokenized, not in the first real batch. Skipped where the run already waits for the layer (the
-        first real batch sets them up as soon)."""
+    def warm_up_early(self) -> None:
+        """Start the warm-up of a fresh GPU process beside layer 0's preparation (see :func:`warm_up_mode`)."""
+        if self._side is not None and warm_up_mode() == "spare" and self._spare_fits():
+            self._start_warm_up(torch.cuda.Stream(self.device))
+
+    def _start_warm_up(self, stream) -> None:
+        """Queue the spare-layer warm-up (its work on ``stream``); :meth:`join_warm_up` waits for it."""
+        if self.layout.num_layers < 2:  # no spare layer: on the prefetch thread, before layer 0 is prepared
+            self._warming = self._pool.submit(self._warm_up, 0, True, self._side)
+            return
+        # on a thread of its own, beside layer 0's preparation, through the last layer (prepared last)
+        self._warm_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-warmup")
+        self._warming = self._warm_pool.submit(self._warm_up, self.layout.num_layers - 1, True, stream)
+
+    def _spare_fits(self) -> bool:
+        """Room on the device for a layer with random weights beside layer 0 and its bytes, read meanwhile."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free > 3 * self.layer_bytes() + (2 << 30)
+
+    def join_warm_up(self) -> None:
+        """Wait for a warm-up still running (the base model's calls patch the layers' forwards: one thread at a
+        time); called by every caller of the base model except the warm-up itself."""
+        if self._warming is not None and not getattr(self._local, "warming", False):
+            self._warming.result()
+            self._warming = None
+
+    def _warm_up(self, layer: int, spare: bool = False, stream=None) -> None:
+        """One batch of random tokens through decoder layer ``layer``, its statistics thrown away: the GPU's kernels
+        are loaded and its libraries set up before the first real batch. ``spare``: before the layer is loaded,
+        with random weights (returned to the meta device after), while layer 0's bytes are read; else right after
+        it is loaded. A warm-up that fails is skipped: the first real batch reports the error."""
         from reap.saliency import LayerAccumulator
 
         t0 = time.perf_counter()
@@ -145,20 +178,48 @@ class LayerLoading:
         rows = max(1, self.opts.batch_tokens // width)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, max(1, int(getattr(text, "vocab_size", 2) or 2)), (rows, width), generator=g)
-        experts = None
+        module, experts = self.layers[layer], None
+        self._local.warming = True
         try:
-            moe = self.layout.moe.get(layer)
-            experts = self.model.get_submodule(moe.experts) if moe is not None else None
-            if experts is not None:
-                experts._reap_probe = ExpertsProbe(LayerAccumulator(self.layout.num_experts, self.device))
-            with torch.inference_mode():
-                args, kwargs = self.layer_call_for(Batch(ids, [width] * rows), layer)
-                self.layers[layer](*args, **kwargs)
-            if self._side is not None:
-                self._side.synchronize()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if spare:
+                    _random_parameters(module, self.device)
+                moe = self.layout.moe.get(layer)
+                if moe is not None:
+                    experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
+                    experts._reap_probe = ExpertsProbe(LayerAccumulator(self.layout.num_experts, self.device))
+                with torch.inference_mode():
+                    args, kwargs = self.layer_call_for(Batch(ids, [width] * rows), layer)
+                    module(*args, **kwargs)
+                if stream is not None:
+                    stream.synchronize()
         except Exception:  # noqa: BLE001 (a warm-up only: whatever fails here, the first real batch reports)
             return
         finally:
+            self._local.warming = False
             if experts is not None and hasattr(experts, "_reap_probe"):
                 del experts._reap_probe
+            if spare:
+                to_meta(module)
         self.warmup_seconds = time.perf_counter() - t0
+
+
+def warm_up_mode() -> str:
+    """How a GPU streamer warms up (``REAP_WARMUP``). ``spare`` (the default): one batch of random tokens through the
+    last decoder layer with random weights, on a thread of its own from the streamer's start, while layer 0 is read
+    and loaded and the data is tokenized (skipped where the device has no room for a third layer). ``layer``: the
+    batch goes through the loaded layer 0 if the run is not waiting for it yet. ``off``: the first real batch sets
+    up the GPU (its first attention call alone takes ~0.8 s on an H200)."""
+    mode = os.environ.get("REAP_WARMUP", "spare")
+    return mode if mode in ("spare", "layer", "off") else "spare"
+
+
+@torch.no_grad()
+def _random_parameters(module: torch.nn.Module, device: torch.device) -> None:
+    """Every parameter of ``module`` on the meta device replaced by random values on ``device`` (std 0.02)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                fresh = torch.empty(p.shape, dtype=p.dtype, device=device)
+                fresh.normal_(0.0, 0.02) if fresh.is_floating_point() else fresh.zero_()
+                sub._parameters[name] = torch.nn.Parameter(fresh, requires_grad=False)

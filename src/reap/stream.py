@@ -33,6 +33,7 @@ import concurrent.futures as cf
 import os
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -123,7 +124,11 @@ class LayerStreamer(LayerLoading, GreedySearch):
         self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
         self.warmup_seconds = 0.0
         self._waiting_on: int | None = None  # the layer the compute thread waits for
+        self._warming: cf.Future | None = None  # the early warm-up (warm_up_early), until joined
+        self._warm_pool: cf.ThreadPoolExecutor | None = None
+        self._local = threading.local()  # .warming: this thread runs the warm-up
         self._load(self._stored["base"], "the embeddings and final norm")
+        self.warm_up_early()  # on a GPU: a random batch through a spare layer, beside layer 0's loading
         self.prefetch(0)
         self.batches: list[Batch] = []
         self.tokens = 0
@@ -219,6 +224,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
     def _forward_base(self, i: int | Batch, stubs: dict[int, object]):
         """Run the text model's own forward on batch ``i`` (an index, or a batch of its own) with decoder layers j
         replaced by ``stubs[j]``."""
+        self.join_warm_up()
         b = self.batches[i] if isinstance(i, int) else i
         for j, fn in stubs.items():
             self.layers[j].forward = fn
@@ -374,6 +380,8 @@ class LayerStreamer(LayerLoading, GreedySearch):
             del self.text.forward
 
     def close(self) -> None:
+        if self._warm_pool is not None:
+            self._warm_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._read_pool.shutdown(wait=True, cancel_futures=True)
         sys.setswitchinterval(self._switch)

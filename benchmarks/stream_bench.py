@@ -114,8 +114,10 @@ def offload_run(model: Path, tokens: int, mode: str, workdir: Path) -> dict:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    # the layers' weights from the page cache and no greedy search: the hidden states' placement is what differs
     st = LayerStreamer(ckpt, layout, seqs, EngineOptions(device=DEVICE, dtype="bfloat16", offload=mode,
-                                                         workdir=workdir / f"hidden-{mode}", progress=False))
+                                                         workdir=workdir / f"hidden-{mode}", progress=False,
+                                                         greedy_tokens=0, keep_page_cache=True))
     st.embed()
     if gpu:
         torch.cuda.synchronize()
@@ -180,8 +182,9 @@ def main() -> None:
         if "warm" in args.cli_cache:
             warm = ("--checkpoint-every", "0", "--keep-page-cache")
             run_cli(models[n], data, args.workdir / "cli3.stats", *warm)  # brings the checkpoint into the page cache
-            for variant in args.cli_variants:  # extra flags of each warm run ("": the defaults)
+            for k, variant in enumerate(args.cli_variants):  # extra flags of each warm run ("": the defaults)
                 key = "cli_page_cache_warm" + (f" {variant}" if variant else "")
+                key += f" #{args.cli_variants[:k].count(variant) + 1}" if args.cli_variants.count(variant) > 1 else ""
                 result[key] = run_cli(models[n], data, args.workdir / "cli3.stats", *warm, *variant.split())
                 print(key, json.dumps(result[key]), flush=True)
         save()

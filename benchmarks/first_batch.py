@@ -13,6 +13,7 @@ first and second calls of the operations such a layer runs, one by one, in a fre
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -118,7 +119,7 @@ def main() -> None:
     ap = arguments(__doc__)
     ap.set_defaults(tokenize_s=0.5)
     ap.add_argument("--modes", nargs="*", default=["probe", "off", "layer", "spare"])
-    ap.add_argument("--child", action="store_true", help=argparse_hidden())
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -135,12 +136,6 @@ def main() -> None:
         print(json.dumps(run), flush=True)
         out["runs"].append(run)
         args.out.write_text(json.dumps(out, indent=1))
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

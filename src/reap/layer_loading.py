@@ -12,7 +12,6 @@ a spare layer with random weights, so that the GPU's kernels and libraries are s
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import os
 import sys
 import time
@@ -64,7 +63,7 @@ class LayerLoading:
             # work on it is done
             host.base.record_stream(self._side)
             missing = self._load_layer(raw, layer)
-            if layer == 0 and not self.warmup_seconds and self._waiting_on != 0 and warm_up_mode() == "layer":
+            if layer == 0 and self._waiting_on != 0 and warm_up_mode() == "layer":
                 self._warm_up(layer, stream=self._side)  # the run is not waiting for layer 0 yet: time to spare
             event = torch.cuda.Event()
             event.record(self._side)
@@ -147,7 +146,7 @@ class LayerLoading:
     def _start_warm_up(self, stream) -> None:
         """Queue the spare-layer warm-up (its work on ``stream``); :meth:`join_warm_up` waits for it."""
         if self.layout.num_layers < 2:  # no spare layer: on the prefetch thread, before layer 0 is prepared
-            self._warming = self._pool.submit(self._warm_up, 0, True, self._side)
+            self._warming = self._pool.submit(self._warm_up, 0, True, stream)
             return
         # on a thread of its own, beside layer 0's preparation, through the last layer (prepared last)
         self._warm_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-warmup")
@@ -181,7 +180,7 @@ class LayerLoading:
         module, experts = self.layers[layer], None
         self._local.warming = True
         try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with torch.cuda.stream(stream):  # None: the current stream
                 if spare:
                     _random_parameters(module, self.device)
                 moe = self.layout.moe.get(layer)

@@ -30,14 +30,15 @@ QUIET = lambda *_: None  # noqa: E731
 SECTIONS = ("## Pruning", "## Size", "## Experts kept per layer", "## Reproduce")
 
 
-def _check_png(path: Path, min_px: int = 200) -> None:
+def _check_png(path: Path, min_width: int = 1000, min_height: int = 450) -> None:
+    """A valid PNG, large enough to read (issue 26: a 412x226 heat map cut its title)."""
     from PIL import Image
 
     assert path.read_bytes()[:8] == PNG, f"{path} is not a PNG"
     with Image.open(path) as im:
         im.verify()
     with Image.open(path) as im:
-        assert im.format == "PNG" and min(im.size) >= min_px, im.size
+        assert im.format == "PNG" and im.size[0] >= min_width and im.size[1] >= min_height, (path.name, im.size)
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +230,153 @@ def test_other_criteria_are_compared_by_the_same_grouped_cut(tmp_path):
     assert data.pruned[0] == [0, 1, 4, 5]  # two of each group
     row = next(line for line in summary_text(data).splitlines() if line.startswith("    0 "))
     assert row.split()[-1] == "100%" and "reap would prune 100% of the same experts" in summary_text(data)
+
+
+# -- greedy-rerouted: what the search measured (issue 26) ---------------------------------------------------------
+def test_knee_of_hand_made_curves():
+    from reap.report.greedy import knee, ratio_for
+
+    flat_then_steep = [0.0, 0.01, 0.02, 0.03, 0.04, 0.54, 1.04, 1.54, 2.04]
+    assert knee(flat_then_steep) == 4  # the bend: past it every removal costs far more
+    # a softer turn: the knee is where a removal starts to cost more than the curve's average removal (0.3)
+    assert knee([0.0, 0.01, 0.02, 0.03, 0.04, 0.3, 0.8, 1.5, 2.4]) == 5
+    assert knee([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]) == 5
+    assert knee([0.1 * n for n in range(10)]) is None  # a straight line has no knee
+    assert knee([0.0, 0.5, 0.75, 0.875, 0.94, 0.97]) is None  # steepest at the start
+    assert knee([0.0, 0.0, 0.0]) is None and knee([0.0, 1.0]) is None  # flat, too short
+    convex = [n ** 3 for n in range(21)]
+    assert 9 <= knee(convex) <= 13  # a smooth climb: where a removal costs the curve's average removal
+    assert ratio_for(4, 16) == 0.25 and ratio_for(103, 256) == 0.403 and ratio_for(9, 16) == 0.57
+    from reap.selection import n_to_drop
+
+    assert all(n_to_drop(e, ratio_for(n, e)) == n for e in (8, 60, 128, 256, 384) for n in range(1, e))
+
+
+def _greedy_stats(path: Path, layers: int = 3, experts: int = 16, top_k: int = 4, errors: bool = True) -> Path:
+    """A stats file whose layers have distinct greedy orders and error curves (flat, then steep from a bend that
+    differs per layer)."""
+    import torch
+
+    from reap.saliency import GreedyOrder, LayerAccumulator
+
+    stats = ExpertStats(layers, experts, {"model": "/m/tiny-moe", "top_k": top_k, "tokens": 4096})
+    gen = torch.Generator().manual_seed(3)
+    steps = experts - top_k
+    for layer in range(layers):
+        acc = LayerAccumulator(experts)
+        ids = torch.randint(0, experts, (4096,), generator=gen)
+        acc.add(ids, torch.rand(4096, generator=gen), torch.rand(4096, generator=gen))
+        bend = 3 + 2 * layer  # layer 0 bends after 3 removals, layer 1 after 5, ...
+        curve = [0.002 * n if n <= bend else 0.002 * bend + 0.08 * (n - bend) for n in range(1, steps + 1)]
+        order = torch.randperm(experts, generator=gen)[:steps].tolist()
+        acc.greedy_order, acc.greedy_note = GreedyOrder(order, curve) if errors else order, None
+        stats.set_layer(layer, acc)
+    stats.save(path)
+    return path
+
+
+def _rows(summary: str) -> list[str]:
+    return [line for line in summary.splitlines() if line[:5].strip().isdigit()]
+
+
+def test_greedy_report_shows_the_measured_error_and_the_knee(tmp_path):
+    from reap.report.greedy import greedy_analysis
+
+    path = _greedy_stats(tmp_path / "g.safetensors")
+    stats = ExpertStats.load(path)
+    g = greedy_analysis(stats)
+    assert [r.knee for r in g.layers] == [3, 5, 7]  # each layer's bend
+    written = render_report(path, out_dir=tmp_path / "r", ratio=0.25, method="greedy-rerouted", log=QUIET)
+    for p in written:
+        if p.suffix == ".png":
+            _check_png(p)
+    summary = (tmp_path / "r" / SUMMARY_NAME).read_text()
+    rows = _rows(summary.split("\n\n")[1])
+    assert len(rows) == 3 and len({row.split(None, 1)[1] for row in rows}) == 3  # the layers differ
+    for layer, row in enumerate(rows):  # error at the cut (4 removed) and the knee with its error
+        curve = stats.greedy_curve(layer)
+        knee_at = 3 + 2 * layer
+        assert row.split()[2:5] == [f"{100 * curve[4]:.2f}%", str(knee_at), f"{100 * curve[knee_at]:.2f}%"], row
+    assert "knee of the mean curve: 5 of 16 experts removed" in summary and "suggested --ratio 0.32" in summary
+    assert "this cut removes 4 per layer (before the knee)" in summary
+    assert "saliency kept" not in summary  # a rank's share says nothing
+    # no cut: the knee and the suggestion still
+    render_report(path, out_dir=tmp_path / "nocut", method="greedy-rerouted", log=QUIET)
+    nocut = (tmp_path / "nocut" / SUMMARY_NAME).read_text()
+    assert "suggested --ratio 0.32" in nocut and "this cut" not in nocut
+    _check_png(tmp_path / "nocut" / FIGURES["curves"])
+
+
+def test_greedy_report_of_an_older_stats_file(tmp_path):
+    """A stats file without greedy_error (older reap) still makes the report: the old picture and a note."""
+    path = _greedy_stats(tmp_path / "old.safetensors", errors=False)
+    assert not ExpertStats.load(path).has_greedy_error
+    written = render_report(path, out_dir=tmp_path / "r", ratio=0.25, method="greedy-rerouted", log=QUIET)
+    assert {p.name for p in written} == {*FIGURES.values(), SUMMARY_NAME}
+    for name in FIGURES.values():
+        _check_png(tmp_path / "r" / name)
+    summary = (tmp_path / "r" / SUMMARY_NAME).read_text()
+    assert "no greedy error curve" in summary and "recalibrate" in summary and len(_rows(summary)) == 3
+
+
+def test_summary_differs_per_layer_when_the_stats_differ(tmp_path):
+    """The text summary's rows follow each layer's statistics (issue 26: every greedy layer printed the same)."""
+    path = _greedy_stats(tmp_path / "g.safetensors")
+    for method in ("greedy-rerouted", "reap", "ean"):
+        render_report(path, out_dir=tmp_path / method, ratio=0.25, method=method, log=QUIET)
+        rows = _rows((tmp_path / method / SUMMARY_NAME).read_text().split("\n\n")[1])
+        assert len({row.split(None, 1)[1] for row in rows}) == 3, (method, rows)
+
+
+def test_many_layers_and_experts_stay_legible(tmp_path):
+    """A large model's pictures: capped in size, titles kept inside (wrapped, never cut)."""
+    from PIL import Image
+
+    stats = tmp_path / "big.safetensors"
+    _greedy_stats(stats, layers=40, experts=128, top_k=8)
+    meta_long = ExpertStats.load(stats)
+    meta_long.meta["model"] = "/models/" + "A-Very-Long-Model-Name-With-Wide-Capitals-WWMMWW-" * 3 + "Instruct"
+    meta_long.save(stats)
+    written = render_report(stats, out_dir=tmp_path / "r", ratio=0.5, method="greedy-rerouted", log=QUIET)
+    for p in written:
+        if p.suffix == ".png":
+            _check_png(p)
+            with Image.open(p) as im:
+                assert im.size[0] <= 3600 and im.size[1] <= 3600, (p.name, im.size)
+                rgb = im.convert("RGB")
+                w, h = rgb.size
+                edges = [rgb.getpixel((x, y)) for x in range(w) for y in (0, 1)]  # the top rows
+                edges += [rgb.getpixel((x, y)) for x in (w - 2, w - 1) for y in range(h)]  # the right columns
+                assert all(px == (255, 255, 255) for px in edges), f"{p.name}: something drawn to the edge (cut)"
+
+
+@pytest.fixture(scope="module")
+def pruned_greedy(tiny_fp32, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned") / "tiny-greedy"
+    calibration = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data_file), max_length=128),
+                                   engine=EngineOptions(device="cpu", dtype="float32", progress=False))
+    prune_model(PruneOptions(model=str(tiny_fp32), out=out, ratio=0.25, calibration=calibration, progress=False),
+                log=QUIET)
+    return out
+
+
+def test_greedy_pruning_report_and_card(pruned_greedy):
+    """The default criterion's pruning: the stats file carries the search's error, the summary and the card state
+    it per layer with the knee and a suggested ratio, and the pictures are legible."""
+    report = json.loads((pruned_greedy / "reap_report.json").read_text())
+    assert report["method"] == "greedy-rerouted"
+    stats = ExpertStats.load(pruned_greedy / "reap_stats.safetensors")
+    assert stats.has_greedy_error
+    for name in FIGURES.values():
+        _check_png(pruned_greedy / name)
+    summary = (pruned_greedy / SUMMARY_NAME).read_text()
+    rows = _rows(summary.split("\n\n")[1])
+    assert len(rows) == 3 and all(row.split()[2].endswith("%") for row in rows)  # the error at the cut, per layer
+    assert "knee of the mean curve" in summary or "has no knee" in summary
+    for layer in range(3):  # the cut is the search's first four removals, whose error it measured
+        assert set(report["layers"][str(layer)]["pruned"]) == set(stats.greedy_order(layer)[:4])
+        assert f"{100 * stats.greedy_curve(layer)[4]:.2f}%" in rows[layer]
+    card = (pruned_greedy / CARD_NAME).read_text()
+    assert "## Output error per layer" in card and "| layer | error at this cut |" in card
+    assert "This cut removes 4 per layer" in card
+    assert "Per layer, the MoE output error the greedy search measured" in card

@@ -300,3 +300,96 @@ def test_scores_unknown_method():
         _hand_stats().scores("magnitude")
     msg = _one_line_user_error(ei)
     assert all(m in msg for m in METHODS)
+
+
+# -- the greedy search's measured error per removal (greedy_error) ------------------------------------------------
+def _direct_errors(w, choice, f, k, order):
+    """sum_t ||y_t - y'_t||^2 / sum_t ||y_t||^2 after removing order[:n], n = 1.., by re-routing every token."""
+    def out(removed):
+        ch = choice.masked_fill(removed, float("-inf"))
+        idx = torch.topk(ch, k, dim=-1).indices
+        ww = w.gather(1, idx).double()
+        ff = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])).double()
+        return (ww[..., None] * ff).sum(1) / ww.sum(1, keepdim=True)
+
+    removed = torch.zeros(w.shape[1], dtype=torch.bool)
+    y0 = out(removed)
+    errors = []
+    for j in order:
+        removed[j] = True
+        errors.append(float(((y0 - out(removed)) ** 2).sum() / (y0 ** 2).sum()))
+    return errors
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_search_records_its_error_per_removal(seed):
+    from reap.saliency import GreedyOrder, greedy_rerouted_order, greedy_routed_order
+
+    gen = torch.Generator().manual_seed(seed)
+    t, e, h, k = 80, 8, 5, 2
+    w = torch.sigmoid(torch.randn(t, e, generator=gen) * 2)
+    choice = w + torch.randn(e, generator=gen) * 0.3
+    f = torch.randn(t, e, h, generator=gen) * torch.rand(e, 1, generator=gen) * 3
+
+    def route(removed, rows):
+        idx = torch.topk(choice[rows].masked_fill(removed, float("-inf")), k + 1, dim=-1).indices
+        return idx, w[rows].gather(1, idx)
+
+    for order in (greedy_rerouted_order(w, choice, f, k), greedy_routed_order(route, f, k, chunk=7)):
+        assert isinstance(order, GreedyOrder) and isinstance(order, list) and len(order.errors) == e - k
+        want = _direct_errors(w, choice, f, k, list(order))
+        assert order.errors == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert all(b >= a - 1e-12 for a, b in zip(order.errors, order.errors[1:]))  # greedy: the error only grows
+    assert greedy_rerouted_order(w, choice, f, k, n_steps=0).errors == []
+
+
+def test_greedy_error_in_the_stats_file(tmp_path):
+    """set_layer takes the error from the search's GreedyOrder; the file carries it as greedy_error; a file without
+    it (an older reap) still loads, with no curves."""
+    from safetensors import safe_open
+
+    from reap.saliency import GreedyOrder
+
+    stats = ExpertStats(3, 4, meta={"top_k": 1})
+    for layer, (order, errors) in enumerate([([2, 0, 1], [0.01, 0.05, 0.4]), ([3, 1, 0], [0.02, 0.03, 0.9])]):
+        acc = LayerAccumulator(4)
+        acc.add(torch.arange(4), torch.ones(4), torch.ones(4))
+        acc.greedy_order, acc.greedy_note, acc.greedy_sample = GreedyOrder(order, errors), None, 64
+        stats.set_layer(layer, acc)
+    acc = LayerAccumulator(4)
+    acc.greedy_order, acc.greedy_note = None, "hash routing"
+    stats.set_layer(2, acc)  # searched, no order: no curve
+    assert stats.has_greedy_error
+    assert stats.greedy_curve(0) == [0.0, 0.01, 0.05, 0.4] and stats.greedy_order(0) == [2, 0, 1]
+    assert stats.greedy_curve(1) == [0.0, 0.02, 0.03, 0.9] and stats.greedy_curve(2) is None
+    path = tmp_path / "s.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as fh:
+        assert "greedy_error" in fh.keys() and fh.metadata()["version"] == "2"
+    back = ExpertStats.load(path)
+    assert back.greedy_curve(0) == stats.greedy_curve(0) and back.greedy_order(1) == [3, 1, 0]
+    assert "greedy_error" not in back.missing and back.missing == set()
+    with pytest.raises(ValueError, match="one value per removal step"):
+        stats.set_greedy_order(0, [1, 2], errors=[0.1])
+    # an order without errors (an older search, or set by hand) clears the layer's curve
+    stats.set_greedy_order(0, [1, 2])
+    assert stats.greedy_curve(0) is None and stats.greedy_order(0) == [1, 2]
+    # older files: greedy_rank without greedy_error, and neither
+    old = ExpertStats(2, 4)
+    old.set_greedy_order(0, [1, 0])
+    old.set_greedy_order(1, [0, 3])
+    old.completed = {0, 1}
+    old.save(path)
+    with safe_open(str(path), framework="pt") as fh:
+        assert "greedy_error" not in fh.keys()
+    back = ExpertStats.load(path)
+    assert not back.has_greedy_error and back.greedy_curve(0) is None and back.greedy_order(0) == [1, 0]
+    _filled_stats().save(path)
+    assert not ExpertStats.load(path).has_greedy_error
+    tensors = {"count": torch.zeros(2, 4, dtype=torch.float64), "completed": torch.ones(2, dtype=torch.int64),
+               "greedy_error": torch.zeros(3, 4, dtype=torch.float64)}
+    for f in FIELDS[:5]:
+        tensors[f] = torch.zeros(2, 4, dtype=torch.float64)
+    save_file(tensors, str(path), metadata={"format": "reap-stats", "version": "2", "meta": "{}"})
+    with pytest.raises(UserError, match="greedy_error"):
+        ExpertStats.load(path)

@@ -7,7 +7,9 @@ batch): tokens routed, sum of g, sum of ||f||, sum of g ||f||, max ||f|| and (st
 of ||f||^2. :class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors (version 1
 files still load; the fields they lack are listed in ``ExpertStats.missing``) and turns them into scores
 through the criterion registry in :mod:`reap.criteria` (``reap``, ``ean``, ``frequency``, ...; ``METHODS``
-is re-exported here).
+is re-exported here). Beside the sums, the greedy re-routing search's results per layer: its removal order
+(``greedy_rank``) and, optionally (files written before it lack it and still load), the MoE output error it measured
+after each removal step (``greedy_error``, see :meth:`ExpertStats.greedy_curve`).
 
 :mod:`reap.selection` turns scores into the experts kept. Experts that were never routed have count 0 and
 score 0 under every criterion except ``random``.
@@ -33,9 +35,12 @@ from reap.errors import UserError
 FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm", "ean_sq_sum")
 _SUM_FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "ean_sq_sum")
 RANK_FIELDS = ("greedy_rank",)  # per-layer results, not sums: never merged, NaN until computed
+#: optional per-layer results written only where computed (absent in older files, never listed in ``missing``):
+#: ``greedy_error`` [L, E], column i = the layer's relative output error after the greedy search's first i + 1 removals
+CURVE_FIELDS = ("greedy_error",)
 _REQUIRED = FIELDS[:5]  # version 1 had exactly these; later fields are optional on load
 _FORMAT = "reap-stats"
-_VERSION = "2"  # 2 added ean_sq_sum and greedy_rank
+_VERSION = "2"  # 2 added ean_sq_sum and greedy_rank (and later the optional greedy_error, which older readers skip)
 _READS = ("1", "2")
 _FIX = "rerun `reap calibrate` to produce it"
 
@@ -136,6 +141,10 @@ class ExpertStats:
         # not computed; "missing" until a layer's order is set (set_greedy_order)
         self.greedy_rank = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
         self.missing.add("greedy_rank")
+        # [L, E] the greedy search's measured error: greedy_error[layer, i] = sum_t ||y_t - y_t'||^2 / sum_t ||y_t||^2
+        # on its token sample (y: the unpruned MoE output, y': after removing the first i + 1 experts of the order,
+        # tokens re-routed); NaN for steps not taken and layers without it (older files: all NaN, see has_greedy_error)
+        self.greedy_error = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
         self.count: Tensor
         self.gate_sum: Tensor
         self.ean_sum: Tensor
@@ -162,18 +171,48 @@ class ExpertStats:
                 raise UserError(f"{what} needs {f} for every layer, {where} lacks it for layers {bad[:5]}; "
                                 "rerun `reap calibrate` with this reap to produce it, or choose another criterion")
 
-    def set_greedy_order(self, layer: int, order: list[int]) -> None:
+    def set_greedy_order(self, layer: int, order: list[int], errors: list[float] | None = None) -> None:
         """Record ``layer``'s greedy removal order (expert ids, first removed first; see
         :func:`greedy_rerouted_order`): ``greedy_rank[layer, order[i]] = i``, and every expert not in ``order``
-        (never removed) gets ``len(order)``."""
+        (never removed) gets ``len(order)``. ``errors`` (default: ``order.errors`` when the search returned a
+        :class:`GreedyOrder`): the relative output error after each step, stored in ``greedy_error[layer]``."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
         if len(set(order)) != len(order) or not all(0 <= e < self.num_experts for e in order):
             raise ValueError(f"greedy order must name distinct experts in [0, {self.num_experts}), got {order}")
+        if errors is None:
+            errors = getattr(order, "errors", None)
+        if errors is not None and len(errors) != len(order):
+            raise ValueError(f"greedy errors must have one value per removal step ({len(order)}), got {len(errors)}")
         rank = torch.full((self.num_experts,), float(len(order)), dtype=torch.float64)
         rank[list(order)] = torch.arange(len(order), dtype=torch.float64)
         self.greedy_rank[layer] = rank
         self.missing.discard("greedy_rank")
+        self.greedy_error[layer] = float("nan")
+        if errors is not None and len(errors):
+            self.greedy_error[layer, : len(errors)] = torch.tensor([float(x) for x in errors], dtype=torch.float64)
+
+    @property
+    def has_greedy_error(self) -> bool:
+        """Whether any layer has the greedy search's measured error curve (files before it was recorded: no)."""
+        return bool((~torch.isnan(self.greedy_error)).any())
+
+    def greedy_curve(self, layer: int) -> list[float] | None:
+        """``layer``'s measured error curve, index n = the relative output error with the first n experts of the
+        greedy order removed (n = 0: 0.0), or None where the search recorded none."""
+        row = self.greedy_error[layer]
+        steps = int((~torch.isnan(row)).sum())
+        if steps == 0 or bool(torch.isnan(self.greedy_rank[layer]).any()):
+            return None
+        return [0.0, *(float(x) for x in row[:steps])]
+
+    def greedy_order(self, layer: int) -> list[int] | None:
+        """``layer``'s greedy removal order (first removed first; the never-removed experts left out), or None."""
+        rank = self.greedy_rank[layer]
+        if bool(torch.isnan(rank).any()):
+            return None
+        steps = int((rank < rank.max()).sum())  # the removed ones rank 0..n-1, the rest n
+        return [int(e) for e in torch.argsort(rank, stable=True)[:steps]]
 
     def set_layer(self, layer: int, acc: LayerAccumulator) -> None:
         """Store the accumulators of ``layer`` (overwriting) and mark it completed."""
@@ -188,10 +227,11 @@ class ExpertStats:
             greedy = self.meta.setdefault("greedy", {"sample_tokens": {}, "fallback": {}})
             greedy["sample_tokens"][str(layer)] = int(getattr(acc, "greedy_sample", 0))
             if acc.greedy_order is not None:
-                self.set_greedy_order(layer, acc.greedy_order)
+                self.set_greedy_order(layer, acc.greedy_order, getattr(acc, "greedy_error", None))
                 greedy["fallback"].pop(str(layer), None)
             else:
                 self.greedy_rank[layer] = float("nan")
+                self.greedy_error[layer] = float("nan")
                 self.missing.discard("greedy_rank")  # searched: the note says why this layer has no order
                 greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
 
@@ -209,6 +249,8 @@ class ExpertStats:
             mask[sorted(self.completed)] = 1
         tensors = {f: getattr(self, f).to(torch.float64).contiguous()
                    for f in (*FIELDS, *RANK_FIELDS) if f not in self.missing}
+        if self.has_greedy_error:  # written only where measured: a file without it reads as before
+            tensors["greedy_error"] = self.greedy_error.to(torch.float64).contiguous()
         tensors["completed"] = mask
         metadata = {"format": _FORMAT, "version": _VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -248,7 +290,8 @@ class ExpertStats:
                 missing = [k for k in (*_REQUIRED, "completed") if k not in keys]
                 if missing:
                     raise UserError(f"{path} lacks tensors {', '.join(missing)}; {_FIX}")
-                tensors = {k: fh.get_tensor(k) for k in (*FIELDS, *RANK_FIELDS, "completed") if k in keys}
+                tensors = {k: fh.get_tensor(k) for k in (*FIELDS, *RANK_FIELDS, *CURVE_FIELDS, "completed")
+                           if k in keys}
             meta = json.loads(metadata.get("meta", "{}"))
         except UserError:
             raise
@@ -270,6 +313,13 @@ class ExpertStats:
                 raise UserError(f"{path}: tensor {f!r} has shape {list(t.shape)}, expected "
                                 f"{list(count.shape)}; {_FIX}")
             setattr(stats, f, t.to(torch.float64).clone())
+        for f in CURVE_FIELDS:  # optional: absent (older files) stays all NaN
+            t = tensors.get(f)
+            if t is not None:
+                if t.shape != count.shape or not t.dtype.is_floating_point:
+                    raise UserError(f"{path}: tensor {f!r} has shape {list(t.shape)}, expected "
+                                    f"{list(count.shape)}; {_FIX}")
+                setattr(stats, f, t.to(torch.float64).clone())
         stats.completed = {int(i) for i in torch.nonzero(mask).flatten().tolist()}
         return stats
 
@@ -320,6 +370,28 @@ class TokenSample:
         return self._parts[0]
 
 
+class GreedyOrder(list):
+    """A greedy removal order (a list of expert ids, first removed first) with what the search measured:
+    ``errors[i]`` = sum_t ||y_t - y'_t||^2 / sum_t ||y_t||^2 on the sample after the first i + 1 removals (y the
+    unpruned MoE output, y' with those experts removed and their tokens re-routed); the absolute sum_t ||y_t||^2
+    where the unpruned outputs are all zero. :meth:`ExpertStats.set_layer` stores it as ``greedy_error``."""
+
+    def __init__(self, order=(), errors=()):
+        super().__init__(order)
+        self.errors: list[float] = [float(x) for x in errors]
+
+
+def _relative_errors(increases: list[float], reference: float) -> list[float]:
+    """The cumulative error after each step (the sum of the steps' increases, never below 0), relative to the
+    unpruned outputs' energy ``reference`` (absolute where it is 0)."""
+    out, total = [], 0.0
+    scale = reference if reference > 0 else 1.0
+    for inc in increases:
+        total = max(0.0, total + inc)
+        out.append(total / scale)
+    return out
+
+
 def _greedy_steps(e: int, top_k: int, n_steps: int | None) -> int:
     """The number of greedy removal steps (default E - top_k), checked against E and top-k."""
     if not 0 < top_k < e:
@@ -331,7 +403,7 @@ def _greedy_steps(e: int, top_k: int, n_steps: int | None) -> int:
 
 
 def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_k: int, n_steps: int | None = None,
-                          chunk: int = 4096) -> list[int]:
+                          chunk: int = 4096) -> GreedyOrder:
     """Experts of one layer in greedy removal order, minimizing the layer-output error with re-routing.
 
     Inputs, on a sample of T tokens (any device; computed in float64 a chunk of tokens at a time):
@@ -347,7 +419,8 @@ def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_
     the top-k of ``choice`` among the remaining experts. Starting from S = {}, each step adds the expert j that
     minimizes sum_t ||y(x_t) - y_{S+j}(x_t)||^2 (the exact error of the pruned layer against the unpruned one;
     only tokens that had j among their current top-k change); ties go to the lower id. ``n_steps`` (default
-    E - top_k) steps; the first n of the order are the n experts to prune, for every n <= n_steps.
+    E - top_k) steps; the first n of the order are the n experts to prune, for every n <= n_steps. Returns a
+    :class:`GreedyOrder`: the order, with the relative error after each step in ``errors``.
     Not for group-limited routing (DeepSeek-V3 ``n_group`` > 1), whose choice is not a plain top-k.
     """
     t, e = weights.shape
@@ -359,7 +432,9 @@ def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_
     removed = torch.zeros(e, dtype=torch.bool, device=weights.device)
     y0 = [_mix(weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk], removed, k)[0]
           for lo in range(0, t, chunk)]  # the unpruned outputs, per chunk [t_c, H]
+    reference = float(sum(float((y ** 2).sum()) for y in y0))
     order: list[int] = []
+    increases: list[float] = []
     for _ in range(n_steps):
         cost = torch.zeros(e, dtype=torch.float64, device=weights.device)
         for c, lo in enumerate(range(0, t, chunk)):
@@ -377,7 +452,8 @@ def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_
         j = int(torch.argmin(cost))  # first minimum: the lower id on ties
         removed[j] = True
         order.append(j)
-    return order
+        increases.append(float(cost[j]))
+    return GreedyOrder(order, _relative_errors(increases, reference))
 
 
 def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
@@ -392,7 +468,7 @@ def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
 
 
 def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None = None, renormalize: bool = True,
-                        chunk: int | None = None) -> list[int]:
+                        chunk: int | None = None) -> GreedyOrder:
     """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
 
     ``route(removed, rows)`` (``removed`` bool [E], ``rows`` long [R] sample positions) returns (ids [R, K+1],
@@ -403,7 +479,9 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
     choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower id. After a removal only the tokens
     that had the removed expert among their K+1 are routed and costed again (routing is per token). Without
     renormalization the weights of a step's candidates are those of the step's routing (a softmax over the kept
-    experts that loses one more changes its normalizer slightly; that change is ignored).
+    experts that loses one more changes its normalizer slightly; that change is ignored). Returns a
+    :class:`GreedyOrder`: the order, with the relative error after each step (the sum of the steps' costs over
+    sum_t ||y_unpruned||^2) in ``errors``.
     """
     s, e, h = outputs.shape
     n_steps = _greedy_steps(e, top_k, n_steps)
@@ -435,7 +513,9 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
             contrib[r_] = ((ref[:, None] - num_i) ** 2).sum(-1) - cur
 
     update(every, first=True)
+    reference = float((y0 ** 2).sum())
     order: list[int] = []
+    increases: list[float] = []
     for _ in range(n_steps):
         cost = torch.zeros(e, dtype=torch.float64, device=dev)
         cost.index_add_(0, ids[:, :k].reshape(-1), contrib.reshape(-1))
@@ -443,12 +523,13 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
         j = int(torch.argmin(cost))
         removed[j] = True
         order.append(j)
+        increases.append(float(cost[j]))  # the step's increase of sum_t ||y0 - y||^2 (exact with renormalization)
         hit = (ids == j).any(1).nonzero().squeeze(1)  # tokens whose top-k or next choice was j
         if hit.numel() and len(order) < n_steps:
             new_ids, new_w = route(removed, hit)
             ids[hit], w[hit] = new_ids.to(dev), new_w.to(dev, torch.float64)
             update(hit)
-    return order
+    return GreedyOrder(order, _relative_errors(increases, reference))
 
 
 def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float) -> int:

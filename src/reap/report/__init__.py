@@ -6,13 +6,16 @@ experts were chosen from calibration). Output, into the pruned directory by defa
 
 * ``reap_saliency_heatmap.png``  layer x expert saliency (per layer, relative to its largest score), pruned
   experts in grey;
-* ``reap_saliency_curves.png``   per layer, the sorted saliency curve with the cut (small multiples);
+* ``reap_saliency_curves.png``   per layer, the sorted saliency curve with the cut (small multiples); for the
+  default ``greedy-rerouted`` (whose scores are a rank) the MoE output error the greedy search measured after
+  each removal, with the cut and the knee (stats files written before that was recorded: the sorted ranks, a note);
 * ``reap_frequency_vs_reap.png`` routing frequency against REAP score (needs the statistics);
 * ``reap_summary.txt``           the text summary: the numbers per layer, in text;
 * ``README.md``                  the model card of the pruned checkpoint (:func:`write_model_card`).
 
 The modules: :mod:`reap.report.data` (reading the inputs into per-layer data), :mod:`reap.report.figures` (the
-pictures), :mod:`reap.report.text` (the text summary), :mod:`reap.report.card` (the model card); the file names
+pictures), :mod:`reap.report.text` (the text summary), :mod:`reap.report.card` (the model card),
+:mod:`reap.report.greedy` (the greedy search's error curves, their knees, the suggested ratio); the file names
 are :mod:`reap.names`'. This package holds the entry points, :func:`render_report` (``reap report``) and
 :func:`publish_assets` / :func:`publish_card` (the pruner), and re-exports the names callers use; the entry points
 call the drawing and writing functions through this namespace.

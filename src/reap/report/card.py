@@ -2,8 +2,10 @@
 
 :func:`model_card` writes the text from a ``reap_report.json``: front matter carried from the source's card, what
 was pruned and how, sizes before and after, a ``reap eval`` result when given, the experts kept per layer, the
-pictures beside it and the command that reproduces the pruning (:func:`reproduce_command`);
-:func:`write_model_card` reads the inputs from disk and writes the file.
+pictures beside it and the command that reproduces the pruning (:func:`reproduce_command`); for ``greedy-rerouted``
+with the search's measured error beside it (``reap_stats.safetensors`` with ``greedy_error``), the output error per
+layer at this cut, the knee and a suggested ratio (:mod:`reap.report.greedy`). :func:`write_model_card` reads the
+inputs from disk and writes the file.
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def model_card(
     figures: list[str] | tuple[str, ...] = (),
     source_front_matter: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
+    greedy=None,
 ) -> str:
-    """The README.md text for a pruned checkpoint (see :func:`write_model_card`)."""
+    """The README.md text for a pruned checkpoint (see :func:`write_model_card`); ``greedy``: the
+    :class:`reap.report.greedy.GreedyAnalysis` of its cut (a section on the measured output error)."""
     source = str(report.get("source", ""))
     source_name = hub_id(source) or Path(source).name or "the source model"
     name = name or f"{Path(source).name or 'model'}-reap"
@@ -225,11 +229,19 @@ def model_card(
     for layer, v in sorted(layers.items()):
         lines.append(f"| {layer} | {', '.join(map(str, v['kept']))} |")
     lines += ["", "</details>", ""]
+    if greedy is not None:
+        lines += _greedy_lines(greedy, K, E)
     if figures:
         captions = {
-            FIGURES["heatmap"]: "Saliency of every expert (per layer, relative to the layer's largest); "
-                                "the removed experts are drawn in grey.",
-            FIGURES["curves"]: "Per layer, the experts' saliency sorted from high to low; the dashed line is the cut.",
+            FIGURES["heatmap"]: ("Each expert's position in the greedy removal order (per layer, relative to the "
+                                 "last; dark: removed early); the removed experts are drawn in grey."
+                                 if method == "greedy-rerouted" else
+                                 "Saliency of every expert (per layer, relative to the layer's largest); "
+                                 "the removed experts are drawn in grey."),
+            FIGURES["curves"]: ("Per layer, the MoE output error the greedy search measured after each removal; the "
+                                "dashed line is this cut, the dot the knee." if greedy is not None else
+                                "Per layer, the experts' saliency sorted from high to low; the dashed line is the "
+                                "cut."),
             FIGURES["scatter"]: "Routing frequency against REAP score; red: removed experts.",
         }
         lines += ["## Pictures", ""]
@@ -247,6 +259,40 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _greedy_lines(g, K: int | None, E: int | None) -> list[str]:
+    """The section on the greedy search's measured output error: per layer at this cut and at the knee."""
+    from reap.report.greedy import pct, suggestion_lines
+
+    chosen = E - K if E and K else None
+    lines = ["## Output error per layer", "",
+             "What the greedy search measured, per MoE layer: the output error `||y - y'||² / ||y||²` (y: the "
+             "layer's output on the search's sample of calibration tokens; y': the same with the experts removed and "
+             "their tokens re-routed by the model's own router) at this cut, and the knee of the layer's error curve "
+             "(the number of removals past which each one costs more than the search's average removal).", "",
+             "| layer | error at this cut | knee (experts removed) | error at the knee |", "|---|---|---|---|"]
+    for r in g.layers:
+        lines.append(f"| {r.layer} | {pct(r.cut_error)} | {r.knee if r.knee is not None else 'none'} | "
+                     f"{pct(r.curve[r.knee]) if r.knee is not None else '-'} |")
+    lines.append("")
+    lines += [f"- {line[0].upper() + line[1:]}." for line in suggestion_lines(g, chosen)]
+    if g.off_order:
+        lines.append(f"- Layers {', '.join(map(str, g.off_order))}: the cut is not the search's own first removals, "
+                     "so no error was measured for it.")
+    return lines + [""]
+
+
+def _greedy_of(out_dir: Path, report: dict[str, Any]):
+    """The greedy analysis of a pruned directory's cut, from its stats file (None: not greedy-rerouted, no stats
+    file, or one without the measured error)."""
+    if report.get("method") != "greedy-rerouted" or not (out_dir / STATS_NAME).is_file():
+        return None
+    from reap.report.greedy import greedy_analysis
+    from reap.saliency import ExpertStats
+
+    layers = {int(k): list(v.get("pruned", [])) for k, v in (report.get("layers") or {}).items()}
+    return greedy_analysis(ExpertStats.load(out_dir / STATS_NAME), layers, sorted(layers))
 
 
 def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
@@ -304,5 +350,6 @@ def write_model_card(
         figures=figures,
         source_front_matter=card_front_matter(Path(src) / CARD_NAME) if src else None,
         out_dir=final,
+        greedy=_greedy_of(out_dir, report),
     )
     return write_text(out_dir / CARD_NAME, text)

@@ -139,6 +139,11 @@ def test_check_output_dir(tmp_path):
     (out / "f").write_text("x")
     with pytest.raises(UserError, match="--overwrite"):
         check_output_dir(out, [model], False)
+    with pytest.raises(UserError, match=r"did not write \(f\)"):  # --overwrite replaces only reap's own output
+        check_output_dir(out, [model], True)
+    (out / "reap_report.json").write_text(json.dumps({"tool": "reap", "layers": {}, "files": ["f", "reap_report.json"]}))
+    with pytest.raises(UserError, match="pass --overwrite"):
+        check_output_dir(out, [model], False)
     assert check_output_dir(out, [model], True) == out.resolve()
 
 
@@ -149,7 +154,8 @@ def test_atomic_directory(tmp_path):
         (tmp / "a").write_text("1")
         assert not target.exists()
     assert (target / "a").read_text() == "1"
-    # replaced as a whole on success
+    (target / "reap_report.json").write_text(json.dumps({"tool": "reap", "layers": {}, "files": ["a", "reap_report.json"]}))
+    # a previous reap output: replaced as a whole on success
     with atomic_directory(target) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]

@@ -308,18 +308,21 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
         assert not target.exists()
         assert list(tmp_path.iterdir()) == []
 
-    # an existing target survives a failed --overwrite untouched
+    # an existing target (a previous output) survives a failed --overwrite untouched
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "precious.txt").write_text("keep me")
+    monkeypatch.setattr(reap.surgery, "write_safetensors", real)
+    prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", progress=False),
+                log=lambda *_: None)
+    previous = snapshot(target)
     calls.clear()
     failing = make_failing(RuntimeError("disk full"))
     monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
     with pytest.raises(RuntimeError):
         prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", overwrite=True,
                                  progress=False), log=lambda *_: None)
+    assert len(calls) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in target.iterdir()] == ["precious.txt"]
+    assert snapshot(target) == previous
     assert snapshot(tiny_fp32) == before
 
 

@@ -23,6 +23,7 @@ from reap.staging import (
     check_complete,
     check_free_space,
     clean_stale,
+    foreign_entries,
     owner_alive,
     owner_record,
     write_text,
@@ -117,6 +118,20 @@ def test_clean_stale_removes_dead_owners_and_reports_the_rest(tmp_path):
     assert any("a running reap" in n for n in notes) and any("another host" in n for n in notes)
 
 
+def _reap_output(folder: Path, files: dict[str, str], listed: list[str] | None = None) -> Path:
+    """A folder as a pruned output leaves it: the files, and a reap report listing them (or ``listed``; None in the
+    list's place: a report of a reap before the list)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    report = {"tool": "reap", "version": "0", "layers": {}}
+    if listed != []:
+        report["files"] = sorted({*files, "reap_report.json"}) if listed is None else listed
+    (folder / "reap_report.json").write_text(json.dumps(report))
+    return folder
+
+
 def test_atomic_directory_rechecks_the_target_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "t"
     with pytest.raises(UserError, match="appeared while"):
@@ -125,9 +140,18 @@ def test_atomic_directory_rechecks_the_target_and_keeps_the_old_one_on_failure(t
             target.mkdir()
             (target / "theirs").write_text("x")
     assert [p.name for p in tmp_path.iterdir()] == ["t"] and [p.name for p in target.iterdir()] == ["theirs"]
-    with atomic_directory(target) as tmp:  # overwriting: replaced as a whole, no owner record published
+    # overwriting replaces only reap's own output: a user's file is refused, nothing deleted, nothing published
+    with pytest.raises(UserError, match=r"files reap did not write \(theirs\)"):
+        with atomic_directory(target) as tmp:
+            (tmp / "mine").write_text("y")
+    assert [p.name for p in tmp_path.iterdir()] == ["t"] and [p.name for p in target.iterdir()] == ["theirs"]
+    (target / "theirs").unlink()
+    _reap_output(target, {"model.safetensors": "w"})
+    with atomic_directory(target) as tmp:  # a previous reap output: replaced as a whole, no owner record published
         (tmp / "mine").write_text("y")
     assert [p.name for p in target.iterdir()] == ["mine"]
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no .t.old-* left
+    _reap_output(target, {"mine": "y"})
     real = os.replace
     calls = []
 
@@ -142,8 +166,65 @@ def test_atomic_directory_rechecks_the_target_and_keeps_the_old_one_on_failure(t
         with atomic_directory(target) as tmp:
             (tmp / "new").write_text("z")
     monkeypatch.setattr(os, "replace", real)
-    assert [p.name for p in target.iterdir()] == ["mine"]  # the previous output back in place
+    assert sorted(p.name for p in target.iterdir()) == ["mine", "reap_report.json"]  # the previous output back
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+def test_atomic_directory_checks_the_old_output_again_after_moving_it_aside(tmp_path, monkeypatch):
+    """A file written into the old output between the last check of --out and the rename (through a process that
+    has the folder open) is found in the renamed folder: the old output goes back, nothing is published."""
+    target = _reap_output(tmp_path / "t", {"model.safetensors": "w"})
+    real = os.replace
+
+    def user_writes_meanwhile(a, b):
+        real(a, b)
+        if Path(a) == target:  # the old output moved aside: someone still writes into it
+            (Path(b) / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(os, "replace", user_writes_meanwhile)
+    with pytest.raises(UserError, match=r"changed while reap was writing it.*\(notes\.txt\)") as err:
+        with atomic_directory(target) as tmp:
+            (tmp / "new").write_text("z")
+    monkeypatch.setattr(os, "replace", real)
+    assert "\n" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # back in place, no staging or .t.old-* folder
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "notes.txt", "reap_report.json"]
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_foreign_entries_names_what_reap_did_not_write(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert foreign_entries(empty) == []
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("x")
+    assert foreign_entries(user) == ["notes.txt", "sub/"]
+    # a report that is not reap's (another tool's, or not JSON) makes nothing reap's
+    for text in ('{"tool": "other", "layers": {}}', "not json", '["reap"]', '{"tool": "reap"}'):
+        (user / "reap_report.json").write_text(text)
+        assert foreign_entries(user) == ["notes.txt", "reap_report.json", "sub/"], text
+    own = _reap_output(tmp_path / "own", {"config.json": "{}", "model-1.safetensors": "w", "extra/tokenizer.json": "t"})
+    assert foreign_entries(own) == []
+    (own / "reap_summary.txt").write_text("s")  # `reap report DIR` writes these later: reap's too
+    (own / "README.md").write_text("card")
+    assert foreign_entries(own) == []
+    (own / "extra" / "mine.txt").write_text("x")  # added by the user: in a folder of reap's, named itself
+    (own / "sub" / "deep").mkdir(parents=True)  # a folder reap never made, named as a whole
+    (own / "eval.json").write_text("{}")
+    (own / "link").symlink_to(own / "config.json")  # a link is never reap's
+    assert foreign_entries(own) == ["eval.json", "extra/mine.txt", "link", "sub/"]
+    # a report of a reap before the files list: fixed names, the index's shards and copies of the recorded source
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text("t")
+    old = _reap_output(tmp_path / "old", {"config.json": "{}", "model.safetensors.index.json":
+                                          json.dumps({"weight_map": {"a": "model-1.safetensors"}}),
+                                          "model-1.safetensors": "w", "tokenizer.json": "t", "notes.txt": "x",
+                                          "model-2.safetensors": "w"}, listed=[])
+    report = json.loads((old / "reap_report.json").read_text())
+    (old / "reap_report.json").write_text(json.dumps({**report, "source": str(src)}))
+    assert foreign_entries(old) == ["model-2.safetensors", "notes.txt"]
 
 
 def test_free_space_and_size_checked_writes(tmp_path, monkeypatch):

@@ -62,7 +62,9 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
 
     Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None. Rank 0 holds
     the target's lock (reap.staging.OutputLock) from the check of --out to the rename, and removes the staging
-    folders that interrupted runs left beside it.
+    folders that interrupted runs left beside it. An existing --out is replaced (``--overwrite``) only if it is empty
+    or a previous reap output holding nothing reap did not write (:func:`reap.staging.check_output_dir`, checked
+    again just before the swap); anything else is a UserError before anything is written.
     """
     from reap.validate import derive_checked
 

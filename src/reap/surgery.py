@@ -6,8 +6,8 @@ its role in the layout (:mod:`reap.arch`, :func:`shard_contents`): kept expert t
 (router rows, correction biases, fused experts) are sliced along their expert axis from the stored bytes (dtype
 kept), expert-id tables renumbered (:func:`id_remap`), every other tensor copied unchanged. The index and
 ``config.json`` (the expert-count keys, and the quantization config's module lists: :func:`pruned_config`) are
-rebuilt, other files copied, ``reap_report.json`` written, the pictures drawn beside the copy; the result is
-checked (:func:`reap.verify.verify`) and only then renamed into place.
+rebuilt, other files copied, ``reap_report.json`` written (its ``files``: every file of the output), the pictures
+drawn beside the copy; the result is checked (:func:`reap.verify.verify`) and only then renamed into place.
 
 The copy itself moves byte ranges, never tensors. torch comes in only through :func:`id_remap` (hash-routed
 layers) and through verify, which derives the output's layout from transformers' meta model.
@@ -31,7 +31,7 @@ from reap.errors import UserError
 from reap.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
 from reap.plan import ExpertPlan
 from reap.progress import Progress
-from reap.staging import atomic_directory, check_complete, check_free_space, estimate_bytes
+from reap.staging import atomic_directory, check_complete, check_free_space, estimate_bytes, output_files
 from reap.verify import verify
 from reap.writer import BackgroundSync, Entry, other_files, write_json, write_safetensors
 
@@ -121,7 +121,9 @@ def rewrite(
     shards are copied, and each finished shard is flushed to disk on another (``fsync=False`` leaves flushing to the
     OS, as ``cp`` does). Every side file is written and flushed, a failure of any fails the run; the staging folder is
     verified (the checkpoint, and no file short or empty) before it is renamed into place (``overwrite=False``: only
-    if the target is still absent or empty then).
+    if the target is still absent or empty then; ``overwrite=True``: also if it is still a previous reap output,
+    :func:`reap.staging.foreign_entries`). ``reap_report.json`` is written again last, its ``files`` listing every
+    file of the output: what a later ``--overwrite`` may delete.
     """
     log = log or (lambda _msg: None)
     start = time.perf_counter()
@@ -144,7 +146,7 @@ def rewrite(
     copied = {rel: src.stat().st_size for src in others  # the source's model card is replaced by the new one
               if (rel := src.relative_to(ckpt.path).as_posix()) != CARD_NAME}
     cells = spec.num_layers * spec.num_experts  # the pictures and texts grow with layers x experts
-    side = [len(json.dumps(report)) * 2 + (64 << 10), *[min(2 << 20, (64 << 10) + 200 * cells)] * 3,
+    side = [len(json.dumps(report)) * 2 + (64 << 10), *[min(4 << 20, (256 << 10) + 200 * cells)] * 3,
             (64 << 10) + 400 * spec.num_layers, (64 << 10) + 400 * spec.num_layers]  # report, 3 pictures, summary, card
     need = estimate_bytes([e.nbytes for entries in contents.values() for e in entries] + list(copied.values()) + side
                           + [(ckpt.path / INDEX_NAME).stat().st_size if (ckpt.path / INDEX_NAME).is_file() else 0,
@@ -199,6 +201,8 @@ def rewrite(
         verify(tmp, spec, plan, mtp_dropped=bool(mtp))
         publish_card(tmp, report, source=ckpt.path, figures=[p.name for p in assets if p.suffix == ".png"],
                      published_as=out, strict=True)
+        # the report again, now naming every file of the output: what a later --overwrite may replace
+        write_json(tmp / REPORT_NAME, {**report, "files": sorted({*output_files(tmp), REPORT_NAME})})
         syncer.submit_tree(tmp)  # the small files and the folders; the shards are already (being) flushed
         syncer.wait()
         check_complete(tmp, copied)
@@ -206,8 +210,9 @@ def rewrite(
 
 
 def stats_bytes(spec: Layout) -> int:
-    """About the size of a stats file of this model (five float64 [L, E] tables and a header)."""
-    return 5 * 8 * spec.num_layers * spec.num_experts + (64 << 10)
+    """About the size of a stats file of this model (up to eight float64 [L, E] tables: six sums, the greedy order
+    and its errors, and a header)."""
+    return 8 * 8 * spec.num_layers * spec.num_experts + (64 << 10)
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d+)-of-(?P<count>\d+)(?P<ext>\.safetensors)$")
@@ -262,8 +267,10 @@ def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan,
                 else:
                     removed += params
             elif role.kind == "rows":
-                rows = plan.kept(role.layer)
-                removed += params - params * len(rows) // spec.num_experts
+                # the kept experts, then the slots after the experts that are not experts (zero-computation
+                # experts, a skip class, shared-expert gates), as they are
+                rows = list(plan.kept(role.layer)) + list(range(spec.num_experts, spec.num_experts + role.extra))
+                removed += params - params * len(rows) // (spec.num_experts + role.extra)
                 entries.append(Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
             elif role.kind == "ids":
                 entries.append(_remapped_ids(ckpt, info, id_remap.get(role.layer)))

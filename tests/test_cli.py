@@ -114,9 +114,13 @@ def test_out_not_empty_needs_overwrite(tiny_fp32, tmp_path):
     run_failing(tiny_fp32, out, ["--ratio", "0.3", "--method", "random"], "--overwrite")
     assert (out / "old.txt").read_text() == "from an earlier run"
 
+    # an earlier reap output needs --overwrite too, and is replaced with it (a folder holding files reap did not
+    # write is refused even then: tests/test_overwrite.py)
+    (out / "old.txt").unlink()
+    assert cli("prune", tiny_fp32, "--out", out, "--ratio", "0.5", "--method", "random", "-q").exit_code == 0
+    run_failing(tiny_fp32, out, ["--ratio", "0.3", "--method", "random"], "--overwrite")
     res = cli("prune", tiny_fp32, "--out", out, "--ratio", "0.3", "--method", "random", "--overwrite", "-q")
     assert res.exit_code == 0, res.output
-    assert not (out / "old.txt").exists()
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.old-* or .out.incomplete-* left
 
@@ -289,3 +293,68 @@ def test_version_and_help():
     assert res.exit_code == 0 and res.stdout.strip().startswith("reap ")
     res = cli("prune", "--help")
     assert res.exit_code == 0 and "--keep" in res.stdout and "--ratio" in res.stdout
+
+
+# -- help, version, --quiet (issue 26) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["prune"], ["calibrate"], ["eval"], ["report"], ["inspect"], ["demo"]])
+def test_help_is_whole_at_80_columns(command):
+    """No line wider than the terminal, no option name cut short (rich's table printed `--protect-super-expe…`), no
+    `<bool>`/`<str>` type labels; every long flag whole on a line of its own."""
+    import re
+
+    import typer.main
+
+    res = cli(*command, "--help", env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(line for line in lines if len(line) > 80)
+    assert "…" not in res.stdout and "<bool>" not in res.stdout and "<str>" not in res.stdout
+    group = typer.main.get_command(app)
+    cmd = group.commands[command[0]] if command else group
+    shown = set(re.findall(r"^  (?:-\w, )?(--[\w-]+)", res.stdout, flags=re.M))
+    flags = {opt for p in cmd.params if p.param_type_name == "option" for opt in p.opts if opt.startswith("--")}
+    assert flags <= shown | {"--help"}, flags - shown
+    if not command:
+        assert "  --version  Show the version and exit." in lines, res.stdout
+
+
+def test_version_prints_the_version():
+    from reap import __version__
+
+    res = _python_m_reap("--version")
+    assert res.returncode == 0 and res.stdout == f"reap {__version__}\n" and res.stderr == "", (res.stdout, res.stderr)
+    res = _python_m_reap("--version", "prune")  # eager: before the command
+    assert res.returncode == 0 and res.stdout == f"reap {__version__}\n", res.stdout
+
+
+def test_quiet_log_passes_only_warnings_and_notices():
+    from reap.progress import quiet_log
+
+    seen = []
+    say = quiet_log(seen.append)
+    for line in ("plan: 1 batch per rank", "calibrating tiny: 5 samples", "pruning tiny: 16 -> 12 experts",
+                 "tokenizing 5 records", "layers: 1/3 (33%)", "verifying the output", "wrote out.json",
+                 "warning: thin calibration data", "note: d.jsonl has only 10 tokens",
+                 "removed a stale lock of pid 1", "greedy-rerouted: 1 MoE layer [0] use weighted-ean instead"):
+        say(line)
+    assert seen == ["warning: thin calibration data", "note: d.jsonl has only 10 tokens",
+                    "removed a stale lock of pid 1", "greedy-rerouted: 1 MoE layer [0] use weighted-ean instead"]
+
+
+def test_quiet_prints_only_the_result(tiny_fp32, tmp_path):
+    """-q: no plan, status or progress line on stderr (calibrating here included); the result on stdout."""
+    from reap.progress import NOTICES
+
+    res = cli("prune", tiny_fp32, "--out", tmp_path / "random", "--ratio", "0.5", "--method", "random", "-q")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout.startswith("wrote ") and len(res.stdout.splitlines()) == 1, res.output
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 20}) + "\n" for i in range(5)))
+    res = cli("prune", tiny_fp32, "--out", tmp_path / "calibrated", "--ratio", "0.25", "--dataset", data, "--device",
+              "cpu", "--max-length", "128", "-q")
+    assert res.exit_code == 0, res.output
+    assert all(line.lower().startswith(NOTICES) for line in res.stderr.splitlines()), res.stderr
+    assert len(res.stdout.splitlines()) == 1 and res.stdout.startswith("wrote "), res.stdout
+    loud = cli("prune", tiny_fp32, "--out", tmp_path / "loud", "--ratio", "0.25", "--dataset", data, "--device", "cpu",
+               "--max-length", "128")
+    assert loud.exit_code == 0 and "plan: " in loud.stderr and "pruning " in loud.stderr, loud.output

@@ -67,6 +67,10 @@ def test_ci_recipe_runs_and_is_recorded(mini_m2, tmp_path):
 
 @pytest.mark.parametrize("text,needle", [
     ("model: x\nbogus_key: 1\n", "unknown key 'bogus_key'"),
+    ("model: x\nration: 0.3\n", "unknown key 'ration'; did you mean 'ratio'?"),
+    ("model: x\nmax-lenght: 64\n", "unknown key 'max-lenght'; did you mean 'max_length'?"),
+    ("model: x\nratio: 0.3\nmethod: REAP\n", "unknown --method 'REAP'; did you mean 'reap'?"),
+    ("model: x\nratio: 0.3\nmethod: reap\ndataset: d.jsonl\noffload: ram\n", "unknown --offload 'ram'"),
     ("model: x\nratio: fast\n", "ratio must be float"),
     ("model: x\nsamples: 1.5\n", "samples must be int"),
     ("model: x\nshuffle: 3\n", "shuffle must be bool"),

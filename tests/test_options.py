@@ -21,7 +21,7 @@ from reap.config import option_types
 from reap.options import (CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, Flag,
                           PruneOptions, build, flag, params)
 
-WIDE = {"COLUMNS": "2000"}  # one line per option in --help
+WIDE = {"COLUMNS": "2000"}  # help as wide as it gets (120 columns)
 
 
 def declared(cls) -> dict[str, Flag]:
@@ -87,14 +87,27 @@ def test_prune_and_calibrate_list_the_same_shared_options_with_the_same_help():
         assert evaluate[param].help == calibrate[param].help, param
 
 
+def flat(help_text: str) -> str:
+    """--help as one line: click's wrapping undone (words broken after a hyphen joined again)."""
+    return " ".join(re.sub(r"-\n\s+", "-", help_text).split())
+
+
+@pytest.mark.parametrize("columns", ["80", "2000"])
 @pytest.mark.parametrize("name", sorted(TAKES))
-def test_help_shows_each_option_with_its_declared_help(name):
-    res = CliRunner().invoke(app, [name, "--help"], env=WIDE)
+def test_help_shows_each_option_with_its_declared_help(name, columns):
+    """Each flag, whole, followed by its metavar and its declared help; at 80 columns no line is longer and nothing
+    is cut short (rich's table cut `--protect-super-expe…`)."""
+    res = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": columns})
     assert res.exit_code == 0, res.output
+    assert all(len(line) <= int(columns) for line in res.output.splitlines()), res.output
+    assert "…" not in res.output and "<str>" not in res.output and "<bool>" not in res.output
+    text = flat(res.output)
     for param in params(*((TAKES[name][0], CommandOptions)), skip=tuple(TAKES[name][2])).values():
-        text = param.flag.help.replace("\\[", "[")
         where = re.escape(param.flag.names[0].split("/")[0]) if param.flag.names else re.escape(param.flag.metavar)
-        assert re.search(rf"│ +{where} .*{re.escape(text)}", res.output), (param.name, text)
+        metavar = f" {re.escape(param.flag.metavar)}" if param.flag.names and param.flag.metavar else ""
+        negative = r"(?: / --no-[\w-]+)?"
+        assert re.search(rf"(?:^| |, ){where}{negative}{metavar} {re.escape(flat(param.flag.help))}", text), \
+            (param.name, param.flag.help)
 
 
 def test_cli_defaults_that_differ_from_the_fields_are_the_declared_ones():
@@ -182,7 +195,17 @@ def run(*args):
     assert res.exit_code == 0, (res.output, res.exception)
 
 
-def test_calibrate_flags_become_calibrate_options(captured, tmp_path):
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """The files the flags below name, in the working directory (the command line checks that they exist)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("d.jsonl", "e.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    (tmp_path / "k.json").write_text("{}")
+    return tmp_path
+
+
+def test_calibrate_flags_become_calibrate_options(captured, inputs):
     run("calibrate", "M", "--out", "s.st", *EVERY_DATA_FLAG, *EVERY_ENGINE_FLAG, "--strict", "--drop-mtp", "--resume",
         "--checkpoint-every", "2", "--keep-checkpoint", "--overwrite", "-q")
     got = captured["calibrate"]
@@ -196,13 +219,13 @@ def test_calibrate_flags_become_calibrate_options(captured, tmp_path):
         model="M", out=Path("s.st"), data=DataOptions("d.jsonl", max_length=2048), engine=EngineOptions(dtype="auto"))
 
 
-def test_prune_flags_become_prune_options(captured, tmp_path):
-    run("prune", "M", "--out", "o", "--ratio", "0.5", "--keep", "k.json", "--method", "reap", "--multiple-of", "8",
+def test_prune_flags_become_prune_options(captured, inputs):
+    run("prune", "M", "--out", "o", "--ratio", "0.5", "--method", "reap", "--multiple-of", "8",
         "--protect-super-experts", *EVERY_DATA_FLAG, *EVERY_ENGINE_FLAG, "--strict", "--drop-mtp", "--overwrite",
         "--no-fsync", "--quiet")
     got = captured["prune"]
     calibration = CalibrateOptions(model="M", data=DATA, engine=ENGINE, strict=True, drop_mtp=True, recipe=got.recipe)
-    assert got == PruneOptions(model="M", out=Path("o"), ratio=0.5, keep_file=Path("k.json"), method="reap", seed=3,
+    assert got == PruneOptions(model="M", out=Path("o"), ratio=0.5, method="reap", seed=3,
                                multiple_of=8, protect_super=True, calibration=calibration, strict=True, drop_mtp=True,
                                overwrite=True, fsync=False, progress=False, recipe=got.recipe)
     assert set(got.recipe) == set(on_command("prune"))
@@ -210,9 +233,12 @@ def test_prune_flags_become_prune_options(captured, tmp_path):
     run("prune", "M", "--out", "o", "--ratio", "0.5", "--method", "random")
     assert captured["prune"] == PruneOptions(model="M", out=Path("o"), ratio=0.5, method="random",
                                              recipe=captured["prune"].recipe)
+    run("prune", "M", "--out", "o", "--keep", "k.json")
+    assert captured["prune"] == PruneOptions(model="M", out=Path("o"), keep_file=Path("k.json"),
+                                             recipe=captured["prune"].recipe)
 
 
-def test_eval_flags_become_eval_options(captured, tmp_path):
+def test_eval_flags_become_eval_options(captured, inputs):
     run("eval", "M", "--dataset", "e.jsonl", "--max-tokens", "10", "--seq-len", "4", "--text-field", "body",
         "--device", "cpu", "--dtype", "float32", "--batch-tokens", "99", "--offload", "disk", "--workdir", "w",
         "--trust-remote-code", "-q")
@@ -227,10 +253,115 @@ def test_build_fills_what_the_values_hold_and_leaves_the_rest_at_the_defaults():
     opts = build(CalibrateOptions, {"model": "M", "dataset": "d", "quiet": True, "weight_exchange": "share"})
     assert opts == CalibrateOptions(model="M", data=DataOptions("d"), engine=EngineOptions(exchange="share",
                                                                                             progress=False))
-    assert build(PruneOptions, {"model": "M", "out": Path("o"), "dataset": "d"}).calibration is None  # only if given
+    only_if_given = build(PruneOptions, {"model": "M", "out": Path("o"), "dataset": "d", "ratio": 0.5,
+                                         "method": "random"})
+    assert only_if_given.calibration is None
 
 
 def test_the_options_import_no_torch():
     probe = "import sys, reap.options, reap.config; print(json.dumps([m in sys.modules for m in ('torch', 'transformers')]))"
     out = subprocess.run([sys.executable, "-c", "import json; " + probe], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [False, False]
+
+
+# -- the objects check themselves (the command line and the plain functions alike) -----------------------------------
+def test_the_torch_free_lists_match_the_registries():
+    """--method, --dtype: checked from reap.options' lists (no torch); they are the registries' names."""
+    from reap import criteria, options, stream
+
+    assert options.METHODS == criteria.METHODS
+    assert options.DEFAULT_METHOD == criteria.DEFAULT == PruneOptions.__dataclass_fields__["method"].default
+    assert options.NO_DATA_METHODS == tuple(name for name, c in criteria.CRITERIA.items() if not c.needs_data)
+    assert set(options.DTYPES) == {*stream.DTYPES, "auto"}
+    for name in criteria.METHODS:
+        assert name in options.METHOD_HELP, name
+
+
+CAL = CalibrateOptions(model="M", data=DataOptions("d.jsonl"))
+
+
+@pytest.mark.parametrize("make, needles", [
+    (lambda: PruneOptions("M", Path("o"), ratio=1.5, method="random"), ["--ratio", "strictly between 0 and 1"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=float("nan"), method="random"), ["strictly between 0 and 1"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.0, method="random"), ["strictly between 0 and 1"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="REAP", stats=Path("s")),
+     ["'REAP'", "did you mean 'reap'?"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="weighted_ean", stats=Path("s")),
+     ["did you mean 'weighted-ean'?"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="magic", stats=Path("s")), ["'magic'", "random"]),
+    (lambda: PruneOptions("M", Path("o")), ["--ratio", "--keep", "not both or neither"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, keep_file=Path("k")), ["not both"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="random", multiple_of=0), ["positive whole number"]),
+    (lambda: PruneOptions("M", Path("o"), keep_file=Path("k"), multiple_of=8), ["--keep names the experts"]),
+    (lambda: PruneOptions("M", Path("o"), keep_file=Path("k"), stats=Path("s")), ["--stats would be ignored"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="random", calibration=CAL),
+     ["--dataset would be ignored", "random uses no data"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="random", protect_super=True),
+     ["--protect-super-experts needs calibration"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, method="reap", stats=Path("s"), calibration=CAL),
+     ["either --stats", "not both"]),
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3), ["needs calibration", "--dataset", "--stats"]),
+    # the default criterion ranks by the greedy order that --greedy-tokens 0 skips: refused before hours of calibration
+    (lambda: PruneOptions("M", Path("o"), ratio=0.3, calibration=replace(CAL, engine=EngineOptions(greedy_tokens=0))),
+     ["greedy-rerouted", "--greedy-tokens 0", "--method weighted-ean"]),
+    (lambda: EngineOptions(offload="ram"), ["--offload", "'ram'", "auto, device, cpu, disk"]),
+    (lambda: EngineOptions(offload="Disk"), ["did you mean 'disk'?"]),
+    (lambda: EngineOptions(exchange="shared"), ["--weight-exchange", "did you mean 'share'?"]),
+    (lambda: EngineOptions(dtype="bf16"), ["--dtype", "'bf16'", "bfloat16"]),
+    (lambda: EngineOptions(device="gpu"), ["--device", "did you mean 'cuda'?"]),
+    (lambda: EngineOptions(device="cuda:x"), ["--device", "cuda:N"]),
+    (lambda: EngineOptions(batch_tokens=0), ["--batch-tokens", "positive"]),
+    (lambda: EngineOptions(greedy_tokens=-1), ["--greedy-tokens"]),
+    (lambda: EngineOptions(greedy_memory=0.0), ["--greedy-memory", "positive"]),
+    (lambda: DataOptions("d", samples=0), ["--samples"]),
+    (lambda: DataOptions("d", max_length=-5), ["--max-length"]),
+    (lambda: replace(CAL, checkpoint_every=-1), ["--checkpoint-every"]),
+    (lambda: EvalOptions("M", "e", max_tokens=0), ["--max-tokens"]),
+    (lambda: EvalOptions("M", "e", seq_len=0), ["--seq-len"]),
+])
+def test_bad_options_are_refused_when_the_object_is_made(make, needles):
+    from reap.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        make()
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_good_options_pass():
+    PruneOptions("M", Path("o"), ratio=0.3, calibration=CAL)  # greedy-rerouted with its search
+    PruneOptions("M", Path("o"), ratio=0.3, method="reap",
+                 calibration=replace(CAL, engine=EngineOptions(greedy_tokens=0)))
+    PruneOptions("M", Path("o"), keep_file=Path("k.json"))
+    EngineOptions(device="cuda:3", dtype="float16", offload="disk", exchange="read", greedy_tokens=0)
+    replace(EngineOptions(), dtype="bfloat16")
+
+
+def test_check_inputs_names_the_missing_file(tmp_path):
+    from reap.errors import UserError
+    from reap.options import check_inputs
+
+    (tmp_path / "k.json").write_text("{}")
+    check_inputs(PruneOptions("M", Path("o"), keep_file=tmp_path / "k.json"))
+    check_inputs(replace(CAL, data=DataOptions("org/some-hub-dataset")))  # a hub name: looked up later
+    cases = [(PruneOptions("M", Path("o"), keep_file=tmp_path / "nope.json"), "keep file"),
+             (PruneOptions("M", Path("o"), keep_file=tmp_path), "is a directory"),
+             (PruneOptions("M", Path("o"), ratio=0.3, stats=tmp_path / "s.safetensors"), "stats file"),
+             (PruneOptions("M", Path("o"), ratio=0.3,
+                           calibration=replace(CAL, data=DataOptions(str(tmp_path / "d.jsonl")))), "dataset file"),
+             (EvalOptions("M", str(tmp_path / "e.jsonl")), "dataset file")]
+    for opts, needle in cases:
+        with pytest.raises(UserError, match=needle):
+            check_inputs(opts)
+
+
+@pytest.mark.parametrize("word, choices, meant", [
+    ("REAP", ("reap", "ean"), "reap"), ("raito", ("ratio", "keep"), "ratio"),
+    ("max_lenght", ("max_length",), "max_length"),
+    ("weighted_ean", ("weighted-ean", "ean"), "weighted-ean"), ("zzz", ("reap", "ean"), None),
+])
+def test_did_you_mean(word, choices, meant):
+    from reap.errors import did_you_mean, suggestion
+
+    assert did_you_mean(word, choices) == meant
+    assert suggestion(word, choices) == (f"did you mean {meant!r}? " if meant else "")

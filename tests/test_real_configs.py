@@ -112,8 +112,7 @@ def test_kimi_k2_as_released_calibrates_and_prunes(kimi, tmp_path, data):
     inv = [n for n in layout.roles if n.endswith("rotary_emb.inv_freq")]
     assert len(inv) == 2 and all(layout.roles[n].kind == "other" and layout.roles[n].model is None for n in inv)
     out = tmp_path / "Kimi-K2-REAP"
-    res = cli("prune", kimi, "--out", out, "--ratio", "0.25", "--dataset", data, "--max-length", "64", "--device", "cpu",
-              "-q")
+    res = cli("prune", kimi, "--out", out, "--ratio", "0.25", "--dataset", data, "--max-length", "64", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert "1 MoE layer " in res.stderr and "layers)" not in res.stderr  # item 5: "in 1 layers"
     assert_config_changed_only_in_counts(kimi, out)
@@ -356,7 +355,7 @@ def test_hub_id_is_logged_as_org_name(tiny_fp32, tmp_path):
     shutil.copytree(tiny_fp32, snapshot)
     (hub / "refs").mkdir()
     (hub / "refs" / "main").write_text(snapshot.name)
-    res = _run("prune", "tiny-org/tiny-moe", "--out", tmp_path / "o", "--ratio", "0.25", "--method", "random", "-q",
+    res = _run("prune", "tiny-org/tiny-moe", "--out", tmp_path / "o", "--ratio", "0.25", "--method", "random",
                env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     assert "pruning tiny-org/tiny-moe:" in res.stderr and snapshot.name not in res.stderr

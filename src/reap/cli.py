@@ -3,7 +3,13 @@
 Each command parses its flags, builds the options, calls one function and maps user errors
 (:class:`reap.errors.UserError`, and OS errors: a full disk, a read-only place) to a one-line message and exit
 code 2; interrupts and termination signals to 130/143/129 after cleanup. Every command prints its result on
-stdout, as human text or, with ``--json``, as one JSON object; logs and progress go to stderr. No logic of its own.
+stdout, as human text or, with ``--json``, as one JSON object; logs and progress go to stderr (with ``--quiet`` only
+warnings and notices, :func:`reap.progress.quiet_log`). No logic of its own.
+
+Bad options are refused before torch or transformers is imported: the options objects check themselves when they
+are built (:mod:`reap.options`), their files are checked right after (:func:`reap.options.check_inputs`), and only
+then does a command import the stage that does the work. Help is click's plain layout (no rich panels): readable,
+and no option name cut, at 80 columns.
 """
 
 from __future__ import annotations
@@ -23,19 +29,33 @@ from typer.core import TyperCommand
 from reap import __version__
 from reap.config import effective
 from reap.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
-from reap.options import (METHOD_HELP, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions, build,
-                          params)
+from reap.options import (METHOD_HELP, METHODS, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions,
+                          build, check_choice, check_inputs, params)
+from reap.progress import quiet_log
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's table cut long flags (--protect-super-expe…) at 80 columns
+    context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
     help="Prune experts from Mixture-of-Experts checkpoints with REAP (router-weighted expert activation pruning).",
 )
 
 
+def _no_type(ctx) -> None:
+    return None
+
+
 class _Command(TyperCommand):
-    """typer's command, its --help shown without a type (as every other flag here)."""
+    """typer's command, its --help shown without types: the positional argument is ``MODEL``, not ``MODEL <str>``,
+    and --help has no metavar (as every other flag here)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument":
+                param.display_type_rich = _no_type
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
@@ -51,6 +71,11 @@ def _is_rank0() -> bool:
 def log(msg: str) -> None:
     if _is_rank0():
         typer.echo(msg, err=True)
+
+
+def _logger(quiet: bool):
+    """The log a stage gets: every line, or with --quiet only warnings and notices."""
+    return quiet_log(log) if quiet else log
 
 
 _INTERRUPTED = {
@@ -157,16 +182,12 @@ def _with_config(ctx, p: dict, command, required: tuple[str, ...]) -> dict:
 
 
 # -- commands --------------------------------------------------------------------------------------------
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Drop experts; write a checkpoint serving engines load unchanged.")
 @user_errors
 @takes(PruneOptions, CommandOptions, skip=_CALIBRATE_ONLY)
 def prune(ctx: typer.Context, **p):
     """Drop experts and write a checkpoint that serving engines load unchanged (calibrating first if needed)."""
     p = _with_config(ctx, p, prune, required=("model", "out"))
-    from reap.arch import human_bytes
-    from reap.names import REPORT_NAME
-    from reap.prune import prune_model
-
     typed = ctx.get_parameter_source("dataset")
     if (typed is None or typed.name != "COMMANDLINE") and (p["stats"] or p["keep"] or p["method"] == "random"):
         p["dataset"] = None  # a recipe's data is not needed when the stats, the keep list or chance decide
@@ -174,8 +195,13 @@ def prune(ctx: typer.Context, **p):
     calibration = None
     if p["dataset"] is not None:
         calibration = build(CalibrateOptions, p, out=None, resume=False, overwrite=False, recipe=recipe)
-    opts = build(PruneOptions, p, calibration=calibration, recipe=recipe)
-    result = prune_model(opts, log=log)
+    opts = build(PruneOptions, p, calibration=calibration, recipe=recipe)  # refuses bad options
+    check_inputs(opts)  # and missing files: all before torch is imported
+    from reap.arch import human_bytes
+    from reap.names import REPORT_NAME
+    from reap.prune import prune_model
+
+    result = prune_model(opts, log=_logger(p["quiet"]))
     if result is None:  # another rank of a torchrun job: rank 0 writes
         return
     report = json.loads((result.out / REPORT_NAME).read_text())
@@ -190,15 +216,17 @@ def prune(ctx: typer.Context, **p):
          p["as_json"])
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Measure every expert's saliency on calibration data.")
 @user_errors
 @takes(CalibrateOptions, CommandOptions)
 def calibrate(ctx: typer.Context, **p):
     """Measure every expert's saliency by streaming calibration data through the model layer by layer."""
     p = _with_config(ctx, p, calibrate, required=("model", "dataset", "out"))
+    opts = build(CalibrateOptions, p, recipe=effective(p))
+    check_inputs(opts)
     from reap.calibrate import calibrate as run
 
-    _, summary = run(build(CalibrateOptions, p, recipe=effective(p)), log=log)
+    _, summary = run(opts, log=_logger(p["quiet"]))
     done = summary.get("layers", 0)
     human = (f"{p['out']} was already complete; nothing to do" if summary.get("already_complete") else
              f"wrote {p['out']}: {summary['tokens']} tokens through {done} layer{'s' if done != 1 else ''} in "
@@ -206,7 +234,7 @@ def calibrate(ctx: typer.Context, **p):
     emit({"stats": str(p["out"]), **summary}, human, p["as_json"])
 
 
-@app.command("eval", cls=_Command)
+@app.command("eval", cls=_Command, short_help="Next-token loss and perplexity, streamed layer by layer.")
 @user_errors
 @takes(EvalOptions, "out", CommandOptions, skip=_NOT_FOR_EVAL)
 def eval_(
@@ -219,22 +247,24 @@ def eval_(
     """Next-token loss and perplexity, streamed layer by layer (models larger than memory work too)."""
     from dataclasses import replace
 
-    from reap.evaluate import check_writable, compare, evaluate, format_result, write_json
-
     missing = [flag for flag, value in (("MODEL", p["model"]), ("--dataset", p["dataset"])) if value is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)}: e.g. `reap eval PRUNED --dataset eval.jsonl --baseline ORIGINAL`")
+    opts = build(EvalOptions, p)
+    check_inputs(opts)
+    from reap.evaluate import check_writable, compare, evaluate, format_result, write_json
+
     if out is not None:
         check_writable(out)
-    opts = build(EvalOptions, p)
-    result = compare(replace(opts, model=baseline), opts, log=log) if baseline else evaluate(opts, log=log)
+    say = _logger(p["quiet"])
+    result = compare(replace(opts, model=baseline), opts, log=say) if baseline else evaluate(opts, log=say)
     emit(result, format_result(result), p["as_json"])  # first: a failing --out below must not lose the result
     if out is not None:
         write_json(out, result)
-        log(f"wrote {out}")
+        say(f"wrote {out}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Pictures, a summary and the model card of a pruned model.")
 @user_errors
 def report(
     path: Optional[Path] = typer.Argument(None, metavar="DIR_OR_STATS", show_default=False, help="A pruned output "
@@ -250,11 +280,12 @@ def report(
     as_json: bool = JsonOpt,
 ):
     """Pictures (saliency heat map, sorted saliency per layer, frequency vs REAP), a summary and the model card."""
+    if path is None:
+        raise UserError("missing DIR_OR_STATS: pass a pruned output directory or a stats file from `reap calibrate`")
+    check_choice("--method", method, METHODS)
     from reap.names import SUMMARY_NAME
     from reap.report import read_evaluation, render_report
 
-    if path is None:
-        raise UserError("missing DIR_OR_STATS: pass a pruned output directory or a stats file from `reap calibrate`")
     evaluation = read_evaluation(eval_file) if eval_file is not None else None
     written = render_report(path, out, ratio, method, evaluation=evaluation, log=log)
     summary = next((p for p in written if p.name == SUMMARY_NAME), None)
@@ -262,7 +293,7 @@ def report(
     emit({"written": [str(p) for p in written], "summary": text}, text.rstrip("\n"), as_json)
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Family, experts, top-k, sizes; after pruning with --ratio.")
 @user_errors
 def inspect(
     model: Optional[str] = ModelArg,
@@ -292,7 +323,7 @@ def inspect(
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
-@app.command(cls=_Command)
+@app.command(cls=_Command, short_help="Prune a generated tiny MiniMax-M2 checkpoint end to end.")
 @user_errors
 def demo(
     workdir: Path = typer.Option(Path("reap-demo"), "--dir", metavar="DIR", help="Where to put the demo model and its "
@@ -304,7 +335,7 @@ def demo(
     """Generate a tiny MiniMax-M2 checkpoint, calibrate it on reap's own source code, prune it, check it."""
     from reap.demo import run_demo
 
-    result = run_demo(workdir, ratio, progress=not quiet, log=log)
+    result = run_demo(workdir, ratio, progress=not quiet, log=_logger(quiet))
     emit(result, f"demo done: {result['pruned']} ({result['experts_before']} -> {result['experts_after']} experts per "
                  f"layer); max |logit difference| to the original with those experts masked: "
                  f"{result['max_logit_gap']:.2e}", as_json)
@@ -317,7 +348,7 @@ def version_callback(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, metavar="",
                                        help="Show the version and exit.")):
     """reap: one-shot expert pruning for Mixture-of-Experts checkpoints."""
 

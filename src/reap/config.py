@@ -1,9 +1,9 @@
 """Recipes: every ``reap prune`` / ``reap calibrate`` option can come from a YAML file (``--config``).
 
 Keys are the long flag names (``max_length`` or ``max-length``); flags given on the command line override
-the file. Unknown keys and wrong types are errors before any weight is read. ``dataset`` may be a list of
-specs (joined into a mixture). The effective options are recorded in the output (``reap_report.json``,
-the stats metadata) so a run can be repeated exactly.
+the file. Unknown keys (naming the key meant, where it is a typo) and wrong types are errors before any weight is
+read. ``dataset`` may be a list of specs (joined into a mixture). The effective options are recorded in the output
+(``reap_report.json``, the stats metadata) so a run can be repeated exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reap.errors import UserError
+from reap.errors import UserError, suggestion
+
 
 def option_types(*classes: type, skip: tuple[str, ...] = ()) -> dict[str, type]:
     """The Python type of each option a command takes (its recipe keys) when it takes these options classes:
@@ -71,7 +72,8 @@ def apply_config(ctx: Any, params: dict[str, Any], types: dict[str, type]) -> di
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            raise UserError(f"--config {path}: unknown key {raw_key!r}; known keys: {', '.join(sorted(known))}")
+            raise UserError(f"--config {path}: unknown key {raw_key!r}; {suggestion(key, known)}known keys: "
+                            f"{', '.join(sorted(known))}")
         source = ctx.get_parameter_source(key)
         if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
             continue  # a flag overrides the file

@@ -12,6 +12,7 @@ cleanup runs (staging folders removed, locks released) and the process exits wit
 
 from __future__ import annotations
 
+import difflib
 import errno
 import signal
 import threading
@@ -106,3 +107,21 @@ def describe_os_error(err: OSError) -> str:
 def plural(n: int, word: str, many: str | None = None) -> str:
     """'1 expert', '3 experts' (``many`` for irregular plurals)."""
     return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def did_you_mean(word: object, choices) -> str | None:
+    """The one of ``choices`` that ``word`` most likely misspells (case and ``-``/``_`` ignored), or None."""
+    def norm(text: object) -> str:
+        return str(text).strip().lower().replace("_", "-")
+
+    by_norm = {norm(c): c for c in choices}
+    if norm(word) in by_norm:
+        return by_norm[norm(word)]
+    close = difflib.get_close_matches(norm(word), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[close[0]] if close else None
+
+
+def suggestion(word: object, choices) -> str:
+    """``"did you mean 'reap'? "`` for a misspelled choice, or ""; for the middle of a one-line message."""
+    near = did_you_mean(word, choices)
+    return f"did you mean {near!r}? " if near is not None and near != word else ""

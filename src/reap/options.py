@@ -8,17 +8,26 @@ field holding another options object (``CalibrateOptions.data``, ``.engine``) br
 A new flag is one field here: ``name: type = flag("--name", "METAVAR", "Help.", default=...)``; every command
 that takes the object (or an object holding it) lists it, recipes accept it, and :func:`build` fills it.
 
-No torch here (nor anything heavy): ``reap --help`` imports this module.
+Each object checks its own values when it is made (``__post_init__``: ranges, choices, options that contradict each
+other), so a mistake is refused before any work, whether the options come from the command line, a recipe or a
+caller of the plain functions; :func:`check_inputs` checks that the files they name exist.
+
+No torch here (nor anything heavy): ``reap --help`` imports this module, and every check here answers before torch
+is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from reap.errors import UserError, suggestion
 
 _KEY = "reap.cli"  # the key of a field's declaration in its metadata
 _AS_FIELD = object()  # a flag whose command-line default is its field's
@@ -75,9 +84,65 @@ def negation(param: str, *, default: bool = True) -> Any:
     return field(default=default, metadata={_KEY: Negation(param)})
 
 
-#: the names --method accepts (reap.criteria.METHODS, listed here so that the CLI starts without torch)
+#: the names --method accepts, in the order of reap.criteria's registry (its METHODS): listed here so that --method is
+#: checked before torch is imported (tests/test_options.py checks that the two agree)
+METHODS = ("reap", "ean", "frequency", "weighted-frequency", "random", "weighted-ean", "ean-mean", "ean-sq",
+           "max-activation", "reap-prior", "greedy-rerouted")
+#: the criterion `reap prune` uses unless --method says otherwise (reap.criteria.DEFAULT); it ranks experts by the
+#: greedy re-routing order that calibration computes (unless --greedy-tokens is 0)
+DEFAULT_METHOD = "greedy-rerouted"
+#: the criteria that read no statistics (reap.criteria: ``needs_data=False``)
+NO_DATA_METHODS = ("random",)
 METHOD_HELP = ("greedy-rerouted (default), reap, frequency, weighted-frequency, ean, weighted-ean, ean-mean, ean-sq, "
                "max-activation, reap-prior or random (docs/criteria.md).")
+#: --offload, --weight-exchange and --dtype (reap.stream.DTYPES, and auto)
+OFFLOAD_MODES = ("auto", "device", "cpu", "disk")
+EXCHANGE_MODES = ("auto", "read", "share")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# -- checks: one line saying what is wrong and how to fix it (reap.errors.UserError) ------------------------
+def check_choice(flag: str, value: Any, choices: tuple[str, ...]) -> None:
+    """UserError unless ``value`` is one of ``choices``: the known values, and the one meant where it is a typo."""
+    if value not in choices:
+        raise UserError(f"unknown {flag} {value!r}; {suggestion(value, choices)}choose one of: {', '.join(choices)}")
+
+
+def _whole(flag: str, value: Any, least: int, what: str, example: int) -> None:
+    """UserError unless ``value`` is a whole number >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{flag} is {value!r}: it must be {what}, e.g. {flag} {example}")
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _input_file(what: str, path: Path | None, fix: str) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; {fix}")
+
+
+def check_inputs(opts: Any) -> None:
+    """UserError if a file the options name is not there: the keep file, the stats file, a dataset file (a Hugging
+    Face dataset name is looked up later). The command line calls it right after building the options, before
+    anything heavy is imported; the stages check the same again when they read the files."""
+    if isinstance(opts, PruneOptions):
+        _input_file("keep file", opts.keep_file, 'pass a JSON file {"<layer>": [expert ids]}')
+        _input_file("expert stats file", opts.stats, "pass a stats file from `reap calibrate` (or --dataset DATA "
+                    "to calibrate here)")
+        if opts.calibration is not None:
+            check_inputs(opts.calibration)
+    elif isinstance(opts, (CalibrateOptions, EvalOptions)):
+        from reap.records import parse_dataset_spec  # no torch: it checks the spec and that its files exist
+
+        parse_dataset_spec(opts.data.dataset if isinstance(opts, CalibrateOptions) else opts.dataset)
 
 
 # -- the options objects -----------------------------------------------------------------------------------
@@ -101,6 +166,12 @@ class DataOptions:
     pack: bool = flag("--pack", "", "Concatenate samples (EOS between) into --max-length chunks.", default=False)
     text_field: str = flag("--text-field", "FIELD", "Record field holding plain text.", default="text")
     messages_field: str = "messages"
+
+    def __post_init__(self) -> None:
+        if self.samples is not None:
+            _whole("--samples", self.samples, 1, "a positive number of records (or omitted for all)", 512)
+        if self.max_length is not None:
+            _whole("--max-length", self.max_length, 1, "a positive number of tokens", 2048)
 
 
 @dataclass(frozen=True)
@@ -135,6 +206,20 @@ class EngineOptions:
     greedy_memory: float = flag("--greedy-memory", "GIB", "Memory for every expert's output on the greedy sample "
                                 "(tokens x experts x hidden); fewer tokens are sampled where N would not fit.",
                                 default=4.0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            near = "did you mean 'cuda'? " if "gpu" in str(self.device).lower() else \
+                suggestion(self.device, ("auto", "cpu", "cuda"))
+            raise UserError(f"--device {self.device!r} is not supported; {near}use cpu, cuda, cuda:N or auto")
+        check_choice("--dtype", self.dtype, DTYPES)
+        check_choice("--offload", self.offload, OFFLOAD_MODES)
+        check_choice("--weight-exchange", self.exchange, EXCHANGE_MODES)
+        _whole("--batch-tokens", self.batch_tokens, 1, "a positive number of tokens", 16384)
+        _whole("--greedy-tokens", self.greedy_tokens, 0, "a number of tokens (0: no greedy search)", 65536)
+        if not _number(self.greedy_memory) or not 0 < self.greedy_memory < math.inf:
+            raise UserError(f"--greedy-memory is {self.greedy_memory!r}: it must be a positive number of GiB, e.g. "
+                            "--greedy-memory 4")
 
     def resolved(self) -> "EngineOptions":
         """These options with ``dtype="auto"`` made concrete: bfloat16 on a GPU, float32 on the CPU."""
@@ -173,6 +258,10 @@ class CalibrateOptions:
     overwrite: bool = flag("--overwrite", "", "Replace an existing stats file.", default=False)
     recipe: dict[str, Any] | None = None  # the effective CLI options, recorded in the stats metadata
 
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is not None:
+            _whole("--checkpoint-every", self.checkpoint_every, 0, "a number of layers (0: never)", 4)
+
 
 @dataclass(frozen=True)
 class PruneOptions:
@@ -181,9 +270,9 @@ class PruneOptions:
     model: str = same_as(CalibrateOptions, "model")
     out: Path = flag("--out -o", "DIR", "Output directory for the pruned checkpoint.")
     ratio: float | None = flag("--ratio", "R", "Fraction of experts to drop per layer (0 < R < 1).", default=None)
-    keep_file: Path | None = flag("--keep", "KEEP.json", 'JSON {"<layer>": \\[kept expert ids]} instead of --ratio.',
+    keep_file: Path | None = flag("--keep", "KEEP.json", 'JSON {"<layer>": [kept expert ids]} instead of --ratio.',
                                   default=None)
-    method: str = flag("--method", "METHOD", METHOD_HELP, default="greedy-rerouted")  # reap.criteria.DEFAULT
+    method: str = flag("--method", "METHOD", METHOD_HELP, default=DEFAULT_METHOD)
     # round the kept count per layer down to a multiple of this (expert parallelism)
     multiple_of: int = flag("--multiple-of", "N", "Round the kept experts per layer down to a multiple of N (e.g. 8 "
                             "for expert parallelism on 8 GPUs).", default=1)
@@ -204,6 +293,43 @@ class PruneOptions:
     progress: bool = negation("quiet")
     recipe: dict[str, Any] | None = None  # the effective options (flags + --config), recorded in the report
 
+    def __post_init__(self) -> None:
+        """What can be refused without the model: the choice of experts (exactly one of --ratio and --keep, a
+        ratio in (0, 1), a known --method) and options that the choice would ignore or that contradict it."""
+        check_choice("--method", self.method, METHODS)
+        if (self.keep_file is None) == (self.ratio is None):
+            raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or "
+                            "neither")
+        if self.ratio is not None and (not _number(self.ratio) or not 0 < self.ratio < 1):
+            raise UserError(f"--ratio must be a number strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
+        if isinstance(self.multiple_of, bool) or not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise UserError(f"--multiple-of must be a positive whole number (got {self.multiple_of!r}); e.g. "
+                            "--multiple-of 8")
+        if self.keep_file is not None and (self.multiple_of != 1 or self.protect_super):
+            raise UserError("--multiple-of and --protect-super-experts choose among scored experts; --keep names the "
+                            "experts itself: drop them or pass --ratio")
+        uses_data = self.keep_file is None and self.method not in NO_DATA_METHODS
+        unused = [flag for flag, given in (("--stats", self.stats is not None),
+                                           ("--dataset", self.calibration is not None)) if given and not uses_data]
+        if unused:
+            why = "--keep names the experts itself" if self.keep_file is not None else \
+                f"--method {self.method} uses no data"
+            raise UserError(f"{' and '.join(unused)} would be ignored: {why}; drop it or choose a saliency --method")
+        if self.keep_file is not None:
+            return
+        if not uses_data and self.protect_super:
+            raise UserError(f"--protect-super-experts needs calibration statistics; --method {self.method} has none")
+        if uses_data and self.stats is not None and self.calibration is not None:
+            raise UserError("pass either --stats STATS or --dataset DATA, not both")
+        if uses_data and self.stats is None and self.calibration is None:
+            raise UserError(f"--method {self.method} needs calibration: pass --dataset DATA (e.g. a .jsonl file) or "
+                            "--stats STATS from `reap calibrate`; or use --method random")
+        greedy = self.calibration.engine.greedy_tokens if self.calibration is not None else None
+        if self.method == DEFAULT_METHOD and greedy == 0:
+            raise UserError("--method greedy-rerouted (the default) ranks experts by the greedy re-routing order that "
+                            "calibration computes, which --greedy-tokens 0 skips: drop --greedy-tokens 0 (or pass a "
+                            "positive N), or choose another --method, e.g. --method weighted-ean or --method reap")
+
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -223,12 +349,17 @@ class EvalOptions:
     text_field: str = same_as(DataOptions, "text_field", kw_only=True)
     engine: EngineOptions = EngineOptions()
 
+    def __post_init__(self) -> None:
+        _whole("--max-tokens", self.max_tokens, 1, "a positive number of tokens", 65536)
+        _whole("--seq-len", self.seq_len, 1, "a positive number of tokens", 1024)
+
 
 @dataclass(frozen=True)
 class CommandOptions:
     """What the commands take besides their job's options: how they talk, and the recipe."""
 
-    quiet: bool = flag("--quiet -q", "", "No progress bars or progress lines.", default=False)
+    quiet: bool = flag("--quiet -q", "", "Print only warnings, errors and the result: no progress, plan or status "
+                       "lines.", default=False)
     as_json: bool = flag("--json", "", "Print the result as one JSON object on stdout (human text otherwise).",
                          default=False, name="as_json")
     config: Path | None = flag("--config", "RECIPE.yaml", "YAML recipe with any of these options; flags override it.",

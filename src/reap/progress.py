@@ -26,6 +26,23 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+#: the log lines ``--quiet`` still shows: warnings, and notices of what reap did or chose on its own (leftovers of an
+#: interrupted run removed, a stale lock taken over, a criterion's fallback, modules left out of the output). A line
+#: is one of them when it starts with one of these; everything else (plans, progress, status) is dropped.
+NOTICES = ("warning:", "note:", "removed ", "greedy-rerouted:", "left out ", "expert-id tables")
+
+
+def quiet_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` for ``--quiet``: only warnings and notices (:data:`NOTICES`) pass; errors and the command's result do
+    not go through a log at all."""
+
+    def notices(msg: str) -> None:
+        if msg.lstrip().lower().startswith(NOTICES):
+            log(msg)
+
+    return notices
+
+
 class Progress:
     """A counter towards ``total`` shown as a bar on a terminal, as occasional lines elsewhere, or not at all.
 

@@ -15,6 +15,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def import_or_skip(module: str, package: str):
+    """``module``, or skip with the real reason: ``package`` is not installed (and how to install it), or it is but
+    importing it fails (a dependency of its own missing, say), with the ImportError's message, not "not installed".
+    Test modules use it as ``from conftest import import_or_skip``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if missing == module.partition(".")[0]:
+            pytest.skip(f"{package} is not installed (pip install -e '.[dev]')")
+        if missing and (module == missing or module.startswith(missing + ".")):
+            pytest.skip(f"{package} is installed but has no {missing} (another version: pip install -e '.[dev]')")
+        pytest.skip(f"{package} is installed but `import {module}` fails: {err} (install what it names, or reinstall "
+                    f"{package})")
+    except Exception as err:  # noqa: BLE001 - an import that fails on anything else: its own message, not "missing"
+        message = " ".join(str(err).split())
+        pytest.skip(f"{package} is installed but `import {module}` fails: {type(err).__name__}: {message}")
+
+
 def _shared(rel: str) -> Path:
     path = SHARED / rel
     if not path.exists():

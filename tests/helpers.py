@@ -40,7 +40,7 @@ def calibrate_one_and_two_ranks(model: Path, data: Path, out_dir: Path, *extra: 
     import sys
 
     single, two = out_dir / "one.safetensors", out_dir / "two.safetensors"
-    common = ["calibrate", str(model), "--dataset", str(data), "--max-length", "96", "--device", "cpu", "-q"]
+    common = ["calibrate", str(model), "--dataset", str(data), "--max-length", "96", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "reap", *common, "--out", str(single)], check=True, env=env,
                    capture_output=True)
@@ -163,9 +163,13 @@ def hooked_stats(model_dir: Path, sequences, num_experts: int | None = None,
                 x, index, weights = x[rows], index[rows], weights[rows]
             layer = _layer_of(name)
             for k in range(index.shape[1]):
-                f = mod(x, index[:, k : k + 1], torch.ones_like(weights[:, k : k + 1]))  # [T, H]: f_e(x) per token
+                # a routed pair: an expert (id < E) with a weight (a zero-computation expert or skip class mapped onto
+                # a real expert with weight 0, as LongCat-Flash and ZAYA do, is no traffic of that expert)
+                routed = (index[:, k] < E) & (weights[:, k] != 0)
+                xk, ik, wk = x[routed], index[routed, k : k + 1], weights[routed, k]
+                f = mod(xk, ik, torch.ones_like(wk[:, None]))  # [T, H]: f_e(x) per token
                 norm = f.double().norm(dim=-1)
-                e, w = index[:, k], weights[:, k].double()
+                e, w = ik[:, 0], wk.double()
                 acc["count"][layer].index_add_(0, e, torch.ones_like(norm))
                 acc["gate_sum"][layer].index_add_(0, e, w)
                 acc["ean_sum"][layer].index_add_(0, e, norm)
@@ -173,6 +177,16 @@ def hooked_stats(model_dir: Path, sequences, num_experts: int | None = None,
                 acc["max_norm"][layer].scatter_reduce_(0, e, norm, reduce="amax")
                 acc["ean_sq_sum"][layer].index_add_(0, e, norm * norm)
     return acc
+
+
+def kept_slots(kept: list[int], before: int, after: int) -> torch.Tensor:
+    """Indices along an expert axis of ``before`` entries that a pruned tensor of ``after`` entries holds: the kept
+    experts, then the slots after the experts that are not experts (zero-computation experts, a skip class,
+    shared-expert gates: ``after - len(kept)`` of them, the last of the axis), as the modeling code reads indices
+    >= the expert count as those slots."""
+    extra = after - len(kept)
+    assert extra >= 0, (kept, before, after)
+    return torch.tensor(list(kept) + list(range(before - extra, before)))
 
 
 def removed_in_memory(original_dir: Path, pruned_dir: Path, kept: dict[int, list[int]],
@@ -192,7 +206,7 @@ def removed_in_memory(original_dir: Path, pruned_dir: Path, kept: dict[int, list
         if b.shape != t.shape:
             dims = [d for d in range(b.dim()) if b.shape[d] != t.shape[d]]
             assert len(dims) == 1, (name, b.shape, t.shape)
-            b = b.index_select(dims[0], torch.tensor(kept[_layer_of(name)]))
+            b = b.index_select(dims[0], kept_slots(kept[_layer_of(name)], b.shape[dims[0]], t.shape[dims[0]]))
         elif not b.is_floating_point() and id_remap and _layer_of(name) in id_remap and ".mlp." in name:
             b = torch.tensor(id_remap[_layer_of(name)], dtype=b.dtype)[b]
         state[name] = b
@@ -234,7 +248,7 @@ def assert_exact_surgery(src: Path, out: Path, kept: dict[int, list[int]],
             if source.shape != t.shape:
                 dims = [d for d in range(t.dim()) if source.shape[d] != t.shape[d]]
                 assert len(dims) == 1, name
-                source = source.index_select(dims[0], torch.tensor(kept[layer]))
+                source = source.index_select(dims[0], kept_slots(kept[layer], source.shape[dims[0]], t.shape[dims[0]]))
             elif id_remap and layer in id_remap and not source.is_floating_point() and not torch.equal(source, t):
                 source = torch.tensor(id_remap[layer], dtype=source.dtype)[source.long()]
         assert source.dtype == t.dtype and torch.equal(source.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name

@@ -86,9 +86,10 @@ def test_unknown_model_type_says_what_to_do():
 def test_dense_model_is_refused_with_the_reason():
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 64}
-    with pytest.raises(UserError, match="no experts module on its standard experts interface") as err:
+    with pytest.raises(UserError, match=r"a dense model \(LlamaForCausalLM, model_type 'llama'\): no experts to prune") \
+            as err:
         derive_model(config)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "use_experts_implementation" not in str(err.value)
 
 
 def test_config_and_disk_disagreeing_on_the_expert_count(tiny_fp32, tmp_path):

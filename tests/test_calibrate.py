@@ -276,3 +276,118 @@ def test_two_ranks_sharing_the_reading_equal_one(tiny_fp8, tmp_path, texts):
     assert b.meta["world_size"] == 2
     for f in FIELDS:
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=1e-6, atol=1e-9)
+
+
+# -- memory: where the hidden states go, whether the batches fit, what an out-of-memory error says (issue 26) --------
+GIB = 1 << 30
+
+
+def test_offload_choice_from_the_memory_free_now():
+    from reap.hidden import MARGIN, offload_choice
+
+    # on the GPU: the hidden states stay there when they, a batch's peak and the margin fit what is left once the
+    # weights are placed (measured when the run is planned: another process's memory is not ours)
+    assert offload_choice(10 * GIB, 4 * GIB, 10 * GIB + 4 * GIB + MARGIN, 100 * GIB) == "device"
+    assert offload_choice(10 * GIB, 4 * GIB, 10 * GIB + 4 * GIB + MARGIN - 1, 100 * GIB) == "cpu"
+    assert offload_choice(1 * GIB, 1 * GIB, -5 * GIB, 100 * GIB) == "cpu"  # the weights alone do not fit
+    # in CPU memory when they take at most half of what is available, else on disk; on the CPU never "device"
+    assert offload_choice(60 * GIB, 1 * GIB, 0, 100 * GIB) == "disk"
+    assert offload_choice(10 * GIB, 1 * GIB, None, 100 * GIB) == "cpu"
+    assert offload_choice(10 * GIB, 1 * GIB, None, 16 * GIB) == "disk"
+
+
+def test_batch_fit_suggests_a_smaller_batch_tokens():
+    from reap.hidden import MARGIN, batch_peak_bytes, suggest_batch_tokens
+
+    # DeepSeek-V3-like layer, bf16, 16384 tokens: the routed experts' pairs dominate (~7.5 GiB of the peak)
+    peak = batch_peak_bytes(1, 16384, 7168, 2, top_k=8, expert_intermediate=2048, dense_intermediate=18432, heads=128)
+    assert 7 * GIB < peak < 10 * GIB
+    half = batch_peak_bytes(1, 8192, 7168, 2, top_k=8, expert_intermediate=2048, dense_intermediate=18432, heads=128)
+    assert 2 * half == peak  # linear in the tokens
+    eager = batch_peak_bytes(4, 4096, 64, 4, heads=8, eager=True)
+    assert eager > batch_peak_bytes(4, 4096, 64, 4, heads=8)  # eager attention: the [B, heads, S, S] scores
+    assert suggest_batch_tokens(16384, peak, peak + MARGIN) is None  # fits
+    fit = suggest_batch_tokens(16384, peak, peak // 3 + MARGIN)
+    assert fit == 4096  # a power of two, at most a third
+    assert suggest_batch_tokens(16384, peak, MARGIN) == 0 and suggest_batch_tokens(16384, peak, -GIB) == 0
+
+
+def test_memory_warnings_name_the_flags():
+    from reap.calibrate import memory_warnings
+    from reap.hidden import MARGIN
+    from reap.options import EngineOptions
+
+    plan = {"memory": "GPU", "room_bytes": 3 * GIB, "free_bytes": 20 * GIB, "total_bytes": 80 * GIB,
+            "hidden_on": "device", "batch_tokens_fit": 4096, "largest_batch": 16384, "peak_bytes": 8 * GIB,
+            "greedy_fits": True, "greedy_peak_bytes": 5 * GIB, "greedy_outputs_bytes": 4 * GIB}
+    engine = EngineOptions(batch_tokens=16384)
+    (line,) = memory_warnings(plan, engine)
+    assert "likely do not fit" in line and "8.00 GiB" in line and "3.00 GiB of GPU memory" in line
+    assert "20.00 GiB free now of 80.00 GiB" in line and "--batch-tokens 4096 (now 16384) or --offload cpu" in line
+    greedy = {**plan, "batch_tokens_fit": None, "greedy_fits": False, "room_bytes": MARGIN + 3 * GIB}
+    (line,) = memory_warnings(greedy, engine)
+    assert "greedy search likely does not fit" in line and "--greedy-memory 2 (now 4 GiB)" in line
+    assert memory_warnings({**plan, "batch_tokens_fit": None}, engine) == []
+    none_fit = memory_warnings({**plan, "batch_tokens_fit": 0, "hidden_on": "cpu"}, engine)[0]
+    assert "not even 16 tokens fit" in none_fit and "nvidia-smi" in none_fit and "--offload" not in none_fit
+
+
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+       "is free. Process 4242 has 60.00 GiB memory in use. Including non-PyTorch memory, this process has 18.12 GiB "
+       "memory in use. Of the allocated memory 17.50 GiB is allocated by PyTorch, and 100.00 MiB is reserved by "
+       "PyTorch but unallocated.")
+
+
+def test_out_of_memory_line():
+    from reap.hidden import describe_out_of_memory, make_batches, out_of_memory
+
+    assert out_of_memory(torch.OutOfMemoryError(OOM)) == "gpu"
+    assert out_of_memory(RuntimeError("CUDA error: out of memory")) == "gpu"
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: "
+                                      "you tried to allocate 4096 bytes.")) == "cpu"
+    assert out_of_memory(RuntimeError("shape mismatch")) is None and out_of_memory(ValueError("x")) is None
+    batches = make_batches([[1] * 4096] * 8, 16384)
+    line = describe_out_of_memory(torch.OutOfMemoryError(OOM), kind="gpu", what="in layer 3, batch 2 of 2",
+                                  batch_tokens=16384, hidden_on="device", batches=batches, kept="s.st keeps 3")
+    assert line.startswith("out of GPU memory in layer 3, batch 2 of 2: tried to allocate 2.00 GiB with 1.06 GiB free "
+                           "of 79.19 GiB, other processes holding 60.01 GiB"), line
+    assert "--batch-tokens 8192 (now 16384), or --offload cpu" in line and line.endswith("; s.st keeps 3")
+    assert "--max-length" not in line and "\n" not in line
+    # one sequence longer than the smaller batch: --max-length too; hidden states already off the GPU: no --offload
+    line = describe_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."), kind="gpu", what="in layer 0",
+                                  batch_tokens=16384, hidden_on="cpu", batches=make_batches([[1] * 16000], 16384))
+    assert "--batch-tokens 8192" in line and "--max-length 8000" in line and "--offload" not in line
+
+
+def test_plan_is_sized_from_the_gpu_memory_free_now(tiny_fp32, monkeypatch):
+    """The plan of a GPU run (its figures faked on the CPU): the hidden states stay on the device while the memory free
+    now holds them, a batch and the margin; with less free (another process holding it) they go to CPU memory, and
+    with less still the plan asks for a smaller --batch-tokens."""
+    from reap.hidden import MARGIN
+
+    ckpt = Checkpoint(tiny_fp32)
+    spec = derive(ckpt)
+    streamer = LayerStreamer(ckpt, spec, _sequences(ckpt.config["vocab_size"]),
+                             EngineOptions(device="cpu", dtype="float32", batch_tokens=4096, progress=False))
+    try:
+        monkeypatch.setattr(streamer, "device", torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+        free = [10 * GIB]
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 * GIB))
+        plan = streamer.plan(placing=True)
+        assert plan["hidden_on"] == "device" and plan["memory"] == "GPU" and plan["batch_tokens_fit"] is None
+        assert plan["free_bytes"] == 10 * GIB and plan["total_bytes"] == 80 * GIB and plan["peak_bytes"] > 0
+        weights = 10 * GIB - plan["room_bytes"] - plan["store_bytes"]  # embeddings, head, two layers and their reads
+        assert weights > 0
+        assert streamer._offload_mode() == "device"
+        free[0] = weights + plan["store_bytes"] + plan["peak_bytes"] + MARGIN - 1  # one byte short
+        plan = streamer.plan(placing=True)
+        assert plan["hidden_on"] == "cpu" and plan["batch_tokens_fit"] is None  # off the GPU, a batch fits
+        free[0] = weights + MARGIN + plan["peak_bytes"] // 3
+        plan = streamer.plan(placing=True)
+        assert plan["hidden_on"] == "cpu" and plan["batch_tokens_fit"] == 32  # 4 x 40 padded tokens: a third, 2^n
+        assert plan["room_bytes"] == MARGIN + plan["peak_bytes"] // 3
+        assert streamer.plan()["hidden_on"] == streamer.store.mode  # after placing: where the store is
+    finally:
+        monkeypatch.undo()
+        streamer.close()

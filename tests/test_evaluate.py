@@ -175,3 +175,29 @@ def test_reap_beats_frequency_and_random_on_mini_m2(mini_m2, calibration_data, e
     assert losses["reap"] + 0.05 < losses["random"], losses
     # the default (docs/criteria.md): at least as good as REAP on this fixture, where REAP is strong
     assert losses["greedy-rerouted"] <= losses["reap"] + 0.01 and losses["greedy-rerouted"] + 0.02 < losses["frequency"], losses
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory) -> Path:
+    """A tiny dense (no experts) Llama saved by transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("dense") / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=258)).save_pretrained(path)
+    return path
+
+
+def test_a_dense_model_is_named_as_such_and_a_bad_baseline_is_named(tiny_fp32, dense_model, text_data):
+    """A dense model: "no experts to prune" in one line, not the experts interface; with --baseline, the line says
+    the baseline is the problem."""
+    from typer.testing import CliRunner
+
+    from reap.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(dense_model)])
+    assert res.exit_code == 2 and "a dense model" in res.output and "no experts to prune" in res.output, res.output
+    assert "use_experts_implementation" not in res.output
+    res = CliRunner().invoke(app, ["eval", str(tiny_fp32), "--dataset", str(text_data), "--baseline", str(dense_model),
+                                   "--max-tokens", "64", "--seq-len", "32", "--device", "cpu"])
+    assert res.exit_code == 2 and f"--baseline {dense_model}: a dense model" in res.output, res.output

@@ -422,12 +422,110 @@ def test_resume_of_a_complete_stats_file_is_a_no_op(tiny_fp32, tmp_path, texts):
     assert cli(*args).exit_code == 0
     before = (stats.read_bytes(), stats.stat().st_mtime_ns)
     t0 = time.perf_counter()
-    res = cli(*args, "--resume", "--json")
+    res = cli(*[a for a in args if a != "-q"], "--resume", "--json")
     assert res.exit_code == 0, res.output
     assert time.perf_counter() - t0 < 10
     assert "is complete (all 3 layers); nothing to do" in res.stderr
     assert json.loads(res.stdout)["already_complete"] is True
     assert (stats.read_bytes(), stats.stat().st_mtime_ns) == before
+
+
+# -- out of memory (issue 26): one line with where, how much and the flags that help; the stats file resumable ----
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+       "is free. Process 4242 has 60.00 GiB memory in use. Including non-PyTorch memory, this process has 18.12 GiB "
+       "memory in use. Of the allocated memory 17.50 GiB is allocated by PyTorch, and 100.00 MiB is reserved by "
+       "PyTorch but unallocated.")
+
+
+def _raise(err: BaseException):
+    def raises(*args, **kwargs):
+        raise err
+
+    return raises
+
+
+def _calibrate(model, texts, stats, *extra):
+    return cli("calibrate", model, "--dataset", texts, "--out", stats, "--max-length", "48", "--device", "cpu", "-q",
+               *extra)
+
+
+def test_out_of_memory_in_a_batch_is_one_line_and_the_stats_resume(tiny_fp32, tmp_path, texts, monkeypatch):
+    """A CUDA out-of-memory error in layer 1's second batch (simulated on the CPU): exit code 2, one line with the
+    layer, the batch, the sizes, --batch-tokens and --offload cpu; the stats file keeps layer 0 and --resume with a
+    smaller --batch-tokens finishes it (the hidden states kept after layer 0 were made with other batches: replayed),
+    equal to an uninterrupted run."""
+    from reap.saliency import FIELDS, ExpertStats
+    from reap.stream import LayerStreamer
+
+    layer_call = LayerStreamer.layer_call
+
+    def out_of_memory(self, i, layer):
+        if layer == 1 and i == 1:
+            raise torch.OutOfMemoryError(OOM)
+        return layer_call(self, i, layer)
+
+    monkeypatch.setattr(LayerStreamer, "layer_call", out_of_memory)
+    stats = tmp_path / "s.safetensors"
+    line = refused(_calibrate(tiny_fp32, texts, stats, "--batch-tokens", "200", "--offload", "device"),
+                   "out of GPU memory in layer 1, batch 2 of 3 (4 x 48 padded tokens)",
+                   "tried to allocate 2.00 GiB with 1.06 GiB free of 79.19 GiB", "other processes holding 60.01 GiB",
+                   "--batch-tokens 64 (now 200)", "--offload cpu", f"{stats} keeps 1 finished layer of 3",
+                   "--resume", "continue at layer 1")
+    assert "Traceback" not in line and ExpertStats.load(stats).completed == {0}
+    monkeypatch.setattr(LayerStreamer, "layer_call", layer_call)
+    res = _calibrate(tiny_fp32, texts, stats, "--batch-tokens", "64", "--resume")
+    assert res.exit_code == 0, res.output
+    fresh = tmp_path / "fresh.safetensors"
+    assert _calibrate(tiny_fp32, texts, fresh, "--batch-tokens", "64").exit_code == 0
+    a, b = ExpertStats.load(stats), ExpertStats.load(fresh)
+    assert a.completed == {0, 1, 2}
+    for f in FIELDS:  # layer 0 in batches of 4 sequences, 1 and 2 in batches of 1: float32 blocking differs
+        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypatch):
+    """Loading a layer's weights (on the prefetch thread: its error re-raised by the compute thread), the greedy
+    search, the embeddings before any layer, the CPU's allocator, and `reap eval`: one line each."""
+    import reap.saliency
+    from reap.layer_loading import LayerLoading
+
+    stats = tmp_path / "s.safetensors"
+    load_layer = LayerLoading._load_layer
+
+    def loading(self, raw, layer):
+        if layer == 2:
+            raise torch.OutOfMemoryError(OOM)
+        return load_layer(self, raw, layer)
+
+    with monkeypatch.context() as m:
+        m.setattr(LayerLoading, "_load_layer", loading)
+        refused(_calibrate(tiny_fp32, texts, stats, "--greedy-tokens", "0"), "out of GPU memory loading layer 2's "
+                "weights", "--batch-tokens", f"{stats} keeps 2 finished layers of 3", "continue at layer 2")
+    with monkeypatch.context() as m:
+        m.setattr(reap.saliency, "greedy_routed_order", _raise(torch.OutOfMemoryError(OOM)))
+        refused(_calibrate(tiny_fp32, texts, stats, "--overwrite"), "out of GPU memory in layer 0's greedy search",
+                "--greedy-memory 2 (now 4 GiB)", f"no layer was finished, so {stats} was not written")
+    load = LayerLoading._load
+
+    def embeddings(self, names, what):
+        if what.startswith("the embeddings"):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried "
+                               "to allocate 1073741824 bytes.")
+        return load(self, names, what)
+
+    with monkeypatch.context() as m:
+        m.setattr(LayerLoading, "_load", embeddings)
+        refused(_calibrate(tiny_fp32, texts, tmp_path / "t.safetensors"), "out of CPU memory before the first layer "
+                "ran (loading the model's embeddings): tried to allocate 1.00 GiB with", "--batch-tokens")
+    from reap.stream import LayerStreamer
+
+    layer_call = LayerStreamer.layer_call
+    with monkeypatch.context() as m:
+        m.setattr(LayerStreamer, "layer_call", lambda self, i, layer: _raise(torch.OutOfMemoryError(OOM))()
+                  if layer == 1 else layer_call(self, i, layer))
+        refused(cli("eval", tiny_fp32, "--dataset", texts, "--max-tokens", "64", "--seq-len", "32", "--device", "cpu",
+                    "-q", "--offload", "device"), "out of GPU memory in layer 1, batch 1 of 1", "--batch-tokens",
+                "--offload cpu", "nothing was written (evaluating tiny-fp32)")
 
 
 # -- thin data ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import import_or_skip
 from helpers import KIMI_INT4_QUANT as KIMI_QUANT
 from safetensors import safe_open
 
@@ -120,7 +121,7 @@ def test_fused_fp8_dequantization_keeps_leading_dims():
 
 # -- compressed-tensors: compressed by compressed-tensors, decompressed by it and by reap ----------------------------
 def _ct():
-    return pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install -e '.[dev]')")
+    return import_or_skip("compressed_tensors", "compressed-tensors")
 
 
 def _ct_roundtrip(weight: torch.Tensor, preset: str, **overrides):
@@ -227,9 +228,22 @@ def test_nvfp4_pack_quantized_equals_compressed_tensors(shape):
     assert stored_params("x.weight_packed", "U8", stored["weight_packed"].numel(), fmt) == weight.numel()
 
 
+def test_optional_library_skip_says_why(tmp_path, monkeypatch):
+    """The skip of a library's comparison says "not installed" only when it is not; an import that fails on something
+    else (a dependency of its own missing) shows that ImportError's message."""
+    (tmp_path / "half_installed").mkdir()
+    (tmp_path / "half_installed" / "__init__.py").write_text("import reap_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        import_or_skip("reap_no_such_library.sub", "no-such-library")
+    with pytest.raises(pytest.skip.Exception) as info:
+        import_or_skip("half_installed.sub", "half-installed")
+    assert "is installed but `import half_installed.sub` fails: No module named 'reap_no_such_dependency'" in \
+        str(info.value) and "not installed" not in str(info.value)
+
+
 def test_nvfp4_modelopt_packer_and_dequantizer_equal_modelopt():
-    pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor",
-                        reason="nvidia-modelopt is not installed (pip install -e '.[dev]')")
+    import_or_skip("modelopt.torch.quantization.qtensor.nvfp4_tensor", "nvidia-modelopt")
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     from reap.formats.kernels import dequantize_nvfp4_modelopt

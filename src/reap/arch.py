@@ -96,6 +96,9 @@ class MoELayer:
     tensors: dict[str, int]  # model tensor name -> its expert axis (experts, router rows, biases)
     id_tables: tuple[str, ...] = ()  # integer tensors whose values are expert ids (hash routing)
     router: str | None = None  # the router's [E, H] weight, if the block has one
+    # model tensor name -> slots after the E experts along its expert axis that are not experts (LongCat-Flash's
+    # zero-computation experts, ZAYA's skip class, Inkling's shared-expert gates): kept, never pruned
+    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Role:
     part: str = ""
     model: str | None = None  # the model tensor it loads into
     buffer: bool = False  # it loads into a buffer (a correction bias, a hash table): no parameter count
+    extra: int = 0  # ``rows``: slots after the E experts along ``axis`` that are not experts (kept as they are)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,12 @@ each layer (NCCL on GPU, gloo on CPU) and only rank 0 writes.
 ``--resume`` of a complete stats file does nothing (and says so). Thin data (:func:`thin_data`: fewer than
 :data:`MIN_PAIRS_PER_EXPERT` routed (token, expert) pairs per expert in a layer, or more than a quarter of a layer's
 experts never routed) is a warning, before the run when the token count alone shows it and after it; with
-``strict`` an error. An interrupt leaves the stats file with every finished layer, and says so.
+``strict`` an error. An interrupt leaves the stats file with every finished layer, and says so. Running out of GPU
+(or CPU) memory, on the prefetch thread too, is one line (:func:`out_of_memory_error`): where, how much was asked and
+free, the flags that help (a smaller ``--batch-tokens``, ``--offload cpu``, a smaller ``--greedy-memory``), and the
+stats file's finished layers for ``--resume`` (hidden-state checkpoints made with other batches are replayed, not
+refused). The plan line says when a batch's activations or the greedy search likely do not fit the memory free now
+(:func:`memory_warnings`).
 """
 
 from __future__ import annotations
@@ -104,6 +109,20 @@ class HiddenCheckpoint:
         self.written = [path]
         self.seconds = time.perf_counter() - t0
 
+    def matches(self, streamer: LayerStreamer, layer: int) -> bool:
+        """Whether the checkpoint after ``layer`` holds this run's batches (on every rank): a run resumed with another
+        --batch-tokens (after running out of memory, say) replays the layers instead."""
+        meta = json.loads((self._dir(layer) / "meta.json").read_text())
+        same = meta["batches"] == [list(b.ids.shape) for b in streamer.batches]
+        if self.dist.world > 1:
+            import torch
+            import torch.distributed as d
+
+            flag = torch.tensor([int(same)], dtype=torch.int64, device="cuda" if d.get_backend() == "nccl" else "cpu")
+            d.all_reduce(flag, op=d.ReduceOp.MIN)
+            same = bool(flag.item())
+        return same
+
     def restore(self, streamer: LayerStreamer, layer: int) -> None:
         path = self._dir(layer)
         meta = json.loads((path / "meta.json").read_text())
@@ -160,6 +179,117 @@ def check_thin(message: str | None, strict: bool, log) -> None:
     log("warning: " + message)
 
 
+def _check_replaceable_stats(out: Path) -> None:
+    """``--overwrite`` replaces only a reap stats file (a safetensors file whose metadata says ``reap-stats``, of any
+    version): a folder, a link to one, or any other file is refused before anything is computed."""
+    from reap.saliency import _FORMAT
+
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; --overwrite replaces only a reap stats file: pass a file name such "
+                        f"as {out / 'stats.safetensors'}")
+    why = None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(out), framework="pt", device="cpu") as fh:
+            if (fh.metadata() or {}).get("format") != _FORMAT:
+                why = "a safetensors file of something else"
+    except Exception as err:  # noqa: BLE001 - not a safetensors file at all, or unreadable
+        why = (str(err).splitlines() or [type(err).__name__])[0] or type(err).__name__
+    if why is not None:
+        raise UserError(f"--out {out} is not a reap stats file ({why}); --overwrite replaces only a stats file reap "
+                        "wrote: choose another --out or remove it")
+
+
+def out_of_memory_error(err: BaseException, engine, *, streamer: LayerStreamer | None = None, layer: int | None = None,
+                        name: str = "layer", kept: str = "") -> UserError | None:
+    """The one-line UserError for an allocation that failed (a CUDA out-of-memory error, the CPU allocator's), or None
+    for any other error: where (the layer, the batch; read off the traceback, on the prefetch thread too, or
+    ``layer``), how much was asked and free, and what to pass (a smaller --batch-tokens, --offload cpu, a smaller
+    --greedy-memory for the greedy search); ``kept``: what the run kept. ``name``: what ``layer`` counts ('MTP
+    module')."""
+    from reap.hidden import describe_out_of_memory, out_of_memory, where_out_of_memory
+
+    kind = out_of_memory(err)
+    if kind is None:
+        return None
+    where = where_out_of_memory(err)
+    at = layer
+    if "layer" in where:  # a decoder layer's own frame
+        at, name = where["layer"], "layer"
+    batches = streamer.batches if streamer is not None else []
+    if at is None:
+        what = "before the first layer ran (loading the model's embeddings)" if streamer is None else \
+            "before the first layer ran"
+    elif where["phase"] == "loading":
+        what = f"loading {name} {at}'s weights"
+    elif where["phase"] == "greedy":
+        what = f"in {name} {at}'s greedy search (every expert's output on its sample)"
+    elif where["phase"] == "loss":
+        what = "computing the loss after the last layer"
+    elif "batch" in where and where["batch"] < len(batches):
+        b = batches[where["batch"]]
+        what = (f"in {name} {at}, batch {where['batch'] + 1} of {len(batches)} ({b.ids.shape[0]} x {b.ids.shape[1]} "
+                "padded tokens)")
+    else:
+        what = f"in {name} {at}"
+    hidden_on = streamer.store.mode if streamer is not None and streamer.store is not None else engine.offload
+    line = describe_out_of_memory(err, kind=kind, what=what, batch_tokens=engine.batch_tokens, hidden_on=hidden_on,
+                                  batches=batches, kept=kept, device=streamer.device if streamer is not None else None,
+                                  greedy_memory=engine.greedy_memory if where["phase"] == "greedy" else None)
+    return UserError(line)
+
+
+def memory_warnings(plan: dict, engine) -> list[str]:
+    """What :meth:`LayerStreamer.plan` shows will likely not fit, each with what to pass instead."""
+    from reap.arch import human_bytes
+    from reap.hidden import MARGIN
+
+    out = []
+    memory, room = plan["memory"], plan["room_bytes"]
+    total = f" of {human_bytes(plan['total_bytes'])}" if plan.get("total_bytes") else ""
+    beside = " and the hidden states" if plan["hidden_on"] == ("device" if memory == "GPU" else "cpu") else ""
+    left = (f"{human_bytes(max(0, room))} of {memory} memory is left for them ({human_bytes(plan['free_bytes'])} free "
+            f"now{total}, less the layers' weights{beside})")
+    offload = " or --offload cpu" if memory == "GPU" and plan["hidden_on"] == "device" else \
+        " or --offload disk" if memory == "CPU" and plan["hidden_on"] == "cpu" else ""
+    fit = plan["batch_tokens_fit"]
+    if fit is not None:
+        fix = (f"pass --batch-tokens {fit} (now {engine.batch_tokens}){offload}" if fit else
+               f"not even 16 tokens fit: free {memory} memory (another process may hold it"
+               + (": nvidia-smi shows it)" if memory == "GPU" else ")") + (f", pass{offload[3:]}" if offload else "")
+               + (", or use a larger GPU" if memory == "GPU" else ""))
+        out.append(f"the batches likely do not fit: the largest ({plan['largest_batch']} padded tokens) peaks at "
+                   f"~{human_bytes(plan['peak_bytes'])} of activations, but {left}; {fix}")
+    if not plan["greedy_fits"] and plan["greedy_peak_bytes"]:
+        # the outputs [S, E, H] are what --greedy-memory bounds; the rest of the search's peak stays
+        rest = plan["greedy_peak_bytes"] - plan["greedy_outputs_bytes"]
+        gib = int((room - MARGIN - rest) / (1 << 30) * 4) / 4
+        fix = (f"pass --greedy-memory {gib:g} (now {engine.greedy_memory:g} GiB) or --greedy-tokens 0 (no greedy "
+               "search)" if gib >= 0.25 else "pass --greedy-tokens 0 (no greedy search)")
+        out.append(f"the greedy search likely does not fit: every expert's output on its sample with its work arrays "
+                   f"takes ~{human_bytes(plan['greedy_peak_bytes'])}, but {left}; {fix}")
+    return out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _kept(out: Path | None, stats, rows: int) -> str:
+    """What a calibration that ran out of memory kept, and how to continue it."""
+    if out is None:
+        return "nothing was kept (the statistics were in memory only)"
+    done = sorted(stats.completed) if stats is not None else []
+    if not done:
+        return f"no layer was finished, so {out} was not written"
+    nxt = next((i for i in range(rows) if i not in done), rows)
+    return (f"{out} keeps {plural(len(done), 'finished layer')} of {rows}: run the command again with --resume (and "
+            f"one of those) to continue at layer {nxt}")
+
+
 def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print, layout: Layout | None = None):
     """Stream the calibration data through the model; return (ExpertStats, summary dict).
 
@@ -209,6 +339,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                 return stats, done
         elif not opts.overwrite:
             raise UserError(f"stats file {out} exists; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+        else:
+            _check_replaceable_stats(out)
     elif opts.resume and out is None:
         raise UserError("--resume needs --out STATS (the stats file to continue)")
     if out is not None and not out.parent.exists():
@@ -218,8 +350,19 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     progress = opts.engine.progress and dist.rank == 0
     bars = use_bars()
     engine = opts.engine if bars else replace(opts.engine, progress=False)  # in a log: one line per layer instead
-    streamer = LayerStreamer(ckpt, spec, None, engine, dist)  # layer 0 loads while the data is tokenized
+    if engine.device == "cpu" or engine.device == "auto" and not _cuda_available():
+        from reap.ranks import cpu_speed
+
+        cpu_speed()  # the rates the ETA is sized by, measured before layer 0's loading competes for the cores
+    try:
+        streamer = LayerStreamer(ckpt, spec, None, engine, dist)  # layer 0 loads while the data is tokenized
+    except RuntimeError as err:  # torch.OutOfMemoryError among them
+        oom = out_of_memory_error(err, engine, kept=_kept(out, stats if opts.resume else None, rows))
+        if oom is None:
+            raise
+        raise oom from None
     first = start_layer = 0
+    layer = None  # the layer running (for an out-of-memory error's line)
     try:
         tokenizer = load_tokenizer(ckpt.path, trust_remote_code=opts.engine.trust_remote_code, config=ckpt.config)
         sequences = calibration_sequences(opts.data, tokenizer, log=log if progress else None)
@@ -237,6 +380,14 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         if hidden is not None and not start_layer and dist.rank == 0:
             shutil.rmtree(hidden.root, ignore_errors=True)  # a fresh run: an old run's hidden states are stale
         restored = hidden.latest(start_layer - 1) if hidden is not None and start_layer else None
+        if restored is not None and not hidden.matches(streamer, restored):
+            if dist.rank == 0:
+                log(f"note: the hidden states kept after layer {restored} were made with other batches (another "
+                    f"--batch-tokens or --max-length): "
+                    + (f"layers 0..{restored} are" if restored else "layer 0 is") + " run again from the embeddings "
+                    "(their statistics are kept)")
+            hidden.written = [hidden._dir(restored)]  # removed once a checkpoint of this run's batches is written
+            restored = None
         plan = streamer.plan()  # once: its sizes do not change while the layers run
         if dist.rank == 0:
             from reap.arch import human_bytes
@@ -244,11 +395,15 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             eta = plan["eta_s"] * (rows - start_layer) / rows
             log(f"plan: {plural(plan['batches'], 'batch', 'batches')} per rank, hidden states "
                 f"{human_bytes(plan['hidden_bytes'])} per rank on {plan['hidden_on']}, largest layer "
-                f"{human_bytes(plan['layer_bytes'])} read per layer; rough ETA "
+                f"{human_bytes(plan['layer_bytes'])} read per layer, a batch's activations ~"
+                f"{human_bytes(plan['peak_bytes'])} ({human_bytes(max(0, plan['room_bytes']))} of {plan['memory']} "
+                "memory left for them); rough ETA "
                 + (f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s")
                 + " (" + (f"{plan['greedy_s'] * (rows - start_layer) / rows:.0f} s of it the greedy search, which "
                           "--greedy-tokens 0 skips; " if plan["greedy_s"] >= 1 else "")
-                + f"assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s and 2 GB/s reads)")
+                + (f"at {plan['assumed_flops'] / 1e9:.0f} GFLOP/s and {plan['assumed_bandwidth'] / 1e9:.1f} GB/s "
+                   "measured on this CPU now" if plan.get("measured") else
+                   f"assuming {plan['assumed_flops'] / 1e12:g} TFLOP/s") + " and 2 GB/s reads)")
             log(f"calibrating {ckpt.name}: {len(sequences)} samples, {tokens} tokens, {spec.num_layers} layers x "
                 f"{spec.num_experts} experts (top-{spec.top_k})"
                 + (f" + {plural(spec.mtp_layers, 'MTP module')}" if spec.mtp_layers else "")
@@ -258,6 +413,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                 + (f" from the hidden states after layer {restored}" if restored is not None else "")
                 + (f"; each layer read once per node ({streamer.reader.share.world} ranks share it)"
                    if streamer.reader.share is not None else ""))
+            for line in memory_warnings(plan, opts.engine):
+                log("warning: " + line)
         t0 = time.perf_counter()
         if restored is not None:
             hidden.restore(streamer, restored)
@@ -289,6 +446,14 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         bar.close()
         if hidden is not None and not opts.keep_checkpoint:
             hidden.remove()
+    except RuntimeError as err:  # torch.OutOfMemoryError among them: one line with the fix, the stats file resumable
+        mtp = layer is not None and layer >= spec.num_layers
+        oom = out_of_memory_error(err, engine, streamer=streamer, kept=_kept(out, stats, rows),
+                                  layer=layer - spec.num_layers if mtp else layer,
+                                  name="MTP module" if mtp else "layer")
+        if oom is None:
+            raise
+        raise oom from None
     except KeyboardInterrupt as err:
         done = sorted(stats.completed) if stats is not None else []
         if out is not None:

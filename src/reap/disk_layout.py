@@ -106,13 +106,15 @@ def map_checkpoint(layout: Layout, model, ckpt: "Checkpoint") -> Layout:
                 role = Role("expert", moe.index, expert, span, part=part, model=target)
             else:
                 axis = disk_axis(ops, moe.tensors[target], base)
-                role = Role("rows", moe.index, axis=axis, part=part, model=target)
+                extra = moe.extra.get(target, 0)
+                role = Role("rows", moe.index, axis=axis, part=part, model=target, extra=extra)
                 for kind, stored in parts.items():
-                    companion = _companion_role(kind, ckpt.infos[stored], ckpt.infos[parts["values"]].shape, axis, E,
-                                                role)
+                    companion = _companion_role(kind, ckpt.infos[stored], ckpt.infos[parts["values"]].shape, axis,
+                                                E + extra, role)
                     if companion is None:
                         shape = ckpt.infos[stored].shape
-                        raise UserError(f"{stored} has shape {list(shape)}: expected {E} experts along dimension "
+                        slots = f"{E} experts" + (f" + {extra} other slots" if extra else "")
+                        raise UserError(f"{stored} has shape {list(shape)}: expected {slots} along dimension "
                                         f"{axis} (it loads into transformers' {target}); the checkpoint and its "
                                         "config.json disagree")
                     roles[stored] = companion

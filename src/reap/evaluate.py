@@ -138,11 +138,16 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
         log(f"note: {opts.dataset} has only {len(stream)} tokens; scoring {n_targets} instead of {opts.max_tokens}")
 
     lines = engine.progress and not use_bars()  # in a log: one line per layer instead of the streamer's bars
-    streamer = LayerStreamer(ckpt, spec, inputs, replace(engine, progress=False) if lines else engine)
+    try:
+        streamer = LayerStreamer(ckpt, spec, inputs, replace(engine, progress=False) if lines else engine)
+    except RuntimeError as err:  # torch.OutOfMemoryError among them: one line with the fix
+        _raise_out_of_memory(err, engine, None, None, ckpt.name)
+        raise
     log(f"evaluating {ckpt.name}: {n_targets} tokens in {len(inputs)} windows of {opts.seq_len} "
         f"({docs} documents), {spec.num_layers} layers, {streamer.device} {engine.dtype}, "
         f"hidden states on {streamer.store.mode}")
     t0 = time.perf_counter()
+    layer = None
     try:
         with torch.inference_mode():
             streamer.prefetch(0)
@@ -163,6 +168,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
                 total += summed_loss(streamer, i, tgt.to(streamer.device))
                 row += len(batch.lengths)
             loss_sum = float(total.item())
+    except RuntimeError as err:  # torch.OutOfMemoryError among them: one line with the fix
+        _raise_out_of_memory(err, engine, streamer, layer, ckpt.name)
+        raise
     finally:
         streamer.close()
     seconds = time.perf_counter() - t0
@@ -189,10 +197,25 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     return result
 
 
+def _raise_out_of_memory(err: RuntimeError, engine, streamer: LayerStreamer | None, layer: int | None,
+                         name: str) -> None:
+    """Raise the one-line UserError for an allocation that failed (:func:`reap.calibrate.out_of_memory_error`);
+    return for any other error."""
+    from reap.calibrate import out_of_memory_error
+
+    oom = out_of_memory_error(err, engine, streamer=streamer, layer=layer,
+                              kept=f"nothing was written (evaluating {name})")
+    if oom is not None:
+        raise oom from None
+
+
 def compare(original: EvalOptions, pruned: EvalOptions, log=print) -> dict[str, Any]:
     """Evaluate two models (e.g. the original and its pruned copy) on the same tokens; return both and the
     difference (``pruned - original`` in loss, ``pruned / original`` in perplexity)."""
-    a = evaluate(original, log=log)
+    try:
+        a = evaluate(original, log=log)
+    except UserError as err:  # say which of the two models is the problem
+        raise UserError(f"--baseline {original.model}: {err}") from None
     b = evaluate(pruned, log=log)
     if a["data_fingerprint"] != b["data_fingerprint"]:
         raise UserError(

@@ -52,6 +52,24 @@ def describe_families() -> list[dict[str, Any]]:
     return rows
 
 
+def support(model_type: str) -> dict[str, str]:
+    """What the matrix says of one model type (transformers' type: aliases resolved): ``status`` (verified,
+    unsupported or not checked) and a sentence for logs, ``reap inspect`` and the report."""
+    import transformers
+
+    matrix = load_matrix()
+    made, installed = matrix["transformers"], transformers.__version__
+    entry = matrix["model_types"].get(model_type)
+    if entry is None:
+        return {"status": "not checked",
+                "text": f"{model_type} is not in the matrix of transformers {made} (installed: {installed}): reap "
+                        "checks its reading of the experts against transformers' own at run time (self-check)"}
+    version = f"transformers {made}" + ("" if made == installed else f", installed {installed}")
+    if entry["status"] == "verified":
+        return {"status": "verified", "text": f"{model_type} verified end to end ({version})"}
+    return {"status": entry["status"], "text": f"{model_type} {entry['status']} ({version}): {entry.get('reason', '')}"}
+
+
 def format_families(rows: list[dict[str, Any]]) -> str:
     """The human-readable form of :func:`describe_families`."""
     matrix = load_matrix()

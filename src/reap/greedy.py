@@ -11,7 +11,10 @@ Legend: S sampled tokens, E experts, K top-k, H hidden.
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm.auto import tqdm
 
 
 class GreedySearch:
@@ -32,6 +35,20 @@ class GreedySearch:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return greedy_sample_tokens(self.layout.num_experts, self.layout.hidden_size, elem, self.opts.greedy_tokens,
                                     self.opts.greedy_memory * (1 << 30))
+
+    def greedy_seconds(self, expert_params: float, flops: float, bandwidth: float, sample: int) -> float:
+        """A rough time of the greedy search over the whole run, per rank: every expert on the sample of every MoE
+        layer (2 FLOPs per parameter of ``expert_params``, all layers' experts, and sampled token at ``flops``), and
+        the search itself, bound by memory (``bandwidth`` bytes/s): it costs its [rows, K+1, H] float64 arrays ~30
+        times over (25 to 38 measured on a CPU), for the sample's rows and again, after each removal, for the rows
+        whose K+1 choices held the removed expert (about (K+1)/E' of them, E' the experts left); plus a few
+        milliseconds of routing and synchronizing per removal step on a GPU (not measured)."""
+        E, K, H = self.layout.num_experts, self.layout.top_k, self.layout.hidden_size
+        if sample <= 0 or not self.layout.moe or not 0 < K < E:
+            return 0.0
+        rows = sample * (1 + (K + 1) * sum(1 / left for left in range(K + 1, E + 1)))
+        search = rows * (K + 1) * H * 8 * 30 / bandwidth + (E - K) * (3e-3 if self.device.type == "cuda" else 0.0)
+        return 2 * expert_params * sample / flops + len(self.layout.moe) * search
 
     def greedy_start(self, module, moe, experts, layer: int, accumulator):
         """(TokenSample, hook) of the greedy search for this MoE layer (module: its decoder layer), or (None, None)
@@ -72,7 +89,7 @@ class GreedySearch:
     def _greedy(self, module, moe, experts, layer: int, sample) -> tuple[list[int] | None, str | None]:
         """(removal order, None), or (None, why weighted-ean stands in for this layer)."""
         self._greedy_size = 0
-        from reap.moe import RouterDriver, expert_outputs
+        from reap.moe import RouterDriver, expert_outputs, is_wrapped, pair_outputs
         from reap.saliency import greedy_routed_order
 
         fallback = "; weighted-ean (sum of g x ||f||) stands in for greedy-rerouted in this layer"
@@ -81,6 +98,9 @@ class GreedySearch:
             return None, f"group-limited routing (n_group {spec.n_group}) is not a plain top-k{fallback}"
         if moe.id_tables:
             return None, f"hash routing (expert-id tables) does not re-route{fallback}"
+        if moe.extra:  # what a removed expert's tokens pick may be a slot that is no expert, which the model's
+            # config (not the block) names: the driven router cannot tell it from an expert
+            return None, f"its router has slots beyond the experts (skip or zero-computation classes){fallback}"
         if sample.size == 0 and self.dist.world == 1:
             return None, (f"--greedy-memory {self.opts.greedy_memory:g} GiB holds no token's {E} expert outputs"
                           f"{fallback}")
@@ -93,10 +113,12 @@ class GreedySearch:
             xs = torch.cat([p.to(self.device) for p in parts if p is not None])
         block = self._block_of(module, moe, layer)
         try:
-            driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E)
+            driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E, moe.extra)
             ids_k, w_k = driver(xs)
             xe = driver.inputs.reshape(xs.shape[0], -1)  # the experts' own input (a block may project first)
             ids_n, w_n = driver(xs, None, K + 1)
+        except torch.OutOfMemoryError:  # the run's memory, not the router: reported as such (reap.calibrate)
+            raise
         except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as err:
             return None, f"its router cannot be driven with experts removed ({err}){fallback}"
         member = (ids_n[:, :, None] == ids_k[:, None, :]).any(-1)  # [S, K+1]
@@ -115,7 +137,15 @@ class GreedySearch:
                               "removing an expert rescales every token's output; the greedy error model assumes "
                               f"renormalized (or independent sigmoid) weights{fallback}")
 
+        # a bar of its own: the layer's token bar stands at 100% meanwhile (every expert run, then each removal)
+        bar = tqdm(total=2 * E - K, unit="step", file=sys.stderr, leave=False,
+                   desc=(f"layer {layer + 1}/{spec.num_layers}" if layer < spec.num_layers else
+                         f"MTP module {layer - spec.num_layers}") + ": greedy search",
+                   disable=not self.opts.progress or self.dist.rank != 0)
+
         def route(removed, rows):
+            if bar.n < bar.total:
+                bar.update()
             x = xs[rows.to(xs.device)]
             ids_a, _ = driver(x, removed, K)
             ids_b, w_b = driver(x, removed, K + 1)
@@ -129,14 +159,23 @@ class GreedySearch:
         grouped = experts._reap_probe.grouped if experts._reap_probe.grouped is not None else False
         try:
             for e in range(E):
+                bar.update()
                 counts = torch.zeros(E, dtype=torch.long, device=xs.device)
                 counts[e] = S
                 ids = torch.full((S,), e, dtype=torch.long, device=xs.device)
-                y = expert_outputs(experts, xe, ids, counts, grouped)
+                y = pair_outputs(experts, xe, ids) if is_wrapped(experts) else expert_outputs(experts, xe, ids,
+                                                                                                  counts, grouped)
                 if outputs is None:
                     outputs = y.new_empty(S, E, y.shape[-1])
                 outputs[:, e] = y
+        except torch.OutOfMemoryError:  # the run's memory (--greedy-memory): reported as such (reap.calibrate)
+            bar.close()
+            raise
         except (RuntimeError, ValueError, TypeError) as err:  # an experts module reap's replay does not fit
+            bar.close()
             return None, f"its experts could not be run on the sample ({str(err).splitlines()[0]}){fallback}"
-        order = greedy_routed_order(route, outputs, K, renormalize=renorm)
+        try:
+            order = greedy_routed_order(route, outputs, K, renormalize=renorm)
+        finally:
+            bar.close()
         return order, None

@@ -54,6 +54,11 @@ def _experts_by_layer(model) -> tuple[str, dict[int, str]]:
             raise UserError(f"no decoder layer of this checkpoint has experts: config.json makes all {n} layers of "
                             f"{type(model).__name__} dense (e.g. first_k_dense_replace >= num_hidden_layers), so "
                             "there is nothing to prune")
+        text = model.config.get_text_config()
+        if not any("expert" in k and isinstance(v, int) and not isinstance(v, bool) and v > 1
+                   for k, v in text.to_dict().items()):
+            raise UserError(f"a dense model ({type(model).__name__}, model_type {model.config.model_type!r}): no "
+                            "experts to prune; reap prunes Mixture-of-Experts models")
         raise UserError(f"transformers' {type(model).__name__} has no experts module on its standard experts "
                         "interface (@use_experts_implementation), so reap cannot stream or prune it; such models "
                         "are listed as not supported by `reap inspect --families`")
@@ -127,7 +132,7 @@ def derive_model(config: dict[str, Any], cls=None):
                         "one expert count")
     E = counts.pop()
     shapes = _shapes(model)
-    count_keys, axes = [], {}
+    count_keys, axes, extra = [], {}, {}
     for paths in _alias_groups(cfg, _count_candidates(config, E)):
         try:
             probe = build_model(build_config(_set_paths(config, paths, 2 * E)), cls)
@@ -142,10 +147,13 @@ def derive_model(config: dict[str, Any], cls=None):
             if before is None or before == shape:
                 continue
             dims = [d for d in range(len(shape)) if len(before) == len(shape) and before[d] != shape[d]]
-            if len(dims) != 1 or before[dims[0]] != E or shape[dims[0]] != 2 * E:
+            # E experts along one axis, maybe followed by slots that are not experts (E + X -> 2E + X)
+            if len(dims) != 1 or shape[dims[0]] - before[dims[0]] != E or before[dims[0]] < E:
                 raise UserError(f"transformers' tensor {name} changes from {list(before)} to {list(shape)} when the "
                                 f"expert count doubles; reap only slices tensors along one expert axis")
             axes[name] = dims[0]
+            if before[dims[0]] > E:
+                extra[name] = before[dims[0]] - E
     if not count_keys:
         raise UserError(f"no config.json entry holds the expert count {E} that transformers' {type(cfg).__name__} "
                         "builds the experts with (a default: the count is missing); add the checkpoint's expert count "
@@ -164,7 +172,11 @@ def derive_model(config: dict[str, Any], cls=None):
                     and not t.is_floating_point())
         router = next((n for n in tensors if not n.startswith(path + ".") and len(shapes[n]) == 2
                        and tensors[n] == 0 and shapes[n][1] == text_cfg.hidden_size), None)
-        moe[layer] = MoELayer(layer, block, path, tensors, ids, router)
+        if any(n.startswith(path + ".") for n in tensors if n in extra):
+            name = next(n for n in tensors if n in extra and n.startswith(path + "."))
+            raise UserError(f"transformers' experts tensor {name} holds {extra[name]} slots beyond the {E} experts; "
+                            "reap prunes experts modules that hold the experts only")
+        moe[layer] = MoELayer(layer, block, path, tensors, ids, router, {n: x for n, x in extra.items() if n in tensors})
     stray = [n for n in axes if not any(n in m.tensors for m in moe.values())]
     if stray:
         raise UserError(f"{stray[0]} follows the expert count but lies outside every decoder layer's MoE block; "
@@ -179,7 +191,12 @@ def derive_model(config: dict[str, Any], cls=None):
     topk_group = _attr(block_modules, TOPK_GROUP_ATTRS) or _attr([text_cfg], TOPK_GROUP_ATTRS) or 1
     experts_mod = modules[first.experts]
     intermediate = getattr(experts_mod, "intermediate_dim", None) or getattr(experts_mod, "intermediate_size", 0)
-    num_layers = getattr(text_cfg, "num_hidden_layers", None) or len(model.get_submodule(layers_path))
+    down = getattr(experts_mod, "down_proj", None)
+    if not intermediate and getattr(down, "dim", lambda: 0)() == 3:  # [E, H, I], or [E, I, H] when transposed
+        intermediate = down.shape[-2] if experts_mod.is_transposed else down.shape[-1]
+    # the decoder layers transformers builds (LongCat-Flash's num_hidden_layers counts two sublayers per layer)
+    built = len(model.get_submodule(layers_path))
+    num_layers = min(getattr(text_cfg, "num_hidden_layers", None) or built, built)
     layout = Layout(
         family=str(config.get("model_type")), model_type=cfg.model_type, model_class=cls.__name__,
         layers_path=layers_path, num_layers=int(num_layers), num_experts=E, top_k=int(top_k),

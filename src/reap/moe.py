@@ -35,6 +35,9 @@ class ExpertsProbe:
     # a list: record each call's (top_k_index, top_k_weights, hidden_states) and return zeros without running any expert (the
     # routing of a token sample, driven by RouterDriver)
     capture: list | None = None
+    # a list: each call's statistics terms, (T of the call, token [N], expert [N], weight [N], output [N, H]), exactly
+    # what the accumulator is given (the run-time self-check rebuilds the experts module's output from them)
+    terms: list | None = None
 
 
 def _grouped_mm_fn():
@@ -88,6 +91,31 @@ def expert_outputs(module, xs: torch.Tensor, ids: torch.Tensor, counts: torch.Te
     return y
 
 
+def _record(probe: ExpertsProbe | None, T: int, token: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
+            y: torch.Tensor) -> None:
+    """Hand the routed pairs' statistics to the probe's accumulator (and, during a self-check, their terms)."""
+    if probe is None:
+        return
+    if probe.accumulator is not None:
+        # ||f_j(x)|| in float32 (on GPU without an fp32 copy of y)
+        norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
+        probe.accumulator.add(ids, gate, norms)
+    if probe.terms is not None:
+        probe.terms.append((T, token.detach(), ids.detach(), gate.detach(), y.detach()))
+
+
+def routed_pairs(index: torch.Tensor, weights: torch.Tensor, E: int) -> torch.Tensor | None:
+    """Positions (in ``index.reshape(-1)``) of the pairs that are routed to an expert, or None when all are.
+
+    Not routed: an id >= E (a slot that is not an expert: transformers' eager experts skip it) and a weight of exactly
+    0 (a zero-computation expert or skip class mapped onto a real expert with weight 0, as LongCat-Flash and ZAYA
+    do): such a pair adds nothing to the output and is not traffic of that expert."""
+    valid = (index.reshape(-1) < E) & (weights.reshape(-1) != 0)  # [T*K]
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
 def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts module's forward: hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H]."""
@@ -104,28 +132,32 @@ def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     if mask is not None and mask.numel() == T and not bool(mask.all()):
         rows = mask.nonzero().squeeze(1)  # [T'] the real tokens
         x, index, weights = x[rows], index[rows], weights[rows]
-    flat = index.reshape(-1)  # [N]
+    flat, w = index.reshape(-1), weights.reshape(-1)  # [T'*K]
+    pairs = routed_pairs(index, weights, E)  # None: every pair is routed
+    if pairs is not None:
+        flat, w = flat[pairs], w[pairs]  # [N]
     counts = torch.bincount(flat, minlength=E)  # [E]
-    if counts.numel() != E:
-        raise RuntimeError(f"the router chose expert {int(flat.max())} of {E}")
     order = torch.sort(flat, stable=True)[1]  # [N]
     ids = flat[order]
-    token = order // K  # [N]
-    gate = weights.reshape(-1)[order]  # [N]
+    slot = pairs[order] if pairs is not None else order  # [N] position among the T'*K pairs
+    token = slot // K  # [N]
+    gate = w[order]  # [N]
     fn = _grouped_mm_fn()
     grouped = probe.grouped if probe is not None and probe.grouped is not None else (
         fn is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
     y = expert_outputs(self, x[token], ids, counts, grouped and fn is not None)  # [N, H]
-    if probe is not None and probe.accumulator is not None:
-        # ||f_j(x)|| in float32 (on GPU without an fp32 copy of y)
-        norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
-        probe.accumulator.add(ids, gate, norms)
+    _record(probe, T, rows[token] if rows is not None else token, ids, gate, y)
     if y.is_cuda:
         # un-sort and sum each token's K weighted outputs in float32, as transformers' grouped_mm path does:
         # deterministic, and faster on GPU than a 16-bit index_add_ (atomics)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        out = (y[inv] * weights.reshape(-1, 1)).view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+        if pairs is None:
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(order.numel(), device=order.device)
+            out = (y[inv] * weights.reshape(-1, 1)).view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
+        else:  # pairs that are not routed add nothing
+            every = y.new_zeros(index.numel(), y.shape[-1])  # [T'*K, H]
+            every[slot] = y * gate[:, None]
+            out = every.view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
     else:  # one pass in expert order, the summation order of transformers' eager experts
         out = torch.zeros(x.shape[0], y.shape[-1], dtype=hidden_states.dtype, device=x.device)
         out.index_add_(0, token, (y * gate[:, None]).to(hidden_states.dtype))
@@ -134,6 +166,64 @@ def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     full = torch.zeros(T, out.shape[-1], dtype=out.dtype, device=out.device)
     full[rows] = out
     return full
+
+
+# -- experts modules that wrap the dispatched projections -------------------------------------------------------
+def dispatch_forward(module):
+    """The forward ``@use_experts_implementation`` installed on the module's class or a base class (the one that
+    dispatches to the registered implementation), or None."""
+    for cls in type(module).__mro__:
+        fn = cls.__dict__.get("forward")
+        code = getattr(fn, "__code__", None)
+        if code is not None and hasattr(fn, "__wrapped__") and code.co_filename.replace("\\", "/").endswith(
+                "integrations/moe.py"):
+            return fn
+    return None
+
+
+def is_wrapped(module) -> bool:
+    """The experts module's own class overrides the dispatching forward and calls it inside (ERGO: each route its own
+    row with weight 1, a per-expert RMSNorm and the real routing weights applied outside the dispatch). reap then
+    takes each pair's output and weight at the module the MoE block calls (:func:`wrapped_experts_forward`), not
+    inside it, where it would see weight 1 and the output before the norm."""
+    fn = dispatch_forward(module)
+    return fn is not None and type(module).forward is not fn
+
+
+def pair_outputs(module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each row's expert output before weighting, through the module the MoE block calls: x [N, H], ids [N] ->
+    [N, H] = the module's own forward with one route per row and weight 1 (a wrapped module's norms included).
+    The module must be linear in its weights and treat rows independently, which the run-time self-check verifies."""
+    probe = getattr(module, "_reap_probe", None)
+    module._reap_probe = None  # the inner dispatch records nothing
+    try:
+        return type(module).forward(module, x, ids[:, None], torch.ones(ids.shape[0], 1, dtype=x.dtype,
+                                                                          device=x.device))
+    finally:
+        module._reap_probe = probe
+
+
+def wrapped_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The instance forward of a wrapped experts module (:func:`is_wrapped`): every routed pair's output f (the
+    module's own forward, one route per row with weight 1), the statistics from f and the routing weight the block
+    applies, and the output sum of g x f per token. hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]."""
+    probe: ExpertsProbe | None = getattr(self, "_reap_probe", None)
+    if probe is not None and probe.capture is not None:
+        probe.capture.append((top_k_index.detach().clone(), top_k_weights.detach().clone(), hidden_states.detach()))
+        return torch.zeros_like(hidden_states)
+    T, K = top_k_index.shape
+    mask = probe.token_mask if probe is not None else None
+    valid = (top_k_index.reshape(-1) < self.num_experts) & (top_k_weights.reshape(-1) != 0)  # [T*K]
+    if mask is not None and mask.numel() == T:
+        valid &= mask.repeat_interleave(K)
+    slot = valid.nonzero().squeeze(1)  # [N]
+    token, ids, gate = slot // K, top_k_index.reshape(-1)[slot], top_k_weights.reshape(-1)[slot]
+    y = pair_outputs(self, hidden_states[token], ids)  # [N, H]
+    _record(probe, T, token, ids, gate, y)
+    out = torch.zeros(T, y.shape[-1], dtype=torch.float32, device=y.device)
+    out.index_add_(0, token, y.float() * gate.float()[:, None])
+    return out.to(hidden_states.dtype)
 
 
 def register() -> None:
@@ -148,12 +238,37 @@ def use_reap_experts(model) -> list:
     from reap.model_layout import is_experts_module
 
     register()
-    model.set_experts_implementation(IMPLEMENTATION)
     modules = [m for m in model.modules() if is_experts_module(m)]
+    for m in modules:  # what transformers would run (the run-time self-check compares reap's with it)
+        m._reap_reference = transformers_implementation(m)
+    model.set_experts_implementation(IMPLEMENTATION)
     for m in modules:  # sub-configs transformers did not switch (a text model inside a wrapper, say)
         if m.config._experts_implementation != IMPLEMENTATION:
             m.config._experts_implementation_internal = IMPLEMENTATION
+        if is_wrapped(m):
+            m.forward = wrapped_experts_forward.__get__(m)
     return modules
+
+
+def transformers_implementation(module) -> str:
+    """The experts implementation transformers runs for ``module`` unless told otherwise ("eager" where unset)."""
+    name = getattr(module.config, "_experts_implementation", None)
+    return name if name and name != IMPLEMENTATION else "eager"
+
+
+def reference_forward(module, hidden_states, top_k_index, top_k_weights, implementation: str | None = None):
+    """transformers' own forward of the experts module (its class's forward, the dispatch to ``implementation``,
+    by default the one it had before reap's), with no probe attached."""
+    impl = implementation or getattr(module, "_reap_reference", "eager")
+    config, probe = module.config, getattr(module, "_reap_probe", None)
+    before = getattr(config, "_experts_implementation_internal", None)
+    config._experts_implementation_internal = impl
+    module._reap_probe = None
+    try:
+        return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+    finally:
+        config._experts_implementation_internal = before
+        module._reap_probe = probe
 
 
 # -- the model's own routing, driven on a token sample ---------------------------------------------------------
@@ -175,7 +290,8 @@ class RouterDriver:
     router tensor that is not found.
     """
 
-    def __init__(self, block, experts, tensors: dict[str, int], block_path: str, top_k: int, num_experts: int):
+    def __init__(self, block, experts, tensors: dict[str, int], block_path: str, top_k: int, num_experts: int,
+                 extra: dict[str, int] | None = None):
         from reap.arch import TOP_K_ATTRS
 
         self.block, self.experts, self.top_k, self.E = block, experts, top_k, num_experts
@@ -183,22 +299,29 @@ class RouterDriver:
         subs = [m for m in block.modules() if id(m) not in skip]
         self.k_attrs = [(m, a) for m in subs for a in TOP_K_ATTRS if getattr(m, a, None) == top_k
                         and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
-        self.e_attrs = [(m, a) for m in subs for a in NUM_EXPERTS_ATTRS if getattr(m, a, None) == num_experts
+        self.e_attrs = [(m, a, 0) for m in subs for a in NUM_EXPERTS_ATTRS if getattr(m, a, None) == num_experts
                         and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
+        # counts of the experts and the slots after them (ZAYA's num_router_classes E + 1, LongCat-Flash's router
+        # n_routed_experts E + zero experts): attributes named for experts or classes
+        for slots in sorted(set((extra or {}).values()) - {0}):
+            self.e_attrs += [(m, a, slots) for m in subs for a, v in vars(m).items()
+                             if ("expert" in a or "classes" in a) and isinstance(v, int) and not isinstance(v, bool)
+                             and v == num_experts + slots]
         if not self.k_attrs:
             raise ValueError(f"{type(block).__name__} keeps its top-k in no attribute reap knows ({', '.join(TOP_K_ATTRS)})")
         exp_prefix = next(n for n, m in block.named_modules() if m is experts)
-        self.rows = []  # (owner module, leaf name, is parameter, expert axis)
+        self.rows = []  # (owner module, leaf name, is parameter, expert axis, slots after the experts)
         for name, axis in tensors.items():
             rel = name[len(block_path) + 1:] if name.startswith(block_path + ".") else None
             if rel is None or rel == exp_prefix or rel.startswith(exp_prefix + "."):
                 continue
             owner_path, _, leaf = rel.rpartition(".")
             owner = block.get_submodule(owner_path) if owner_path else block
+            slots = (extra or {}).get(name, 0)
             if leaf in owner._parameters:
-                self.rows.append((owner, leaf, True, axis))
+                self.rows.append((owner, leaf, True, axis, slots))
             elif leaf in owner._buffers:
-                self.rows.append((owner, leaf, False, axis))
+                self.rows.append((owner, leaf, False, axis, slots))
             else:
                 raise ValueError(f"router tensor {name} not found in {type(block).__name__}")
 
@@ -216,14 +339,15 @@ class RouterDriver:
                 saved_attrs.append((m, a, getattr(m, a)))
                 setattr(m, a, k)
             if kept is not None:
-                for m, a in self.e_attrs:
+                for m, a, slots in self.e_attrs:
                     saved_attrs.append((m, a, getattr(m, a)))
-                    setattr(m, a, int(kept.numel()))
-                for owner, leaf, is_param, axis in self.rows:
+                    setattr(m, a, int(kept.numel()) + slots)
+                for owner, leaf, is_param, axis, slots in self.rows:
                     table = owner._parameters if is_param else owner._buffers
                     t = table[leaf]
                     saved_rows.append((table, leaf, t))
-                    sl = t.index_select(axis, kept.to(t.device))
+                    rows = torch.cat([kept, torch.arange(self.E, self.E + slots, device=kept.device)]) if slots else kept
+                    sl = t.index_select(axis, rows.to(t.device))
                     table[leaf] = torch.nn.Parameter(sl, requires_grad=False) if is_param else sl
             captured: list = []
             before = getattr(self.experts, "_reap_probe", None)

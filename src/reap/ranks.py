@@ -3,7 +3,7 @@
 * :class:`Dist`: this process's rank, world size and local rank (rank 0 of 1 when run plainly), the process group
   (NCCL on GPUs, gloo on the CPU), integer sums and barriers across ranks;
 * :func:`resolve_device`: the compute device that ``--device`` names for this rank (``cuda`` is the rank's local
-  GPU);
+  GPU); :func:`cpu_speed`: the CPU's matmul and memory rates now (the rough ETA of a run on the CPU);
 * :class:`WeightShare`: the ranks of one node sharing the reading of each layer's bytes (each reads 1/N, the ranks
   all-gather the rest), which :class:`reap.weights.LayerReader` uses.
 """
@@ -54,6 +54,33 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+_CPU_SPEED: tuple[float, float] | None = None
+
+
+def cpu_speed() -> tuple[float, float]:
+    """(FLOP/s of a float32 matmul, bytes/s of a float64 elementwise product of fresh 80 MiB tensors) of this
+    process's CPU threads now (other processes' load included), measured once (~0.3 s), for the calibration's
+    rough ETA on the CPU."""
+    global _CPU_SPEED
+    if _CPU_SPEED is None:
+        import time
+
+        def rate(fn, work: float) -> float:
+            fn()  # first call: allocations, thread pool
+            t0, n = time.perf_counter(), 0
+            while n < 2 or time.perf_counter() - t0 < 0.12:
+                fn()
+                n += 1
+            return n * work / max(time.perf_counter() - t0, 1e-9)
+
+        with torch.inference_mode():
+            a, b = torch.full((2048, 512), 0.5), torch.full((512, 512), 0.5)
+            x = torch.full((4096, 5, 512), 0.5, dtype=torch.float64)
+            y = torch.full((4096, 5, 512), 2.0, dtype=torch.float64)
+            _CPU_SPEED = (rate(lambda: a @ b, 2 * 2048 * 512 * 512), rate(lambda: x * y, 3 * x.numel() * 8))
+    return _CPU_SPEED
 
 
 def resolve_device(device: str, dist: Dist) -> torch.device:

@@ -49,10 +49,23 @@ from reap.layer_loading import LayerLoading
 from reap.hidden import Batch, HiddenStore, make_batches
 from reap.moe import ExpertsProbe, use_reap_experts
 from reap.options import EngineOptions
+from reap.selfcheck import SelfCheck
 from reap.ranks import Dist, WeightShare, resolve_device
 from reap.weights import LayerReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: types of the objects a base model hands every decoder layer of one forward for the layers to share (a layer
+#: writes, a later one reads): carried per batch from layer to layer (:meth:`LayerStreamer.carried`)
+CARRIED_STATE = ("KVSharingDict",)
+
+
+def _global(config, key: str):
+    """``config.key``, the global value of a heterogeneous (per-layer) config included (its guard would raise)."""
+    if hasattr(config, "_getattr_without_heterogeneous_validation"):
+        return config._getattr_without_heterogeneous_validation(key, None)
+    return getattr(config, key, None)
 
 
 class _Stop(Exception):
@@ -90,6 +103,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
         cfg = build_config(ckpt.config)
         self.model = build_model(cfg, model_class(cfg, ckpt.config), self.dtype)
         self.experts = use_reap_experts(self.model)
+        self.selfcheck = SelfCheck(str(ckpt.config.get("model_type")))
         self.layers = self.model.get_submodule(layout.layers_path)
         self.text = self.model.get_submodule(layout.layers_path.rpartition(".")[0])
         self.text_path = layout.layers_path.rpartition(".")[0]
@@ -119,6 +133,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
         self._pending: dict[int, cf.Future] = {}
         self._reads: dict[int, cf.Future] = {}
         self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
+        self._carried: dict[tuple, object] = {}  # (batch, keyword) -> state the layers share (CARRIED_STATE)
         self._recipes: dict[tuple, load_recipe.Recipe] = {}  # layer signature -> how transformers loaded one
         self._recipe_tries: dict[tuple, int] = {}
         self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
@@ -172,47 +187,92 @@ class LayerStreamer(LayerLoading, GreedySearch):
 
     # -- placement
     def _offload_mode(self) -> str:
+        """Where the hidden states live: ``--offload``, or with ``auto`` where :meth:`plan` puts them (sized from the
+        memory free now)."""
         mode = self.opts.offload
         if mode not in ("auto", "device", "cpu", "disk"):
             raise UserError(f"--offload {mode!r} is not one of auto, device, cpu, disk")
         if mode != "auto":
             return mode
-        need = self.tokens * self.layout.hidden_size * torch.finfo(self.dtype).bits // 8
-        need += sum(b.ids.numel() - sum(b.lengths) for b in self.batches) * self.layout.hidden_size * 4
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if need < free - 3 * self.layer_bytes() - (8 << 30):
-                return "device"
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):  # pragma: no cover
-            available = 1 << 40
-        return "cpu" if need < available // 2 else "disk"
+        return self.plan(placing=True)["hidden_on"]
 
-    def plan(self) -> dict:
-        """What the run will hold and roughly take: tokens, batches, hidden-state bytes and where they live, the
-        largest layer's weights, and a rough time (2 FLOPs per active parameter and token at an assumed rate, plus
-        reading every layer at an assumed 2 GB/s)."""
+    def plan(self, placing: bool = False) -> dict:
+        """What the run will hold and roughly take, sized from the memory free now: tokens, batches, hidden-state bytes
+        and where they live (``--offload auto``: :func:`reap.hidden.offload_choice`), the largest layer's bytes read,
+        a batch's peak of activations (``peak_bytes``) and the greedy search's (``greedy_peak_bytes``) against the
+        memory left for them once the weights (and hidden states kept there) are placed (``room_bytes``; on the GPU:
+        free now plus what this process's allocator holds, less the embeddings and head, two layers and two layers'
+        reads), ``batch_tokens_fit`` (None when a batch fits, else the --batch-tokens to pass,
+        :func:`reap.hidden.suggest_batch_tokens`), and a rough time (2 FLOPs per active parameter and token at an
+        assumed rate, measured on the CPU, reading every layer at an assumed 2 GB/s, and the greedy search,
+        :meth:`reap.greedy.GreedySearch.greedy_seconds`).
+        ``placing``: the hidden states' place is being decided (an existing store's mode does not count).
+        """
         from reap.formats import stored_params
+        from reap.hidden import (MARGIN, batch_peak_bytes, greedy_peak_bytes, host_available, offload_choice,
+                                 suggest_batch_tokens)
 
-        hidden = self.tokens * self.layout.hidden_size * torch.finfo(self.dtype).bits // 8
+        elem = torch.finfo(self.dtype).bits // 8
+        H, E, K = self.layout.hidden_size, self.layout.num_experts, self.layout.top_k
+        hidden = self.tokens * H * elem
+        # what the store holds: every batch's [B, S, H] (padding too), with room for what a layer hands the next
+        need = hidden + sum(b.ids.numel() - sum(b.lengths) for b in self.batches) * H * 4
         active = experts = 0.0  # parameters a token meets in the layers (experts: top-k of E); all experts' parameters
         for layer, names in ((k, v) for k, v in self._stored.items() if isinstance(k, int)):
             for name in names:
                 info, role = self.ckpt.infos[name], self.layout.roles[name]
                 n = stored_params(name, info.dtype, info.numel, self.layout.format)
-                active += n * (self.layout.top_k / self.layout.num_experts if role.part == "experts" else 1)
+                active += n * (K / E if role.part == "experts" else 1)
                 experts += n if role.part == "experts" else 0
-        rate = 250e12 if self.device.type == "cuda" else 0.05e12 * max(1, torch.get_num_threads())
+        if self.device.type == "cuda":
+            rate, bandwidth = 250e12, 2e12
+        else:  # measured: a CPU's rates vary tenfold with its cores, vector units and other processes' load
+            from reap.ranks import cpu_speed
+
+            rate, bandwidth = cpu_speed()
         read = sum(self.ckpt.infos[n].nbytes for k, v in self._stored.items() if isinstance(k, int) for n in v)
-        # the greedy search runs every expert on its sample of each MoE layer (all ranks together: one rank's share)
-        greedy = 2 * experts * min(self.tokens, self.greedy_sample_size() / self.dist.world) / rate \
-            if self.opts.greedy_tokens > 0 else 0.0
+        layer_read = max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
+                          if isinstance(k, int)), default=0)
+        # the greedy search: every rank runs every expert on the whole sample of each MoE layer (all ranks' tokens)
+        sample = min(self.tokens * self.dist.world, self.greedy_sample_size()) \
+            if self.opts.greedy_tokens > 0 and self.layout.moe else 0
+        greedy = self.greedy_seconds(experts, rate, bandwidth, sample)
         eta = 2 * active * self.tokens / rate + read / 2e9 + greedy
-        return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": self.store.mode,
-                "layer_bytes": max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
-                                    if isinstance(k, int)), default=0), "eta_s": eta, "greedy_s": greedy,
-                "assumed_flops": rate}
+
+        # memory: a batch's activations, the greedy search's, and what is left for them
+        text = self.model.config.get_text_config()
+        eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
+        peak = max((batch_peak_bytes(*b.ids.shape, H, elem, top_k=K,
+                                     expert_intermediate=self.layout.expert_intermediate,
+                                     dense_intermediate=int(_global(text, "intermediate_size") or 0),
+                                     heads=int(_global(text, "num_attention_heads") or 0), eager=eager)
+                    for b in self.batches), default=0)
+        greedy_peak = greedy_peak_bytes(sample, E, H, elem, K)
+        layers = 2 * self.layer_bytes() + 2 * layer_read  # the layer computing, the next one loading, reads ahead
+        host = host_available()
+        free = total = device_room = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            kept = sum(self.ckpt.infos[n].numel for n in self._stored["base"] + self._stored["head"]) * elem
+            device_room = free + torch.cuda.memory_reserved(self.device) - kept - layers
+        if self.store is not None and not placing:
+            on = self.store.mode
+        else:
+            on = self.opts.offload if self.opts.offload != "auto" else \
+                offload_choice(need, max(peak, greedy_peak), device_room, host)
+        if device_room is not None:
+            room = device_room - (need if on == "device" else 0)
+        else:  # on the CPU the weights, the activations and hidden states kept in memory share what is available
+            room = host - layers - (need if on == "cpu" else 0)
+        largest = max((b.ids.numel() for b in self.batches), default=0)
+        return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": on,
+                "store_bytes": need, "layer_bytes": layer_read, "eta_s": eta, "greedy_s": greedy, "assumed_flops": rate,
+                "assumed_bandwidth": bandwidth, "measured": self.device.type != "cuda",
+                "peak_bytes": peak, "greedy_peak_bytes": greedy_peak, "greedy_outputs_bytes": sample * E * H * elem,
+                "room_bytes": room, "largest_batch": largest,
+                "batch_tokens_fit": suggest_batch_tokens(largest, peak, room) if largest else None,
+                "greedy_fits": greedy_peak + MARGIN <= room, "memory": "GPU" if free is not None else "CPU",
+                "free_bytes": free if free is not None else host, "total_bytes": total}
 
     def layer_bytes(self, layer: int | None = None) -> int:
         """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
@@ -270,6 +330,16 @@ class LayerStreamer(LayerLoading, GreedySearch):
         raise UserError(f"transformers' {type(self.text).__name__} never called decoder layer {layer}; reap cannot "
                         "stream this model")
 
+    def carried(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A layer call's arguments with the state the base model shares between its layers for one forward
+        (:data:`CARRIED_STATE`: cross-layer key/value sharing, where a later layer reads the keys and values an earlier
+        one stored) replaced by batch ``i``'s own object, kept from layer to layer: each captured call of the base
+        model makes a new, empty one."""
+        for key, value in kwargs.items():
+            if type(value).__name__ in CARRIED_STATE:
+                kwargs = {**kwargs, key: self._carried.setdefault((i, key), value)}
+        return args, kwargs
+
     # -- running
     def embed(self, ahead: bool = False) -> None:
         """Start from the embeddings: the hidden states the base model gives layer 0 (embedded, scaled or expanded
@@ -291,19 +361,21 @@ class LayerStreamer(LayerLoading, GreedySearch):
         self.stats.wait_seconds.append(time.perf_counter() - t0)
         probes = []
         moe = self.layout.moe.get(layer)
-        sample = hook = None
+        sample = hook = check = None
         if moe is not None:
             experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
             experts._reap_probe = ExpertsProbe(accumulator)
             probes.append(experts)
             sample, hook = self.greedy_start(module, moe, experts, layer, accumulator)
+            if accumulator is not None:  # statistics are taken: checked against transformers' own first
+                check = self.selfcheck.arm(layer, self._block_of(module, moe, layer), experts)
         bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
                    desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
                    disable=not self.opts.progress or self.dist.rank != 0)
         try:
             from_store = not (layer == 0 and self._from_embeddings)
             for i, b in enumerate(self.batches):
-                args, kwargs = self.layer_call(i, layer)  # layer 0's input (the embeddings) among them
+                args, kwargs = self.carried(i, *self.layer_call(i, layer))  # layer 0's input (the embeddings) among them
                 if from_store:
                     h = self.store.get(i)
                     args = (h, *args[1:]) if args else args
@@ -312,6 +384,9 @@ class LayerStreamer(LayerLoading, GreedySearch):
                 for experts in probes:
                     experts._reap_probe.token_mask = b.mask().reshape(-1).bool().to(self.device) if b.padded else None
                 out = module(*args, **kwargs)
+                if check is not None:
+                    self.selfcheck.finish(check, b.mask().reshape(-1).bool().to(self.device) if b.padded else None)
+                    check = None
                 if isinstance(out, tuple):  # (hidden states, what the base model hands the next layer, ...)
                     self._arity[layer] = len(out)
                     self.store.put_extras(i, tuple(out[1:]))
@@ -326,6 +401,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
                 self.stats.greedy_seconds += time.perf_counter() - tg
         finally:
             bar.close()
+            self.selfcheck.disarm(check)
             if hook is not None:
                 hook.remove()
             for experts in probes:
@@ -388,6 +464,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
         self.reader.close()
         if self.store is not None:
             self.store.close()
+        self._carried.clear()
         self.ckpt.close()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from reap.arch import human_bytes, human_count
 from reap.checkpoint import Checkpoint
+from reap.families import support
 from reap.formats import stored_params
 from reap.plan import Routing
 from reap.selection import experts_to_drop
@@ -97,6 +98,7 @@ def describe(ckpt: Checkpoint, ratio: float | None = None, keep_mtp: bool = True
                  "tensors": mtp_scaled["tensors"] + mtp_fixed["tensors"],
                  "params": mtp_scaled["params"] + mtp_fixed["params"]} if spec.mtp_layers else None),
         "before": sizes(E),
+        "support": support(spec.model_type),
     }
     if ratio is not None:
         drop = experts_to_drop(Routing.of(spec), ratio)
@@ -116,6 +118,7 @@ def format_description(info: dict[str, Any]) -> str:
         "dtypes      " + ", ".join(f"{k} {human_count(v)}" for k, v in info["dtypes"].items()),
         f"quantized   {info['quantization'] or 'no'}",
         f"shards      {info['shards']}",
+        f"support     {info['support']['text']}",
     ]
     m = info.get("mtp")
     if m and m.get("kept"):

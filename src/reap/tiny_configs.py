@@ -76,6 +76,19 @@ OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1, "sliding_window": 8,  # ZayaConfig.validate_architecture: top-1 only
              "layer_types": ["hybrid", "hybrid_sliding", "hybrid", "hybrid_sliding"]},
     "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},  # the default is None
+    # its layer count is num_layers (two attention + MLP pairs and one MoE each); the rotary head_dim is
+    # qk_rope_head_dim; zero-computation experts (zero_expert_num) follow the routed ones in the router
+    # indexed layers 1 and 4 select key pools, 3 rescores 1's and reads its keys and values (cross-layer KV sharing)
+    "kolibri1_1": {"num_hidden_layers": 5, "layer_types": ["sliding_attention", "indexed_attention", "sliding_attention",
+                                                           "indexed_attention", "indexed_attention"],
+                   "index_layers": [1, 4], "kv_source_layers": [0, 1, 2, 1, 4], "index_topk": 8,
+                   "index_pool_size": 16, "index_compression": 2, "index_num_heads": 2, "index_num_local_tokens": 4,
+                   "index_num_sink_tokens": 2, "mlp_only_intermediate_size": 128},
+    # its base model builds a sliding-window mask whatever the layers (the default sliding_window is None)
+    "step3p7": {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention", "full_attention",
+                                                     "sliding_attention"]},
+    "longcat_flash": {"num_layers": 2, "head_dim": 8, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32,
+                      "zero_expert_num": 4},
     # mrope sections of the 16-wide heads (the modeling's default [22, 22, 20] is for 128)
     "ernie4_5_vl_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
                                             "mrope_section": [3, 3, 2]}},

@@ -30,7 +30,9 @@ from reap.derive import derive
 
 pytestmark = pytest.mark.slow  # every quantized format end to end against its library: ~1 minute
 
-pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install -e '.[dev]')")
+from conftest import import_or_skip  # noqa: E402
+
+import_or_skip("compressed_tensors", "compressed-tensors")
 
 ROUTER_AND_HEAD = ["lm_head", "re:.*mlp\\.gate$"]
 # name -> (tiny family, converter, converter options)

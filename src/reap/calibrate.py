@@ -475,8 +475,18 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                "layer_seconds": [round(t, 3) for t in streamer.stats.layer_seconds],
                "weights_wait_seconds": [round(t, 3) for t in streamer.stats.wait_seconds],
                "greedy_seconds": round(streamer.stats.greedy_seconds, 3),
+               "selfcheck_seconds": round(streamer.selfcheck.seconds, 4),
                **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()}}
     stats.meta["summary"] = summary
+    # what the run-time self-check compared, and whether the matrix knows this model type
+    from reap.families import support
+
+    known = support(spec.model_type)
+    stats.meta["selfcheck"] = {"support": known, "checked": streamer.selfcheck.results}
+    if streamer.selfcheck.results and dist.rank == 0:
+        layers = ", ".join(str(r["layer"]) for r in streamer.selfcheck.results)
+        line = f"run-time self-check passed (layer{'s' if ',' in layers else ''} {layers}: reap's experts == transformers')"
+        log(f"note: {known['text']}; {line}" if known["status"] != "verified" else line)
     if out is not None and dist.rank == 0:
         stats.save(out)
     dist.barrier()

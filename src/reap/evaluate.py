@@ -138,8 +138,10 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
         log(f"note: {opts.dataset} has only {len(stream)} tokens; scoring {n_targets} instead of {opts.max_tokens}")
 
     lines = engine.progress and not use_bars()  # in a log: one line per layer instead of the streamer's bars
+    # no greedy search here: its memory does not count where the hidden states go (--offload auto)
+    streamer_engine = replace(engine, greedy_tokens=0, progress=engine.progress and not lines)
     try:
-        streamer = LayerStreamer(ckpt, spec, inputs, replace(engine, progress=False) if lines else engine)
+        streamer = LayerStreamer(ckpt, spec, inputs, streamer_engine)
     except RuntimeError as err:  # torch.OutOfMemoryError among them: one line with the fix
         _raise_out_of_memory(err, engine, None, None, ckpt.name)
         raise

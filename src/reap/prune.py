@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from reap import __version__
 from reap.arch import Layout
 from reap.checkpoint import Checkpoint
+from reap.families import support
 from reap.errors import UserError, plural
 from reap.options import PruneOptions
 from reap.plan import ExpertPlan, Routing
@@ -47,6 +48,7 @@ def base_report(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan, ratio: float |
         "command": shlex.join(["reap", *sys.argv[1:]]),
         "source": str(ckpt.path),
         "family": spec.family,
+        "support": support(spec.model_type),  # whether the support matrix knows this model type
         "method": plan.method,
         "ratio": ratio,
         "num_experts": spec.num_experts,

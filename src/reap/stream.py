@@ -206,7 +206,8 @@ class LayerStreamer(LayerLoading, GreedySearch):
         :func:`reap.hidden.suggest_batch_tokens`), and a rough time (2 FLOPs per active parameter and token at an
         assumed rate, measured on the CPU, reading every layer at an assumed 2 GB/s, and the greedy search,
         :meth:`reap.greedy.GreedySearch.greedy_seconds`).
-        ``placing``: the hidden states' place is being decided (an existing store's mode does not count).
+        ``placing``: the hidden states' place is being decided (an existing store's mode does not count; on the CPU
+        the time is not estimated).
         """
         from reap.formats import stored_params
         from reap.hidden import (MARGIN, batch_peak_bytes, greedy_peak_bytes, host_available, offload_choice,
@@ -226,6 +227,8 @@ class LayerStreamer(LayerLoading, GreedySearch):
                 experts += n if role.part == "experts" else 0
         if self.device.type == "cuda":
             rate, bandwidth = 250e12, 2e12
+        elif placing:  # the time is not needed to place the hidden states: no measuring
+            rate = bandwidth = float("nan")
         else:  # measured: a CPU's rates vary tenfold with its cores, vector units and other processes' load
             from reap.ranks import cpu_speed
 

@@ -188,6 +188,11 @@ def model_card(
                      f"| Calibration tokens | {cal.get('tokens', '?')} |")
     else:
         lines.append("| Calibration data | none (the choice does not use calibration) |")
+    support = report.get("support") or {}
+    if support and support.get("status") != "verified":
+        checked = ((report.get("calibration") or {}).get("selfcheck") or {}).get("checked")
+        lines.append(f"| Model type | {support.get('text', '')}" + ("; the run-time self-check passed"
+                                                                     if checked else "") + " |")
     lines += [
         f"| Date | {created} |",
         f"| Tool | reap {report.get('version', __version__)} |",

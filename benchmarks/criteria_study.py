@@ -5,8 +5,8 @@ Independent of reap's calibration and eval code (which is being rewritten): the 
 MoE block, and experts are removed in memory by masking them out of routing (pruned experts never chosen, the
 remaining chosen weights renormalized as the model does), which equals the pruned checkpoint (README: "pruned
 == original with pruned experts masked"; checked: the same losses as ``reap prune --keep`` + ``reap eval``).
-The criteria themselves are reap's (:mod:`reap.criteria`, :mod:`reap.selection`,
-:func:`reap.saliency.greedy_rerouted_order`), fed here the way calibration would feed them.
+The criteria themselves are reap's (:mod:`reap.selection.criteria`, :mod:`reap.selection.choose`,
+:func:`reap.calibrate.stats.greedy_rerouted_order`), fed here the way calibration would feed them.
 
     PYTHONPATH=src python benchmarks/criteria_study.py stats   --fixture F [--docs 256]   # statistics
     PYTHONPATH=src python benchmarks/criteria_study.py greedy  --fixture F [--docs 256] [--tokens 65536]
@@ -22,15 +22,15 @@ Protocol (the same for every number): calibration = the first ``--docs`` documen
 file order, no special tokens, truncated to 1024 tokens, one document per sequence, float32; eval = the first
 32,768 targets of eval.jsonl.gz (each document + EOS, concatenated), windows of 513 at stride 512.
 
-Per layer the ``stats`` step records, in float64, what :mod:`reap.saliency` accumulates (fed through its
-:class:`~reap.saliency.LayerAccumulator`, including the new sum of ||f||^2) and, for the research criteria,
+Per layer the ``stats`` step records, in float64, what :mod:`reap.calibrate.stats` accumulates (fed through its
+:class:`~reap.calibrate.stats.LayerAccumulator`, including the new sum of ||f||^2) and, for the research criteria,
 the re-routing reconstruction error of each routed pair: with S the token's top-k set and n its next choice
 (k+1-th under the model's own choice rule), y = sum_{i in S} w_i f_i / sum_{i in S} w_i and
 y_{-j} = sum_{i in S-j+n} w_i f_i / sum_{i in S-j+n} w_i (w: the unnormalized routing weights, softmax
 probabilities or sigmoid scores), the pair (x, j) adds ||y - y_{-j}|| and ||y - y_{-j}||^2 (``rr_sum``,
 ``rr_sq_sum``), and the Gram matrix of these changes over co-routed experts (``rr_gram``, for the quadratic
 greedy); and the same without re-routing (S-j only, renormalized: ``dr_sum``). ``greedy`` runs
-:func:`reap.saliency.greedy_rerouted_order` on a :class:`reap.saliency.TokenSample` of each layer's inputs
+:func:`reap.calibrate.stats.greedy_rerouted_order` on a :class:`reap.calibrate.stats.TokenSample` of each layer's inputs
 (every ceil(T / N)-th token). Results go to ``benchmarks/results/criteria/``.
 """
 
@@ -209,8 +209,8 @@ def capture_inputs(model, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def layer_stats(moe, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """reap.saliency's accumulators (via LayerAccumulator) plus the research sums, float64 [E] each."""
-    from reap.saliency import LayerAccumulator
+    """reap.calibrate.stats's accumulators (via LayerAccumulator) plus the research sums, float64 [E] each."""
+    from reap.calibrate.stats import LayerAccumulator
 
     e = moe.gate.weight.shape[0]
     acc = LayerAccumulator(e)
@@ -266,8 +266,8 @@ def cmd_stats(args) -> None:
 
 
 def load_stats(fixture: str, docs: int):
-    """The study's statistics as a reap.saliency.ExpertStats (research fields as extra attributes)."""
-    from reap.saliency import ExpertStats
+    """The study's statistics as a reap.calibrate.stats.ExpertStats (research fields as extra attributes)."""
+    from reap.calibrate.stats import ExpertStats
 
     raw = torch.load(stats_path(fixture, docs))
     count = raw["count"]
@@ -286,9 +286,9 @@ def load_stats(fixture: str, docs: int):
 # -- greedy selection with re-routing ------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_layer(moe, x: torch.Tensor, k: int, max_tokens: int, n_steps: int | None = None) -> tuple[list[int], int]:
-    """(reap.saliency.greedy_rerouted_order on a TokenSample of x, sample size): the library's greedy, fed the
+    """(reap.calibrate.stats.greedy_rerouted_order on a TokenSample of x, sample size): the library's greedy, fed the
     way calibration would feed it: weights, choice scores and every expert's output on the sampled tokens."""
-    from reap.saliency import TokenSample, greedy_rerouted_order
+    from reap.calibrate.stats import TokenSample, greedy_rerouted_order
 
     sample = TokenSample(max_tokens, stride=max(1, math.ceil(x.shape[0] / max_tokens)))
     for lo in range(0, x.shape[0], CHUNK):  # fed batch by batch, as a calibrator would
@@ -304,7 +304,7 @@ def cmd_greedy(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.fixture)
     xs = capture_inputs(model, calibration_ids(tok, args.docs))
-    from reap.selection import n_to_drop
+    from reap.selection.choose import n_to_drop
 
     k = model.config.num_experts_per_tok
     steps = n_to_drop(num_experts(model), max(RATIOS))  # enough for the table's ratios (the library default: E - k)
@@ -332,7 +332,7 @@ def research_scores(stats, name: str) -> torch.Tensor | None:
         return stats.dr_sum.clone()
     mean = torch.where(count > 0, stats.reap_sum / count.clamp_min(1), 0.0)
     if name.startswith("reap-prior-"):  # reap-prior with another prior strength
-        from reap.criteria import reap_prior_scores
+        from reap.selection.criteria import reap_prior_scores
 
         return torch.where(count > 0, reap_prior_scores(stats, float(name.rsplit("-", 1)[1])), 0.0)
     if name.startswith("geometric-"):  # mean x count^beta: beta 0 = REAP, 1 = weighted EAN
@@ -362,18 +362,18 @@ def quadratic_greedy_order(gram: torch.Tensor, n_drop: int) -> list[int]:
 
 
 def keep_from(scores: torch.Tensor, ratio: float) -> dict[int, list[int]]:
-    from reap.selection import choose_experts, n_to_drop
+    from reap.selection.choose import choose_experts, n_to_drop
 
     n = n_to_drop(scores.shape[1], ratio)
     return {layer: choose_experts(scores[layer], n)[0] for layer in range(scores.shape[0])}
 
 
 def keep_for(stats, name: str, ratio: float, fixture: str, docs: int) -> dict[int, list[int]]:
-    from reap.criteria import CRITERIA
-    from reap.selection import select
+    from reap.selection.criteria import CRITERIA
+    from reap.selection.choose import select
 
     if name == "greedy-quadratic":
-        from reap.selection import n_to_drop
+        from reap.selection.choose import n_to_drop
 
         e, n = stats.num_experts, n_to_drop(stats.num_experts, ratio)
         return {l: sorted(set(range(e)) - set(quadratic_greedy_order(stats.rr_gram[l], n))) for l in range(stats.num_layers)}
@@ -419,12 +419,12 @@ def cmd_eval_keep(args) -> None:
 
 
 def cmd_tool(args) -> None:
-    """Eval of the experts reap itself chooses from a `reap calibrate` stats file (reap.selection.plan_from_scores on
-    reap.criteria's scores), with the pruned-set overlap against the study's own choice for the same criterion at
+    """Eval of the experts reap itself chooses from a `reap calibrate` stats file (reap.selection.choose.plan_from_scores on
+    reap.selection.criteria's scores), with the pruned-set overlap against the study's own choice for the same criterion at
     256 documents where that table has it."""
-    from reap.plan import Routing
-    from reap.saliency import ExpertStats
-    from reap.selection import n_to_drop, plan_from_scores
+    from reap.selection.plan import Routing
+    from reap.calibrate.stats import ExpertStats
+    from reap.selection.choose import n_to_drop, plan_from_scores
 
     torch.set_num_threads(args.threads)
     stats = ExpertStats.load(RESULTS / f"{args.fixture}.docs{args.docs}.stats.safetensors")

@@ -1,7 +1,7 @@
 """The default pipeline on a GPU: greedy re-routing search and MTP modules through CUDA (bf16), and what the greedy
 search costs in calibration time.
 
-1. A tiny GLM-4.5 checkpoint with an MTP module (``reap.tiny.add_mtp_modules``), pruned at 0.3 by ``reap prune
+1. A tiny GLM-4.5 checkpoint with an MTP module (``reap.testing.tiny.add_mtp_modules``), pruned at 0.3 by ``reap prune
    --dataset`` on the GPU in bf16 (default criterion); the MTP layer's kept experts and the layers where greedy fell
    back are recorded, and the kept sets compared with a CPU float32 run.
 2. mini-m2 (``--fixture``), calibrated on ``--docs`` documents: wall time with the greedy search (default) and
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    from reap.tiny import add_mtp_modules, make_tiny_model
+    from reap.testing.tiny import add_mtp_modules, make_tiny_model
 
     row: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

@@ -3,7 +3,7 @@ transformers' own model on CUDA (run on a CUDA machine; nothing is downloaded).
 
     python benchmarks/family_gpu_check.py --data calibration.jsonl.gz [--families MODEL_TYPE ...] [--out results.json]
 
-For each model type (default: the named families of the support matrix; any type reap.tiny can build: random
+For each model type (default: the named families of the support matrix; any type reap.testing.tiny can build: random
 weights, saved by transformers in several shards; an FP8 copy in the released block-FP8 layout where the family
 ships FP8, MXFP4 for gpt-oss):
 
@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from reap.arch import build_config, model_class
-from reap.calibrate import calibrate
+from reap.model.arch import build_config, model_class
+from reap.calibrate.run import calibrate
 from reap.evaluate import evaluate, eval_stream, windows
-from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+from reap.core.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
 from reap.prune import prune_model
-from reap.selection import choose_experts, n_to_drop
-from reap.tiny import make_tiny_model
-from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
+from reap.selection.choose import choose_experts, n_to_drop
+from reap.testing.tiny import make_tiny_model
+from reap.testing.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
 #: the families named in the "any family" issue, as transformers model types
 NAMED = ("minimax_m2", "qwen3_moe", "mixtral", "deepseek_v3", "kimi_k2", "glm4_moe", "qwen3_next", "gpt_oss",
@@ -47,7 +47,7 @@ quiet = lambda *_: None  # noqa: E731
 
 def transformers_loss(model_dir: Path, data: str, dtype: torch.dtype, max_tokens: int, seq_len: int) -> float:
     """Mean next-token loss of transformers' own model on the windows reap.evaluate scores."""
-    from reap.data import load_tokenizer
+    from reap.data.tokens import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     stream, _ = eval_stream(data, tok, tok.eos_token_id, max_tokens + 1)
@@ -139,7 +139,7 @@ def main() -> None:
         for name in names:
             try:
                 r = check_family(name, args.data, Path(tmp))
-            except ValueError as err:  # reap.tiny has no config for it
+            except ValueError as err:  # reap.testing.tiny has no config for it
                 r = {"family": name, "skipped": str(err)}
             except Exception as err:  # noqa: BLE001 - report and go on with the next family
                 import traceback

@@ -29,10 +29,10 @@ from stream_breakdown import arguments  # noqa: E402
 
 
 def child(args) -> dict:
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
-    from reap.saliency import LayerAccumulator
-    from reap.stream import EngineOptions, LayerStreamer
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
+    from reap.calibrate.stats import LayerAccumulator
+    from reap.stream.streamer import EngineOptions, LayerStreamer
 
     model = checkpoint(args.workdir, args.layers)
     ckpt = Checkpoint(model)

@@ -19,22 +19,22 @@ from pathlib import Path
 
 import torch
 
-from reap.calibrate import calibrate
-from reap.checkpoint import Checkpoint
-from reap.derive import derive
-from reap.moe import ExpertsProbe, reap_experts_forward
-from reap.options import CalibrateOptions, DataOptions, EngineOptions
-from reap.saliency import FIELDS, LayerAccumulator
-from reap.selection import choose_experts
-from reap.stream import LayerStreamer
+from reap.calibrate.run import calibrate
+from reap.io.checkpoint import Checkpoint
+from reap.model.derive import derive
+from reap.stream.experts import ExpertsProbe, reap_experts_forward
+from reap.core.options import CalibrateOptions, DataOptions, EngineOptions
+from reap.calibrate.stats import FIELDS, LayerAccumulator
+from reap.selection.choose import choose_experts
+from reap.stream.streamer import LayerStreamer
 
 
 def check_grouped(device) -> dict:
     """reap's experts implementation on a bf16 MiniMax-M2 experts module: the grouped matmul path == the loop."""
     from transformers import AutoModelForCausalLM
 
-    from reap.model_layout import is_experts_module
-    from reap.tiny import tiny_config
+    from reap.model.model_side import is_experts_module
+    from reap.testing.tiny import tiny_config
 
     torch.manual_seed(0)
     config = tiny_config(hidden_size=192, intermediate_size=96, num_local_experts=64, num_experts_per_tok=8)

@@ -36,12 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rewrite_bench import M2, make_m2_checkpoint  # noqa: E402
 
-from reap.checkpoint import Checkpoint  # noqa: E402
-from reap.derive import derive  # noqa: E402
-from reap.moe import IMPLEMENTATION, ExpertsProbe  # noqa: E402
-from reap.options import EngineOptions  # noqa: E402
-from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import LayerStreamer  # noqa: E402
+from reap.io.checkpoint import Checkpoint  # noqa: E402
+from reap.model.derive import derive  # noqa: E402
+from reap.stream.experts import IMPLEMENTATION, ExpertsProbe  # noqa: E402
+from reap.core.options import EngineOptions  # noqa: E402
+from reap.calibrate.stats import LayerAccumulator  # noqa: E402
+from reap.stream.streamer import LayerStreamer  # noqa: E402
 
 
 DEVICE = "cuda"  # --device cpu: a dry run of the script's logic (small --dims) on a machine without a GPU
@@ -181,7 +181,7 @@ def whole_cli(model: Path, tokens: int, workdir: Path) -> dict:
     """The whole ``reap calibrate`` command on the checkpoint (benchmarks/stream_bench.py's runner and data)."""
     import stream_bench
 
-    from reap.tiny import make_byte_tokenizer
+    from reap.testing.tiny import make_byte_tokenizer
 
     stream_bench.DEVICE = DEVICE
     make_byte_tokenizer(model)

@@ -1,7 +1,7 @@
 """Quality proxy for pruned multi-token-prediction (MTP) modules (issue 16): top-1 agreement of the pruned MTP head
 with the original's on held-out text, MTP experts chosen by their own saliency (the default criterion) vs at random.
 
-A tiny random DeepSeek-V3 / GLM-4.5 / Qwen3-Next checkpoint gets one MTP module (``reap.tiny.add_mtp_modules``), is
+A tiny random DeepSeek-V3 / GLM-4.5 / Qwen3-Next checkpoint gets one MTP module (``reap.testing.tiny.add_mtp_modules``), is
 calibrated on the first documents of ``../shared/data/calibration.jsonl.gz`` and pruned at 0.3 by ``reap prune``
 (default method), then again with only the MTP layer's kept experts drawn at random (5 seeds, ``--keep``: the
 main layers as the default chose them). Both the original and the pruned MTP heads then predict
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     from test_mtp import EngineMtp
 
-    from reap.tiny import add_mtp_modules, make_tiny_model
+    from reap.testing.tiny import add_mtp_modules, make_tiny_model
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rewrite_bench import make_m2_checkpoint  # noqa: E402
 
-from reap.saliency import FIELDS, ExpertStats  # noqa: E402
-from reap.selection import choose_experts, n_to_drop  # noqa: E402
-from reap.tiny import make_byte_tokenizer  # noqa: E402
+from reap.calibrate.stats import FIELDS, ExpertStats  # noqa: E402
+from reap.selection.choose import choose_experts, n_to_drop  # noqa: E402
+from reap.testing.tiny import make_byte_tokenizer  # noqa: E402
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -6,7 +6,7 @@
 1. Generates a MiniMax-M2-shaped FP8 checkpoint of N full-width decoder layers (hidden 3072, 256 experts of
    intermediate 1536, 48 query heads x 128, 8 KV heads, float8_e4m3fn weights with 128x128 float32
    ``weight_scale_inv``, float32 router and ``e_score_correction_bias``, bf16 norms, vocab 4096): about
-   3.7 GB and 4 shards per layer, written with reap.writer.write_safetensors (one tensor in memory at a
+   3.7 GB and 4 shards per layer, written with reap.io.writer.write_safetensors (one tensor in memory at a
    time), with a real ``config.json`` and ``model.safetensors.index.json``.
 2. Times ``python -m reap prune MODEL --keep KEEP.json --out OUT --overwrite -q`` (180 of 256 experts kept per
    layer; by default reap flushes its output to disk before publishing it) against ``cp -r MODEL OUT2``
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np  # noqa: F401  (the FP8 pool)
 import torch
 
-from reap.checkpoint import DTYPE_NAMES
-from reap.writer import Entry, write_json, write_safetensors
+from reap.io.checkpoint import DTYPE_NAMES
+from reap.io.writer import Entry, write_json, write_safetensors
 
 # Released MiniMax-M2 dimensions (config.json of MiniMaxAI/MiniMax-M2)
 M2 = dict(hidden=3072, experts=256, inter=1536, heads=48, kv_heads=8, head_dim=128, top_k=8, num_layers=62)

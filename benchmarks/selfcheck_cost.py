@@ -1,4 +1,4 @@
-"""What the run-time self-check (reap.selfcheck) costs beside calibration: the streamer's layers run over calibration
+"""What the run-time self-check (reap.stream.selfcheck) costs beside calibration: the streamer's layers run over calibration
 data with statistics on, once; the self-check's own seconds (the reference forward and the comparisons on the first
 batch of each kind of MoE layer) against the whole time of the layers.
 
@@ -13,12 +13,12 @@ import argparse
 import json
 import time
 
-from reap.checkpoint import Checkpoint
-from reap.data import calibration_sequences, load_tokenizer
-from reap.derive import derive
-from reap.options import DataOptions, EngineOptions
-from reap.saliency import LayerAccumulator
-from reap.stream import LayerStreamer
+from reap.io.checkpoint import Checkpoint
+from reap.data.tokens import calibration_sequences, load_tokenizer
+from reap.model.derive import derive
+from reap.core.options import DataOptions, EngineOptions
+from reap.calibrate.stats import LayerAccumulator
+from reap.stream.streamer import LayerStreamer
 
 
 def main() -> None:

@@ -35,12 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rewrite_bench import make_m2_checkpoint  # noqa: E402
 
-from reap.checkpoint import Checkpoint  # noqa: E402
-from reap.derive import derive  # noqa: E402
-from reap.options import EngineOptions  # noqa: E402
-from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import LayerStreamer  # noqa: E402
-from reap.tiny import make_byte_tokenizer  # noqa: E402
+from reap.io.checkpoint import Checkpoint  # noqa: E402
+from reap.model.derive import derive  # noqa: E402
+from reap.core.options import EngineOptions  # noqa: E402
+from reap.calibrate.stats import LayerAccumulator  # noqa: E402
+from reap.stream.streamer import LayerStreamer  # noqa: E402
+from reap.testing.tiny import make_byte_tokenizer  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu --dims '{...}': a dry run of the script's logic on a machine without a GPU
 DIMS: dict | None = None

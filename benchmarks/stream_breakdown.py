@@ -7,7 +7,7 @@ The streamer as ``reap calibrate`` drives it (benchmarks/stream_bench.py's rando
 checkpoint, bf16, hidden states on the device, no greedy search, the checkpoint in the page cache): created first
 (layer 0 is read and loaded in the background), then ``--tokenize-s`` seconds standing in for tokenization, then
 every layer (load wait, forward, statistics; layer 0 embeds its own batches, as in calibrate). ``--interval``
-sets the GIL's switch interval after the streamer is made (default: reap's own, reap.stream.SWITCH_INTERVAL);
+sets the GIL's switch interval after the streamer is made (default: reap's own, reap.stream.streamer.SWITCH_INTERVAL);
 Python's default is 0.005. Each variant belongs in a process of its own (CUDA start-up happens once per process).
 """
 
@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import checkpoint  # noqa: E402
 
-from reap.checkpoint import Checkpoint  # noqa: E402
-from reap.derive import derive  # noqa: E402
-from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
+from reap.io.checkpoint import Checkpoint  # noqa: E402
+from reap.model.derive import derive  # noqa: E402
+from reap.calibrate.stats import LayerAccumulator  # noqa: E402
+from reap.stream.streamer import EngineOptions, LayerStreamer  # noqa: E402
 
 
 def arguments(doc: str) -> argparse.ArgumentParser:

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import checkpoint  # noqa: E402
 from stream_breakdown import arguments  # noqa: E402
 
-import reap.load_recipe as load_recipe  # noqa: E402
-import reap.layer_loading as layer_loading  # noqa: E402
-from reap.checkpoint import Checkpoint  # noqa: E402
-from reap.derive import derive  # noqa: E402
-from reap.saliency import LayerAccumulator  # noqa: E402
-from reap.stream import EngineOptions, LayerStreamer  # noqa: E402
+import reap.stream.load_recipe as load_recipe  # noqa: E402
+import reap.stream.loader as layer_loading  # noqa: E402
+from reap.io.checkpoint import Checkpoint  # noqa: E402
+from reap.model.derive import derive  # noqa: E402
+from reap.calibrate.stats import LayerAccumulator  # noqa: E402
+from reap.stream.streamer import EngineOptions, LayerStreamer  # noqa: E402
 
 
 class Recorder:

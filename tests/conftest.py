@@ -47,21 +47,21 @@ def _shared(rel: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fp32(tmp_path_factory) -> Path:
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-fp32", seed=0, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory) -> Path:
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bf16", seed=1, dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")
 def tiny_fp8(tmp_path_factory, tiny_bf16) -> Path:
-    from reap.tiny_formats import convert_to_fp8
+    from reap.testing.tiny_formats import convert_to_fp8
 
     return convert_to_fp8(tiny_bf16, tmp_path_factory.mktemp("models") / "tiny-fp8")
 

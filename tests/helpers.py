@@ -260,15 +260,15 @@ def assert_exact_surgery(src: Path, out: Path, kept: dict[int, list[int]],
 # -- the general guard: config.json changes in the expert counts only ------------------------------------------------
 def assert_config_changed_only_in_counts(src: Path, out: Path) -> None:
     """config.json of the pruned ``out`` equals ``src``'s (compared after JSON parsing) except the expert-count keys
-    (reap.arch's Layout.count_keys of the source, nested text_config included), which hold the kept count, and,
-    when the multi-token-prediction module was left out, the MTP count keys present in the source (reap.arch.MTP_KEYS),
+    (reap.model.arch's Layout.count_keys of the source, nested text_config included), which hold the kept count, and,
+    when the multi-token-prediction module was left out, the MTP count keys present in the source (reap.model.arch.MTP_KEYS),
     which hold 0. Nothing added, nothing removed, nothing else rewritten (legacy rope fields included)."""
     import copy
     import json
 
-    from reap.arch import MTP_KEYS
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
+    from reap.model.arch import MTP_KEYS
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
 
     before = json.loads((Path(src) / "config.json").read_text())
     after = json.loads((Path(out) / "config.json").read_text())
@@ -299,9 +299,9 @@ def tiny_release(config_path: Path, out: Path, shrink: dict, fmt: str | None = N
     import shutil
     import tempfile
 
-    from reap.arch import build_config, model_class
-    from reap.tiny import make_byte_tokenizer
-    from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
+    from reap.model.arch import build_config, model_class
+    from reap.testing.tiny import make_byte_tokenizer
+    from reap.testing.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
     config = {**copy.deepcopy(json.loads(Path(config_path).read_text())), **shrink}
     if fmt is None:
@@ -387,8 +387,8 @@ def assert_recipe_load_equals_transformers(streamer, layer: int) -> bool:
     """Decoder layer ``layer`` loaded the streamer's way (by a learned recipe where it has one for the layer's
     kind) == loaded by transformers' own loader from the same stored tensors, bit for bit; True when a recipe
     was used."""
-    from reap import load_recipe
-    from reap.weights import load_into, to_meta
+    from reap.stream import load_recipe
+    from reap.stream.weights import load_into, to_meta
 
     raw = streamer._read_layer(layer).views()
     state = streamer._materialize(raw)

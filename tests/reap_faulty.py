@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import reap.surgery  # noqa: E402
+import reap.rewrite.surgery  # noqa: E402
 
 if os.environ.get("REAP_SLOW_SHARD") or os.environ.get("REAP_MARK"):
-    _write = reap.surgery.write_safetensors
+    _write = reap.rewrite.surgery.write_safetensors
 
     def slow_write(*args, **kwargs):
         mark = os.environ.get("REAP_MARK")
@@ -30,12 +30,12 @@ if os.environ.get("REAP_SLOW_SHARD") or os.environ.get("REAP_MARK"):
         time.sleep(float(os.environ.get("REAP_SLOW_SHARD") or 0))
         return _write(*args, **kwargs)
 
-    reap.surgery.write_safetensors = slow_write
+    reap.rewrite.surgery.write_safetensors = slow_write
 
 if os.environ.get("REAP_SLOW_LAYER"):
-    import reap.stream
+    import reap.stream.streamer
 
-    _run_layer = reap.stream.LayerStreamer.run_layer
+    _run_layer = reap.stream.streamer.LayerStreamer.run_layer
 
     def slow_layer(self, layer, *args, **kwargs):
         mark = os.environ.get("REAP_MARK")
@@ -44,10 +44,10 @@ if os.environ.get("REAP_SLOW_LAYER"):
         time.sleep(float(os.environ["REAP_SLOW_LAYER"]))
         return _run_layer(self, layer, *args, **kwargs)
 
-    reap.stream.LayerStreamer.run_layer = slow_layer
+    reap.stream.streamer.LayerStreamer.run_layer = slow_layer
 
 if os.environ.get("REAP_NO_SPACE_CHECK"):
-    reap.surgery.check_free_space = lambda *args, **kwargs: None
+    reap.rewrite.surgery.check_free_space = lambda *args, **kwargs: None
 
 from reap.cli import main  # noqa: E402
 

@@ -7,13 +7,14 @@ from collections import Counter
 
 import pytest
 
-from reap.arch import build_config, human_bytes, human_count
-from reap.checkpoint import Checkpoint
-from reap.derive import derive
-from reap.disk_layout import disk_axis
-from reap.errors import UserError
-from reap.model_layout import derive_model
-from reap.plan import Routing
+from reap.model.arch import build_config
+from reap.core.humanize import human_bytes, human_count
+from reap.io.checkpoint import Checkpoint
+from reap.model.derive import derive
+from reap.model.disk_side import disk_axis
+from reap.core.errors import UserError
+from reap.model.model_side import derive_model
+from reap.selection.plan import Routing
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_minimax_m2_fixtures(model, numbers, request):
 def test_count_keys_are_found_among_aliases(tmp_path):
     """Qwen3-MoE's released configs say num_experts; transformers 5 writes its alias num_local_experts: a config
     holding both has both rewritten, a key that merely equals the count (here top-k) is not."""
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path / "q", family="qwen3_moe", num_experts=8, num_experts_per_tok=2)
     config = json.loads((path / "config.json").read_text())
@@ -59,7 +60,7 @@ def test_count_keys_are_found_among_aliases(tmp_path):
 
 
 def test_fused_experts_and_router_bias_are_rows(tmp_path):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     layout = derive(Checkpoint(make_tiny_model(tmp_path / "g", family="gpt_oss")))
     rows = {n: (r.axis, r.part, r.layer) for n, r in layout.roles.items() if r.kind == "rows"}
@@ -70,7 +71,7 @@ def test_fused_experts_and_router_bias_are_rows(tmp_path):
 
 
 def test_groups_and_dense_layers_are_read_off_the_model(tmp_path):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     layout = derive(Checkpoint(make_tiny_model(tmp_path / "d", family="deepseek_v3")))
     assert (layout.n_group, layout.topk_group, Routing.of(layout).min_kept()) == (4, 2, 8)

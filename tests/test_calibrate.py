@@ -10,13 +10,13 @@ import torch
 from helpers import (assert_reference_outputs, calibrate_one_and_two_ranks, feed_reference_inputs, hooked_stats,
                      python_snippets, random_sequences, reference_layers)
 
-from reap.calibrate import calibrate
-from reap.checkpoint import Checkpoint
-from reap.derive import derive
-from reap.hidden import make_batches
-from reap.options import CalibrateOptions, DataOptions, EngineOptions
-from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
-from reap.stream import LayerStreamer
+from reap.calibrate.run import calibrate
+from reap.io.checkpoint import Checkpoint
+from reap.model.derive import derive
+from reap.stream.hidden import make_batches
+from reap.core.options import CalibrateOptions, DataOptions, EngineOptions
+from reap.calibrate.stats import FIELDS, ExpertStats, LayerAccumulator
+from reap.stream.streamer import LayerStreamer
 
 LENGTHS = (23, 40, 7, 31)
 
@@ -62,7 +62,7 @@ def _opts(model, data, **engine) -> CalibrateOptions:
 
 
 def test_stats_equal_whole_model_forward_with_hooks(tiny_fp32, tmp_path, texts):
-    from reap.data import calibration_sequences, load_tokenizer
+    from reap.data.tokens import calibration_sequences, load_tokenizer
 
     data = _write_jsonl(tmp_path / "d.jsonl", texts[:3])
     opts = _opts(tiny_fp32, data, dtype="float32", batch_tokens=200)
@@ -103,7 +103,7 @@ def test_resumed_run_equals_uninterrupted(tiny_fp32, tmp_path, texts, monkeypatc
         calibrate(opts)
     assert ExpertStats.load(out).completed == {0, 1}
     monkeypatch.setattr(LayerStreamer, "run_layer", original)
-    from reap.errors import UserError
+    from reap.core.errors import UserError
 
     with pytest.raises(UserError, match="--resume"):
         calibrate(opts)
@@ -117,7 +117,7 @@ def test_resumed_run_equals_uninterrupted(tiny_fp32, tmp_path, texts, monkeypatc
 
 
 def test_resume_refuses_different_data(tiny_fp32, tmp_path, texts):
-    from reap.errors import UserError
+    from reap.core.errors import UserError
 
     data = _write_jsonl(tmp_path / "d.jsonl", texts)
     out = tmp_path / "s.safetensors"
@@ -213,7 +213,7 @@ def test_two_ranks_over_gloo_equal_one(tiny_fp32, tmp_path, texts):
 @pytest.mark.slow
 def test_fp8_stats_track_bf16(mini_m2, mini_m2_fp8, calibration_data):
     """The same model in FP8 (dequantized on the fly) gives nearly the same saliency and the same choices."""
-    from reap.selection import choose_experts
+    from reap.selection.choose import choose_experts
 
     results = []
     for model in (mini_m2, mini_m2_fp8):
@@ -283,7 +283,7 @@ GIB = 1 << 30
 
 
 def test_offload_choice_from_the_memory_free_now():
-    from reap.hidden import MARGIN, offload_choice
+    from reap.stream.hidden import MARGIN, offload_choice
 
     # on the GPU: the hidden states stay there when they, a batch's peak and the margin fit what is left once the
     # weights are placed (measured when the run is planned: another process's memory is not ours)
@@ -297,7 +297,7 @@ def test_offload_choice_from_the_memory_free_now():
 
 
 def test_batch_fit_suggests_a_smaller_batch_tokens():
-    from reap.hidden import MARGIN, batch_peak_bytes, suggest_batch_tokens
+    from reap.stream.hidden import MARGIN, batch_peak_bytes, suggest_batch_tokens
 
     # DeepSeek-V3-like layer, bf16, 16384 tokens: the routed experts' pairs dominate (~7.5 GiB of the peak)
     peak = batch_peak_bytes(1, 16384, 7168, 2, top_k=8, expert_intermediate=2048, dense_intermediate=18432, heads=128)
@@ -313,9 +313,9 @@ def test_batch_fit_suggests_a_smaller_batch_tokens():
 
 
 def test_memory_warnings_name_the_flags():
-    from reap.calibrate import memory_warnings
-    from reap.hidden import MARGIN
-    from reap.options import EngineOptions
+    from reap.calibrate.run import memory_warnings
+    from reap.stream.hidden import MARGIN
+    from reap.core.options import EngineOptions
 
     plan = {"memory": "GPU", "room_bytes": 3 * GIB, "free_bytes": 20 * GIB, "total_bytes": 80 * GIB,
             "hidden_on": "device", "batch_tokens_fit": 4096, "largest_batch": 16384, "peak_bytes": 8 * GIB,
@@ -339,7 +339,7 @@ OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capaci
 
 
 def test_out_of_memory_line():
-    from reap.hidden import describe_out_of_memory, make_batches, out_of_memory
+    from reap.stream.hidden import describe_out_of_memory, make_batches, out_of_memory
 
     assert out_of_memory(torch.OutOfMemoryError(OOM)) == "gpu"
     assert out_of_memory(RuntimeError("CUDA error: out of memory")) == "gpu"
@@ -363,7 +363,7 @@ def test_plan_is_sized_from_the_gpu_memory_free_now(tiny_fp32, monkeypatch):
     """The plan of a GPU run (its figures faked on the CPU): the hidden states stay on the device while the memory free
     now holds them, a batch and the margin; with less free (another process holding it) they go to CPU memory, and
     with less still the plan asks for a smaller --batch-tokens."""
-    from reap.hidden import MARGIN
+    from reap.stream.hidden import MARGIN
 
     ckpt = Checkpoint(tiny_fp32)
     spec = derive(ckpt)

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reap.checkpoint import Checkpoint, TensorInfo, read_header, resolve_model
-from reap.staging import atomic_directory, check_output_dir
-from reap.writer import Entry, other_files, tensor_bytes, write_safetensors
-from reap.errors import UserError
+from reap.io.checkpoint import Checkpoint, TensorInfo, read_header, resolve_model
+from reap.io.staging import atomic_directory, check_output_dir
+from reap.io.writer import Entry, other_files, tensor_bytes, write_safetensors
+from reap.core.errors import UserError
 
 FP8 = torch.float8_e4m3fn
 
@@ -251,7 +251,7 @@ def test_ranges_from_several_files_interleaved(tmp_path):
 
 
 def test_background_sync_flushes_and_reports_failures(tmp_path):
-    from reap.writer import BackgroundSync
+    from reap.io.writer import BackgroundSync
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"x")

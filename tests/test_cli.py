@@ -174,7 +174,7 @@ def test_unknown_architecture(model, tmp_path):
     config["model_type"] = "minimax_m9"
     config_path.write_text(json.dumps(config))
     run_failing(model, tmp_path / "out", ["--ratio", "0.3", "--method", "random"], "minimax_m9",
-                "not implemented by the installed transformers", "src/reap/arch.py")
+                "not implemented by the installed transformers", "src/reap/model/arch.py")
 
 
 def test_config_of_another_architecture(model, tmp_path):
@@ -328,7 +328,7 @@ def test_version_prints_the_version():
 
 
 def test_quiet_log_passes_only_warnings_and_notices():
-    from reap.progress import quiet_log
+    from reap.core.progress import quiet_log
 
     seen = []
     say = quiet_log(seen.append)
@@ -343,7 +343,7 @@ def test_quiet_log_passes_only_warnings_and_notices():
 
 def test_quiet_prints_only_the_result(tiny_fp32, tmp_path):
     """-q: no plan, status or progress line on stderr (calibrating here included); the result on stdout."""
-    from reap.progress import NOTICES
+    from reap.core.progress import NOTICES
 
     res = cli("prune", tiny_fp32, "--out", tmp_path / "random", "--ratio", "0.5", "--method", "random", "-q")
     assert res.exit_code == 0, res.output

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from reap.chat import to_chat
-from reap.data import calibration_sequences
-from reap.errors import UserError
-from reap.options import DataOptions
-from reap.records import parse_dataset_spec
+from reap.data.chat import to_chat
+from reap.data.tokens import calibration_sequences
+from reap.core.errors import UserError
+from reap.core.options import DataOptions
+from reap.data.records import parse_dataset_spec
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("minimax-m2-*.yaml"))
@@ -101,7 +101,7 @@ def test_calibrate_config_records_options(tiny_fp32, tmp_path):
     recipe.write_text(f"model: {tiny_fp32}\ndataset:\n  - {data}:3\nmax-length: 64\ndevice: cpu\n")
     proc = reap("calibrate", "--config", recipe, "--out", tmp_path / "s.safetensors", "-q")
     assert proc.returncode == 0, proc.stderr
-    from reap.saliency import ExpertStats
+    from reap.calibrate.stats import ExpertStats
 
     stats = ExpertStats.load(tmp_path / "s.safetensors")
     assert stats.meta["samples"] == 3 and stats.meta["options"]["max_length"] == 64
@@ -139,7 +139,7 @@ def test_record_shapes_become_chat_messages(record, messages, tools):
 def test_chat_records_go_through_the_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from reap.tiny import make_byte_tokenizer
+    from reap.testing.tiny import make_byte_tokenizer
 
     make_byte_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
@@ -155,7 +155,7 @@ def test_chat_records_go_through_the_chat_template(tmp_path):
 
 def test_unshaped_and_broken_records_are_user_errors():
     with pytest.raises(UserError, match="neither"):
-        from reap.data import _is_text
+        from reap.data.tokens import _is_text
 
         _is_text({"foo": 1}, "rec 0", "text", "messages")
     with pytest.raises(UserError, match="not JSON"):

@@ -1,4 +1,4 @@
-"""Tests for reap.criteria (the criterion registry) and reap.selection (kept counts, super experts)."""
+"""Tests for reap.selection.criteria (the criterion registry) and reap.selection.choose (kept counts, super experts)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reap.criteria import CRITERIA, METHODS, get_criterion
-from reap.errors import UserError
-from reap.saliency import FIELDS, ExpertStats, LayerAccumulator, TokenSample, greedy_rerouted_order
-from reap.selection import choose_experts, select
+from reap.selection.criteria import CRITERIA, METHODS, get_criterion
+from reap.core.errors import UserError
+from reap.calibrate.stats import FIELDS, ExpertStats, LayerAccumulator, TokenSample, greedy_rerouted_order
+from reap.selection.choose import choose_experts, select
 
 # layer 0: expert 0 gets pairs (g=0.5, n=2), (g=0.25, n=4); expert 1 one pair (g=1, n=3); expert 2 never routed;
 #          expert 3 four pairs (g=0.5, n=1)
@@ -98,7 +98,7 @@ def test_reap_prior_scores():
             for layer in range(2)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
     # between the mean and the sum: layer 1, expert 1 (1 token, g||f|| 8) vs expert 2 (3 tokens of 5)
-    from reap.criteria import reap_prior_scores
+    from reap.selection.criteria import reap_prior_scores
 
     stats = hand_stats()
     assert torch.equal(reap_prior_scores(stats, strength=0.0), stats.scores("reap"))
@@ -233,7 +233,7 @@ def test_greedy_rank_criterion_and_file(tmp_path):
     got = stats.scores("greedy-rerouted")
     want1 = stats.reap_sum[1] / stats.reap_sum[1].max() * (E - 1)
     assert torch.equal(got[1], want1)
-    from reap.criteria import greedy_fallback_layers
+    from reap.selection.criteria import greedy_fallback_layers
 
     assert list(greedy_fallback_layers(stats)) == [1]
     stats.set_greedy_order(1, [3, 0])

@@ -1,4 +1,4 @@
-"""Tests for reap.data and reap.records: dataset specs, file formats, mixtures, sampling, truncation, packing, chat
+"""Tests for reap.data.tokens and reap.data.records: dataset specs, file formats, mixtures, sampling, truncation, packing, chat
 templates, user errors, and the reference calibration protocol of mini-m2 (checked against an independent loop)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from reap.data import DataOptions, calibration_sequences, eval_token_stream, load_tokenizer
-from reap.errors import UserError
-from reap.records import DataSource, load_records, parse_dataset_spec
+from reap.data.tokens import DataOptions, calibration_sequences, eval_token_stream, load_tokenizer
+from reap.core.errors import UserError
+from reap.data.records import DataSource, load_records, parse_dataset_spec
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MINI_M2 = SHARED / "fixtures" / "mini-m2"
@@ -208,7 +208,7 @@ def test_mixture_counts_and_order(tmp_path, tok):
 
 def test_count_larger_than_source_takes_all(tmp_path, tok, caplog):
     a = write_jsonl(tmp_path / "a.jsonl", docs(3))
-    with caplog.at_level(logging.WARNING, logger="reap.records"):
+    with caplog.at_level(logging.WARNING, logger="reap.data.records"):
         seqs = calibration_sequences(DataOptions(f"{a}:10", samples=50), tok)
     assert seqs == [ids(tok, r["text"]) for r in docs(3)]
     assert "only 3 records" in caplog.text
@@ -234,7 +234,7 @@ def test_reading_stops_once_enough_records(tmp_path, tok):
 def test_empty_records_are_dropped_not_replaced(tmp_path, tok, caplog):
     records = [{"text": "the fox"}, {"text": ""}, {"text": "lazy dog"}, {"text": "jumps"}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    with caplog.at_level(logging.WARNING, logger="reap.data"):
+    with caplog.at_level(logging.WARNING, logger="reap.data.tokens"):
         seqs = calibration_sequences(DataOptions(str(path), samples=3), tok)
     assert seqs == [ids(tok, "the fox"), ids(tok, "lazy dog")]
     assert "dropped 1 of 3" in caplog.text

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reap.calibrate import calibrate
-from reap.data import load_tokenizer
-from reap.errors import UserError
+from reap.calibrate.run import calibrate
+from reap.data.tokens import load_tokenizer
+from reap.core.errors import UserError
 from reap.evaluate import compare, evaluate, windows
-from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+from reap.core.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
 from reap.prune import prune_model
 
 CPU = EngineOptions(device="cpu", dtype="float32", progress=False)
@@ -104,10 +104,10 @@ def test_whole_dataset_when_it_is_short(tiny_fp32, text_data):
 
 
 def test_tied_embeddings(tmp_path, text_data):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tied", seed=3, tie_word_embeddings=True)
-    from reap.checkpoint import Checkpoint
+    from reap.io.checkpoint import Checkpoint
 
     assert "lm_head.weight" not in Checkpoint(model)  # the head is the embedding
     got = evaluate(EvalOptions(str(model), str(text_data), 300, 128, CPU), log=QUIET)

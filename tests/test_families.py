@@ -20,12 +20,12 @@ from helpers import (assert_exact_surgery, assert_reference_outputs, feed_refere
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from reap.checkpoint import Checkpoint
+from reap.io.checkpoint import Checkpoint
 from reap.cli import app
-from reap.derive import derive
-from reap.options import EngineOptions
-from reap.saliency import FIELDS, LayerAccumulator
-from reap.stream import LayerStreamer
+from reap.model.derive import derive
+from reap.core.options import EngineOptions
+from reap.calibrate.stats import FIELDS, LayerAccumulator
+from reap.stream.streamer import LayerStreamer
 
 pytestmark = pytest.mark.slow  # the named families in their released formats, end to end: ~1 minute
 
@@ -47,8 +47,8 @@ LENGTHS = (23, 40, 7, 31)
 def family_models(tmp_path_factory):
     """Tiny checkpoints made on first use, per (name, kind): float32/bfloat16 saved by transformers in several
     shards, "fp8" (the bf16 one in the released FP8 block layout), "mxfp4" (gpt-oss's released layout)."""
-    from reap.tiny import make_tiny_model
-    from reap.tiny_formats import convert_to_fp8, convert_to_mxfp4
+    from reap.testing.tiny import make_tiny_model
+    from reap.testing.tiny_formats import convert_to_fp8, convert_to_mxfp4
 
     cache: dict[tuple[str, str], Path] = {}
 
@@ -150,8 +150,8 @@ def test_groups_stay_equal_and_contiguous(family_models, tmp_path, name):
 def _calibrate_on_source(model: Path, tmp_path: Path, stats_path: Path, files: int, chars: int, max_length: int):
     """`calibrate` on CPU with the first ``chars`` characters of reap's first ``files`` source files as the data;
     the statistics are also written to ``stats_path``. Returns (stats, summary)."""
-    from reap.calibrate import calibrate
-    from reap.options import CalibrateOptions, DataOptions
+    from reap.calibrate.run import calibrate
+    from reap.core.options import CalibrateOptions, DataOptions
 
     sources = sorted((Path(__file__).resolve().parents[1] / "src" / "reap").glob("*.py"))[:files]
     data = tmp_path / "d.jsonl"
@@ -238,8 +238,8 @@ def test_qwen3_5_moe_vision_language_wrapper_with_fused_experts(tmp_path):
     transformers loads the result as the same wrapper, equal to the original with those experts removed."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
-    from reap.tiny import make_byte_tokenizer
-    from reap.tiny_configs import tiny_config
+    from reap.testing.tiny import make_byte_tokenizer
+    from reap.testing.tiny_configs import tiny_config
 
     cfg = Qwen3_5MoeConfig(text_config=tiny_config("qwen3_5_moe").to_dict(),
                            vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
@@ -283,7 +283,7 @@ def test_deepseek_v4_hash_table_names_only_kept_experts(tmp_path):
     """DeepSeek-V4's hash-routed layers choose experts by a token -> expert table (tid2eid). After pruning the table
     names only kept experts, renumbered: a kept expert keeps its tokens, a pruned expert's tokens go to the kept
     expert whose router row is most similar (cosine; computed here independently of reap)."""
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     src = make_tiny_model(tmp_path / "v4", family="deepseek_v4")
     report = _prune(src, tmp_path / "o")

@@ -402,7 +402,7 @@ def test_termination_signals_clean_up_like_ctrl_c(tiny_fp32, tmp_path, sig, code
 
 
 def test_ctrl_c_during_calibrate_keeps_the_stats_for_resume(tiny_fp32, tmp_path, texts):
-    from reap.saliency import ExpertStats
+    from reap.calibrate.stats import ExpertStats
 
     stats, mark = tmp_path / "s.safetensors", tmp_path / "mark"
     proc = _start("calibrate", tiny_fp32, "--dataset", texts, "--out", stats, "--max-length", "48", "--device", "cpu",
@@ -454,8 +454,8 @@ def test_out_of_memory_in_a_batch_is_one_line_and_the_stats_resume(tiny_fp32, tm
     layer, the batch, the sizes, --batch-tokens and --offload cpu; the stats file keeps layer 0 and --resume with a
     smaller --batch-tokens finishes it (the hidden states kept after layer 0 were made with other batches: replayed),
     equal to an uninterrupted run."""
-    from reap.saliency import FIELDS, ExpertStats
-    from reap.stream import LayerStreamer
+    from reap.calibrate.stats import FIELDS, ExpertStats
+    from reap.stream.streamer import LayerStreamer
 
     layer_call = LayerStreamer.layer_call
 
@@ -486,8 +486,8 @@ def test_out_of_memory_in_a_batch_is_one_line_and_the_stats_resume(tiny_fp32, tm
 def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypatch):
     """Loading a layer's weights (on the prefetch thread: its error re-raised by the compute thread), the greedy
     search, the embeddings before any layer, the CPU's allocator, and `reap eval`: one line each."""
-    import reap.saliency
-    from reap.layer_loading import LayerLoading
+    import reap.calibrate.stats
+    from reap.stream.loader import LayerLoading
 
     stats = tmp_path / "s.safetensors"
     load_layer = LayerLoading._load_layer
@@ -502,7 +502,7 @@ def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypa
         refused(_calibrate(tiny_fp32, texts, stats, "--greedy-tokens", "0"), "out of GPU memory loading layer 2's "
                 "weights", "--batch-tokens", f"{stats} keeps 2 finished layers of 3", "continue at layer 2")
     with monkeypatch.context() as m:
-        m.setattr(reap.saliency, "greedy_routed_order", _raise(torch.OutOfMemoryError(OOM)))
+        m.setattr(reap.calibrate.stats, "greedy_routed_order", _raise(torch.OutOfMemoryError(OOM)))
         refused(_calibrate(tiny_fp32, texts, stats, "--overwrite"), "out of GPU memory in layer 0's greedy search",
                 "--greedy-memory 2 (now 4 GiB)", f"no layer was finished, so {stats} was not written")
     load = LayerLoading._load
@@ -517,7 +517,7 @@ def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypa
         m.setattr(LayerLoading, "_load", embeddings)
         refused(_calibrate(tiny_fp32, texts, tmp_path / "t.safetensors"), "out of CPU memory before the first layer "
                 "ran (loading the model's embeddings): tried to allocate 1.00 GiB with", "--batch-tokens")
-    from reap.stream import LayerStreamer
+    from reap.stream.streamer import LayerStreamer
 
     layer_call = LayerStreamer.layer_call
     with monkeypatch.context() as m:
@@ -570,17 +570,17 @@ def test_a_stale_lock_is_taken_over(tiny_fp32, tmp_path):
 
 
 def test_a_target_that_appears_during_the_run_is_not_replaced(tiny_fp32, tmp_path, monkeypatch):
-    import reap.surgery
+    import reap.rewrite.surgery
 
     out = tmp_path / "out"
-    verify = reap.surgery.verify
+    verify = reap.rewrite.surgery.verify
 
     def meanwhile(*args, **kwargs):
         out.mkdir()
         (out / "theirs.txt").write_text("written by another program")
         return verify(*args, **kwargs)
 
-    monkeypatch.setattr(reap.surgery, "verify", meanwhile)
+    monkeypatch.setattr(reap.rewrite.surgery, "verify", meanwhile)
     refused(cli("prune", tiny_fp32, "--out", out, "--ratio", "0.25", "--method", "random", "-q"), "appeared while",
             "nothing was published")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and _beside(out) == []

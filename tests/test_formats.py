@@ -11,8 +11,8 @@ from conftest import import_or_skip
 from helpers import KIMI_INT4_QUANT as KIMI_QUANT
 from safetensors import safe_open
 
-from reap.checkpoint import Checkpoint
-from reap.errors import UserError
+from reap.io.checkpoint import Checkpoint
+from reap.core.errors import UserError
 from reap.formats import (DENSE, FP8_BLOCK, MXFP4, checkpoint_format, companion_problem, dequantize,
                           dequantize_blocks, dequantize_mxfp4, group_parts, stored_params, value_dtype)
 from reap.formats.kernels import pack_int32, unpack_int32
@@ -131,7 +131,7 @@ def _ct_roundtrip(weight: torch.Tensor, preset: str, **overrides):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-    from reap.tiny_formats import _ct_qparams
+    from reap.testing.tiny_formats import _ct_qparams
 
     args = QuantizationArgs(**{**PRESET_SCHEMES[preset]["weights"].model_dump(), **overrides})
     kind = str(getattr(args.type, "value", args.type))
@@ -247,7 +247,7 @@ def test_nvfp4_modelopt_packer_and_dequantizer_equal_modelopt():
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     from reap.formats.kernels import dequantize_nvfp4_modelopt
-    from reap.tiny_formats import quantize_nvfp4_modelopt
+    from reap.testing.tiny_formats import quantize_nvfp4_modelopt
 
     for seed, dtype in ((0, torch.bfloat16), (1, torch.float32)):
         gen = torch.Generator().manual_seed(seed)
@@ -312,7 +312,7 @@ def test_unsupported_quantization_is_one_line_naming_it_and_what_reap_reads(quan
 
 
 def test_companion_checks():
-    from reap.checkpoint import TensorInfo
+    from reap.io.checkpoint import TensorInfo
 
     fmt = checkpoint_format({"quantization_config": KIMI_QUANT})
 

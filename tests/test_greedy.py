@@ -1,5 +1,5 @@
 """The greedy re-routing criterion end to end: the model's own router driven with experts removed
-(reap.moe.RouterDriver) against the pruned checkpoint's router, the routed greedy against the table greedy and a
+(reap.stream.experts.RouterDriver) against the pruned checkpoint's router, the routed greedy against the table greedy and a
 brute force, calibration storing the order, prune using it, fallbacks, old stats files, --multiple-of."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from helpers import load_causal_lm
 from typer.testing import CliRunner
 
 from reap.cli import app
-from reap.errors import UserError
-from reap.saliency import ExpertStats, greedy_rerouted_order, greedy_routed_order
+from reap.core.errors import UserError
+from reap.calibrate.stats import ExpertStats, greedy_rerouted_order, greedy_routed_order
 
 
 def cli(*args):
@@ -100,12 +100,12 @@ FAMILIES = ["minimax_m2", "qwen3_moe", "mixtral", "kimi_k2", "gpt_oss", "glm4_mo
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_driver_equals_pruned_checkpoint(family, tmp_path):
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
-    from reap.moe import RouterDriver, use_reap_experts
-    from reap.options import PruneOptions
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
+    from reap.stream.experts import RouterDriver, use_reap_experts
+    from reap.core.options import PruneOptions
     from reap.prune import prune_model
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     src = make_tiny_model(tmp_path / "m", family=family, seed=3)
     spec = derive(Checkpoint(src))
@@ -189,7 +189,7 @@ def test_calibrate_stores_greedy_order_and_prune_uses_it(tiny_fp32, tmp_path):
 
 
 def test_old_stats_file_without_greedy_order(tmp_path):
-    from reap.criteria import get_criterion
+    from reap.selection.criteria import get_criterion
 
     stats = ExpertStats(2, 4)
     stats.completed = {0, 1}
@@ -201,7 +201,7 @@ def test_old_stats_file_without_greedy_order(tmp_path):
 
 
 def test_group_limited_routing_falls_back_to_weighted_ean(tmp_path):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     src = make_tiny_model(tmp_path / "ds", family="deepseek_v3")  # n_group 4: not a plain top-k
     data = _jsonl(tmp_path / "d.jsonl")
@@ -243,7 +243,7 @@ def test_multiple_of(tiny_fp32, tmp_path):
 
 
 def test_multiple_of_conflicts_with_groups(tmp_path):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     src = make_tiny_model(tmp_path / "ds", family="deepseek_v3")  # 16 experts in 4 groups
     # ratio 0.25: 12 kept; multiple of 6 -> 12 (ok, 3 per group); multiple of 5 -> 10: 4 groups cannot share it
@@ -253,7 +253,7 @@ def test_multiple_of_conflicts_with_groups(tmp_path):
 
 def test_method_help_lists_every_criterion():
     from reap.cli import METHOD_HELP
-    from reap.criteria import DEFAULT, METHODS
+    from reap.selection.criteria import DEFAULT, METHODS
 
     assert all(m in METHOD_HELP for m in METHODS) and f"{DEFAULT} (default)" in METHOD_HELP
 
@@ -265,9 +265,9 @@ def test_default_reproduces_its_table_on_mini_qwen3moe(tmp_path):
     exactly the greedy order of the study's independent implementation (benchmarks/results/criteria, its own
     routing code and hooks on transformers' model), and the checkpoint `reap prune` writes from it has the table's
     loss (docs/criteria.md: 2.7635 at 0.3, 16 documents) under `reap eval` on the table's eval slice."""
-    from reap.calibrate import calibrate
+    from reap.calibrate.run import calibrate
     from reap.evaluate import evaluate
-    from reap.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
+    from reap.core.options import CalibrateOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
     from reap.prune import prune_model
 
     root = Path(__file__).resolve().parents[1]

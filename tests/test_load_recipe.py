@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reap import load_recipe
-from reap.checkpoint import Checkpoint
-from reap.derive import derive
-from reap.options import EngineOptions
-from reap.stream import LayerStreamer
+from reap.stream import load_recipe
+from reap.io.checkpoint import Checkpoint
+from reap.model.derive import derive
+from reap.core.options import EngineOptions
+from reap.stream.streamer import LayerStreamer
 
 
 def _loaded(path, monkeypatch, loader: str | None):
@@ -40,7 +40,7 @@ def _loaded(path, monkeypatch, loader: str | None):
 
 @pytest.fixture(scope="module")
 def family_model(tmp_path_factory):
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     made = {}
 
@@ -78,7 +78,7 @@ def _template(tiny_fp32):
     st = LayerStreamer(ckpt, derive(ckpt), None, EngineOptions(device="cpu", dtype="float32", progress=False))
     raw = st._read_layer(0).views()
     state = st._materialize(raw)
-    from reap.weights import load_into
+    from reap.stream.weights import load_into
 
     load_into(st.model, state, st.device, st.dtype, "layer 0")
     return st, state, st._targets(raw), f"{st.layout.layers_path}.0."
@@ -104,7 +104,7 @@ def test_values_that_cannot_tell_candidates_apart_keep_transformers_loader(tiny_
     st, state, targets, prefix = _template(tiny_fp32)
     try:
         zeros = {k: torch.zeros_like(v) if ".experts." in k else v for k, v in state.items()}
-        from reap.weights import load_into
+        from reap.stream.weights import load_into
 
         load_into(st.model, zeros, st.device, st.dtype, "layer 0")
         recipe, why = load_recipe.learn(st.layers[0], prefix, zeros, targets, 0)

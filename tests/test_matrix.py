@@ -1,9 +1,9 @@
 """The support matrix: every MoE model type of the installed transformers, end to end on a tiny checkpoint.
 
-For each model type (``reap.moe_types``): a tiny random checkpoint saved by transformers in several shards;
+For each model type (``reap.model.moe_types``): a tiny random checkpoint saved by transformers in several shards;
 the statistics reap's streamer gathers (padded batches) == hooks on transformers' own experts on the same batches
 (fp32), and every layer after the first of its kind, loaded by the recipe learned from transformers' own load
-(``reap.load_recipe``), == transformers' loader's result bit for bit; ``reap prune --ratio 0.3 --method random``
+(``reap.stream.load_recipe``), == transformers' loader's result bit for bit; ``reap prune --ratio 0.3 --method random``
 writes a checkpoint whose every tensor is a source tensor byte for byte (kept experts renumbered, router rows and
 biases sliced, expert-id tables renumbered), that transformers loads with no missing or unexpected weights, whose
 logits equal the original model's with the pruned experts removed in memory, and whose config.json differs only in the expert-count keys; and ``reap eval`` equals
@@ -23,14 +23,14 @@ from helpers import (assert_exact_surgery, assert_recipe_load_equals_transformer
                      random_sequences, removed_in_memory)
 from typer.testing import CliRunner
 
-from reap import moe_types
-from reap.checkpoint import Checkpoint
+from reap.model import moe_types
+from reap.io.checkpoint import Checkpoint
 from reap.cli import app
-from reap.derive import derive
-from reap.families import MATRIX_NAME, load_matrix, markdown_table
-from reap.options import EngineOptions
-from reap.saliency import FIELDS, LayerAccumulator
-from reap.stream import LayerStreamer
+from reap.model.derive import derive
+from reap.model.families import MATRIX_NAME, load_matrix, markdown_table
+from reap.core.options import EngineOptions
+from reap.calibrate.stats import FIELDS, LayerAccumulator
+from reap.stream.streamer import LayerStreamer
 
 pytestmark = pytest.mark.slow  # every MoE model type of transformers end to end: ~2 minutes on 2 cores
 
@@ -90,8 +90,8 @@ def test_model_type_end_to_end(model_type, tmp_path, text_file):
     if model_type in moe_types.UNSUPPORTED:
         OUTCOMES[model_type] = {"status": "unsupported", "reason": moe_types.UNSUPPORTED[model_type]}
         pytest.skip(moe_types.UNSUPPORTED[model_type])
-    from reap.errors import UserError
-    from reap.tiny import make_tiny_model
+    from reap.core.errors import UserError
+    from reap.testing.tiny import make_tiny_model
 
     known = _known(model_type)
     try:
@@ -103,7 +103,7 @@ def test_model_type_end_to_end(model_type, tmp_path, text_file):
         if known:
             raise
         pytest.skip(f"no tiny checkpoint of the new type {model_type} ({type(err).__name__}: {err}); add its shape "
-                    "to OVERRIDES in src/reap/tiny_configs.py")
+                    "to OVERRIDES in src/reap/testing/tiny_configs.py")
     if not known:
         why = _refused_by_reap(model_type, src, text_file, tmp_path)
         if why is not None:
@@ -169,7 +169,7 @@ def test_model_type_end_to_end(model_type, tmp_path, text_file):
                                    "48", "--device", "cpu", "--dtype", "float32", "-q", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
-    from reap.data import load_tokenizer
+    from reap.data.tokens import load_tokenizer
     from reap.evaluate import eval_stream, windows
 
     tok = load_tokenizer(src)
@@ -202,7 +202,7 @@ def test_the_matrix_file_and_the_readme_say_what_the_tests_found():
     if set(OUTCOMES) == set(TYPES):
         assert set(matrix["model_types"]) == set(TYPES)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert markdown_table(matrix) in readme, "README's support table is stale: paste reap.families.markdown_table()"
+    assert markdown_table(matrix) in readme, "README's support table is stale: paste reap.model.families.markdown_table()"
 
 
 def test_inspect_families_lists_the_matrix():

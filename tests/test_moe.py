@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reap.moe import ExpertsProbe, _grouped_mm_fn, reap_experts_forward, use_reap_experts
-from reap.saliency import FIELDS, LayerAccumulator
+from reap.stream.experts import ExpertsProbe, _grouped_mm_fn, reap_experts_forward, use_reap_experts
+from reap.calibrate.stats import FIELDS, LayerAccumulator
 
 FAMILIES = ["minimax_m2", "gpt_oss", "deepseek_v3", "qwen3_next"]
 
@@ -15,8 +15,8 @@ def _experts(family: str, seed: int = 0):
     """A tiny model's first experts module with spread-out random weights (float32, on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from reap.model_layout import is_experts_module
-    from reap.tiny import tiny_family_config
+    from reap.model.model_side import is_experts_module
+    from reap.testing.tiny import tiny_family_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_family_config(family), experts_implementation="eager")

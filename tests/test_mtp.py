@@ -1,7 +1,7 @@
 """Multi-token-prediction (MTP) modules kept: calibrated after the last decoder layer and pruned like every layer.
 
 Tiny DeepSeek-V3, GLM-4.5 and Qwen3-Next checkpoints get one MTP module each as the releases store it
-(:func:`reap.tiny.add_mtp_modules`). The reference for every check is written here, independent of reap's MTP code:
+(:func:`reap.testing.tiny.add_mtp_modules`). The reference for every check is written here, independent of reap's MTP code:
 the serving engines' formula (vLLM ``deepseek_mtp.py`` / ``glm4_moe_mtp.py`` / ``qwen3_next_mtp.py``)
 
     U_t = proj(concat(norm_e(embed(x_{t+1})), norm_h(H_t)))      H = the main model's last hidden state, after its norm
@@ -24,13 +24,13 @@ from helpers import load_causal_lm, python_snippets, random_sequences, removed_i
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from reap.arch import MTP_STYLES
-from reap.checkpoint import Checkpoint
+from reap.model.arch import MTP_STYLES
+from reap.io.checkpoint import Checkpoint
 from reap.cli import app
-from reap.derive import derive
-from reap.options import EngineOptions
-from reap.saliency import FIELDS, ExpertStats, LayerAccumulator
-from reap.stream import LayerStreamer
+from reap.model.derive import derive
+from reap.core.options import EngineOptions
+from reap.calibrate.stats import FIELDS, ExpertStats, LayerAccumulator
+from reap.stream.streamer import LayerStreamer
 
 FAMILIES = {"deepseek": "deepseek_v3", "glm": "glm4_moe", "qwen3_next": "qwen3_next"}
 LENGTHS = (23, 40, 7, 31)
@@ -43,7 +43,7 @@ def calibration_texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def mtp_models(tmp_path_factory):
-    from reap.tiny import add_mtp_modules, make_tiny_model
+    from reap.testing.tiny import add_mtp_modules, make_tiny_model
 
     cache: dict[str, Path] = {}
 
@@ -194,7 +194,7 @@ def test_pruned_mtp_module_equals_the_original_with_those_experts_removed(mtp_mo
     """`reap prune --dataset`: the MTP layer keeps K experts chosen by its own statistics, config.json keeps its MTP
     count, transformers loads the main model (== removal in memory), the pruned MTP module's logits equal the
     original module's with the pruned experts removed, and `reap inspect` predicted the sizes written."""
-    from reap.summary import describe
+    from reap.report.inspect import describe
 
     src = mtp_models(name)
     data = tmp_path / "d.jsonl"
@@ -259,7 +259,7 @@ def test_pruned_mtp_module_equals_the_original_with_those_experts_removed(mtp_mo
 def test_drop_mtp_leaves_the_module_out(mtp_models, tmp_path, name):
     """`--drop-mtp`: today's behaviour on request: no MTP tensor written, its config count 0, the rest the same
     surgery as on the checkpoint without MTP, and `reap inspect --drop-mtp` predicts the output."""
-    from reap.summary import describe
+    from reap.report.inspect import describe
 
     src = mtp_models(name)
     plain = src.parent / f"{name}-plain"
@@ -282,9 +282,9 @@ def test_drop_mtp_leaves_the_module_out(mtp_models, tmp_path, name):
 def test_resume_continues_across_the_mtp_module(mtp_models, calibration_texts, tmp_path, monkeypatch):
     """An interrupt in the MTP module leaves the decoder layers' rows; --resume computes the MTP row only and the
     file equals an uninterrupted run's; prune --stats of a file without MTP rows says how to fix it."""
-    from reap.calibrate import calibrate
-    from reap.errors import UserError
-    from reap.options import CalibrateOptions, DataOptions
+    from reap.calibrate.run import calibrate
+    from reap.core.errors import UserError
+    from reap.core.options import CalibrateOptions, DataOptions
 
     src = mtp_models("glm")
     data = tmp_path / "d.jsonl"
@@ -331,7 +331,7 @@ def test_inspect_families_says_mtp_is_kept():
 def test_eval_of_a_model_with_mtp_is_the_main_models_loss(mtp_models, calibration_texts, tmp_path):
     """`reap eval` streams the main model only: the same loss with and without the MTP module on disk."""
     from reap.evaluate import evaluate
-    from reap.options import EvalOptions
+    from reap.core.options import EvalOptions
 
     src = mtp_models("glm")
     data = tmp_path / "e.jsonl"

@@ -1,4 +1,4 @@
-"""Options declared once, on the fields of reap.options' classes: every command that takes a class lists each of its
+"""Options declared once, on the fields of reap.core.options' classes: every command that takes a class lists each of its
 flags with the declared names, metavar and help; recipes are typed by the fields; the parsed flags become the
 frozen objects the stages take, field by field."""
 
@@ -17,8 +17,8 @@ import typer.main
 from typer.testing import CliRunner
 
 from reap.cli import app
-from reap.config import option_types
-from reap.options import (CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, Flag,
+from reap.recipe import option_types
+from reap.core.options import (CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, Flag,
                           PruneOptions, build, flag, params)
 
 WIDE = {"COLUMNS": "2000"}  # help as wide as it gets (120 columns)
@@ -171,7 +171,7 @@ DATA = DataOptions("d.jsonl", samples=5, max_length=7, shuffle=True, seed=3, pac
 @pytest.fixture
 def captured(monkeypatch):
     """The options object each stage is called with (the stage itself does not run)."""
-    import reap.calibrate
+    import reap.calibrate.run
     import reap.evaluate
     import reap.prune
 
@@ -183,7 +183,7 @@ def captured(monkeypatch):
             return result
         return stage
 
-    monkeypatch.setattr(reap.calibrate, "calibrate", keep("calibrate", (None, {"already_complete": True})))
+    monkeypatch.setattr(reap.calibrate.run, "calibrate", keep("calibrate", (None, {"already_complete": True})))
     monkeypatch.setattr(reap.prune, "prune_model", keep("prune", None))
     monkeypatch.setattr(reap.evaluate, "evaluate", keep("eval", {}))
     monkeypatch.setattr(reap.evaluate, "format_result", lambda result: "")
@@ -259,15 +259,17 @@ def test_build_fills_what_the_values_hold_and_leaves_the_rest_at_the_defaults():
 
 
 def test_the_options_import_no_torch():
-    probe = "import sys, reap.options, reap.config; print(json.dumps([m in sys.modules for m in ('torch', 'transformers')]))"
+    probe = "import sys, reap.core.options, reap.recipe; print(json.dumps([m in sys.modules for m in ('torch', 'transformers')]))"
     out = subprocess.run([sys.executable, "-c", "import json; " + probe], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [False, False]
 
 
 # -- the objects check themselves (the command line and the plain functions alike) -----------------------------------
 def test_the_torch_free_lists_match_the_registries():
-    """--method, --dtype: checked from reap.options' lists (no torch); they are the registries' names."""
-    from reap import criteria, options, stream
+    """--method, --dtype: checked from reap.core.options' lists (no torch); they are the registries' names."""
+    from reap.selection import criteria
+    from reap.core import options
+    from reap.stream import streamer as stream
 
     assert options.METHODS == criteria.METHODS
     assert options.DEFAULT_METHOD == criteria.DEFAULT == PruneOptions.__dataclass_fields__["method"].default
@@ -320,7 +322,7 @@ CAL = CalibrateOptions(model="M", data=DataOptions("d.jsonl"))
     (lambda: EvalOptions("M", "e", seq_len=0), ["--seq-len"]),
 ])
 def test_bad_options_are_refused_when_the_object_is_made(make, needles):
-    from reap.errors import UserError
+    from reap.core.errors import UserError
 
     with pytest.raises(UserError) as err:
         make()
@@ -338,8 +340,8 @@ def test_good_options_pass():
 
 
 def test_check_inputs_names_the_missing_file(tmp_path):
-    from reap.errors import UserError
-    from reap.options import check_inputs
+    from reap.core.errors import UserError
+    from reap.cli import check_inputs
 
     (tmp_path / "k.json").write_text("{}")
     check_inputs(PruneOptions("M", Path("o"), keep_file=tmp_path / "k.json"))
@@ -361,7 +363,7 @@ def test_check_inputs_names_the_missing_file(tmp_path):
     ("weighted_ean", ("weighted-ean", "ean"), "weighted-ean"), ("zzz", ("reap", "ean"), None),
 ])
 def test_did_you_mean(word, choices, meant):
-    from reap.errors import did_you_mean, suggestion
+    from reap.core.errors import did_you_mean, suggestion
 
     assert did_you_mean(word, choices) == meant
     assert suggestion(word, choices) == (f"did you mean {meant!r}? " if meant else "")

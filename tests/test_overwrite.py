@@ -160,7 +160,7 @@ def test_calibrate_overwrite_replaces_only_a_stats_file(tiny_fp32, tmp_path):
     for _ in range(2):
         res = cli("calibrate", tiny_fp32, "--out", stats, *args)
         assert res.exit_code == 0, res.output
-    from reap.saliency import ExpertStats
+    from reap.calibrate.stats import ExpertStats
 
     assert ExpertStats.load(stats).completed
 
@@ -168,18 +168,18 @@ def test_calibrate_overwrite_replaces_only_a_stats_file(tiny_fp32, tmp_path):
 def test_a_file_added_to_the_previous_output_during_the_run_is_kept(tiny_fp32, tmp_path, monkeypatch):
     """The check is made again at the swap: a file the user saves into the old output while the new one is being
     written refuses the swap; the old output stays as it was, with that file, and nothing is published."""
-    import reap.surgery
+    import reap.rewrite.surgery
 
     out = tmp_path / "out"
     assert cli("prune", tiny_fp32, "--out", out, *PRUNE, "--seed", "1").exit_code == 0
     before = snapshot(out)
-    verify = reap.surgery.verify
+    verify = reap.rewrite.surgery.verify
 
     def meanwhile(*args, **kwargs):
         (out / "notes.txt").write_text("saved while reap was writing")
         return verify(*args, **kwargs)
 
-    monkeypatch.setattr(reap.surgery, "verify", meanwhile)
+    monkeypatch.setattr(reap.rewrite.surgery, "verify", meanwhile)
     assert_refused(cli("prune", tiny_fp32, "--out", out, *PRUNE, "--seed", "2", "--overwrite"),
                    "changed while reap was writing it", "(notes.txt)", "nothing was published")
     after = snapshot(out)

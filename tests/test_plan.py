@@ -1,9 +1,9 @@
-"""reap.plan: the expert plan object and check_plan, the one place every selection rule lives."""
+"""reap.selection.plan: the expert plan object and check_plan, the one place every selection rule lives."""
 
 import pytest
 
-from reap.errors import UserError
-from reap.plan import ExpertPlan, OutputExpert, Routing, check_plan
+from reap.core.errors import UserError
+from reap.selection.plan import ExpertPlan, OutputExpert, Routing, check_plan
 
 QWEN = Routing("qwen3_moe", 8, 2)
 GROUPED = Routing("deepseek_v3", 16, 2, 4, 2)  # 4 groups of 4, top-2 into 2 groups: at least 2 per group

@@ -277,12 +277,12 @@ def test_pruned_model_equals_original_with_pruned_experts_masked(model, request,
 
 def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch):
     """An error (or Ctrl-C) after the 2nd shard leaves no target and no .NAME.incomplete-* folder."""
-    import reap.surgery
-    import reap.writer
-    from reap.options import PruneOptions
+    import reap.rewrite.surgery
+    import reap.io.writer
+    from reap.core.options import PruneOptions
     from reap.prune import prune_model
 
-    real = reap.writer.write_safetensors
+    real = reap.io.writer.write_safetensors
     calls = []
 
     def make_failing(exc):
@@ -298,7 +298,7 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
     for exc in (RuntimeError("disk full"), KeyboardInterrupt()):
         calls.clear()
         failing = make_failing(exc)
-        monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
+        monkeypatch.setattr(reap.rewrite.surgery, "write_safetensors", failing)
         target = tmp_path / "out"
         with pytest.raises(type(exc)):
             prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", progress=False),
@@ -310,13 +310,13 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
 
     # an existing target (a previous output) survives a failed --overwrite untouched
     target = tmp_path / "out"
-    monkeypatch.setattr(reap.surgery, "write_safetensors", real)
+    monkeypatch.setattr(reap.rewrite.surgery, "write_safetensors", real)
     prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", progress=False),
                 log=lambda *_: None)
     previous = snapshot(target)
     calls.clear()
     failing = make_failing(RuntimeError("disk full"))
-    monkeypatch.setattr(reap.surgery, "write_safetensors", failing)
+    monkeypatch.setattr(reap.rewrite.surgery, "write_safetensors", failing)
     with pytest.raises(RuntimeError):
         prune_model(PruneOptions(model=str(tiny_fp32), out=target, ratio=0.3, method="random", overwrite=True,
                                  progress=False), log=lambda *_: None)
@@ -329,7 +329,7 @@ def test_interrupted_rewrite_publishes_nothing(tiny_fp32, tmp_path, monkeypatch)
 def test_no_fsync_writes_the_same_checkpoint(tiny_fp8, tmp_path):
     """--no-fsync changes when bytes reach the disk, never which bytes: same files, same contents (the report
     and card differ only in their timestamps and command line)."""
-    from reap.options import PruneOptions
+    from reap.core.options import PruneOptions
     from reap.prune import prune_model
 
     outs = {}

@@ -4,7 +4,7 @@ the quantization config renumbered; unsupported quantization refused in one line
 Kimi-K2-Thinking INT4 checkpoint inspected.
 
 The tiny checkpoints are quantized by compressed-tensors itself (its min/max scales and compressor:
-:func:`reap.tiny_formats.convert_to_compressed_tensors`) or, for ModelOpt, by reap's packer, which tests/test_formats.py
+:func:`reap.testing.tiny_formats.convert_to_compressed_tensors`) or, for ModelOpt, by reap's packer, which tests/test_formats.py
 checks byte for byte against ModelOpt's quantizer. The references are transformers' own loading where it works on
 the CPU (compressed-tensors with ``dequantize=True``: symmetric INT4 and FP8), else the model with every weight
 dequantized by reap (whose dequantizers tests/test_formats.py checks bit for bit against the libraries) and loaded
@@ -24,9 +24,9 @@ from helpers import (KIMI_INT4_QUANT, assert_exact_surgery, load_causal_lm, rand
                      write_sparse_shards)
 from typer.testing import CliRunner
 
-from reap.checkpoint import Checkpoint
+from reap.io.checkpoint import Checkpoint
 from reap.cli import app
-from reap.derive import derive
+from reap.model.derive import derive
 
 pytestmark = pytest.mark.slow  # every quantized format end to end against its library: ~1 minute
 
@@ -53,8 +53,8 @@ TRANSFORMERS_LOADS = {"kimi-int4": torch.float32, "kimi-int4-channel": torch.flo
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from reap.tiny import make_tiny_model
-    from reap.tiny_formats import LINEAR_BUT_ROUTER, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
+    from reap.testing.tiny import make_tiny_model
+    from reap.testing.tiny_formats import LINEAR_BUT_ROUTER, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
 
     cache: dict[str, Path] = {}
 
@@ -168,7 +168,7 @@ def test_prune_with_calibration_exact_verified_loadable(quantized, calibration_f
     """`reap prune --ratio 0.3 --dataset ...` on a Kimi-K2-style INT4, a ModelOpt NVFP4 and a compressed-tensors
     FP8 checkpoint: calibrated through the dequantized layers, every kept tensor byte for byte (packed weights,
     scales, shapes, global scales), verified, and the pruned model is the original with the experts removed."""
-    from reap.summary import describe
+    from reap.report.inspect import describe
 
     src = quantized(name)
     predicted = describe(Checkpoint(src), ratio=0.3)["after"]
@@ -201,7 +201,7 @@ def test_every_format_prunes_byte_exact(quantized, tmp_path, name):
 def test_inspect_counts_parameters_as_transformers_does(quantized, tmp_path, name):
     """8 INT4 values per int32, 2 FP4 values per byte, companions none: inspect's total is the parameter count of
     the dequantized model transformers builds; disk bytes are the shard bytes."""
-    from reap.summary import describe
+    from reap.report.inspect import describe
 
     src = quantized(name)
     info = describe(Checkpoint(src), ratio=0.3)
@@ -218,9 +218,9 @@ def test_streamed_layers_equal_transformers(quantized, tmp_path, name):
     whose weights test_prune_with_calibration_exact_verified_loadable checks are transformers' own)."""
     from helpers import assert_reference_outputs, feed_reference_inputs, reference_layers
 
-    from reap.options import EngineOptions
-    from reap.saliency import LayerAccumulator
-    from reap.stream import LayerStreamer
+    from reap.core.options import EngineOptions
+    from reap.calibrate.stats import LayerAccumulator
+    from reap.stream.streamer import LayerStreamer
 
     src = quantized(name)
     seqs = random_sequences(250, (23, 40, 7))
@@ -241,7 +241,7 @@ def test_module_lists_naming_experts_are_renumbered(quantized, tmp_path):
     """Entries of compressed-tensors' ignore list and ModelOpt's exclude_modules that name expert indices point,
     after pruning, at the same experts under their new index (or are dropped with a pruned expert); the modules
     they name are still the ones stored unquantized; the result loads."""
-    from reap.tiny_formats import KIMI_INT4_IGNORE, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
+    from reap.testing.tiny_formats import KIMI_INT4_IGNORE, convert_to_compressed_tensors, convert_to_nvfp4_modelopt
 
     base = quantized("kimi-int4").parent / "kimi_k2-bf16"
     named = ["model.layers.1.mlp.experts.3.down_proj", "model.layers.2.mlp.experts.9.gate_proj",
@@ -385,7 +385,7 @@ def _fused_ct(src: Path, dst: Path, preset: str) -> Path:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-    from reap.tiny_formats import _ct_qparams, _rewrite_tensors
+    from reap.testing.tiny_formats import _ct_qparams, _rewrite_tensors
 
     preset_args = PRESET_SCHEMES[preset]
     wargs = QuantizationArgs(**{**preset_args["weights"].model_dump(), **({"group_size": 32} if preset == "W4A16" else {})})
@@ -422,7 +422,7 @@ def test_fused_experts_companions_sliced_along_the_expert_axis(tmp_path, preset)
     """Quantized fused experts: every part with the expert axis is sliced along it byte for byte, weight_shape's
     expert count becomes K, a scale shared by all experts is copied; the pruned model is the original with the
     experts removed."""
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path / "granite", seed=2, dtype=torch.bfloat16, family="granitemoe")
     src = _fused_ct(base, tmp_path / "fused", preset)

@@ -105,8 +105,8 @@ def test_calibrated_prune_keeps_the_released_config(real_configs, tmp_path, data
 def test_kimi_k2_as_released_calibrates_and_prunes(kimi, tmp_path, data):
     from safetensors import safe_open
 
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
 
     layout = derive(Checkpoint(kimi))
     inv = [n for n in layout.roles if n.endswith("rotary_emb.inv_freq")]
@@ -132,8 +132,8 @@ def test_kimi_k2_tokenizer_loads_or_says_what_helps(kimi, tmp_path):
     model's own code says --trust-remote-code; one whose code needs a missing package says which."""
     import shutil
 
-    from reap.data import load_tokenizer
-    from reap.errors import UserError
+    from reap.data.tokens import load_tokenizer
+    from reap.core.errors import UserError
 
     from transformers import AutoTokenizer
 
@@ -275,8 +275,8 @@ def test_card_wording(tiny_fp32, tmp_path):
 
 # -- item 6: no FutureWarning from transformers -------------------------------------------------------------------
 def test_calibration_raises_no_future_or_deprecation_warning(tiny_fp32, data):
-    from reap.calibrate import calibrate
-    from reap.options import CalibrateOptions, DataOptions, EngineOptions
+    from reap.calibrate.run import calibrate
+    from reap.core.options import CalibrateOptions, DataOptions, EngineOptions
 
     opts = CalibrateOptions(model=str(tiny_fp32), data=DataOptions(dataset=str(data), samples=6, max_length=48),
                             engine=EngineOptions(device="cpu", dtype="float32", progress=False))

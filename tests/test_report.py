@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from reap.checkpoint import hub_id
-from reap.errors import UserError
-from reap.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
+from reap.io.checkpoint import hub_id
+from reap.core.errors import UserError
+from reap.core.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
 from reap.prune import prune_model
 from reap.report import (
     CARD_NAME,
@@ -22,8 +22,8 @@ from reap.report import (
     reproduce_command,
     write_model_card,
 )
-from reap.saliency import ExpertStats
-from reap.selection import choose_experts
+from reap.calibrate.stats import ExpertStats
+from reap.selection.choose import choose_experts
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUIET = lambda *_: None  # noqa: E731
@@ -73,9 +73,9 @@ def test_prune_writes_card_pictures_and_summary(pruned_reap, tiny_fp32):
     assert f"{report['calibration']['tokens']:,}" in card  # calibration tokens
     assert report["created"] in card and "reap 0.1.0" in card
     assert f"{report['bytes_before']:,} bytes" in card and f"{report['bytes_after']:,} bytes" in card
-    # parameters before/after from reap.summary.describe
-    from reap.checkpoint import Checkpoint
-    from reap.summary import describe
+    # parameters before/after from reap.report.inspect.describe
+    from reap.io.checkpoint import Checkpoint
+    from reap.report.inspect import describe
 
     before, after = describe(Checkpoint(tiny_fp32))["before"], describe(Checkpoint(pruned_reap))["before"]
     assert f"{before['total_params']:,}" in card and f"{after['total_params']:,}" in card
@@ -216,7 +216,7 @@ def test_other_criteria_are_compared_by_the_same_grouped_cut(tmp_path):
     import torch
 
     from reap.report.text import summary_text
-    from reap.saliency import LayerAccumulator
+    from reap.calibrate.stats import LayerAccumulator
 
     E = 8
     acc = LayerAccumulator(E)
@@ -247,7 +247,7 @@ def test_knee_of_hand_made_curves():
     convex = [n ** 3 for n in range(21)]
     assert 9 <= knee(convex) <= 13  # a smooth climb: where a removal costs the curve's average removal
     assert ratio_for(4, 16) == 0.25 and ratio_for(103, 256) == 0.403 and ratio_for(9, 16) == 0.57
-    from reap.selection import n_to_drop
+    from reap.selection.choose import n_to_drop
 
     assert all(n_to_drop(e, ratio_for(n, e)) == n for e in (8, 60, 128, 256, 384) for n in range(1, e))
 
@@ -257,7 +257,7 @@ def _greedy_stats(path: Path, layers: int = 3, experts: int = 16, top_k: int = 4
     differs per layer)."""
     import torch
 
-    from reap.saliency import GreedyOrder, LayerAccumulator
+    from reap.calibrate.stats import GreedyOrder, LayerAccumulator
 
     stats = ExpertStats(layers, experts, {"model": "/m/tiny-moe", "top_k": top_k, "tokens": 4096})
     gen = torch.Generator().manual_seed(3)

@@ -1,4 +1,4 @@
-"""reap.selection: the ratio -> count rule, the choice by scores (groups included), keep files, super experts."""
+"""reap.selection.choose: the ratio -> count rule, the choice by scores (groups included), keep files, super experts."""
 
 import json
 import math
@@ -10,9 +10,9 @@ import torch
 
 from test_criteria import hand_stats
 
-from reap.errors import UserError
-from reap.plan import Routing
-from reap.selection import (choose_experts, experts_to_drop, n_to_drop, plan_from_scores, protect, read_keep_file,
+from reap.core.errors import UserError
+from reap.selection.plan import Routing
+from reap.selection.choose import (choose_experts, experts_to_drop, n_to_drop, plan_from_scores, protect, read_keep_file,
                             scores_for, select, super_experts)
 
 
@@ -210,7 +210,7 @@ def test_super_experts_threshold():
 def test_more_super_experts_than_kept_is_a_one_line_error():
     import torch
 
-    from reap.selection import check_super_fit
+    from reap.selection.choose import check_super_fit
 
     protected = torch.zeros(3, 8, dtype=torch.bool)
     protected[2, :5] = True  # layer 2: five super experts

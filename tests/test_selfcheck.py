@@ -1,4 +1,4 @@
-"""The run-time self-check (:mod:`reap.selfcheck`): reap's reading of the experts against transformers' own code on
+"""The run-time self-check (:mod:`reap.stream.selfcheck`): reap's reading of the experts against transformers' own code on
 the first batch of every kind of MoE layer, before any statistic is trusted.
 
 Each failure mode is produced by a deliberately wrong piece of reap (patched in the test) on a real tiny model, and
@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import reap.moe
+import reap.stream.experts
 from reap.cli import app
 
 
@@ -21,7 +21,7 @@ from reap.cli import app
 def ergo(tmp_path_factory) -> Path:
     """A tiny ERGO: its experts class calls the dispatched projections one route per row with weight 1 and applies a
     per-expert RMSNorm and the routing weights outside them."""
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("selfcheck") / "ergo", family="ergo", seed=0)
 
@@ -52,7 +52,7 @@ def _one_line_refusal(res, *needles: str) -> str:
 def test_ergo_read_inside_the_dispatch_is_stopped(ergo, data, tmp_path, monkeypatch):
     """Without reading ERGO's experts at the module the block calls, reap would see g = 1 and f before the norm on
     rows of the module's own (each route a row) while its output is still right: the terms check stops it."""
-    monkeypatch.setattr(reap.moe, "is_wrapped", lambda module: False)
+    monkeypatch.setattr(reap.stream.experts, "is_wrapped", lambda module: False)
     res = _calibrate(ergo, data, tmp_path / "stats.safetensors")
     _one_line_refusal(res, "self-check", "'ergo'", "rows")
 
@@ -60,11 +60,11 @@ def test_ergo_read_inside_the_dispatch_is_stopped(ergo, data, tmp_path, monkeypa
 def test_ergo_read_at_the_block_passes_and_matches_transformers(ergo, data, tmp_path):
     from helpers import hooked_stats, random_sequences
 
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
-    from reap.options import EngineOptions
-    from reap.saliency import FIELDS, LayerAccumulator
-    from reap.stream import LayerStreamer
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
+    from reap.core.options import EngineOptions
+    from reap.calibrate.stats import FIELDS, LayerAccumulator
+    from reap.stream.streamer import LayerStreamer
 
     ckpt = Checkpoint(ergo)
     layout = derive(ckpt)
@@ -93,12 +93,12 @@ def test_ergo_read_at_the_block_passes_and_matches_transformers(ergo, data, tmp_
 
 def test_wrong_routing_weights_in_the_statistics_are_stopped(tiny_fp32, data, tmp_path, monkeypatch):
     """A deliberately wrong experts implementation that hands the statistics twice the weight the model applies."""
-    record = reap.moe._record
+    record = reap.stream.experts._record
 
     def wrong(probe, T, token, ids, gate, y):
         record(probe, T, token, ids, gate * 2, y)
 
-    monkeypatch.setattr(reap.moe, "_record", wrong)
+    monkeypatch.setattr(reap.stream.experts, "_record", wrong)
     out = tmp_path / "stats.safetensors"
     res = _calibrate(tiny_fp32, data, out)
     _one_line_refusal(res, "self-check", "'minimax_m2'", "weight or the output")
@@ -106,8 +106,8 @@ def test_wrong_routing_weights_in_the_statistics_are_stopped(tiny_fp32, data, tm
 
 def test_wrong_expert_outputs_are_stopped(tiny_fp32, data, tmp_path, monkeypatch):
     """A deliberately wrong experts implementation whose outputs differ from transformers' own."""
-    outputs = reap.moe.expert_outputs
-    monkeypatch.setattr(reap.moe, "expert_outputs", lambda *a, **k: outputs(*a, **k) * 1.5)
+    outputs = reap.stream.experts.expert_outputs
+    monkeypatch.setattr(reap.stream.experts, "expert_outputs", lambda *a, **k: outputs(*a, **k) * 1.5)
     res = _calibrate(tiny_fp32, data, tmp_path / "stats.safetensors")
     _one_line_refusal(res, "self-check", "differs from transformers'")
 
@@ -116,14 +116,14 @@ def test_padding_counted_as_traffic_is_stopped(tiny_fp32, monkeypatch):
     """A deliberately wrong implementation that counts the padded rows of a batch as routed tokens."""
     from helpers import random_sequences
 
-    from reap.checkpoint import Checkpoint
-    from reap.derive import derive
-    from reap.errors import UserError
-    from reap.options import EngineOptions
-    from reap.saliency import LayerAccumulator
-    from reap.stream import LayerStreamer
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
+    from reap.core.errors import UserError
+    from reap.core.options import EngineOptions
+    from reap.calibrate.stats import LayerAccumulator
+    from reap.stream.streamer import LayerStreamer
 
-    forward = reap.moe.reap_experts_forward
+    forward = reap.stream.experts.reap_experts_forward
 
     def no_mask(self, *args):
         probe = getattr(self, "_reap_probe", None)
@@ -139,12 +139,12 @@ def test_padding_counted_as_traffic_is_stopped(tiny_fp32, monkeypatch):
     assert streamer.batches[0].padded
     from transformers.integrations.moe import ExpertsInterface
 
-    ExpertsInterface.register(reap.moe.IMPLEMENTATION, no_mask)
+    ExpertsInterface.register(reap.stream.experts.IMPLEMENTATION, no_mask)
     try:
         streamer.embed()
         with pytest.raises(UserError, match=r"self-check failed for model type 'minimax_m2'.*pairs"):
             for layer in range(layout.num_layers):
                 streamer.run_layer(layer, LayerAccumulator(layout.num_experts))
     finally:
-        ExpertsInterface.register(reap.moe.IMPLEMENTATION, forward)
+        ExpertsInterface.register(reap.stream.experts.IMPLEMENTATION, forward)
         streamer.close()

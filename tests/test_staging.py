@@ -1,6 +1,6 @@
-"""The pieces behind safe writing and reading, unit by unit: shard-header validation (reap.validate), the output lock,
-staging folders and their stale detection, the free-space check and size-checked writes (reap.staging), signals and
-OS errors (reap.errors). End to end they are exercised by tests/test_faults.py."""
+"""The pieces behind safe writing and reading, unit by unit: shard-header validation (reap.model.validate), the output lock,
+staging folders and their stale detection, the free-space check and size-checked writes (reap.io.staging), signals and
+OS errors (reap.core.errors). End to end they are exercised by tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from reap.errors import Terminated, UserError, describe_os_error, signals_as_interrupts
-from reap.staging import (
+from reap.core.errors import Terminated, UserError, describe_os_error, signals_as_interrupts
+from reap.io.staging import (
     OWNER_NAME,
     OutputLock,
     atomic_directory,
@@ -28,7 +28,7 @@ from reap.staging import (
     owner_record,
     write_text,
 )
-from reap.validate import check_header, span_bytes
+from reap.io.headers import check_header, span_bytes
 
 
 def _header(**tensors) -> dict:

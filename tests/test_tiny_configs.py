@@ -1,4 +1,4 @@
-"""Tiny configs of every MoE model type of the installed transformers (:mod:`reap.tiny_configs`).
+"""Tiny configs of every MoE model type of the installed transformers (:mod:`reap.testing.tiny_configs`).
 
 For every type whose modeling uses ``@use_experts_implementation`` (types in ``UNSUPPORTED`` are skipped with the
 reason): the tiny config builds a random model quickly, with 8-16 routed experts (top-2..4), at least two MoE
@@ -16,7 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from reap import moe_types, tiny_configs
+from reap.model import moe_types
+
+from reap.testing import tiny_configs
 
 pytestmark = pytest.mark.slow  # a tiny config of every MoE model type built by transformers
 

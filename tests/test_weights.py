@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from reap.checkpoint import Checkpoint
-from reap.errors import UserError
-from reap.weights import LayerReader
+from reap.io.checkpoint import Checkpoint
+from reap.core.errors import UserError
+from reap.stream.weights import LayerReader
 
 
 def _reference(path) -> dict[str, torch.Tensor]:

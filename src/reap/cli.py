@@ -1,13 +1,13 @@
 """The ``reap`` command line: a thin typer layer over plain functions that take frozen options objects.
 
 Each command parses its flags, builds the options, calls one function and maps user errors
-(:class:`reap.errors.UserError`, and OS errors: a full disk, a read-only place) to a one-line message and exit
+(:class:`reap.core.errors.UserError`, and OS errors: a full disk, a read-only place) to a one-line message and exit
 code 2; interrupts and termination signals to 130/143/129 after cleanup. Every command prints its result on
 stdout, as human text or, with ``--json``, as one JSON object; logs and progress go to stderr (with ``--quiet`` only
-warnings and notices, :func:`reap.progress.quiet_log`). No logic of its own.
+warnings and notices, :func:`reap.core.progress.quiet_log`). No logic of its own.
 
 Bad options are refused before torch or transformers is imported: the options objects check themselves when they
-are built (:mod:`reap.options`), their files are checked right after (:func:`reap.options.check_inputs`), and only
+are built (:mod:`reap.core.options`), their files are checked right after (:func:`check_inputs`), and only
 then does a command import the stage that does the work. Help is click's plain layout (no rich panels): readable,
 and no option name cut, at 80 columns.
 """
@@ -27,11 +27,11 @@ import typer
 from typer.core import TyperCommand
 
 from reap import __version__
-from reap.config import effective
-from reap.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
-from reap.options import (METHOD_HELP, METHODS, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions,
-                          build, check_choice, check_inputs, params)
-from reap.progress import quiet_log
+from reap.recipe import effective
+from reap.core.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
+from reap.core.options import (METHOD_HELP, METHODS, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions,
+                          build, check_choice, input_file, params)
+from reap.core.progress import quiet_log
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +41,23 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns
     help="Prune experts from Mixture-of-Experts checkpoints with REAP (router-weighted expert activation pruning).",
 )
+
+
+
+def check_inputs(opts) -> None:
+    """UserError if a file the options name is not there: the keep file, the stats file, a dataset file (a Hugging
+    Face dataset name is looked up later). The command line calls it right after building the options, before
+    anything heavy is imported; the stages check the same again when they read the files."""
+    if isinstance(opts, PruneOptions):
+        input_file("keep file", opts.keep_file, 'pass a JSON file {"<layer>": [expert ids]}')
+        input_file("expert stats file", opts.stats, "pass a stats file from `reap calibrate` (or --dataset DATA "
+                    "to calibrate here)")
+        if opts.calibration is not None:
+            check_inputs(opts.calibration)
+    elif isinstance(opts, (CalibrateOptions, EvalOptions)):
+        from reap.data.records import parse_dataset_spec  # no torch: it checks the spec and that its files exist
+
+        parse_dataset_spec(opts.data.dataset if isinstance(opts, CalibrateOptions) else opts.dataset)
 
 
 def _no_type(ctx) -> None:
@@ -119,9 +136,9 @@ def emit(result: dict, human: str, as_json: bool) -> None:
         typer.echo(json.dumps(result, indent=2) if as_json else human)
 
 
-# -- options: declared on the fields of reap.options' classes ---------------------------------------------
+# -- options: declared on the fields of reap.core.options' classes ---------------------------------------------
 def _declared(param: Param):
-    """typer's parameter for one declared option (reap.options.flag)."""
+    """typer's parameter for one declared option (reap.core.options.flag)."""
     flag = param.flag
     if not flag.names:
         return typer.Argument(param.default, metavar=flag.metavar, show_default=False, help=flag.help)
@@ -129,7 +146,7 @@ def _declared(param: Param):
 
 
 def takes(*parts, skip: tuple[str, ...] = ()):
-    """A command whose parameters come from the options classes it takes (:func:`reap.options.params`).
+    """A command whose parameters come from the options classes it takes (:func:`reap.core.options.params`).
 
     ``parts`` in the order of ``--help``: options classes, or names of the command's own parameters; its other own
     parameters (the context, say) come first. ``skip``: declared options the command does not take. The command
@@ -170,7 +187,7 @@ _NOT_FOR_EVAL = ("keep_page_cache", "weight_exchange", "greedy_tokens", "greedy_
 def _with_config(ctx, p: dict, command, required: tuple[str, ...]) -> dict:
     """The command's options merged with its --config recipe (typed by the option fields); required ones checked
     after the merge."""
-    from reap.config import apply_config, option_types
+    from reap.recipe import apply_config, option_types
 
     classes, skip = command.takes
     p = apply_config(ctx, p, option_types(*classes, skip=skip))
@@ -197,8 +214,8 @@ def prune(ctx: typer.Context, **p):
         calibration = build(CalibrateOptions, p, out=None, resume=False, overwrite=False, recipe=recipe)
     opts = build(PruneOptions, p, calibration=calibration, recipe=recipe)  # refuses bad options
     check_inputs(opts)  # and missing files: all before torch is imported
-    from reap.arch import human_bytes
-    from reap.names import REPORT_NAME
+    from reap.core.humanize import human_bytes
+    from reap.core.names import REPORT_NAME
     from reap.prune import prune_model
 
     result = prune_model(opts, log=_logger(p["quiet"]))
@@ -224,7 +241,7 @@ def calibrate(ctx: typer.Context, **p):
     p = _with_config(ctx, p, calibrate, required=("model", "dataset", "out"))
     opts = build(CalibrateOptions, p, recipe=effective(p))
     check_inputs(opts)
-    from reap.calibrate import calibrate as run
+    from reap.calibrate.run import calibrate as run
 
     _, summary = run(opts, log=_logger(p["quiet"]))
     done = summary.get("layers", 0)
@@ -283,7 +300,7 @@ def report(
     if path is None:
         raise UserError("missing DIR_OR_STATS: pass a pruned output directory or a stats file from `reap calibrate`")
     check_choice("--method", method, METHODS)
-    from reap.names import SUMMARY_NAME
+    from reap.core.names import SUMMARY_NAME
     from reap.report import read_evaluation, render_report
 
     evaluation = read_evaluation(eval_file) if eval_file is not None else None
@@ -306,8 +323,8 @@ def inspect(
     as_json: bool = JsonOpt,
 ):
     """Family, experts, top-k, dtypes, parameters (total and active) and disk size; after pruning with --ratio."""
-    from reap.families import describe_families, format_families
-    from reap.summary import describe, format_description
+    from reap.model.families import describe_families, format_families
+    from reap.report.inspect import describe, format_description
 
     if families:
         if model is not None or ratio is not None:
@@ -317,7 +334,7 @@ def inspect(
         return
     if model is None:
         raise UserError("pass a model directory (or Hugging Face id) to inspect, or --families to list the families")
-    from reap.checkpoint import Checkpoint
+    from reap.io.checkpoint import Checkpoint
 
     info = describe(Checkpoint(model), ratio, keep_mtp=not drop_mtp)
     typer.echo(json.dumps(info, indent=2) if as_json else format_description(info))

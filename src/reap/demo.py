@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from reap.errors import UserError
-from reap.names import REPORT_NAME
+from reap.core.errors import UserError
+from reap.core.names import REPORT_NAME
 
 MARKER = ".reap-demo"
 
@@ -46,9 +46,9 @@ def masked_logits_gap(original: Path, pruned: Path, seed: int = 0) -> float:
 
 def run_demo(workdir: Path, ratio: float = 0.25, progress: bool = True, log=print) -> dict:
     """The whole pipeline in ``workdir``; returns what it made (paths, expert counts, the logit check)."""
-    from reap.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
+    from reap.core.options import CalibrateOptions, DataOptions, EngineOptions, PruneOptions
     from reap.prune import prune_model
-    from reap.tiny import make_tiny_model
+    from reap.testing.tiny import make_tiny_model
 
     from transformers.utils import logging as hf_logging
 

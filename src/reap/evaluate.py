@@ -1,6 +1,6 @@
 """``reap eval``: next-token loss and perplexity of a checkpoint, streamed layer by layer.
 
-The evaluation runs through the same :class:`reap.calibrate.LayerStreamer` as calibration (no statistics
+The evaluation runs through the same :class:`reap.calibrate.run.LayerStreamer` as calibration (no statistics
 are collected), so a model larger than host or GPU memory can be evaluated: only one decoder layer is
 materialized at a time. After the last layer, each batch goes through the final norm and ``lm_head``
 and the cross-entropy is summed in float32, a slice of tokens at a time (logits are never held for a whole
@@ -9,7 +9,7 @@ batch at once, which matters for 200K-token vocabularies).
 Protocol (fixed, so numbers from different runs and tools are comparable):
 
 1. Each document (file order) is tokenized with no special tokens and followed by EOS; all are
-   concatenated into one stream (:func:`reap.data.eval_token_stream`). Only as many documents are read
+   concatenated into one stream (:func:`reap.data.tokens.eval_token_stream`). Only as many documents are read
    as needed to cover ``max_tokens`` targets.
 2. Windows of S+1 tokens at stride S: window i is ``stream[i*S : i*S+S+1]``; its first S tokens are the
    inputs, its last S the targets. Every target is scored exactly once, with up to S-1 tokens of context
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from reap import __version__
-from reap.stream import DTYPES, LayerStreamer, peak_memory
-from reap.errors import UserError
-from reap.options import EvalOptions
+from reap.stream.streamer import DTYPES, LayerStreamer, peak_memory
+from reap.core.errors import UserError
+from reap.core.options import EvalOptions
 
 _LOGIT_BYTES = 512 << 20  # float32 logits computed at once (per slice of tokens) in the loss
 
@@ -47,7 +47,7 @@ def eval_stream(dataset: str, tokenizer: Any, eos_id: int, need: int,
     Reads a few documents, then more in proportion to the tokens still missing (so a large dataset is not
     tokenized in full for a small ``need``); stops when the stream is long enough or the dataset ran out.
     """
-    from reap.data import eval_token_stream
+    from reap.data.tokens import eval_token_stream
 
     docs, stream = 16, []
     while True:
@@ -111,10 +111,10 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     """Mean next-token loss (nats), perplexity and token count of ``opts.model`` on ``opts.dataset``."""
     from dataclasses import replace
 
-    from reap.checkpoint import Checkpoint
-    from reap.data import load_tokenizer
-    from reap.progress import Progress, use_bars
-    from reap.validate import derive_checked
+    from reap.io.checkpoint import Checkpoint
+    from reap.data.tokens import load_tokenizer
+    from reap.core.progress import Progress, use_bars
+    from reap.model.validate import derive_checked
 
     engine = opts.engine.resolved()
     if engine.dtype not in DTYPES:
@@ -201,9 +201,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
 
 def _raise_out_of_memory(err: RuntimeError, engine, streamer: LayerStreamer | None, layer: int | None,
                          name: str) -> None:
-    """Raise the one-line UserError for an allocation that failed (:func:`reap.calibrate.out_of_memory_error`);
+    """Raise the one-line UserError for an allocation that failed (:func:`reap.calibrate.run.out_of_memory_error`);
     return for any other error."""
-    from reap.calibrate import out_of_memory_error
+    from reap.calibrate.run import out_of_memory_error
 
     oom = out_of_memory_error(err, engine, streamer=streamer, layer=layer,
                               kept=f"nothing was written (evaluating {name})")
@@ -265,7 +265,7 @@ def check_writable(path: str | Path) -> Path:
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(13, "Permission denied", str(path))
     except OSError as err:
-        from reap.errors import describe_os_error
+        from reap.core.errors import describe_os_error
 
         raise UserError(f"--out {path} cannot be written ({describe_os_error(err)}); nothing was evaluated") from None
     return path
@@ -275,7 +275,7 @@ def write_json(path: str | Path, result: dict[str, Any]) -> Path:
     """Save an evaluation (or comparison) result as JSON (flushed, its size checked)."""
     import json
 
-    from reap.staging import write_text
+    from reap.io.staging import write_text
 
     path = Path(path)
     if not path.parent.exists():

@@ -1,10 +1,10 @@
 """``reap prune``: check everything, choose the experts, rewrite: the whole job as one function.
 
 :func:`prune_model` takes a frozen :class:`PruneOptions`, checks the model and the target (the target's lock held
-from the check to the rename), turns the options into an :class:`reap.plan.ExpertPlan` (a keep file; or a ratio and
-a criterion's scores: chance, a stats file, or calibration right here, :mod:`reap.calibrate`) through
-:mod:`reap.selection`, records what the choice rests on in ``reap_report.json`` (:func:`base_report`) and hands the
-plan to :func:`reap.surgery.rewrite`, which writes, verifies and publishes the pruned checkpoint.
+from the check to the rename), turns the options into an :class:`reap.selection.plan.ExpertPlan` (a keep file; or a ratio and
+a criterion's scores: chance, a stats file, or calibration right here, :mod:`reap.calibrate.run`) through
+:mod:`reap.selection.choose`, records what the choice rests on in ``reap_report.json`` (:func:`base_report`) and hands the
+plan to :func:`reap.rewrite.surgery.rewrite`, which writes, verifies and publishes the pruned checkpoint.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reap import __version__
-from reap.arch import Layout
-from reap.checkpoint import Checkpoint
-from reap.families import support
-from reap.errors import UserError, plural
-from reap.options import PruneOptions
-from reap.plan import ExpertPlan, Routing
-from reap.selection import experts_to_drop, plan_from_scores, read_keep_file
-from reap.staging import OutputLock, check_output_dir, clean_stale
-from reap.surgery import SurgeryResult, id_remap, rewrite
+from reap.model.arch import Layout
+from reap.io.checkpoint import Checkpoint
+from reap.model.families import support
+from reap.core.errors import UserError, plural
+from reap.core.options import PruneOptions
+from reap.selection.plan import ExpertPlan, Routing
+from reap.selection.choose import experts_to_drop, plan_from_scores, read_keep_file
+from reap.io.staging import OutputLock, check_output_dir, clean_stale
+from reap.rewrite.surgery import SurgeryResult, id_remap, rewrite
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
     import torch
@@ -63,12 +63,12 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     """Check everything, choose the experts (keep file, random, stats file or calibration), rewrite.
 
     Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None. Rank 0 holds
-    the target's lock (reap.staging.OutputLock) from the check of --out to the rename, and removes the staging
+    the target's lock (reap.io.staging.OutputLock) from the check of --out to the rename, and removes the staging
     folders that interrupted runs left beside it. An existing --out is replaced (``--overwrite``) only if it is empty
-    or a previous reap output holding nothing reap did not write (:func:`reap.staging.check_output_dir`, checked
+    or a previous reap output holding nothing reap did not write (:func:`reap.io.staging.check_output_dir`, checked
     again just before the swap); anything else is a UserError before anything is written.
     """
-    from reap.validate import derive_checked
+    from reap.model.validate import derive_checked
 
     ckpt = Checkpoint(opts.model)
     spec = derive_checked(ckpt, keep_mtp=not opts.drop_mtp)
@@ -87,7 +87,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
     stats, scores, extra = None, None, {}
     if opts.keep_file is None:
-        from reap.criteria import get_criterion
+        from reap.selection.criteria import get_criterion
 
         criterion = get_criterion(opts.method)  # UserError naming the known criteria
     if opts.keep_file is not None and (opts.multiple_of != 1 or opts.protect_super):
@@ -102,7 +102,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         plan = read_keep_file(opts.keep_file, routing, layers)
         extra["keep_file"] = str(opts.keep_file)
     else:
-        from reap.saliency import ExpertStats  # torch: not needed to copy with a keep file
+        from reap.calibrate.stats import ExpertStats  # torch: not needed to copy with a keep file
 
         n_drop = experts_to_drop(routing, opts.ratio, opts.multiple_of)
         if opts.multiple_of > 1:
@@ -122,14 +122,14 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             if opts.stats is not None:
                 stats = ExpertStats.load(opts.stats)
                 check_stats(stats, spec, opts.stats)
-                from reap.calibrate import check_thin, thin_data
+                from reap.calibrate.run import check_thin, thin_data
 
                 check_thin(thin_data(stats, spec), opts.strict, log)
                 scores = stats.scores(method)  # before any other work: an old stats file fails here, in one line
             elif opts.calibration is not None:
                 from dataclasses import replace
 
-                from reap.calibrate import calibrate
+                from reap.calibrate.run import calibrate
 
                 cal = opts.calibration
                 if method != "greedy-rerouted":  # the search's order is read by that criterion only
@@ -145,7 +145,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             extra["calibration"] = stats.meta
             extra.update(_selection_notes(stats, spec, method, opts, n_drop, log))
             if opts.protect_super:
-                from reap.selection import protect, super_experts
+                from reap.selection.choose import protect, super_experts
 
                 scores = protect(scores, super_experts(stats.max_norm))
         plan = plan_from_scores(scores, routing, layers, n_drop, method, opts.multiple_of)
@@ -153,7 +153,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         return None
     if opts.recipe is not None:
         extra["options"] = opts.recipe
-    if spec.mtp_layers:  # multi-token-prediction modules: stats rows / report layers num_layers.. (reap.mtp)
+    if spec.mtp_layers:  # multi-token-prediction modules: stats rows / report layers num_layers.. (reap.stream.mtp)
         extra["mtp"] = {"kept": True, "modules": spec.mtp_layers, "layers": list(range(spec.num_layers,
                                                                                         spec.stat_layers))}
     report = base_report(ckpt, spec, plan, opts.ratio, scores, extra)
@@ -184,8 +184,8 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
 def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_drop: int, log) -> dict[str, Any]:
     """What the report records (and the log says) about the choice beyond the scores: super experts (always;
     protected with --protect-super-experts) and the layers where greedy-rerouted fell back to weighted-ean."""
-    from reap.criteria import GREEDY_FALLBACK, greedy_fallback_layers
-    from reap.selection import check_super_fit, super_experts
+    from reap.selection.criteria import GREEDY_FALLBACK, greedy_fallback_layers
+    from reap.selection.choose import check_super_fit, super_experts
 
     notes: dict[str, Any] = {}
     sup = super_experts(stats.max_norm)

@@ -5,7 +5,7 @@ disk) as one or more stored tensors: the base itself, or quantized values plus c
 shapes, global scales). A :class:`Format` says which stored names belong to a base (its *parts*), how many
 parameters a stored tensor holds, and how to dequantize the parts on the compute device
 (:mod:`reap.formats.kernels`, bit for bit the format's reference implementation). Surgery never dequantizes: it
-slices every part of an expert with the same rule (see :mod:`reap.arch`), so quantized bytes and companions are
+slices every part of an expert with the same rule (see :mod:`reap.model.arch`), so quantized bytes and companions are
 copied as stored; the module lists of the quantization config are renumbered (:mod:`reap.formats.modules`).
 
 Formats known here (the registry :data:`FORMATS`, one object each), detected from ``config.json``
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reap.errors import UserError
+from reap.core.errors import UserError
 from reap.formats.kernels import (  # noqa: F401 - the public names of the package
     FP4_E2M1_VALUES,
     dequantize_blocks,
@@ -293,7 +293,7 @@ def _need(scheme, name: str, kind: str):
 
 def companion_problem(fmt: Format, base: str, parts: dict[str, Any]) -> str | None:
     """What is wrong with one stored base's parts ({part: info with .name, .dtype, .shape}, e.g.
-    :class:`reap.checkpoint.TensorInfo`), or None: the companions its format needs are present and shaped
+    :class:`reap.io.checkpoint.TensorInfo`), or None: the companions its format needs are present and shaped
     consistently with its values (the same leading dims, the expert axis of fused experts included)."""
     v = parts.get("values")
     if v is None or fmt.name == "dense":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from reap.errors import UserError
+from reap.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from reap.errors import UserError
+from reap.core.errors import UserError
 
 Matcher = Callable[[str, str], bool]  # (entry, module name) -> selected
 

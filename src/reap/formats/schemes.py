@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from reap.errors import UserError
+from reap.core.errors import UserError
 
 #: compressed-tensors formats reap reads, by what they store
 CT_FORMATS = {

@@ -16,7 +16,7 @@ experts were chosen from calibration). Output, into the pruned directory by defa
 The modules: :mod:`reap.report.data` (reading the inputs into per-layer data), :mod:`reap.report.figures` (the
 pictures), :mod:`reap.report.text` (the text summary), :mod:`reap.report.card` (the model card),
 :mod:`reap.report.greedy` (the greedy search's error curves, their knees, the suggested ratio); the file names
-are :mod:`reap.names`'. This package holds the entry points, :func:`render_report` (``reap report``) and
+are :mod:`reap.core.names`'. This package holds the entry points, :func:`render_report` (``reap report``) and
 :func:`publish_assets` / :func:`publish_card` (the pruner), and re-exports the names callers use; the entry points
 call the drawing and writing functions through this namespace.
 
@@ -34,13 +34,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from reap.errors import UserError
-from reap.names import CARD_NAME, FIGURES, GENERATED, REPORT_NAME, STATS_NAME, SUMMARY_NAME
+from reap.core.errors import UserError
+from reap.core.names import CARD_NAME, FIGURES, GENERATED, REPORT_NAME, STATS_NAME, SUMMARY_NAME
 from reap.report.card import model_card, reproduce_command, write_model_card
 from reap.report.data import ReportData, check_evaluation, load_report_data, read_evaluation, spearman
 from reap.report.figures import KEPT_CMAP, PRUNED_GREYS, curves, heatmap, pruned_cmap, scatter
 from reap.report.text import summary_text
-from reap.staging import write_text
+from reap.io.staging import write_text
 
 __all__ = [
     "CARD_NAME", "FIGURES", "GENERATED", "KEPT_CMAP", "PRUNED_GREYS", "REPORT_NAME", "STATS_NAME", "SUMMARY_NAME",

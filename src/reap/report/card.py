@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from reap import __version__
-from reap.checkpoint import hub_id
-from reap.errors import UserError
-from reap.names import CARD_NAME, FIGURES, REPORT_NAME, STATS_NAME
+from reap.io.checkpoint import hub_id
+from reap.core.errors import UserError
+from reap.core.names import CARD_NAME, FIGURES, REPORT_NAME, STATS_NAME
 from reap.report.data import card_front_matter, checkpoint_sizes
-from reap.staging import write_text
+from reap.io.staging import write_text
 
 
 def _criterion_card(method: str) -> str:
-    from reap.criteria import CRITERIA
+    from reap.selection.criteria import CRITERIA
 
     return CRITERIA[method].card.rstrip(".") if method in CRITERIA else method
 
@@ -47,13 +47,13 @@ def _selection_rows(report: dict) -> list[str]:
 
 
 def _fmt_count(n: int | None) -> str:
-    from reap.arch import human_count
+    from reap.core.humanize import human_count
 
     return "-" if n is None else f"{human_count(n)} ({n:,})"
 
 
 def _fmt_bytes(n: int | None) -> str:
-    from reap.arch import human_bytes
+    from reap.core.humanize import human_bytes
 
     return "-" if n is None else f"{human_bytes(n)} ({n:,} bytes)"
 
@@ -294,7 +294,7 @@ def _greedy_of(out_dir: Path, report: dict[str, Any]):
     if report.get("method") != "greedy-rerouted" or not (out_dir / STATS_NAME).is_file():
         return None
     from reap.report.greedy import greedy_analysis
-    from reap.saliency import ExpertStats
+    from reap.calibrate.stats import ExpertStats
 
     layers = {int(k): list(v.get("pruned", [])) for k, v in (report.get("layers") or {}).items()}
     return greedy_analysis(ExpertStats.load(out_dir / STATS_NAME), layers, sorted(layers))
@@ -331,7 +331,7 @@ def write_model_card(
     """Write ``README.md`` into a pruned output directory.
 
     ``report`` defaults to the directory's ``reap_report.json``; ``source`` (default: the report's source)
-    is read with :func:`reap.summary.describe` for the sizes before, the directory itself for the sizes
+    is read with :func:`reap.report.inspect.describe` for the sizes before, the directory itself for the sizes
     after (the report's byte counts when a checkpoint cannot be read). ``figures`` defaults to the pictures
     present in the directory; ``published_as`` is the final path when ``out_dir`` is a staging directory.
     """

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reap.errors import UserError
-from reap.names import REPORT_NAME, STATS_NAME
+from reap.core.errors import UserError
+from reap.core.names import REPORT_NAME, STATS_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ class ReportData:
     scores: torch.Tensor | None  # [L, E] float64, NaN rows for layers without scores
     pruned: dict[int, list[int]] = field(default_factory=dict)  # layer -> pruned original ids ({} = no cut)
     ratio: float | None = None
-    stats: Any = None  # reap.saliency.ExpertStats
+    stats: Any = None  # reap.calibrate.stats.ExpertStats
     report: dict[str, Any] | None = None
     source: str = ""
 
@@ -85,7 +85,7 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
                             "prune again to regenerate it") from None
         stats = None
         if (path / STATS_NAME).is_file():
-            from reap.saliency import ExpertStats
+            from reap.calibrate.stats import ExpertStats
 
             stats = ExpertStats.load(path / STATS_NAME)
         num_layers = stats.num_layers if stats is not None else max(layers) + 1
@@ -103,7 +103,7 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
             shown, scores = "reap", _stats_scores(stats, "reap")
         return ReportData(num_layers, num_experts, shown, scores, {k: list(v["pruned"]) for k, v in layers.items()},
                           report.get("ratio"), stats, report, str(report.get("source", "")))
-    from reap.saliency import METHODS, ExpertStats
+    from reap.calibrate.stats import METHODS, ExpertStats
 
     if path.is_dir() and (path / STATS_NAME).is_file():
         path = path / STATS_NAME
@@ -120,7 +120,7 @@ def load_report_data(path: str | Path, ratio: float | None = None, method: str =
     scores = _stats_scores(stats, method)
     pruned: dict[int, list[int]] = {}
     if ratio is not None:  # the cut reap prune --ratio would make (top-k and groups from the stats' metadata)
-        from reap.selection import experts_to_drop, plan_from_scores
+        from reap.selection.choose import experts_to_drop, plan_from_scores
 
         routing = routing_of(stats)
         layers = sorted(stats.completed)
@@ -215,12 +215,12 @@ def card_front_matter(readme: Path | None) -> dict[str, Any]:
 
 
 def checkpoint_sizes(path: str | Path | None) -> dict[str, Any] | None:
-    """The sizes :func:`reap.summary.describe` gives a checkpoint (its ``"before"``), or None when it cannot be read."""
+    """The sizes :func:`reap.report.inspect.describe` gives a checkpoint (its ``"before"``), or None when it cannot be read."""
     if not path:
         return None
     try:
-        from reap.checkpoint import Checkpoint
-        from reap.summary import describe
+        from reap.io.checkpoint import Checkpoint
+        from reap.report.inspect import describe
 
         ckpt = Checkpoint(path)
         try:
@@ -232,8 +232,8 @@ def checkpoint_sizes(path: str | Path | None) -> dict[str, Any] | None:
 
 
 def routing_of(stats):
-    """The router's constraints a stats file records (top-k, expert groups), as :class:`reap.plan.Routing`."""
-    from reap.plan import Routing
+    """The router's constraints a stats file records (top-k, expert groups), as :class:`reap.selection.plan.Routing`."""
+    from reap.selection.plan import Routing
 
     meta = stats.meta
     return Routing(str(meta.get("family", "model")), stats.num_experts, int(meta.get("top_k") or 1),

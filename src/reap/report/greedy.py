@@ -3,7 +3,7 @@ its knee, the error at the cut, and a suggested ratio.
 
 The default criterion (``greedy-rerouted``) scores an expert by its position in the greedy removal order, so its
 scores are a ramp and say nothing about how much a cut costs. What the search also measured, and a stats file
-records as ``greedy_error`` (:meth:`reap.saliency.ExpertStats.greedy_curve`), is the layer's output error after each
+records as ``greedy_error`` (:meth:`reap.calibrate.stats.ExpertStats.greedy_curve`), is the layer's output error after each
 removal step: e(n) = sum_t ||y_t - y'_t||^2 / sum_t ||y_t||^2 on the search's token sample, with the first n experts
 of the order removed and their tokens re-routed by the model's own router. :func:`knee` finds where that curve
 starts to climb fast; :func:`greedy_analysis` gathers the curves, knees and cut errors of a report, and the knee of
@@ -54,7 +54,7 @@ def knee(curve: Sequence[float], min_bend: float = MIN_BEND) -> int | None:
 def ratio_for(n_drop: int, num_experts: int) -> float:
     """The shortest decimal ratio ``reap prune --ratio`` turns into exactly ``n_drop`` of ``num_experts``
     (floor(E x ratio) = n_drop)."""
-    from reap.selection import n_to_drop
+    from reap.selection.choose import n_to_drop
 
     for digits in range(2, 10):
         scale = 10 ** digits
@@ -101,7 +101,7 @@ class GreedyAnalysis:
 
 def greedy_analysis(stats, pruned: dict[int, list[int]] | None = None,
                     layers: Sequence[int] | None = None) -> GreedyAnalysis | None:
-    """The measured error curves of ``stats`` (an :class:`reap.saliency.ExpertStats`) for ``layers`` (default: its
+    """The measured error curves of ``stats`` (an :class:`reap.calibrate.stats.ExpertStats`) for ``layers`` (default: its
     completed layers), with the cut of ``pruned`` (layer -> pruned ids); None without any curve (an older file)."""
     if stats is None or not getattr(stats, "has_greedy_error", False):
         return None

@@ -92,7 +92,7 @@ def summary_text(data: ReportData) -> str:
             width = max(13, len(m) + 8)
             if pruned:
                 from reap.report.data import routing_of  # others are only there with statistics (and torch)
-                from reap.selection import choose_experts, plan_from_scores
+                from reap.selection.choose import choose_experts, plan_from_scores
 
                 scores = data.stats.scores(m)
                 try:  # the same cut as this one's (per expert group where the model has groups)

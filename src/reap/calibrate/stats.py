@@ -1,0 +1,538 @@
+"""Per-expert saliency statistics and the choice of experts to prune.
+
+Calibration streams prompts through the model layer by layer. For every routed (token x, expert j) pair
+we know g_j(x), the routing weight the model applies to expert j's output, and ||f_j(x)||, the L2 norm of
+that output. A :class:`LayerAccumulator` sums these on the compute device (float64, no host sync per
+batch): tokens routed, sum of g, sum of ||f||, sum of g ||f||, max ||f|| and (stats format version 2) sum
+of ||f||^2. :class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors (version 1
+files still load; the fields they lack are listed in ``ExpertStats.missing``) and turns them into scores
+through the criterion registry in :mod:`reap.selection.criteria` (``reap``, ``ean``, ``frequency``, ...; ``METHODS``
+is re-exported here). Beside the sums, the greedy re-routing search's results per layer: its removal order
+(``greedy_rank``) and, optionally (files written before it lack it and still load), the MoE output error it measured
+after each removal step (``greedy_error``, see :meth:`ExpertStats.greedy_curve`).
+
+:mod:`reap.selection.choose` turns scores into the experts kept. Experts that were never routed have count 0 and
+score 0 under every criterion except ``random``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reap.selection.criteria import CRITERIA, METHODS  # noqa: F401  (re-exported: the names --method accepts)
+from reap.core.errors import UserError
+
+# Shape legend: N routed (token, expert) pairs, E experts, L layers.
+
+FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm", "ean_sq_sum")
+_SUM_FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "ean_sq_sum")
+RANK_FIELDS = ("greedy_rank",)  # per-layer results, not sums: never merged, NaN until computed
+#: optional per-layer results written only where computed (absent in older files, never listed in ``missing``):
+#: ``greedy_error`` [L, E], column i = the layer's relative output error after the greedy search's first i + 1 removals
+CURVE_FIELDS = ("greedy_error",)
+_REQUIRED = FIELDS[:5]  # version 1 had exactly these; later fields are optional on load
+_FORMAT = "reap-stats"
+_VERSION = "2"  # 2 added ean_sq_sum and greedy_rank (and later the optional greedy_error, which older readers skip)
+_READS = ("1", "2")
+_FIX = "rerun `reap calibrate` to produce it"
+
+
+def _umask() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and back)
+    os.umask(mask)
+    return mask
+
+
+class LayerAccumulator:
+    """float64 per-expert accumulators for one layer, living on the compute device (GPU-friendly: no host
+    sync per batch)."""
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu"):
+        if num_experts <= 0:
+            raise ValueError(f"num_experts must be positive, got {num_experts}")
+        self.num_experts = num_experts
+        self.device = torch.device(device)
+        zeros = lambda: torch.zeros(num_experts, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.count = zeros()  # [E]
+        self.gate_sum = zeros()  # [E]
+        self.ean_sum = zeros()  # [E]
+        self.reap_sum = zeros()  # [E]
+        self.max_norm = zeros()  # [E]; norms are >= 0, so 0 is the identity of max
+        self.ean_sq_sum = zeros()  # [E]
+
+    def add(self, expert_idx: Tensor, gate: Tensor, norm: Tensor) -> None:
+        """Accumulate N routed pairs: ``expert_idx`` [N] long, ``gate`` [N] and ``norm`` [N] of any float dtype.
+
+        Inputs are cast to float64 *before* any arithmetic, so bf16/fp32 inputs do not lose precision in
+        the products or the sums. Inputs may have any shape with N elements; they are flattened.
+        """
+        idx = expert_idx.reshape(-1).to(device=self.device, dtype=torch.long)  # [N]
+        g = gate.reshape(-1).to(device=self.device, dtype=torch.float64)  # [N]
+        nrm = norm.reshape(-1).to(device=self.device, dtype=torch.float64)  # [N]
+        if not (idx.numel() == g.numel() == nrm.numel()):
+            raise ValueError(
+                f"expert_idx, gate and norm must have the same number of elements, "
+                f"got {idx.numel()}, {g.numel()}, {nrm.numel()}"
+            )
+        if idx.numel() == 0:
+            return
+        self.count.index_add_(0, idx, torch.ones_like(g))
+        self.gate_sum.index_add_(0, idx, g)
+        self.ean_sum.index_add_(0, idx, nrm)
+        self.reap_sum.index_add_(0, idx, g * nrm)
+        self.max_norm.scatter_reduce_(0, idx, nrm, reduce="amax", include_self=True)
+        self.ean_sq_sum.index_add_(0, idx, nrm * nrm)
+
+    def all_reduce(self) -> None:
+        """Combine accumulators across ranks: SUM for the four sums, MAX for ``max_norm``.
+
+        A no-op when torch.distributed is unavailable, not initialized, or has world size 1.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return
+        sums = torch.stack([getattr(self, f) for f in _SUM_FIELDS])  # [4, E]
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        for i, f in enumerate(_SUM_FIELDS):
+            setattr(self, f, sums[i].clone())
+        dist.all_reduce(self.max_norm, op=dist.ReduceOp.MAX)
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The accumulators as CPU float64 tensors [E], keyed by FIELDS."""
+        return {f: getattr(self, f).detach().to("cpu", torch.float64).clone() for f in FIELDS}
+
+
+class ExpertStats:
+    """Per-layer, per-expert statistics, float64 [L, E] each, plus JSON metadata and the set of completed
+    layers.
+
+    ``missing`` names the fields the source did not have (a version-1 file has no ``ean_sq_sum``); they are
+    held as zeros, are not written back by :meth:`save`, and a criterion that needs one raises a UserError
+    (:meth:`require`).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, meta: dict[str, Any] | None = None):
+        if num_layers <= 0 or num_experts <= 0:
+            raise ValueError(f"num_layers and num_experts must be positive, got {num_layers}, {num_experts}")
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.completed: set[int] = set()
+        self.missing: set[str] = set()
+        self.source: str | None = None  # the file it was loaded from, for error messages
+        self.version = _VERSION  # the stats format version of that file
+        for f in FIELDS:
+            setattr(self, f, torch.zeros(num_layers, num_experts, dtype=torch.float64))  # [L, E]
+        # [L, E] position of each expert in the greedy re-routing removal order (0 = removed first); NaN where
+        # not computed; "missing" until a layer's order is set (set_greedy_order)
+        self.greedy_rank = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
+        self.missing.add("greedy_rank")
+        # [L, E] the greedy search's measured error: greedy_error[layer, i] = sum_t ||y_t - y_t'||^2 / sum_t ||y_t||^2
+        # on its token sample (y: the unpruned MoE output, y': after removing the first i + 1 experts of the order,
+        # tokens re-routed); NaN for steps not taken and layers without it (older files: all NaN, see has_greedy_error)
+        self.greedy_error = torch.full((num_layers, num_experts), float("nan"), dtype=torch.float64)
+        self.count: Tensor
+        self.gate_sum: Tensor
+        self.ean_sum: Tensor
+        self.reap_sum: Tensor
+        self.max_norm: Tensor
+        self.ean_sq_sum: Tensor
+
+    def require(self, fields: tuple[str, ...], what: str) -> None:
+        """UserError naming ``what`` (e.g. "criterion 'ean-sq'") if any of ``fields`` is missing, or (for
+        ``greedy_rank``) not computed for every completed layer."""
+        lacking = [f for f in fields if f in self.missing]
+        where = f"stats file {self.source}" if self.source else "these statistics"
+        if lacking:
+            why = (f"written by an older reap, stats format version {self.version}" if self.version != _VERSION
+                   else "not computed by that calibration")
+            raise UserError(
+                f"{what} needs {', '.join(lacking)}, which {where} lacks ({why}); rerun `reap calibrate` with this "
+                "reap to produce it, or choose another criterion"
+            )
+        for f in set(fields) & set(RANK_FIELDS):
+            done = sorted(self.completed)
+            bad = [layer for layer in done if torch.isnan(getattr(self, f)[layer]).any()]
+            if bad:
+                raise UserError(f"{what} needs {f} for every layer, {where} lacks it for layers {bad[:5]}; "
+                                "rerun `reap calibrate` with this reap to produce it, or choose another criterion")
+
+    def set_greedy_order(self, layer: int, order: list[int], errors: list[float] | None = None) -> None:
+        """Record ``layer``'s greedy removal order (expert ids, first removed first; see
+        :func:`greedy_rerouted_order`): ``greedy_rank[layer, order[i]] = i``, and every expert not in ``order``
+        (never removed) gets ``len(order)``. ``errors`` (default: ``order.errors`` when the search returned a
+        :class:`GreedyOrder`): the relative output error after each step, stored in ``greedy_error[layer]``."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        if len(set(order)) != len(order) or not all(0 <= e < self.num_experts for e in order):
+            raise ValueError(f"greedy order must name distinct experts in [0, {self.num_experts}), got {order}")
+        if errors is None:
+            errors = getattr(order, "errors", None)
+        if errors is not None and len(errors) != len(order):
+            raise ValueError(f"greedy errors must have one value per removal step ({len(order)}), got {len(errors)}")
+        rank = torch.full((self.num_experts,), float(len(order)), dtype=torch.float64)
+        rank[list(order)] = torch.arange(len(order), dtype=torch.float64)
+        self.greedy_rank[layer] = rank
+        self.missing.discard("greedy_rank")
+        self.greedy_error[layer] = float("nan")
+        if errors is not None and len(errors):
+            self.greedy_error[layer, : len(errors)] = torch.tensor([float(x) for x in errors], dtype=torch.float64)
+
+    @property
+    def has_greedy_error(self) -> bool:
+        """Whether any layer has the greedy search's measured error curve (files before it was recorded: no)."""
+        return bool((~torch.isnan(self.greedy_error)).any())
+
+    def greedy_curve(self, layer: int) -> list[float] | None:
+        """``layer``'s measured error curve, index n = the relative output error with the first n experts of the
+        greedy order removed (n = 0: 0.0), or None where the search recorded none."""
+        row = self.greedy_error[layer]
+        steps = int((~torch.isnan(row)).sum())
+        if steps == 0 or bool(torch.isnan(self.greedy_rank[layer]).any()):
+            return None
+        return [0.0, *(float(x) for x in row[:steps])]
+
+    def greedy_order(self, layer: int) -> list[int] | None:
+        """``layer``'s greedy removal order (first removed first; the never-removed experts left out), or None."""
+        rank = self.greedy_rank[layer]
+        if bool(torch.isnan(rank).any()):
+            return None
+        steps = int((rank < rank.max()).sum())  # the removed ones rank 0..n-1, the rest n
+        return [int(e) for e in torch.argsort(rank, stable=True)[:steps]]
+
+    def set_layer(self, layer: int, acc: LayerAccumulator) -> None:
+        """Store the accumulators of ``layer`` (overwriting) and mark it completed."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        if acc.num_experts != self.num_experts:
+            raise ValueError(f"accumulator has {acc.num_experts} experts, stats have {self.num_experts}")
+        for f, t in acc.to_dict().items():
+            getattr(self, f)[layer] = t
+        self.completed.add(layer)
+        if hasattr(acc, "greedy_order"):  # the calibrator ran the greedy search (or said why not) for this layer
+            greedy = self.meta.setdefault("greedy", {"sample_tokens": {}, "fallback": {}})
+            greedy["sample_tokens"][str(layer)] = int(getattr(acc, "greedy_sample", 0))
+            if acc.greedy_order is not None:
+                self.set_greedy_order(layer, acc.greedy_order, getattr(acc, "greedy_error", None))
+                greedy["fallback"].pop(str(layer), None)
+            else:
+                self.greedy_rank[layer] = float("nan")
+                self.greedy_error[layer] = float("nan")
+                self.missing.discard("greedy_rank")  # searched: the note says why this layer has no order
+                greedy["fallback"][str(layer)] = acc.greedy_note or "not computed"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a safetensors file atomically (temporary file in the same folder, then ``os.replace``).
+
+        Fields in ``missing`` are left out, so a file re-saved from an old one still says what it lacks.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mask = torch.zeros(self.num_layers, dtype=torch.int64)  # [L] 0/1
+        if self.completed:
+            mask[sorted(self.completed)] = 1
+        tensors = {f: getattr(self, f).to(torch.float64).contiguous()
+                   for f in (*FIELDS, *RANK_FIELDS) if f not in self.missing}
+        if self.has_greedy_error:  # written only where measured: a file without it reads as before
+            tensors["greedy_error"] = self.greedy_error.to(torch.float64).contiguous()
+        tensors["completed"] = mask
+        metadata = {"format": _FORMAT, "version": _VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        try:
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as err:  # safetensors reports a failed write (a full disk) as its own error: an OSError
+                code = re.search(r"code: (\d+)", str(err))
+                raise OSError(int(code[1]) if code else errno.EIO, str(err).splitlines()[0], str(path)) from None
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; as any other file the user writes
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ExpertStats:
+        """Read a file written by :meth:`save` (any version in ``_READS``); UserError if it is missing, foreign,
+        or corrupt. Optional fields the file lacks are zeros and listed in ``missing``."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"expert stats file {path} does not exist; {_FIX}, or pass the right path")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                metadata = fh.metadata() or {}
+                keys = set(fh.keys())
+                if metadata.get("format") != _FORMAT:
+                    raise UserError(f"{path} is not a reap expert stats file; {_FIX}")
+                version = metadata.get("version")
+                if version not in _READS:
+                    raise UserError(
+                        f"{path} has stats format version {version!r}, this reap reads versions "
+                        f"{', '.join(_READS)}; {_FIX}"
+                    )
+                missing = [k for k in (*_REQUIRED, "completed") if k not in keys]
+                if missing:
+                    raise UserError(f"{path} lacks tensors {', '.join(missing)}; {_FIX}")
+                tensors = {k: fh.get_tensor(k) for k in (*FIELDS, *RANK_FIELDS, *CURVE_FIELDS, "completed")
+                           if k in keys}
+            meta = json.loads(metadata.get("meta", "{}"))
+        except UserError:
+            raise
+        except Exception as err:  # safetensors header errors, truncated data, bad JSON
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{path} is corrupt or unreadable ({msg}); {_FIX}") from None
+        count, mask = tensors["count"], tensors["completed"]
+        if count.dim() != 2 or mask.shape != (count.shape[0],) or not isinstance(meta, dict):
+            raise UserError(f"{path} has inconsistent tensor shapes or metadata; {_FIX}")
+        stats = cls(count.shape[0], count.shape[1], meta=meta)
+        stats.source, stats.version = str(path), version
+        stats.missing = set()
+        for f in (*FIELDS, *RANK_FIELDS):
+            if f not in tensors:
+                stats.missing.add(f)
+                continue
+            t = tensors[f]
+            if t.shape != count.shape or not t.dtype.is_floating_point:
+                raise UserError(f"{path}: tensor {f!r} has shape {list(t.shape)}, expected "
+                                f"{list(count.shape)}; {_FIX}")
+            setattr(stats, f, t.to(torch.float64).clone())
+        for f in CURVE_FIELDS:  # optional: absent (older files) stays all NaN
+            t = tensors.get(f)
+            if t is not None:
+                if t.shape != count.shape or not t.dtype.is_floating_point:
+                    raise UserError(f"{path}: tensor {f!r} has shape {list(t.shape)}, expected "
+                                    f"{list(count.shape)}; {_FIX}")
+                setattr(stats, f, t.to(torch.float64).clone())
+        stats.completed = {int(i) for i in torch.nonzero(mask).flatten().tolist()}
+        return stats
+
+    def scores(self, method: str, seed: int = 0) -> Tensor:
+        """Saliency [L, E] float64 under criterion ``method`` (a name in :data:`reap.selection.criteria.CRITERIA`);
+        higher means more important. UserError for an unknown name or a field these statistics lack."""
+        from reap.selection.criteria import get_criterion
+
+        return get_criterion(method).scores(self, seed)
+
+
+# -- greedy selection with re-routing ------------------------------------------------------------------------
+class TokenSample:
+    """A deterministic sample of a layer's MoE inputs for :func:`greedy_rerouted_order`: every ``stride``-th
+    real token in calibration order (token 0, stride, 2*stride, ...), at most ``max_tokens`` of them.
+
+    The calibrator feeds each batch's real-token inputs with :meth:`add` ([T, H], in calibration order) and,
+    after the layer, computes the routing weights, choice scores and all experts' outputs on :attr:`rows`.
+    Choose ``stride = ceil(total tokens / max_tokens)`` to spread the sample over the whole calibration set.
+    """
+
+    def __init__(self, max_tokens: int, stride: int = 1):
+        if max_tokens <= 0 or stride <= 0:
+            raise ValueError(f"max_tokens and stride must be positive, got {max_tokens}, {stride}")
+        self.max_tokens, self.stride = max_tokens, stride
+        self.seen = 0  # tokens offered so far
+        self._parts: list[Tensor] = []
+        self.size = 0
+
+    def add(self, x: Tensor) -> None:
+        """Offer the next ``x.shape[0]`` tokens (rows of ``x`` [T, H]); the sampled ones are copied."""
+        t = x.shape[0]
+        first = (-self.seen) % self.stride  # offset of the first sampled row in this batch
+        room = self.max_tokens - self.size
+        rows = torch.arange(first, t, self.stride, device=x.device)[:room] if first < t and room > 0 else None
+        if rows is not None and rows.numel():
+            self._parts.append(x[rows].detach().clone())
+            self.size += rows.numel()
+        self.seen += t
+
+    @property
+    def rows(self) -> Tensor:
+        """The sampled inputs [S, H] (S <= max_tokens)."""
+        if not self._parts:
+            raise ValueError("the token sample is empty")
+        if len(self._parts) > 1:
+            self._parts = [torch.cat(self._parts)]
+        return self._parts[0]
+
+
+class GreedyOrder(list):
+    """A greedy removal order (a list of expert ids, first removed first) with what the search measured:
+    ``errors[i]`` = sum_t ||y_t - y'_t||^2 / sum_t ||y_t||^2 on the sample after the first i + 1 removals (y the
+    unpruned MoE output, y' with those experts removed and their tokens re-routed); the absolute sum_t ||y_t||^2
+    where the unpruned outputs are all zero. :meth:`ExpertStats.set_layer` stores it as ``greedy_error``."""
+
+    def __init__(self, order=(), errors=()):
+        super().__init__(order)
+        self.errors: list[float] = [float(x) for x in errors]
+
+
+def _relative_errors(increases: list[float], reference: float) -> list[float]:
+    """The cumulative error after each step (the sum of the steps' increases, never below 0), relative to the
+    unpruned outputs' energy ``reference`` (absolute where it is 0)."""
+    out, total = [], 0.0
+    scale = reference if reference > 0 else 1.0
+    for inc in increases:
+        total = max(0.0, total + inc)
+        out.append(total / scale)
+    return out
+
+
+def _greedy_steps(e: int, top_k: int, n_steps: int | None) -> int:
+    """The number of greedy removal steps (default E - top_k), checked against E and top-k."""
+    if not 0 < top_k < e:
+        raise ValueError(f"top_k must be in [1, {e}), got {top_k}")
+    n_steps = e - top_k if n_steps is None else n_steps
+    if not 0 <= n_steps <= e - top_k:
+        raise ValueError(f"n_steps must be in [0, {e - top_k}], got {n_steps}")
+    return n_steps
+
+
+def greedy_rerouted_order(weights: Tensor, choice: Tensor, outputs: Tensor, top_k: int, n_steps: int | None = None,
+                          chunk: int = 4096) -> GreedyOrder:
+    """Experts of one layer in greedy removal order, minimizing the layer-output error with re-routing.
+
+    Inputs, on a sample of T tokens (any device; computed in float64 a chunk of tokens at a time):
+
+    * ``weights`` [T, E]: each expert's unnormalized routing weight w (softmax probability for Qwen3-MoE /
+      Mixtral-style routers, sigmoid score for MiniMax-M2 / DeepSeek-V3, exp(logit) for gpt-oss);
+    * ``choice`` [T, E]: the score the router's top-k picks by (w itself, or sigmoid + e_score_correction_bias);
+    * ``outputs`` [T, E, H]: every expert's output f_e(x_t).
+
+    The MoE output of a token with chosen set C is y_C = sum_{i in C} w_i f_i / sum_{i in C} w_i (the chosen
+    weights renormalized, as every family with ``norm_topk_prob`` or a softmax over the top-k does; a constant
+    scale such as ``routed_scaling_factor`` does not change the order). Pruning a set S re-routes each token to
+    the top-k of ``choice`` among the remaining experts. Starting from S = {}, each step adds the expert j that
+    minimizes sum_t ||y(x_t) - y_{S+j}(x_t)||^2 (the exact error of the pruned layer against the unpruned one;
+    only tokens that had j among their current top-k change); ties go to the lower id. ``n_steps`` (default
+    E - top_k) steps; the first n of the order are the n experts to prune, for every n <= n_steps. Returns a
+    :class:`GreedyOrder`: the order, with the relative error after each step in ``errors``.
+    Not for group-limited routing (DeepSeek-V3 ``n_group`` > 1), whose choice is not a plain top-k.
+    """
+    t, e = weights.shape
+    if choice.shape != (t, e) or outputs.shape[:2] != (t, e):
+        raise ValueError(f"weights {list(weights.shape)}, choice {list(choice.shape)} and outputs "
+                         f"{list(outputs.shape)} must be [T, E], [T, E], [T, E, H]")
+    n_steps = _greedy_steps(e, top_k, n_steps)
+    k = top_k
+    removed = torch.zeros(e, dtype=torch.bool, device=weights.device)
+    y0 = [_mix(weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk], removed, k)[0]
+          for lo in range(0, t, chunk)]  # the unpruned outputs, per chunk [t_c, H]
+    reference = float(sum(float((y ** 2).sum()) for y in y0))
+    order: list[int] = []
+    increases: list[float] = []
+    for _ in range(n_steps):
+        cost = torch.zeros(e, dtype=torch.float64, device=weights.device)
+        for c, lo in enumerate(range(0, t, chunk)):
+            w, ch, f = weights[lo : lo + chunk], choice[lo : lo + chunk], outputs[lo : lo + chunk]
+            y, wr, fr, idx = _mix(w, ch, f, removed, k)  # current outputs; top-(k+1) weights and outputs
+            r = ((y0[c] - y) ** 2).sum(-1, keepdim=True)  # [t_c, 1] current squared error
+            wk, fk = wr[:, :k], fr[:, :k]
+            num = (wk[..., None] * fk).sum(1)  # [t_c, H]
+            # remove position i of the top-k: its place goes to the next choice (position k)
+            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t_c, k, H]
+            den_i = wk.sum(1, keepdim=True) - wk + wr[:, k, None]  # [t_c, k]
+            err_i = ((y0[c][:, None] - num_i / den_i[..., None]) ** 2).sum(-1)  # [t_c, k]
+            cost.index_add_(0, idx[:, :k].reshape(-1), (err_i - r).reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))  # first minimum: the lower id on ties
+        removed[j] = True
+        order.append(j)
+        increases.append(float(cost[j]))
+    return GreedyOrder(order, _relative_errors(increases, reference))
+
+
+def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
+    """(y [t, H], top-(k+1) weights [t, k+1], their outputs [t, k+1, H], ids [t, k+1]) with ``removed`` experts
+    never chosen, float64. At least k + 1 experts must remain (greedy_rerouted_order stops at E - k)."""
+    ch = choice.masked_fill(removed, float("-inf")) if bool(removed.any()) else choice
+    idx = torch.topk(ch, k + 1, dim=-1).indices  # [t, k+1] in the router's own dtype; sorted: next choice last
+    wr = w.gather(1, idx).to(torch.float64)
+    fr = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1])).to(torch.float64)  # [t, k+1, H]
+    y = (wr[:, :k, None] * fr[:, :k]).sum(1) / wr[:, :k].sum(1, keepdim=True)
+    return y, wr, fr, idx
+
+
+def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None = None, renormalize: bool = True,
+                        chunk: int | None = None) -> GreedyOrder:
+    """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
+
+    ``route(removed, rows)`` (``removed`` bool [E], ``rows`` long [R] sample positions) returns (ids [R, K+1],
+    weights [R, K+1]) for those tokens: the first K columns the token's top-k with the removed experts gone, the
+    last its next choice, the weights as the model computes them for those K+1 (with ``renormalize`` the MoE
+    output is sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's
+    output on the S sample tokens. Each step removes the expert whose removal (its tokens moving to their next
+    choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower id. After a removal only the tokens
+    that had the removed expert among their K+1 are routed and costed again (routing is per token). Without
+    renormalization the weights of a step's candidates are those of the step's routing (a softmax over the kept
+    experts that loses one more changes its normalizer slightly; that change is ignored). Returns a
+    :class:`GreedyOrder`: the order, with the relative error after each step (the sum of the steps' costs over
+    sum_t ||y_unpruned||^2) in ``errors``.
+    """
+    s, e, h = outputs.shape
+    n_steps = _greedy_steps(e, top_k, n_steps)
+    k = top_k
+    chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
+    dev = outputs.device
+    removed = torch.zeros(e, dtype=torch.bool, device=dev)
+    every = torch.arange(s, device=dev)
+    ids, w = route(removed, every)
+    ids, w = ids.to(dev), w.to(dev, torch.float64)  # [S, K+1] the current routing
+    y0 = torch.empty(s, h, dtype=torch.float64, device=dev)
+    contrib = torch.empty(s, k, dtype=torch.float64, device=dev)  # [S, K] error change if position i is removed
+
+    def update(rows: Tensor, first: bool = False) -> None:
+        for lo in range(0, rows.numel(), chunk):
+            r_ = rows[lo : lo + chunk]
+            i, wr = ids[r_], w[r_]
+            fr = outputs[r_].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
+            wk, fk = wr[:, :k], fr[:, :k]
+            num = (wk[..., None] * fk).sum(1)  # [t, H]
+            y = num / wk.sum(1, keepdim=True) if renormalize else num
+            if first:
+                y0[r_] = y
+            ref = y0[r_]
+            cur = ((ref - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
+            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
+            if renormalize:
+                num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
+            contrib[r_] = ((ref[:, None] - num_i) ** 2).sum(-1) - cur
+
+    update(every, first=True)
+    reference = float((y0 ** 2).sum())
+    order: list[int] = []
+    increases: list[float] = []
+    for _ in range(n_steps):
+        cost = torch.zeros(e, dtype=torch.float64, device=dev)
+        cost.index_add_(0, ids[:, :k].reshape(-1), contrib.reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))
+        removed[j] = True
+        order.append(j)
+        increases.append(float(cost[j]))  # the step's increase of sum_t ||y0 - y||^2 (exact with renormalization)
+        hit = (ids == j).any(1).nonzero().squeeze(1)  # tokens whose top-k or next choice was j
+        if hit.numel() and len(order) < n_steps:
+            new_ids, new_w = route(removed, hit)
+            ids[hit], w[hit] = new_ids.to(dev), new_w.to(dev, torch.float64)
+            update(hit)
+    return GreedyOrder(order, _relative_errors(increases, reference))
+
+
+def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float) -> int:
+    """How many tokens a layer's greedy sample holds: at most ``max_tokens``, and every expert's output on them
+    ([S, E, H] of ``elem_bytes``) within ``memory_bytes``."""
+    return max(0, min(int(max_tokens), int(memory_bytes // max(1, num_experts * hidden * elem_bytes))))

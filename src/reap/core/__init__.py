@@ -1,0 +1,1 @@
+"""The ground floor: one-line user errors and signals (errors), every option declared once (options), progress bars and log lines (progress), output file names (names), human-readable sizes (humanize). Imports nothing else of reap and no torch."""

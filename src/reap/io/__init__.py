@@ -1,0 +1,1 @@
+"""Files as bytes: a checkpoint's shards, index and tensors for reading (checkpoint), streamed safetensors writing (writer), output locks, staging folders, free space and atomic publication (staging). No torch."""

@@ -1,0 +1,1 @@
+"""What a checkpoint is, derived from transformers: the Layout and transformers' meta model (arch), the model side (model_side) and the disk side (disk_side) of the layout, put together (derive), checked before anything is written (validate), the MoE types of transformers (moe_types) and the support matrix (families)."""

@@ -1,0 +1,1 @@
+"""One decoder layer at a time, as transformers wrote it: the streamer (streamer), a layer's preparation ahead (loader), its bytes read and loaded (weights, load_recipe), hidden states between layers (hidden), torchrun ranks (ranks), reap's experts implementation (experts), the run-time self-check (selfcheck), multi-token-prediction modules (mtp)."""

@@ -1,0 +1,479 @@
+"""The layer streamer: a model's decoder layers run one at a time, as transformers wrote them.
+
+The model is transformers' own class built from ``config.json`` with every parameter on the meta device
+(:func:`reap.model.arch.build_model`). The text model's own tensors outside the decoder layers (embeddings, final
+norm, ...) are loaded once; then, layer by layer, the layer's stored tensors are read from the shards (by a
+background thread, up to two layers ahead), dequantized on the compute device (:mod:`reap.formats`), loaded by
+transformers' own loader (its conversion mapping merges per-expert tensors into fused ones) or, for later layers of
+a kind, by the recipe learned from it (:mod:`reap.stream.load_recipe`), every batch's hidden states go through the layer,
+and the layer returns to the meta device. Layer 0 takes its input, the embeddings, from its own call of the base
+model.
+
+What a layer is called with is what transformers' base model passes it: for each batch, the base model's own
+forward runs with the decoder layers replaced by pass-throughs and stops at the layer in question
+(:meth:`LayerStreamer.layer_call`), so masks per layer kind, rotary embeddings, per-layer inputs and hash-routing
+token ids are the model's own. The MoE blocks run as transformers wrote them too (routers, shared experts,
+gates); only the experts go through reap's implementation (:mod:`reap.stream.experts`), which computes each expert on its
+routed tokens and feeds the statistics. Hidden states stay on the GPU when they fit, else in (pinned) CPU
+memory, else on disk.
+
+This module holds :class:`EngineOptions` and :class:`LayerStreamer` (which layer gets which stored tensors, where
+the hidden states live, the base model's calls, running a layer); its parts live beside it:
+:mod:`reap.stream.loader` (preparing layers on the prefetch thread, a mixin of the streamer), :mod:`reap.stream.weights`
+(reading a layer's bytes, dequantizing, loading), :mod:`reap.stream.hidden` (batches and the hidden
+states between layers), :mod:`reap.stream.ranks` (torchrun ranks, the device, shared reading) and :mod:`reap.calibrate.greedy`
+(the greedy re-routing search, a mixin of the streamer).
+
+Legend: B sequences in a batch, S padded length, H hidden, T tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from reap.model.arch import Layout, build_config, build_model, model_class
+from reap.io.checkpoint import Checkpoint
+from reap.stream import load_recipe
+from reap.core.errors import UserError
+from reap.calibrate.greedy import GreedySearch
+from reap.stream.loader import LayerLoading
+from reap.stream.hidden import Batch, HiddenStore, make_batches
+from reap.stream.experts import ExpertsProbe, use_reap_experts
+from reap.core.options import EngineOptions
+from reap.stream.selfcheck import SelfCheck
+from reap.stream.ranks import Dist, WeightShare, resolve_device
+from reap.stream.weights import LayerReader
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: types of the objects a base model hands every decoder layer of one forward for the layers to share (a layer
+#: writes, a later one reads): carried per batch from layer to layer (:meth:`LayerStreamer.carried`)
+CARRIED_STATE = ("KVSharingDict",)
+
+
+def _global(config, key: str):
+    """``config.key``, the global value of a heterogeneous (per-layer) config included (its guard would raise)."""
+    if hasattr(config, "_getattr_without_heterogeneous_validation"):
+        return config._getattr_without_heterogeneous_validation(key, None)
+    return getattr(config, key, None)
+
+
+class _Stop(Exception):
+    """Raised by the pass-through layer that was asked for: its call has been captured."""
+
+
+# -- the streamer ----------------------------------------------------------------------------------------
+SWITCH_INTERVAL = 2e-4  # seconds: the GIL's switch interval while a GPU streamer's prefetch thread runs
+
+
+@dataclass
+class StreamStats:
+    tokens: int = 0
+    layer_seconds: list[float] = field(default_factory=list)  # per layer run: load + forward + statistics
+    wait_seconds: list[float] = field(default_factory=list)  # of which waiting for the layer's weights
+    greedy_seconds: float = 0.0  # the greedy-rerouted search after the layers' forward (included in layer_seconds)
+
+
+class LayerStreamer(LayerLoading, GreedySearch):
+    """Runs sequences through the model one decoder layer at a time; see the module docstring."""
+
+    def __init__(self, ckpt: Checkpoint, layout: Layout, sequences: list[list[int]] | None, opts: EngineOptions,
+                 dist: Dist | None = None):
+        """``sequences`` may come later (:meth:`set_sequences`): layer 0 is read and materialized in the background
+        from here on, while the caller tokenizes."""
+        opts = opts.resolved()
+        self.ckpt, self.layout, self.opts = ckpt, layout, opts
+        self.dist = dist or Dist()
+        self.device = resolve_device(opts.device, self.dist)
+        if opts.dtype not in DTYPES:
+            raise UserError(f"--dtype {opts.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[opts.dtype]
+        if opts.batch_tokens <= 0:
+            raise UserError("--batch-tokens must be a positive number of tokens, e.g. 16384")
+        cfg = build_config(ckpt.config)
+        self.model = build_model(cfg, model_class(cfg, ckpt.config), self.dtype)
+        self.experts = use_reap_experts(self.model)
+        self.selfcheck = SelfCheck(str(ckpt.config.get("model_type")))
+        self.layers = self.model.get_submodule(layout.layers_path)
+        self.text = self.model.get_submodule(layout.layers_path.rpartition(".")[0])
+        self.text_path = layout.layers_path.rpartition(".")[0]
+        for sub in self.text.modules():  # buffers (rotary frequencies, correction biases...) live on the device
+            for name, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[name] = b.to(self.device)
+        self._stored = self._stored_by_layer()
+        # transformers' loader works in the calling thread (so on the prefetch thread's CUDA stream), not in a pool
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        if opts.exchange not in ("auto", "read", "share"):
+            raise UserError(f"--weight-exchange {opts.exchange!r} is not one of auto, read, share")
+        share = None
+        if self.dist.world > 1 and (opts.exchange == "share" or (opts.exchange == "auto" and self.device.type == "cuda")):
+            share = WeightShare.for_node(self.device)
+        # without sharing, ranks of one node read the same files: the first read leaves the pages for the others
+        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda", share=share,
+                                  keep_cache=opts.keep_page_cache or (self.dist.world > 1 and share is None))
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the prefetch thread's Python (transformers' loader) holds the GIL while the compute thread waits for it
+        # after every synchronizing call; a short switch interval hands it back in 0.2 ms instead of 5 ms
+        self._switch = sys.getswitchinterval()
+        if self._side is not None:
+            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")
+        self._pending: dict[int, cf.Future] = {}
+        self._reads: dict[int, cf.Future] = {}
+        self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
+        self._carried: dict[tuple, object] = {}  # (batch, keyword) -> state the layers share (CARRIED_STATE)
+        self._recipes: dict[tuple, load_recipe.Recipe] = {}  # layer signature -> how transformers loaded one
+        self._recipe_tries: dict[tuple, int] = {}
+        self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
+        self.warmup_seconds = 0.0
+        self._waiting_on: int | None = None  # the layer the compute thread waits for
+        self._warming: cf.Future | None = None  # the early warm-up (warm_up_early), until joined
+        self._warm_pool: cf.ThreadPoolExecutor | None = None
+        self._local = threading.local()  # .warming: this thread runs the warm-up
+        self._load(self._stored["base"], "the embeddings and final norm")
+        self.warm_up_early()  # on a GPU: a random batch through a spare layer, beside layer 0's loading
+        self.prefetch(0)
+        self.batches: list[Batch] = []
+        self.tokens = 0
+        self.store: HiddenStore | None = None
+        if sequences is not None:
+            self.set_sequences(sequences)
+
+    def set_sequences(self, sequences: list[list[int]]) -> None:
+        """The calibration (or evaluation) sequences: batches, and where their hidden states live. Where the model's
+        attention materializes its scores (eager attention), a batch's [B, heads, S, S] float32 scores stay within
+        ~4 GiB."""
+        text = self.model.config.get_text_config()
+        max_square = None
+        if getattr(self.model.config, "_attn_implementation", None) == "eager":
+            max_square = (4 << 30) // (4 * max(1, getattr(text, "num_attention_heads", 1) or 1))
+        self.batches = make_batches(sequences, self.opts.batch_tokens, max_square)
+        self.tokens = sum(sum(b.lengths) for b in self.batches)
+        self.store = HiddenStore(self._offload_mode(), self.device, self.opts.workdir)
+        self.stats = StreamStats(tokens=self.tokens)
+
+    # -- which stored tensors belong where
+    def _stored_by_layer(self) -> dict:
+        prefix = self.layout.layers_path + "."
+        out: dict = {"base": [], "head": []}
+        head = self.model.get_output_embeddings()
+        head_names = {f"{self._path_of(head)}.{n}" for n, _ in head.named_parameters()} if head is not None else set()
+        for name, role in self.layout.roles.items():
+            target = role.model
+            if target is None or role.kind == "mtp":
+                continue
+            if target.startswith(prefix):
+                out.setdefault(int(target[len(prefix):].partition(".")[0]), []).append(name)
+            elif target.startswith(self.text_path + "."):
+                out["base"].append(name)
+            elif target in head_names:
+                out["head"].append(name)
+        return out
+
+    def _path_of(self, module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module)
+
+    # -- placement
+    def _offload_mode(self) -> str:
+        """Where the hidden states live: ``--offload``, or with ``auto`` where :meth:`plan` puts them (sized from the
+        memory free now)."""
+        mode = self.opts.offload
+        if mode not in ("auto", "device", "cpu", "disk"):
+            raise UserError(f"--offload {mode!r} is not one of auto, device, cpu, disk")
+        if mode != "auto":
+            return mode
+        return self.plan(placing=True)["hidden_on"]
+
+    def plan(self, placing: bool = False) -> dict:
+        """What the run will hold and roughly take, sized from the memory free now: tokens, batches, hidden-state bytes
+        and where they live (``--offload auto``: :func:`reap.stream.hidden.offload_choice`), the largest layer's bytes read,
+        a batch's peak of activations (``peak_bytes``) and the greedy search's (``greedy_peak_bytes``) against the
+        memory left for them once the weights (and hidden states kept there) are placed (``room_bytes``; on the GPU:
+        free now plus what this process's allocator holds, less the embeddings and head, two layers and two layers'
+        reads), ``batch_tokens_fit`` (None when a batch fits, else the --batch-tokens to pass,
+        :func:`reap.stream.hidden.suggest_batch_tokens`), and a rough time (2 FLOPs per active parameter and token at an
+        assumed rate, measured on the CPU, reading every layer at an assumed 2 GB/s, and the greedy search,
+        :meth:`reap.calibrate.greedy.GreedySearch.greedy_seconds`).
+        ``placing``: the hidden states' place is being decided (an existing store's mode does not count; on the CPU
+        the time is not estimated).
+        """
+        from reap.formats import stored_params
+        from reap.stream.hidden import (MARGIN, batch_peak_bytes, greedy_peak_bytes, host_available, offload_choice,
+                                 suggest_batch_tokens)
+
+        elem = torch.finfo(self.dtype).bits // 8
+        H, E, K = self.layout.hidden_size, self.layout.num_experts, self.layout.top_k
+        hidden = self.tokens * H * elem
+        # what the store holds: every batch's [B, S, H] (padding too), with room for what a layer hands the next
+        need = hidden + sum(b.ids.numel() - sum(b.lengths) for b in self.batches) * H * 4
+        active = experts = 0.0  # parameters a token meets in the layers (experts: top-k of E); all experts' parameters
+        for layer, names in ((k, v) for k, v in self._stored.items() if isinstance(k, int)):
+            for name in names:
+                info, role = self.ckpt.infos[name], self.layout.roles[name]
+                n = stored_params(name, info.dtype, info.numel, self.layout.format)
+                active += n * (K / E if role.part == "experts" else 1)
+                experts += n if role.part == "experts" else 0
+        if self.device.type == "cuda":
+            rate, bandwidth = 250e12, 2e12
+        elif placing:  # the time is not needed to place the hidden states: no measuring
+            rate = bandwidth = float("nan")
+        else:  # measured: a CPU's rates vary tenfold with its cores, vector units and other processes' load
+            from reap.stream.ranks import cpu_speed
+
+            rate, bandwidth = cpu_speed()
+        read = sum(self.ckpt.infos[n].nbytes for k, v in self._stored.items() if isinstance(k, int) for n in v)
+        layer_read = max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
+                          if isinstance(k, int)), default=0)
+        # the greedy search: every rank runs every expert on the whole sample of each MoE layer (all ranks' tokens)
+        sample = min(self.tokens * self.dist.world, self.greedy_sample_size()) \
+            if self.opts.greedy_tokens > 0 and self.layout.moe else 0
+        greedy = self.greedy_seconds(experts, rate, bandwidth, sample)
+        eta = 2 * active * self.tokens / rate + read / 2e9 + greedy
+
+        # memory: a batch's activations, the greedy search's, and what is left for them
+        text = self.model.config.get_text_config()
+        eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
+        peak = max((batch_peak_bytes(*b.ids.shape, H, elem, top_k=K,
+                                     expert_intermediate=self.layout.expert_intermediate,
+                                     dense_intermediate=int(_global(text, "intermediate_size") or 0),
+                                     heads=int(_global(text, "num_attention_heads") or 0), eager=eager)
+                    for b in self.batches), default=0)
+        greedy_peak = greedy_peak_bytes(sample, E, H, elem, K)
+        layers = 2 * self.layer_bytes() + 2 * layer_read  # the layer computing, the next one loading, reads ahead
+        host = host_available()
+        free = total = device_room = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            kept = sum(self.ckpt.infos[n].numel for n in self._stored["base"] + self._stored["head"]) * elem
+            device_room = free + torch.cuda.memory_reserved(self.device) - kept - layers
+        if self.store is not None and not placing:
+            on = self.store.mode
+        else:
+            on = self.opts.offload if self.opts.offload != "auto" else \
+                offload_choice(need, max(peak, greedy_peak), device_room, host)
+        if device_room is not None:
+            room = device_room - (need if on == "device" else 0)
+        else:  # on the CPU the weights, the activations and hidden states kept in memory share what is available
+            room = host - layers - (need if on == "cpu" else 0)
+        largest = max((b.ids.numel() for b in self.batches), default=0)
+        return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": on,
+                "store_bytes": need, "layer_bytes": layer_read, "eta_s": eta, "greedy_s": greedy, "assumed_flops": rate,
+                "assumed_bandwidth": bandwidth, "measured": self.device.type != "cuda",
+                "peak_bytes": peak, "greedy_peak_bytes": greedy_peak, "greedy_outputs_bytes": sample * E * H * elem,
+                "room_bytes": room, "largest_batch": largest,
+                "batch_tokens_fit": suggest_batch_tokens(largest, peak, room) if largest else None,
+                "greedy_fits": greedy_peak + MARGIN <= room, "memory": "GPU" if free is not None else "CPU",
+                "free_bytes": free if free is not None else host, "total_bytes": total}
+
+    def layer_bytes(self, layer: int | None = None) -> int:
+        """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
+        sizes = [sum(self.ckpt.infos[n].numel for n in names) * torch.finfo(self.dtype).bits // 8
+                 for key, names in self._stored.items() if isinstance(key, int) and (layer is None or key == layer)]
+        return max(sizes, default=0)
+
+    # -- what transformers' base model passes each layer
+    def _forward_base(self, i: int | Batch, stubs: dict[int, object]):
+        """Run the text model's own forward on batch ``i`` (an index, or a batch of its own) with decoder layers j
+        replaced by ``stubs[j]``."""
+        self.join_warm_up()
+        b = self.batches[i] if isinstance(i, int) else i
+        for j, fn in stubs.items():
+            self.layers[j].forward = fn
+        try:
+            mask = b.mask().to(self.device) if b.padded else None
+            return self.text(input_ids=b.ids.to(self.device), attention_mask=mask, use_cache=False)
+        finally:
+            for j in stubs:
+                del self.layers[j].forward
+
+    def _passthrough(self, j: int, i: int | None, h: torch.Tensor | None = None):
+        """A stand-in for decoder layer j on batch i: returns its input (or ``h``) as the layer would, with what
+        else the last layer that ran returned for this batch (the base model may hand it to the next layer)."""
+        arity = self._arity.get(j, 0)
+
+        def forward(*args, **kwargs):
+            out = h if h is not None else (args[0] if args else kwargs["hidden_states"])
+            if not arity:
+                return out
+            extras = tuple(self.store.get_extras(i))[: arity - 1] if i is not None else ()
+            return (out, *extras, *(None,) * (arity - 1 - len(extras)))
+
+        return forward
+
+    def layer_call(self, i: int, layer: int) -> tuple[tuple, dict]:
+        """(args, kwargs) of transformers' base model's call of decoder layer ``layer`` for batch ``i``."""
+        return self.layer_call_for(i, layer)
+
+    def layer_call_for(self, i: int | Batch, layer: int) -> tuple[tuple, dict]:
+        """The same for batch ``i`` or for a batch of its own (an MTP module's shifted tokens)."""
+        captured: dict = {}
+
+        def capture(*args, **kwargs):
+            captured["call"] = (args, kwargs)
+            raise _Stop
+
+        stubs = {j: self._passthrough(j, i if isinstance(i, int) else None) for j in range(layer)}
+        stubs[layer] = capture
+        try:
+            self._forward_base(i, stubs)
+        except _Stop:
+            return captured["call"]
+        raise UserError(f"transformers' {type(self.text).__name__} never called decoder layer {layer}; reap cannot "
+                        "stream this model")
+
+    def carried(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A layer call's arguments with the state the base model shares between its layers for one forward
+        (:data:`CARRIED_STATE`: cross-layer key/value sharing, where a later layer reads the keys and values an earlier
+        one stored) replaced by batch ``i``'s own object, kept from layer to layer: each captured call of the base
+        model makes a new, empty one."""
+        for key, value in kwargs.items():
+            if type(value).__name__ in CARRIED_STATE:
+                kwargs = {**kwargs, key: self._carried.setdefault((i, key), value)}
+        return args, kwargs
+
+    # -- running
+    def embed(self, ahead: bool = False) -> None:
+        """Start from the embeddings: the hidden states the base model gives layer 0 (embedded, scaled or expanded
+        as the model does). They are not computed ahead unless asked (``ahead``: into the hidden-state store): the
+        base model's call of layer 0, which :meth:`run_layer` makes for every batch anyway, carries them, so layer 0
+        takes its input from there."""
+        self._from_embeddings = not ahead
+        if ahead:
+            with torch.inference_mode():
+                for i in range(len(self.batches)):
+                    args, kwargs = self.layer_call(i, 0)
+                    self.store.put(i, args[0] if args else kwargs["hidden_states"])
+
+    @torch.inference_mode()
+    def run_layer(self, layer: int, accumulator=None, desc: str | None = None) -> None:
+        """Run every batch through decoder layer ``layer``; MoE statistics go to ``accumulator``."""
+        t0 = time.perf_counter()
+        module = self.load_layer(layer)
+        self.stats.wait_seconds.append(time.perf_counter() - t0)
+        probes = []
+        moe = self.layout.moe.get(layer)
+        sample = hook = check = None
+        if moe is not None:
+            experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
+            experts._reap_probe = ExpertsProbe(accumulator)
+            probes.append(experts)
+            sample, hook = self.greedy_start(module, moe, experts, layer, accumulator)
+            if accumulator is not None:  # statistics are taken: checked against transformers' own first
+                check = self.selfcheck.arm(layer, self._block_of(module, moe, layer), experts)
+        bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
+                   desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
+                   disable=not self.opts.progress or self.dist.rank != 0)
+        try:
+            from_store = not (layer == 0 and self._from_embeddings)
+            for i, b in enumerate(self.batches):
+                args, kwargs = self.carried(i, *self.layer_call(i, layer))  # layer 0's input (the embeddings) among them
+                if from_store:
+                    h = self.store.get(i)
+                    args = (h, *args[1:]) if args else args
+                    if not args:
+                        kwargs = {**kwargs, "hidden_states": h}
+                for experts in probes:
+                    experts._reap_probe.token_mask = b.mask().reshape(-1).bool().to(self.device) if b.padded else None
+                out = module(*args, **kwargs)
+                if check is not None:
+                    self.selfcheck.finish(check, b.mask().reshape(-1).bool().to(self.device) if b.padded else None)
+                    check = None
+                if isinstance(out, tuple):  # (hidden states, what the base model hands the next layer, ...)
+                    self._arity[layer] = len(out)
+                    self.store.put_extras(i, tuple(out[1:]))
+                    out = out[0]
+                self.store.put(i, out)
+                bar.update(sum(b.lengths))
+            if layer == 0:
+                self._from_embeddings = False
+            if sample is not None:
+                tg = time.perf_counter()
+                hook = self.greedy_finish(module, moe, experts, layer, sample, hook, accumulator)
+                self.stats.greedy_seconds += time.perf_counter() - tg
+        finally:
+            bar.close()
+            self.selfcheck.disarm(check)
+            if hook is not None:
+                hook.remove()
+            for experts in probes:
+                del experts._reap_probe
+            self.free_layer(layer)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.layer_seconds.append(time.perf_counter() - t0)
+
+
+    @torch.inference_mode()
+    def final_output(self, i: int):
+        """The base model's output for batch i: its forward runs with every layer a pass-through, the last one
+        giving the stored hidden states, so whatever it does after the last layer (final norm) is its own code."""
+        last = self.layout.num_layers - 1
+        stubs = {j: self._passthrough(j, i) for j in range(last)}
+        stubs[last] = self._passthrough(last, i, self.store.get(i))
+        return self._forward_base(i, stubs)
+
+    def run_mtp(self, k: int, accumulator=None) -> None:
+        """Multi-token-prediction module k (after the last decoder layer; :mod:`reap.stream.mtp`)."""
+        from reap.stream.mtp import MtpRunner
+
+        t0 = time.perf_counter()
+        if getattr(self, "_mtp", None) is None:
+            self._mtp = MtpRunner(self)
+        self._mtp.run(k, accumulator)
+        self.stats.layer_seconds.append(time.perf_counter() - t0)
+
+    def load_head(self) -> None:
+        """The LM head's tensors (tied to the embeddings where the model says so)."""
+        head = self.model.get_output_embeddings()
+        if self._stored["head"]:
+            self._load(self._stored["head"], "the LM head")
+        if head.weight.device.type == "meta":
+            if not getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
+                raise UserError(f"{self.ckpt.path} has no LM head tensor and config.json does not tie it to the "
+                                "embeddings; the checkpoint is incomplete (re-download its shards)")
+            head.weight = self.model.get_input_embeddings().weight
+
+    @torch.inference_mode()
+    def logits(self, i: int, output, positions: torch.Tensor) -> torch.Tensor:
+        """Batch i's logits [B, P, V] at ``positions``, by the model's own head (its forward with the base model
+        answering ``output``: softcapping, scaling and vocabulary cuts are the model's code)."""
+        b = self.batches[i]
+        self.text.forward = lambda *args, **kwargs: output
+        try:
+            mask = b.mask().to(self.device) if b.padded else None
+            return self.model(input_ids=b.ids.to(self.device), attention_mask=mask, use_cache=False,
+                              logits_to_keep=positions.to(self.device)).logits
+        finally:
+            del self.text.forward
+
+    def close(self) -> None:
+        if self._warm_pool is not None:
+            self._warm_pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._read_pool.shutdown(wait=True, cancel_futures=True)
+        sys.setswitchinterval(self._switch)
+        self.reader.close()
+        if self.store is not None:
+            self.store.close()
+        self._carried.clear()
+        self.ckpt.close()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak host RSS and (on CUDA) peak device memory, in GiB."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)}
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
+    return out

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from reap.cli import app
 from reap.recipe import option_types
-from reap.core.options import (CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, Flag,
-                          PruneOptions, build, flag, params)
+from reap.core.flags import Flag, build, flag, params
+from reap.core.options import CalibrateOptions, CommandOptions, DataOptions, EngineOptions, EvalOptions, PruneOptions
 
 WIDE = {"COLUMNS": "2000"}  # help as wide as it gets (120 columns)
 

@@ -29,8 +29,9 @@ from typer.core import TyperCommand
 from reap import __version__
 from reap.recipe import effective
 from reap.core.errors import Terminated, UserError, describe_os_error, interrupt_exit_code, signals_as_interrupts
-from reap.core.options import (METHOD_HELP, METHODS, CalibrateOptions, CommandOptions, EvalOptions, Param, PruneOptions,
-                          build, check_choice, input_file, params)
+from reap.core.flags import Param, build, params
+from reap.core.options import (METHOD_HELP, METHODS, CalibrateOptions, CommandOptions, EvalOptions, PruneOptions,
+                               check_choice, input_file)
 from reap.core.progress import quiet_log
 
 app = typer.Typer(
@@ -138,7 +139,7 @@ def emit(result: dict, human: str, as_json: bool) -> None:
 
 # -- options: declared on the fields of reap.core.options' classes ---------------------------------------------
 def _declared(param: Param):
-    """typer's parameter for one declared option (reap.core.options.flag)."""
+    """typer's parameter for one declared option (reap.core.flags.flag)."""
     flag = param.flag
     if not flag.names:
         return typer.Argument(param.default, metavar=flag.metavar, show_default=False, help=flag.help)
@@ -146,7 +147,7 @@ def _declared(param: Param):
 
 
 def takes(*parts, skip: tuple[str, ...] = ()):
-    """A command whose parameters come from the options classes it takes (:func:`reap.core.options.params`).
+    """A command whose parameters come from the options classes it takes (:func:`reap.core.flags.params`).
 
     ``parts`` in the order of ``--help``: options classes, or names of the command's own parameters; its other own
     parameters (the context, say) come first. ``skip``: declared options the command does not take. The command

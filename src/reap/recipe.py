@@ -17,7 +17,7 @@ from reap.core.errors import UserError, suggestion
 def option_types(*classes: type, skip: tuple[str, ...] = ()) -> dict[str, type]:
     """The Python type of each option a command takes (its recipe keys) when it takes these options classes:
     the declaring field's type (``typing.get_type_hints`` on the dataclass, ``Optional[X]`` -> X)."""
-    from reap.core.options import params
+    from reap.core.flags import params
 
     return {name: param.type for name, param in params(*classes, skip=skip).items()}
 

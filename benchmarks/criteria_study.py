@@ -6,7 +6,7 @@ MoE block, and experts are removed in memory by masking them out of routing (pru
 remaining chosen weights renormalized as the model does), which equals the pruned checkpoint (README: "pruned
 == original with pruned experts masked"; checked: the same losses as ``reap prune --keep`` + ``reap eval``).
 The criteria themselves are reap's (:mod:`reap.selection.criteria`, :mod:`reap.selection.choose`,
-:func:`reap.calibrate.stats.greedy_rerouted_order`), fed here the way calibration would feed them.
+:func:`reap.calibrate.greedy_order.greedy_rerouted_order`), fed here the way calibration would feed them.
 
     PYTHONPATH=src python benchmarks/criteria_study.py stats   --fixture F [--docs 256]   # statistics
     PYTHONPATH=src python benchmarks/criteria_study.py greedy  --fixture F [--docs 256] [--tokens 65536]
@@ -30,7 +30,7 @@ y_{-j} = sum_{i in S-j+n} w_i f_i / sum_{i in S-j+n} w_i (w: the unnormalized ro
 probabilities or sigmoid scores), the pair (x, j) adds ||y - y_{-j}|| and ||y - y_{-j}||^2 (``rr_sum``,
 ``rr_sq_sum``), and the Gram matrix of these changes over co-routed experts (``rr_gram``, for the quadratic
 greedy); and the same without re-routing (S-j only, renormalized: ``dr_sum``). ``greedy`` runs
-:func:`reap.calibrate.stats.greedy_rerouted_order` on a :class:`reap.calibrate.stats.TokenSample` of each layer's inputs
+:func:`reap.calibrate.greedy_order.greedy_rerouted_order` on a :class:`reap.calibrate.greedy_order.TokenSample` of each layer's inputs
 (every ceil(T / N)-th token). Results go to ``benchmarks/results/criteria/``.
 """
 
@@ -286,9 +286,9 @@ def load_stats(fixture: str, docs: int):
 # -- greedy selection with re-routing ------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_layer(moe, x: torch.Tensor, k: int, max_tokens: int, n_steps: int | None = None) -> tuple[list[int], int]:
-    """(reap.calibrate.stats.greedy_rerouted_order on a TokenSample of x, sample size): the library's greedy, fed the
+    """(reap.calibrate.greedy_order.greedy_rerouted_order on a TokenSample of x, sample size): the library's greedy, fed the
     way calibration would feed it: weights, choice scores and every expert's output on the sampled tokens."""
-    from reap.calibrate.stats import TokenSample, greedy_rerouted_order
+    from reap.calibrate.greedy_order import TokenSample, greedy_rerouted_order
 
     sample = TokenSample(max_tokens, stride=max(1, math.ceil(x.shape[0] / max_tokens)))
     for lo in range(0, x.shape[0], CHUNK):  # fed batch by batch, as a calibrator would

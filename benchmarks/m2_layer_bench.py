@@ -108,7 +108,7 @@ def bench_size(ckpt, layout, tokens: int, repeats: int, peak: float) -> dict:
                                                          offload="device", progress=False))
     st.embed(ahead=True)
     inputs = [st.store.get(i) for i in range(len(st.batches))]
-    module = st.load_layer(0)
+    module = st.loader.load_layer(0)
     experts = next(m for m in module.modules() if hasattr(m, "has_gate"))
     calls = [st.layer_call(i, 0) for i in range(len(st.batches))]
 
@@ -133,7 +133,7 @@ def bench_size(ckpt, layout, tokens: int, repeats: int, peak: float) -> dict:
     ref_out = forward(False, False)[0].float()
     set_experts(module, IMPLEMENTATION)
     res["reap_vs_transformers_max_rel"] = ((reap_out - ref_out).abs().max() / ref_out.abs().max()).item()
-    st.free_layer(0)
+    st.loader.free_layer(0)
     for key in ("forward_s", "forward_precaptured_s", "transformers_s"):
         res[key.replace("_s", "_tok_s")] = st.tokens / res[key]
     res["forward_tflops"] = f / res["forward_s"] / 1e12
@@ -143,8 +143,8 @@ def bench_size(ckpt, layout, tokens: int, repeats: int, peak: float) -> dict:
 
     def setup():
         st.embed()
-        st.prefetch(0)
-        st._pending[0].result()  # bytes already read, as in steady state
+        st.loader.prefetch(0)
+        st.loader._pending[0].result()  # bytes already read, as in steady state
 
     if DEVICE != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -160,7 +160,7 @@ def stream_layers(ckpt, layout, tokens: int) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 4096, (2048,), generator=g).tolist() for _ in range(tokens // 2048)]
     st = LayerStreamer(ckpt, layout, seqs, EngineOptions(device=DEVICE, dtype="bfloat16", progress=False))
-    st.prefetch(0)
+    st.loader.prefetch(0)
     st.embed()
     rows = []
     gpu = DEVICE != "cpu"

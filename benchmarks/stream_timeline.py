@@ -33,6 +33,7 @@ import reap.stream.loader as layer_loading  # noqa: E402
 from reap.io.checkpoint import Checkpoint  # noqa: E402
 from reap.model.derive import derive  # noqa: E402
 from reap.calibrate.stats import LayerAccumulator  # noqa: E402
+from reap.stream.loader import LayerLoader  # noqa: E402
 from reap.stream.streamer import EngineOptions, LayerStreamer  # noqa: E402
 
 
@@ -70,15 +71,15 @@ def main() -> None:
     rec = Recorder()
     rec.wrap(layer_loading, "load_into", "load_into")
     rec.wrap(load_recipe.Recipe, "apply", "recipe")
-    rec.wrap(LayerStreamer, "_materialize", "materialize")
-    rec.wrap(LayerStreamer, "_read_layer", "read")
-    rec.wrap(LayerStreamer, "_prepare", "prepare")
+    rec.wrap(LayerLoader, "materialize", "materialize")
+    rec.wrap(LayerLoader, "_read_layer", "read")
+    rec.wrap(LayerLoader, "_prepare", "prepare")
     st = LayerStreamer(ckpt, layout, None, EngineOptions(device="cuda", dtype="bfloat16", progress=False,
                                                          greedy_tokens=0, keep_page_cache=True))
     if args.mode == "serial":  # prepare a layer only when it is asked for
         wanted = [0]
-        prefetch = st.prefetch
-        st.prefetch = lambda layer: prefetch(layer) if layer == wanted[0] else None
+        prefetch = st.loader.prefetch
+        st.loader.prefetch = lambda layer: prefetch(layer) if layer == wanted[0] else None
     time.sleep(args.tokenize_s)
     g = torch.Generator().manual_seed(0)
     st.set_sequences([torch.randint(0, 4096, (2048,), generator=g).tolist() for _ in range(args.tokens // 2048)])

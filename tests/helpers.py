@@ -390,9 +390,9 @@ def assert_recipe_load_equals_transformers(streamer, layer: int) -> bool:
     from reap.stream import load_recipe
     from reap.stream.weights import load_into, to_meta
 
-    raw = streamer._read_layer(layer).views()
-    state = streamer._materialize(raw)
-    used = load_recipe.signature(state, load_recipe.normalized(state, layer)) in streamer._recipes
+    raw = streamer.loader._read_layer(layer).views()
+    state = streamer.loader.materialize(raw)
+    used = load_recipe.signature(state, load_recipe.normalized(state, layer)) in streamer.loader._recipes
     module = streamer.layers[layer]
 
     def loaded():
@@ -400,9 +400,9 @@ def assert_recipe_load_equals_transformers(streamer, layer: int) -> bool:
         to_meta(module)
         return out
 
-    streamer._load_layer(raw, layer)
+    streamer.loader._load_layer(raw, layer)
     ours = loaded()
-    load_into(streamer.model, streamer._materialize(raw), streamer.device, streamer.dtype, f"layer {layer}")
+    load_into(streamer.model, streamer.loader.materialize(raw), streamer.device, streamer.dtype, f"layer {layer}")
     theirs = loaded()
     assert ours.keys() == theirs.keys()
     for name, t in theirs.items():

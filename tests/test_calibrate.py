@@ -149,7 +149,7 @@ def _stream_stats(path, prepare) -> list[dict]:
     ckpt = Checkpoint(path)
     spec = derive(ckpt)
     streamer = LayerStreamer(ckpt, spec, _sequences(ckpt.config["vocab_size"]),
-                             EngineOptions(device="cpu", batch_tokens=64, progress=False))
+                             EngineOptions(device="cpu", batch_tokens=64, progress=False), accumulator=LayerAccumulator)
     try:
         prepare(streamer)
         out = []
@@ -167,13 +167,13 @@ def test_layer_0_embeds_its_own_batches_and_a_warm_up_changes_nothing(tiny_fp32)
     statistics as with every batch embedded into the store first, and as after a warm-up batch through layer 0 or
     through a layer with random weights before it is loaded."""
     def warm_up(st):
-        st.load_layer(0)
-        st._warm_up(0)
+        st.loader.load_layer(0)
+        st.loader._warm_up(0)
         assert st.warmup_seconds > 0  # it ran (a failing warm-up is skipped quietly)
         st.embed()
 
     def spare(st):  # layer 1 (not prepared yet on the CPU) with random weights, then back on the meta device
-        st._pool.submit(st._warm_up, 1, True).result()
+        st.loader._pool.submit(st.loader._warm_up, 1, True).result()
         assert st.warmup_seconds > 0
         assert all(p.device.type == "meta" for p in st.layers[1].parameters())
         st.embed()
@@ -181,7 +181,7 @@ def test_layer_0_embeds_its_own_batches_and_a_warm_up_changes_nothing(tiny_fp32)
     beside_ran = []
 
     def beside(st):  # the last layer with random weights on a thread of its own while layer 0 is prepared and runs
-        st._start_warm_up(None)
+        st.loader._start_warm_up(None)
         beside_ran.append(st)
         st.embed()
 

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reap.io.checkpoint import Checkpoint, TensorInfo, read_header, resolve_model
-from reap.io.staging import atomic_directory, check_output_dir
+from reap.io.outputs import check_output_dir
+from reap.io.staging import atomic_directory
 from reap.io.writer import Entry, other_files, tensor_bytes, write_safetensors
 from reap.core.errors import UserError
 

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from reap.selection.criteria import CRITERIA, METHODS, get_criterion
 from reap.core.errors import UserError
-from reap.calibrate.stats import FIELDS, ExpertStats, LayerAccumulator, TokenSample, greedy_rerouted_order
+from reap.calibrate.greedy_order import TokenSample, greedy_rerouted_order
+from reap.calibrate.stats import FIELDS, ExpertStats, LayerAccumulator
 from reap.selection.choose import choose_experts, select
 
 # layer 0: expert 0 gets pairs (g=0.5, n=2), (g=0.25, n=4); expert 1 one pair (g=1, n=3); expert 2 never routed;

@@ -486,11 +486,11 @@ def test_out_of_memory_in_a_batch_is_one_line_and_the_stats_resume(tiny_fp32, tm
 def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypatch):
     """Loading a layer's weights (on the prefetch thread: its error re-raised by the compute thread), the greedy
     search, the embeddings before any layer, the CPU's allocator, and `reap eval`: one line each."""
-    import reap.calibrate.stats
-    from reap.stream.loader import LayerLoading
+    import reap.calibrate.greedy_order
+    from reap.stream.loader import LayerLoader
 
     stats = tmp_path / "s.safetensors"
-    load_layer = LayerLoading._load_layer
+    load_layer = LayerLoader._load_layer
 
     def loading(self, raw, layer):
         if layer == 2:
@@ -498,14 +498,14 @@ def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypa
         return load_layer(self, raw, layer)
 
     with monkeypatch.context() as m:
-        m.setattr(LayerLoading, "_load_layer", loading)
+        m.setattr(LayerLoader, "_load_layer", loading)
         refused(_calibrate(tiny_fp32, texts, stats, "--greedy-tokens", "0"), "out of GPU memory loading layer 2's "
                 "weights", "--batch-tokens", f"{stats} keeps 2 finished layers of 3", "continue at layer 2")
     with monkeypatch.context() as m:
-        m.setattr(reap.calibrate.stats, "greedy_routed_order", _raise(torch.OutOfMemoryError(OOM)))
+        m.setattr(reap.calibrate.greedy_order, "greedy_routed_order", _raise(torch.OutOfMemoryError(OOM)))
         refused(_calibrate(tiny_fp32, texts, stats, "--overwrite"), "out of GPU memory in layer 0's greedy search",
                 "--greedy-memory 2 (now 4 GiB)", f"no layer was finished, so {stats} was not written")
-    load = LayerLoading._load
+    load = LayerLoader._load
 
     def embeddings(self, names, what):
         if what.startswith("the embeddings"):
@@ -514,7 +514,7 @@ def test_out_of_memory_elsewhere_says_where(tiny_fp32, tmp_path, texts, monkeypa
         return load(self, names, what)
 
     with monkeypatch.context() as m:
-        m.setattr(LayerLoading, "_load", embeddings)
+        m.setattr(LayerLoader, "_load", embeddings)
         refused(_calibrate(tiny_fp32, texts, tmp_path / "t.safetensors"), "out of CPU memory before the first layer "
                 "ran (loading the model's embeddings): tried to allocate 1.00 GiB with", "--batch-tokens")
     from reap.stream.streamer import LayerStreamer

@@ -1,6 +1,6 @@
 """The greedy re-routing criterion end to end: the model's own router driven with experts removed
-(reap.stream.experts.RouterDriver) against the pruned checkpoint's router, the routed greedy against the table greedy and a
-brute force, calibration storing the order, prune using it, fallbacks, old stats files, --multiple-of."""
+(reap.calibrate.greedy.RouterDriver) against the pruned checkpoint's router, the routed greedy against the table
+greedy and a brute force, calibration storing the order, prune using it, fallbacks, old stats files, --multiple-of."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from reap.cli import app
 from reap.core.errors import UserError
-from reap.calibrate.stats import ExpertStats, greedy_rerouted_order, greedy_routed_order
+from reap.calibrate.greedy_order import greedy_rerouted_order, greedy_routed_order
+from reap.calibrate.stats import ExpertStats
 
 
 def cli(*args):
@@ -102,7 +103,8 @@ FAMILIES = ["minimax_m2", "qwen3_moe", "mixtral", "kimi_k2", "gpt_oss", "glm4_mo
 def test_router_driver_equals_pruned_checkpoint(family, tmp_path):
     from reap.io.checkpoint import Checkpoint
     from reap.model.derive import derive
-    from reap.stream.experts import RouterDriver, use_reap_experts
+    from reap.calibrate.greedy import RouterDriver
+    from reap.stream.experts import use_reap_experts
     from reap.core.options import PruneOptions
     from reap.prune import prune_model
     from reap.testing.tiny import make_tiny_model

@@ -29,11 +29,11 @@ def _loaded(path, monkeypatch, loader: str | None):
     out = {}
     try:
         for layer in range(layout.num_layers):
-            module = st.load_layer(layer)
+            module = st.loader.load_layer(layer)
             out.update({f"{layer}.{n}": (t.clone(), t.is_contiguous()) for n, t in module.named_parameters()})
             out.update({f"{layer}.{n}": (t.clone(), t.is_contiguous()) for n, t in module.named_buffers()})
-            st.free_layer(layer)
-        return out, dict(st._recipes)
+            st.loader.free_layer(layer)
+        return out, dict(st.loader._recipes)
     finally:
         st.close()
 
@@ -76,12 +76,12 @@ def _template(tiny_fp32):
     """Layer 0 of the tiny model loaded by transformers, with what learn() needs."""
     ckpt = Checkpoint(tiny_fp32)
     st = LayerStreamer(ckpt, derive(ckpt), None, EngineOptions(device="cpu", dtype="float32", progress=False))
-    raw = st._read_layer(0).views()
-    state = st._materialize(raw)
+    raw = st.loader._read_layer(0).views()
+    state = st.loader.materialize(raw)
     from reap.stream.weights import load_into
 
     load_into(st.model, state, st.device, st.dtype, "layer 0")
-    return st, state, st._targets(raw), f"{st.layout.layers_path}.0."
+    return st, state, st.loader._targets(raw), f"{st.layout.layers_path}.0."
 
 
 def test_a_tensor_no_candidate_reproduces_keeps_transformers_loader(tiny_fp32):

@@ -257,7 +257,8 @@ def _greedy_stats(path: Path, layers: int = 3, experts: int = 16, top_k: int = 4
     differs per layer)."""
     import torch
 
-    from reap.calibrate.stats import GreedyOrder, LayerAccumulator
+    from reap.calibrate.greedy_order import GreedyOrder
+    from reap.calibrate.stats import LayerAccumulator
 
     stats = ExpertStats(layers, experts, {"model": "/m/tiny-moe", "top_k": top_k, "tokens": 4096})
     gen = torch.Generator().manual_seed(3)

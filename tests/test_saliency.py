@@ -323,7 +323,7 @@ def _direct_errors(w, choice, f, k, order):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_search_records_its_error_per_removal(seed):
-    from reap.calibrate.stats import GreedyOrder, greedy_rerouted_order, greedy_routed_order
+    from reap.calibrate.greedy_order import GreedyOrder, greedy_rerouted_order, greedy_routed_order
 
     gen = torch.Generator().manual_seed(seed)
     t, e, h, k = 80, 8, 5, 2
@@ -348,7 +348,7 @@ def test_greedy_error_in_the_stats_file(tmp_path):
     it (an older reap) still loads, with no curves."""
     from safetensors import safe_open
 
-    from reap.calibrate.stats import GreedyOrder
+    from reap.calibrate.greedy_order import GreedyOrder
 
     stats = ExpertStats(3, 4, meta={"top_k": 1})
     for layer, (order, errors) in enumerate([([2, 0, 1], [0.01, 0.05, 0.4]), ([3, 1, 0], [0.02, 0.03, 0.9])]):

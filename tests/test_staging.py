@@ -23,12 +23,12 @@ from reap.io.staging import (
     check_complete,
     check_free_space,
     clean_stale,
-    foreign_entries,
     owner_alive,
     owner_record,
     write_text,
 )
 from reap.io.headers import check_header, span_bytes
+from reap.io.outputs import foreign_entries
 
 
 def _header(**tensors) -> dict:

@@ -138,7 +138,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
         log(f"note: {opts.dataset} has only {len(stream)} tokens; scoring {n_targets} instead of {opts.max_tokens}")
 
     lines = engine.progress and not use_bars()  # in a log: one line per layer instead of the streamer's bars
-    # no greedy search here: its memory does not count where the hidden states go (--offload auto)
+    # no greedy search here (no observers): its memory does not count where the hidden states go (--offload auto)
     streamer_engine = replace(engine, greedy_tokens=0, progress=engine.progress and not lines)
     try:
         streamer = LayerStreamer(ckpt, spec, inputs, streamer_engine)
@@ -152,7 +152,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
     layer = None
     try:
         with torch.inference_mode():
-            streamer.prefetch(0)
+            streamer.loader.prefetch(0)
             streamer.embed()
             bar = Progress(spec.num_layers, f"evaluating {ckpt.name}", unit="layer", enabled=lines, log=log, every=0.0)
             for layer in range(spec.num_layers):

@@ -4,7 +4,8 @@
 from the check to the rename), turns the options into an :class:`reap.selection.plan.ExpertPlan` (a keep file; or a ratio and
 a criterion's scores: chance, a stats file, or calibration right here, :mod:`reap.calibrate.run`) through
 :mod:`reap.selection.choose`, records what the choice rests on in ``reap_report.json`` (:func:`base_report`) and hands the
-plan to :func:`reap.rewrite.surgery.rewrite`, which writes, verifies and publishes the pruned checkpoint.
+plan to :func:`reap.rewrite.surgery.rewrite`, which writes, verifies and publishes the pruned checkpoint, the
+report's pictures, summary and model card (:func:`report_files`) included.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from reap.core.errors import UserError, plural
 from reap.core.options import PruneOptions
 from reap.selection.plan import ExpertPlan, Routing
 from reap.selection.choose import experts_to_drop, plan_from_scores, read_keep_file
-from reap.io.staging import OutputLock, check_output_dir, clean_stale
-from reap.rewrite.surgery import SurgeryResult, id_remap, rewrite
+from reap.io.outputs import check_output_dir
+from reap.io.staging import OutputLock, clean_stale
+from reap.rewrite.surgery import SideFiles, SurgeryResult, id_remap, rewrite
 
 if TYPE_CHECKING:  # torch is imported only where scores are computed: copying with --keep never needs it
     import torch
@@ -65,7 +67,7 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     Under torchrun every rank calibrates its share and only rank 0 writes; other ranks return None. Rank 0 holds
     the target's lock (reap.io.staging.OutputLock) from the check of --out to the rename, and removes the staging
     folders that interrupted runs left beside it. An existing --out is replaced (``--overwrite``) only if it is empty
-    or a previous reap output holding nothing reap did not write (:func:`reap.io.staging.check_output_dir`, checked
+    or a previous reap output holding nothing reap did not write (:func:`reap.io.outputs.check_output_dir`, checked
     again just before the swap); anything else is a UserError before anything is written.
     """
     from reap.model.validate import derive_checked
@@ -166,7 +168,8 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         log(f"expert-id tables (hash routing) in {len(remap)} layers renumbered; a pruned expert's tokens go to the "
             "kept expert with the most similar router row (reap_report.json id_remap)")
     result = rewrite(ckpt, spec, plan, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
-                     id_remap=remap, overwrite=opts.overwrite, log=log)
+                     id_remap=remap, overwrite=opts.overwrite, log=log,
+                     side_files=report_files(ckpt.path, out, spec, stats, log))
     if spec.mtp_layers:
         rows = ", ".join(map(str, range(spec.num_layers, spec.stat_layers)))
         by = "by their own saliency" if stats is not None else f"by {plan.method}"
@@ -179,6 +182,21 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
             "expert count; serve without MTP speculative decoding" + (" (--drop-mtp)" if opts.drop_mtp else ""))
     return result
+
+
+def report_files(source: Path, out: Path, spec: Layout, stats, log) -> SideFiles:
+    """The report's files of the pruned output (:mod:`reap.report`: the pictures and summary drawn while the shards
+    are copied, the model card once they are verified), for :func:`reap.rewrite.surgery.rewrite`; any failure to
+    write one fails the run."""
+    from reap.report import publish_assets, publish_card
+
+    cells = spec.num_layers * spec.num_experts  # the pictures and texts grow with layers x experts
+    text = (64 << 10) + 400 * spec.num_layers
+    return SideFiles(
+        draw=lambda folder: publish_assets(folder, stats, log=log or (lambda _msg: None), strict=True),
+        card=lambda folder, report, figures: publish_card(folder, report, source=source, figures=figures,
+                                                          published_as=out, strict=True),
+        sizes=(*[min(4 << 20, (256 << 10) + 200 * cells)] * 3, text, text))  # 3 pictures, summary, card
 
 
 def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_drop: int, log) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Statistics per layer and expert: the calibration job and its resume (run), the float64 sums and the stats file (stats), the greedy re-routing search (greedy)."""
+"""Statistics per layer and expert: the calibration job and its resume (run), the float64 sums and the stats file (stats), the greedy re-routing search, a layer observer handed to the streamer, with its router driver (greedy), and its order algorithms (greedy_order)."""

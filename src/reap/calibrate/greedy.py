@@ -1,10 +1,12 @@
-"""The greedy re-routing search inside the layer streamer: the data of the default criterion.
+"""The greedy re-routing search, the data of the default criterion: one home for all of it but its order algorithms.
 
-For each MoE layer (and MTP module) that calibration runs, :class:`GreedySearch` keeps a strided sample of the MoE
-block's input tokens while the batches go through (a forward pre-hook), then drives the block's own router with
-experts removed (:class:`reap.stream.experts.RouterDriver`), runs every expert on the sample and hands both to
-:func:`reap.calibrate.stats.greedy_routed_order`; the removal order (or why ``weighted-ean`` stands in for the layer) goes
-on the layer's accumulator. With several ranks every rank searches the same sample, all ranks' tokens together.
+For each MoE layer (and MTP module) that calibration runs, :class:`GreedySearch`, a layer observer that calibration
+hands the streamer (:mod:`reap.stream.observers`), keeps a strided sample of the MoE block's input tokens while the
+batches go through (a forward pre-hook), then, after the layer, drives the block's own router with experts removed
+(:class:`RouterDriver`), runs every expert on the sample and hands both to
+:func:`reap.calibrate.greedy_order.greedy_routed_order`; the removal order (or why ``weighted-ean`` stands in for the
+layer) goes on the layer's accumulator. With several ranks every rank searches the same sample, all ranks' tokens
+together. What the search adds to the run's time and memory enters the streamer's plan (:meth:`GreedySearch.cost`).
 
 Legend: S sampled tokens, E experts, K top-k, H hidden.
 """
@@ -12,71 +14,100 @@ Legend: S sampled tokens, E experts, K top-k, H hidden.
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from reap.stream.experts import ExpertsProbe
+from reap.stream.observers import ObserverCost
+
+
+@dataclass
+class _Layer:
+    """One layer's search: what :meth:`GreedySearch.start` hands :meth:`GreedySearch.finish`."""
+
+    streamer: object
+    layer: int
+    module: object
+    moe: object
+    experts: object
+    accumulator: object
+    sample: object  # reap.calibrate.greedy_order.TokenSample
+    hook: object | None  # the sampling pre-hook, until removed
+    size: int = 0  # tokens the search ran on (all ranks')
+
 
 class GreedySearch:
-    """The greedy re-routing order (:func:`reap.calibrate.stats.greedy_routed_order`) on a sample of each MoE layer's
-    input: a mixin of :class:`reap.stream.streamer.LayerStreamer`, whose ``layout``, ``opts``, ``dtype``, ``device``,
-    ``dist`` and ``tokens`` it reads. :meth:`greedy_start` before a layer's batches, :meth:`greedy_finish` after
-    them."""
+    """The greedy re-routing order (:func:`reap.calibrate.greedy_order.greedy_routed_order`) on a sample of each MoE
+    layer's input: a :class:`reap.stream.observers.LayerObserver`, reading the streamer's ``layout``, ``opts``,
+    ``dtype``, ``device``, ``dist`` and ``tokens``. ``seconds``: the time the searches took after the layers'
+    forward (included in the streamer's layer times)."""
 
-    def _block_of(self, module, moe, layer: int):
-        return module.get_submodule(moe.block[len(f"{self.layout.layers_path}.{layer}."):]) if moe.block != \
-            f"{self.layout.layers_path}.{layer}" else module
+    def __init__(self):
+        self.seconds = 0.0
 
-    def greedy_sample_size(self) -> int:
+    # -- what it adds to the run (the streamer's plan)
+    @staticmethod
+    def sample_size(streamer) -> int:
         """Tokens per layer in the greedy sample (all ranks together): ``greedy_tokens``, fewer where every expert's
         output on them would not fit ``greedy_memory`` GiB."""
-        from reap.calibrate.stats import greedy_sample_tokens
+        from reap.calibrate.greedy_order import greedy_sample_tokens
 
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return greedy_sample_tokens(self.layout.num_experts, self.layout.hidden_size, elem, self.opts.greedy_tokens,
-                                    self.opts.greedy_memory * (1 << 30))
+        elem = torch.empty((), dtype=streamer.dtype).element_size()
+        return greedy_sample_tokens(streamer.layout.num_experts, streamer.layout.hidden_size, elem,
+                                    streamer.opts.greedy_tokens, streamer.opts.greedy_memory * (1 << 30))
 
-    def greedy_seconds(self, expert_params: float, flops: float, bandwidth: float, sample: int) -> float:
+    @staticmethod
+    def estimated_seconds(streamer, expert_params: float, flops: float, bandwidth: float, sample: int) -> float:
         """A rough time of the greedy search over the whole run, per rank: every expert on the sample of every MoE
         layer (2 FLOPs per parameter of ``expert_params``, all layers' experts, and sampled token at ``flops``), and
         the search itself, bound by memory (``bandwidth`` bytes/s): it costs its [rows, K+1, H] float64 arrays ~30
         times over (25 to 38 measured on a CPU), for the sample's rows and again, after each removal, for the rows
         whose K+1 choices held the removed expert (about (K+1)/E' of them, E' the experts left); plus a few
         milliseconds of routing and synchronizing per removal step on a GPU (not measured)."""
-        E, K, H = self.layout.num_experts, self.layout.top_k, self.layout.hidden_size
-        if sample <= 0 or not self.layout.moe or not 0 < K < E:
+        layout = streamer.layout
+        E, K, H = layout.num_experts, layout.top_k, layout.hidden_size
+        if sample <= 0 or not layout.moe or not 0 < K < E:
             return 0.0
         rows = sample * (1 + (K + 1) * sum(1 / left for left in range(K + 1, E + 1)))
-        search = rows * (K + 1) * H * 8 * 30 / bandwidth + (E - K) * (3e-3 if self.device.type == "cuda" else 0.0)
-        return 2 * expert_params * sample / flops + len(self.layout.moe) * search
+        search = rows * (K + 1) * H * 8 * 30 / bandwidth + (E - K) * (3e-3 if streamer.device.type == "cuda" else 0.0)
+        return 2 * expert_params * sample / flops + len(layout.moe) * search
 
-    def greedy_start(self, module, moe, experts, layer: int, accumulator):
-        """(TokenSample, hook) of the greedy search for this MoE layer (module: its decoder layer), or (None, None)
-        when nothing is accumulated or the search is off (``greedy_tokens`` 0)."""
-        if accumulator is None or self.opts.greedy_tokens <= 0:
-            return None, None
-        return self._greedy_sampler(module, moe, experts, layer)
+    def cost(self, streamer, expert_params: float, flops: float, bandwidth: float) -> ObserverCost:
+        """The search's time and peak (:func:`reap.stream.hidden.greedy_peak_bytes`): every rank runs every expert
+        on the whole sample of each MoE layer (all ranks' tokens). Plan entries: ``greedy_s``,
+        ``greedy_peak_bytes``, ``greedy_outputs_bytes`` (every expert's output on the sample, what
+        ``--greedy-memory`` bounds) and ``greedy_fits``."""
+        from reap.stream.hidden import greedy_peak_bytes
 
-    def greedy_finish(self, module, moe, experts, layer: int, sample, hook, accumulator):
-        """After the layer's batches: stop sampling and put the greedy order (or why there is none) on
-        ``accumulator``. Returns the hook still to remove (None)."""
-        if hook is not None:
-            hook.remove()
-        if sample is not None:
-            accumulator.greedy_order, accumulator.greedy_note = self._greedy(module, moe, experts, layer, sample)
-            accumulator.greedy_sample = getattr(self, "_greedy_size", 0)
-        return None
+        layout = streamer.layout
+        E, K, H = layout.num_experts, layout.top_k, layout.hidden_size
+        elem = torch.finfo(streamer.dtype).bits // 8
+        sample = min(streamer.tokens * streamer.dist.world, self.sample_size(streamer)) \
+            if streamer.opts.greedy_tokens > 0 and layout.moe else 0
+        seconds = self.estimated_seconds(streamer, expert_params, flops, bandwidth, sample)
+        peak = greedy_peak_bytes(sample, E, H, elem, K)
+        return ObserverCost(seconds, peak, {"greedy_s": seconds, "greedy_peak_bytes": peak,
+                                            "greedy_outputs_bytes": sample * E * H * elem}, fits="greedy_fits")
 
-    def _greedy_sampler(self, module, moe, experts, layer: int):
-        """(TokenSample, hook): a forward pre-hook on the layer's MoE block keeps every ceil(T / S)-th real token of
-        its input, in calibration order (T: this rank's tokens, S: its share of the sample)."""
-        from reap.calibrate.stats import TokenSample
+    # -- the observer
+    def start(self, streamer, layer: int, module, moe, experts, accumulator) -> _Layer | None:
+        """The search of this MoE layer (module: its decoder layer), sampling from now on, or None when nothing is
+        accumulated or the search is off (``greedy_tokens`` 0). A forward pre-hook on the layer's MoE block keeps
+        every ceil(T / S)-th real token of its input, in calibration order (T: this rank's tokens, S: its share of
+        the sample)."""
+        from reap.calibrate.greedy_order import TokenSample
+        from reap.stream.streamer import block_of
 
-        size = -(-self.greedy_sample_size() // self.dist.world)
+        if accumulator is None or streamer.opts.greedy_tokens <= 0:
+            return None
+        state = _Layer(streamer, layer, module, moe, experts, accumulator, TokenSample(1), None)
+        size = -(-self.sample_size(streamer) // streamer.dist.world)
         if size <= 0:
-            return TokenSample(1), None
-        sample = TokenSample(size, stride=max(1, -(-self.tokens // size)))
-        block = self._block_of(module, moe, layer)
+            return state
+        sample = state.sample = TokenSample(size, stride=max(1, -(-streamer.tokens // size)))
 
         def pre(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
@@ -84,16 +115,37 @@ class GreedySearch:
             mask = experts._reap_probe.token_mask
             sample.add(x[mask] if mask is not None and mask.numel() == x.shape[0] else x)
 
-        return sample, block.register_forward_pre_hook(pre, with_kwargs=True)
+        state.hook = block_of(streamer.layout, module, moe, layer).register_forward_pre_hook(pre, with_kwargs=True)
+        return state
 
-    def _greedy(self, module, moe, experts, layer: int, sample) -> tuple[list[int] | None, str | None]:
+    def finish(self, state: _Layer) -> None:
+        """After the layer's batches: stop sampling and put the greedy order (or why there is none) on the layer's
+        accumulator."""
+        self.close(state)
+        t0 = time.perf_counter()
+        try:
+            acc = state.accumulator
+            acc.greedy_order, acc.greedy_note = self._greedy(state)
+            acc.greedy_sample = state.size
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def close(self, state: _Layer) -> None:
+        if state.hook is not None:
+            state.hook.remove()
+            state.hook = None
+
+    def _greedy(self, state: _Layer) -> tuple[list[int] | None, str | None]:
         """(removal order, None), or (None, why weighted-ean stands in for this layer)."""
-        self._greedy_size = 0
-        from reap.stream.experts import RouterDriver, expert_outputs, is_wrapped, pair_outputs
-        from reap.calibrate.stats import greedy_routed_order
+        from reap.calibrate.greedy_order import greedy_routed_order
+        from reap.stream.experts import expert_outputs, is_wrapped, pair_outputs
+        from reap.stream.streamer import block_of
 
+        st, layer, module, moe, experts, sample = (state.streamer, state.layer, state.module, state.moe,
+                                                   state.experts, state.sample)
+        state.size = 0
         fallback = "; weighted-ean (sum of g x ||f||) stands in for greedy-rerouted in this layer"
-        spec, E, K = self.layout, self.layout.num_experts, self.layout.top_k
+        spec, E, K = st.layout, st.layout.num_experts, st.layout.top_k
         if spec.n_group > 1:
             return None, f"group-limited routing (n_group {spec.n_group}) is not a plain top-k{fallback}"
         if moe.id_tables:
@@ -101,17 +153,17 @@ class GreedySearch:
         if moe.extra:  # what a removed expert's tokens pick may be a slot that is no expert, which the model's
             # config (not the block) names: the driven router cannot tell it from an expert
             return None, f"its router has slots beyond the experts (skip or zero-computation classes){fallback}"
-        if sample.size == 0 and self.dist.world == 1:
-            return None, (f"--greedy-memory {self.opts.greedy_memory:g} GiB holds no token's {E} expert outputs"
+        if sample.size == 0 and st.dist.world == 1:
+            return None, (f"--greedy-memory {st.opts.greedy_memory:g} GiB holds no token's {E} expert outputs"
                           f"{fallback}")
         xs = sample.rows if sample.size else None
-        if self.dist.world > 1:  # every rank greedy-searches the same sample (all ranks' tokens): the same order
+        if st.dist.world > 1:  # every rank greedy-searches the same sample (all ranks' tokens): the same order
             import torch.distributed as d
 
-            parts = [None] * self.dist.world
+            parts = [None] * st.dist.world
             d.all_gather_object(parts, xs.cpu() if xs is not None else None)
-            xs = torch.cat([p.to(self.device) for p in parts if p is not None])
-        block = self._block_of(module, moe, layer)
+            xs = torch.cat([p.to(st.device) for p in parts if p is not None])
+        block = block_of(st.layout, module, moe, layer)
         try:
             driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E, moe.extra)
             ids_k, w_k = driver(xs)
@@ -141,7 +193,7 @@ class GreedySearch:
         bar = tqdm(total=2 * E - K, unit="step", file=sys.stderr, leave=False,
                    desc=(f"layer {layer + 1}/{spec.num_layers}" if layer < spec.num_layers else
                          f"MTP module {layer - spec.num_layers}") + ": greedy search",
-                   disable=not self.opts.progress or self.dist.rank != 0)
+                   disable=not st.opts.progress or st.dist.rank != 0)
 
         def route(removed, rows):
             if bar.n < bar.total:
@@ -154,7 +206,7 @@ class GreedySearch:
             return ids_b.gather(1, pos), w_b.gather(1, pos)
 
         # every expert's output on the sample [S, E, H] (model dtype), one expert at a time
-        S = self._greedy_size = xs.shape[0]
+        S = state.size = xs.shape[0]
         outputs = None
         grouped = experts._reap_probe.grouped if experts._reap_probe.grouped is not None else False
         try:
@@ -179,3 +231,107 @@ class GreedySearch:
         finally:
             bar.close()
         return order, None
+
+
+# -- the model's own routing, driven on a token sample ---------------------------------------------------------
+#: attributes that hold a block's expert count (set to the kept count while its router rows are sliced)
+NUM_EXPERTS_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+class RouterDriver:
+    """Runs a decoder layer's MoE block (transformers' own forward: router, correction bias, scaling) on a token
+    sample with some experts removed and top-k set to any k, and returns what it hands its experts module.
+
+    Removal is what the pruned checkpoint does: the block's router rows and biases (every tensor of the layer's
+    layout outside the experts module, along its expert axis) are sliced to the kept experts for the call, and its
+    expert-count attributes set to the kept count; top-k is every attribute in :data:`reap.model.arch.TOP_K_ATTRS` of
+    the block and its submodules (experts excluded) that holds the model's top-k. The experts module is not run
+    (:class:`reap.stream.experts.ExpertsProbe` ``capture``). Everything is restored after each call.
+
+    ``ValueError`` (from the constructor) where the block cannot be driven that way: no top-k attribute, or a
+    router tensor that is not found.
+    """
+
+    def __init__(self, block, experts, tensors: dict[str, int], block_path: str, top_k: int, num_experts: int,
+                 extra: dict[str, int] | None = None):
+        from reap.model.arch import TOP_K_ATTRS
+
+        self.block, self.experts, self.top_k, self.E = block, experts, top_k, num_experts
+        skip = {id(m) for m in experts.modules()}
+        subs = [m for m in block.modules() if id(m) not in skip]
+        self.k_attrs = [(m, a) for m in subs for a in TOP_K_ATTRS if getattr(m, a, None) == top_k
+                        and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
+        self.e_attrs = [(m, a, 0) for m in subs for a in NUM_EXPERTS_ATTRS if getattr(m, a, None) == num_experts
+                        and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
+        # counts of the experts and the slots after them (ZAYA's num_router_classes E + 1, LongCat-Flash's router
+        # n_routed_experts E + zero experts): attributes named for experts or classes
+        for slots in sorted(set((extra or {}).values()) - {0}):
+            self.e_attrs += [(m, a, slots) for m in subs for a, v in vars(m).items()
+                             if ("expert" in a or "classes" in a) and isinstance(v, int) and not isinstance(v, bool)
+                             and v == num_experts + slots]
+        if not self.k_attrs:
+            raise ValueError(f"{type(block).__name__} keeps its top-k in no attribute reap knows ({', '.join(TOP_K_ATTRS)})")
+        exp_prefix = next(n for n, m in block.named_modules() if m is experts)
+        self.rows = []  # (owner module, leaf name, is parameter, expert axis, slots after the experts)
+        for name, axis in tensors.items():
+            rel = name[len(block_path) + 1:] if name.startswith(block_path + ".") else None
+            if rel is None or rel == exp_prefix or rel.startswith(exp_prefix + "."):
+                continue
+            owner_path, _, leaf = rel.rpartition(".")
+            owner = block.get_submodule(owner_path) if owner_path else block
+            slots = (extra or {}).get(name, 0)
+            if leaf in owner._parameters:
+                self.rows.append((owner, leaf, True, axis, slots))
+            elif leaf in owner._buffers:
+                self.rows.append((owner, leaf, False, axis, slots))
+            else:
+                raise ValueError(f"router tensor {name} not found in {type(block).__name__}")
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, removed: torch.Tensor | None = None, k: int | None = None):
+        """x [S, H] -> (expert ids [S, k] (original numbering), weights [S, k]) as the block routes with ``removed``
+        (bool [E]) experts gone and top-k ``k`` (default: the model's)."""
+        k = self.top_k if k is None else k
+        kept = None
+        saved_rows, saved_attrs = [], []
+        if removed is not None and bool(removed.any()):
+            kept = (~removed.to(torch.bool)).nonzero().squeeze(1)
+        try:
+            for m, a in self.k_attrs:
+                saved_attrs.append((m, a, getattr(m, a)))
+                setattr(m, a, k)
+            if kept is not None:
+                for m, a, slots in self.e_attrs:
+                    saved_attrs.append((m, a, getattr(m, a)))
+                    setattr(m, a, int(kept.numel()) + slots)
+                for owner, leaf, is_param, axis, slots in self.rows:
+                    table = owner._parameters if is_param else owner._buffers
+                    t = table[leaf]
+                    saved_rows.append((table, leaf, t))
+                    rows = torch.cat([kept, torch.arange(self.E, self.E + slots, device=kept.device)]) if slots else kept
+                    sl = t.index_select(axis, rows.to(t.device))
+                    table[leaf] = torch.nn.Parameter(sl, requires_grad=False) if is_param else sl
+            captured: list = []
+            before = getattr(self.experts, "_reap_probe", None)
+            self.experts._reap_probe = ExpertsProbe(capture=captured)
+            try:
+                self.block(x[None])
+            finally:
+                if before is not None:
+                    self.experts._reap_probe = before
+                else:
+                    del self.experts._reap_probe
+        finally:
+            for table, leaf, t in saved_rows:
+                table[leaf] = t
+            for m, a, v in reversed(saved_attrs):
+                setattr(m, a, v)
+        if len(captured) != 1:
+            raise ValueError(f"the MoE block called its experts {len(captured)} times, expected once")
+        idx, w, self.inputs = captured[0]  # inputs: what the block hands its experts (its own projection, maybe)
+        if idx.shape != (x.shape[0], k):
+            raise ValueError(f"the router chose {list(idx.shape)} experts with top-k set to {k}, expected "
+                             f"{[x.shape[0], k]}: it does not take its top-k from the attributes reap sets")
+        if kept is not None:
+            idx = kept.to(idx.device)[idx]
+        return idx, w

@@ -297,6 +297,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     up at the next layer. ``layout``: the checkpoint's (validated) layout, when the caller has it.
     """
     from reap.data.tokens import calibration_sequences, load_tokenizer
+    from reap.calibrate.greedy import GreedySearch
     from reap.calibrate.stats import ExpertStats, LayerAccumulator
     from reap.model.validate import derive_checked
 
@@ -354,8 +355,10 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
         from reap.stream.ranks import cpu_speed
 
         cpu_speed()  # the rates the ETA is sized by, measured before layer 0's loading competes for the cores
+    greedy = GreedySearch()
     try:
-        streamer = LayerStreamer(ckpt, spec, None, engine, dist)  # layer 0 loads while the data is tokenized
+        # layer 0 loads while the data is tokenized; the greedy search runs after each MoE layer's batches
+        streamer = LayerStreamer(ckpt, spec, None, engine, dist, observers=[greedy], accumulator=LayerAccumulator)
     except RuntimeError as err:  # torch.OutOfMemoryError among them
         oom = out_of_memory_error(err, engine, kept=_kept(out, stats if opts.resume else None, rows))
         if oom is None:
@@ -411,8 +414,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                 f"hidden states on {streamer.store.mode}" + (f", {dist.world} ranks" if dist.world > 1 else "")
                 + (f"; resuming at layer {start_layer}" if start_layer else "")
                 + (f" from the hidden states after layer {restored}" if restored is not None else "")
-                + (f"; each layer read once per node ({streamer.reader.share.world} ranks share it)"
-                   if streamer.reader.share is not None else ""))
+                + (f"; each layer read once per node ({streamer.loader.reader.share.world} ranks share it)"
+                   if streamer.loader.reader.share is not None else ""))
             for line in memory_warnings(plan, opts.engine):
                 log("warning: " + line)
         t0 = time.perf_counter()
@@ -474,7 +477,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
                "warmup_seconds": round(streamer.warmup_seconds, 3),
                "layer_seconds": [round(t, 3) for t in streamer.stats.layer_seconds],
                "weights_wait_seconds": [round(t, 3) for t in streamer.stats.wait_seconds],
-               "greedy_seconds": round(streamer.stats.greedy_seconds, 3),
+               "greedy_seconds": round(greedy.seconds, 3),
                "selfcheck_seconds": round(streamer.selfcheck.seconds, 4),
                **{k: round(v, 3) for k, v in peak_memory(streamer.device).items()}}
     stats.meta["summary"] = summary

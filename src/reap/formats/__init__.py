@@ -8,7 +8,8 @@ parameters a stored tensor holds, and how to dequantize the parts on the compute
 slices every part of an expert with the same rule (see :mod:`reap.model.arch`), so quantized bytes and companions are
 copied as stored; the module lists of the quantization config are renumbered (:mod:`reap.formats.modules`).
 
-Formats known here (the registry :data:`FORMATS`, one object each), detected from ``config.json``
+Formats known here (the registry :data:`FORMATS`, one object each, holding its own dequantization, packing and
+companion checks as callables: nothing dispatches on a format's name), detected from ``config.json``
 ``quantization_config`` (or ``hf_quant_config.json``) by :func:`checkpoint_format`:
 
 * ``dense``      bf16 / fp16 / fp32 tensors (every checkpoint has some: norms, embeddings);
@@ -33,6 +34,7 @@ Legend: O output features, I input features, E experts, G groups.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +69,19 @@ class Format:
     parts: tuple[tuple[str, str, str], ...]  # (stored suffix, base suffix, part), longest stored suffix first
     description: str
     quant: Quantization | None = field(default=None, compare=False, hash=False, repr=False)
+    #: ``dequant(fmt, parts, dtype, config, name)``: the logical tensor from its values and scale (and other
+    #: companions); None for a format without scales (dense)
+    dequant: Callable[..., torch.Tensor] | None = field(default=None, compare=False, hash=False, repr=False)
+    #: ``packing(fmt, base, dtype)``: logical values per stored element of a values tensor (``base``: its base name
+    #: when a suffix of the format named it, else None); None: one
+    packing: Callable[[Format, str | None, str], int] | None = field(default=None, compare=False, hash=False,
+                                                                      repr=False)
+    #: ``companions(values)``: the parts a base with these values (a TensorInfo) needs beside them, before a zero
+    #: point; None for a format without companions
+    companions: Callable[[Any], tuple[str, ...]] | None = field(default=None, compare=False, hash=False, repr=False)
+    #: ``scale_problem(fmt, base, parts, scheme, bad)``: what is wrong with the scale's (and its companions')
+    #: shapes against the values, or None; ``bad(what)`` words the usual mismatch
+    scale_problem: Callable[..., str | None] | None = field(default=None, compare=False, hash=False, repr=False)
 
     def split(self, stored: str) -> tuple[str, str] | None:
         """``stored`` -> (base name, part) when it is a part of this format, else None."""
@@ -84,8 +99,8 @@ class Format:
 
 def describe_format(fmt: Format) -> dict[str, Any] | None:
     """What ``reap inspect`` can show of a checkpoint's quantization: the format and each weight scheme in words
-    (``INT4 group 32 symmetric (pack-quantized)``); None for dense."""
-    if fmt.name == "dense":
+    (``INT4 group 32 symmetric (pack-quantized)``); None for dense (a format without companions)."""
+    if not fmt.parts:
         return None
     schemes = []
     for group in (fmt.quant.groups if fmt.quant is not None else ()):
@@ -103,11 +118,124 @@ def _parts(*items: tuple[str, str, str]) -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(items, key=lambda p: -len(p[0])))
 
 
+# -- each format's own behaviour (the callables its registry entry holds) -----------------------------------------
+def _dequant_fp8_block(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch.dtype, config: dict[str, Any],
+                       name: str) -> torch.Tensor:
+    import torch
+
+    values = parts["values"]
+    if values.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise UserError(f"{name}: a weight_scale_inv companion on a {values.dtype} tensor; the checkpoint is broken")
+    block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    return dequantize_blocks(values, parts["scale"], dtype, (int(block[0]), int(block[1])))
+
+
+def _dequant_mxfp4(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch.dtype, config: dict[str, Any],
+                   name: str) -> torch.Tensor:
+    return dequantize_mxfp4(parts["values"], parts["scale"], dtype)
+
+
+def _dequant_compressed_tensors(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+                                config: dict[str, Any], name: str) -> torch.Tensor:
+    import torch
+
+    values, scale = parts["values"], parts["scale"]
+    if "g_idx" in parts:
+        raise UserError(f"{name}: a weight_g_idx (activation-order permutation) that reap does not read")
+    if values.dtype == torch.int32:
+        scheme = _need(fmt.scheme(name, "int"), name, "an integer")
+        shape = tuple(int(v) for v in parts["shape"].tolist()) if "shape" in parts else None
+        return dequantize_int_packed(values, scale, parts.get("zero_point"), shape, scheme.bits, scheme.strategy,
+                                     scheme.group, dtype, name)
+    if values.dtype == torch.uint8:
+        if "global_scale" not in parts:
+            raise UserError(f"{name}: uint8 weight_packed without weight_global_scale (MXFP4 compressed-tensors), "
+                            f"which reap does not read; reap reads {fmt.description}")
+        scheme = fmt.scheme(name, "float")
+        return dequantize_nvfp4_ct(values, scale, parts["global_scale"], (scheme.group if scheme else None) or 16,
+                                   dtype, name)
+    kind = "int" if not values.dtype.is_floating_point else "float"
+    scheme = _need(fmt.scheme(name, kind), name, "a " + kind)
+    return dequantize_scaled(values, scale, parts.get("zero_point"), scheme.strategy, scheme.group, scheme.block,
+                             dtype, name)
+
+
+def _dequant_modelopt(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch.dtype, config: dict[str, Any],
+                      name: str) -> torch.Tensor:
+    import torch
+
+    values, scale = parts["values"], parts["scale"]
+    if "pre_quant_scale" in parts:
+        raise UserError(f"{name}: a pre_quant_scale (AWQ-style input scaling), which reap does not read")
+    if values.dtype == torch.uint8:
+        if "scale_2" not in parts:
+            raise UserError(f"{name}: an NVFP4 weight without weight_scale_2; the checkpoint is incomplete")
+        return dequantize_nvfp4_modelopt(values, scale, parts["scale_2"], fmt.quant.group_size, dtype, name)
+    return (values.to(dtype) * scale.to(dtype)).to(dtype)  # ModelOpt FP8QTensor.dequantize
+
+
+def _packing_mxfp4(fmt: Format, base: str | None, dtype: str) -> int:
+    return 2 if base is not None and dtype == "U8" else 1
+
+
+def _packing_compressed_tensors(fmt: Format, base: str | None, dtype: str) -> int:
+    if base is not None:
+        if dtype == "I32":
+            scheme = fmt.scheme(base, "int")
+            return 32 // (scheme.bits if scheme is not None else 4)
+        if dtype == "U8":
+            return 2
+    return 1
+
+
+def _packing_modelopt(fmt: Format, base: str | None, dtype: str) -> int:
+    return 2 if dtype == "U8" and fmt.quant is not None and fmt.quant.algo == "NVFP4" else 1
+
+
+def _companions_compressed_tensors(v) -> tuple[str, ...]:
+    if v.name.endswith(".weight_packed"):
+        return ("scale", "shape") if v.dtype == "I32" else ("scale", "global_scale")
+    return ("scale",) if v.dtype in (*FP8_DTYPES, "I8") else ()
+
+
+def _scales_mxfp4(fmt: Format, base: str, parts: dict[str, Any], scheme, bad) -> str | None:
+    return bad("scales") if tuple(parts["scale"].shape) != tuple(parts["values"].shape)[:-1] else None
+
+
+def _scales_fp8_block(fmt: Format, base: str, parts: dict[str, Any], scheme, bad) -> str | None:
+    s, vshape = tuple(parts["scale"].shape), tuple(parts["values"].shape)
+    return bad("scale") if len(s) != len(vshape) or s[:-2] != vshape[:-2] else None
+
+
+def _scales_per_scheme(fmt: Format, base: str, parts: dict[str, Any], scheme, bad) -> str | None:
+    """compressed-tensors and ModelOpt: by the weight scheme's strategy."""
+    v, s = parts["values"], tuple(parts["scale"].shape)
+    vshape = tuple(v.shape)
+    have, lead = set(parts), vshape[:-2]
+    if v.dtype == "U8":  # NVFP4 (compressed-tensors or ModelOpt): an FP8 scale per group of 16 values (8 bytes)
+        group = (scheme.group if scheme is not None else None) or 16
+        return bad("weight_scale") if s != (*vshape[:-1], vshape[-1] * 2 // group) else None
+    if "shape" in have and tuple(parts["shape"].shape) != (len(vshape),):
+        return f"{base}: weight_shape {list(parts['shape'].shape)} does not describe its {len(vshape)}-d values"
+    strategy = scheme.strategy if scheme is not None else ""
+    if strategy in ("group", "channel") and s[:-1] != vshape[:-1]:
+        return bad("weight_scale")
+    if "zero_point" in have and tuple(parts["zero_point"].shape)[:-2] != s[:-2]:
+        return f"{base}: weight_zero_point {list(parts['zero_point'].shape)} does not fit its scale {list(s)}"
+    if strategy == "block" and (len(s) != len(vshape) or s[:-2] != lead):
+        return bad("weight_scale")
+    return None
+
+
 DENSE = Format("dense", (), "unquantized bf16/fp16/fp32")
 FP8_BLOCK = Format("fp8-block", _parts(("_scale_inv", "", "scale")),
-                   "FP8 e4m3 with one float32 scale per weight_block_size block (weight_scale_inv)")
+                   "FP8 e4m3 with one float32 scale per weight_block_size block (weight_scale_inv)",
+                   dequant=_dequant_fp8_block, companions=lambda v: ("scale",) if v.dtype in FP8_DTYPES else (),
+                   scale_problem=_scales_fp8_block)
 MXFP4 = Format("mxfp4", _parts(("_blocks", "", "values"), ("_scales", "", "scale")),
-               "MXFP4: FP4 e2m1 pairs in uint8 _blocks, a power-of-two _scales byte per 32 values")
+               "MXFP4: FP4 e2m1 pairs in uint8 _blocks, a power-of-two _scales byte per 32 values",
+               dequant=_dequant_mxfp4, packing=_packing_mxfp4,
+               companions=lambda v: ("scale",) if v.name.endswith("_blocks") else (), scale_problem=_scales_mxfp4)
 COMPRESSED_TENSORS = Format("compressed-tensors", _parts(
     (".weight_packed", ".weight", "values"), (".weight_scale", ".weight", "scale"),
     (".weight_zero_point", ".weight", "zero_point"), (".weight_shape", ".weight", "shape"),
@@ -115,13 +243,19 @@ COMPRESSED_TENSORS = Format("compressed-tensors", _parts(
     (".input_scale", ".weight", "input_scale"), (".input_zero_point", ".weight", "input_zero_point"),
     (".input_global_scale", ".weight", "input_global_scale"), (".output_scale", ".weight", "output_scale"),
     (".output_zero_point", ".weight", "output_zero_point")),
-    "compressed-tensors: " + "; ".join(f"{k} ({v})" for k, v in CT_FORMATS.items() if k != "dense"))
+    "compressed-tensors: " + "; ".join(f"{k} ({v})" for k, v in CT_FORMATS.items() if k != "dense"),
+    dequant=_dequant_compressed_tensors, packing=_packing_compressed_tensors,
+    companions=_companions_compressed_tensors, scale_problem=_scales_per_scheme)
 MODELOPT = Format("modelopt", _parts(
     (".weight_scale_2", ".weight", "scale_2"), (".weight_scale", ".weight", "scale"),
     (".input_scale", ".weight", "input_scale"), (".pre_quant_scale", ".weight", "pre_quant_scale")),
-    "NVIDIA ModelOpt: " + "; ".join(f"{k} ({v})" for k, v in MODELOPT_ALGOS.items()))
+    "NVIDIA ModelOpt: " + "; ".join(f"{k} ({v})" for k, v in MODELOPT_ALGOS.items()),
+    dequant=_dequant_modelopt, packing=_packing_modelopt,
+    companions=lambda v: ("scale", "scale_2") if v.dtype == "U8" else ("scale",) if v.dtype in FP8_DTYPES else (),
+    scale_problem=_scales_per_scheme)
 
-#: Every format reap reads. A new one is one entry here plus its dequantization in :func:`dequantize`.
+#: Every format reap reads. A new one is one entry here: a :class:`Format` with its own ``dequant`` (and
+#: ``packing``, ``companions``, ``scale_problem`` where it has them).
 FORMATS: tuple[Format, ...] = (FP8_BLOCK, MXFP4, COMPRESSED_TENSORS, MODELOPT, DENSE)
 
 #: ``quantization_config.quant_method`` values reap reads, and the format they store weights in.
@@ -207,17 +341,9 @@ def values_per_element(name: str, dtype: str, fmt: Format) -> int:
     hit = fmt.split(name) if fmt.parts else None
     if hit is not None and hit[1] != "values":
         return 0
-    if fmt.name == "mxfp4" and hit is not None and dtype == "U8":
-        return 2
-    if fmt.name == "compressed-tensors" and hit is not None:
-        if dtype == "I32":
-            scheme = fmt.scheme(hit[0], "int")
-            return 32 // (scheme.bits if scheme is not None else 4)
-        if dtype == "U8":
-            return 2
-    if fmt.name == "modelopt" and dtype == "U8" and fmt.quant is not None and fmt.quant.algo == "NVFP4":
-        return 2
-    return 1
+    if fmt.packing is None:
+        return 1
+    return fmt.packing(fmt, hit[0] if hit is not None else None, dtype)
 
 
 def stored_params(name: str, dtype: str, numel: int, fmt: Format) -> int:
@@ -241,47 +367,12 @@ def dequantize(parts: dict[str, "torch.Tensor"], fmt: Format, dtype: "torch.dtyp
                name: str = "") -> "torch.Tensor":
     """The logical tensor from its stored parts (already on the compute device), in ``dtype``. Activation scales
     and other parts that do not define the weight are ignored."""
-    import torch
-
-    values = parts["values"]
     if "scale" not in parts:
-        return values.to(dtype)
-    scale = parts["scale"]
-    if fmt.name == "fp8-block":
-        if values.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-            raise UserError(f"{name}: a weight_scale_inv companion on a {values.dtype} tensor; the checkpoint is broken")
-        block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
-        return dequantize_blocks(values, scale, dtype, (int(block[0]), int(block[1])))
-    if fmt.name == "mxfp4":
-        return dequantize_mxfp4(values, scale, dtype)
-    if fmt.name == "compressed-tensors":
-        if "g_idx" in parts:
-            raise UserError(f"{name}: a weight_g_idx (activation-order permutation) that reap does not read")
-        if values.dtype == torch.int32:
-            scheme = _need(fmt.scheme(name, "int"), name, "an integer")
-            shape = tuple(int(v) for v in parts["shape"].tolist()) if "shape" in parts else None
-            return dequantize_int_packed(values, scale, parts.get("zero_point"), shape, scheme.bits, scheme.strategy,
-                                         scheme.group, dtype, name)
-        if values.dtype == torch.uint8:
-            if "global_scale" not in parts:
-                raise UserError(f"{name}: uint8 weight_packed without weight_global_scale (MXFP4 compressed-tensors), "
-                                f"which reap does not read; reap reads {fmt.description}")
-            scheme = fmt.scheme(name, "float")
-            return dequantize_nvfp4_ct(values, scale, parts["global_scale"], (scheme.group if scheme else None) or 16,
-                                       dtype, name)
-        kind = "int" if not values.dtype.is_floating_point else "float"
-        scheme = _need(fmt.scheme(name, kind), name, "a " + kind)
-        return dequantize_scaled(values, scale, parts.get("zero_point"), scheme.strategy, scheme.group, scheme.block,
-                                 dtype, name)
-    if fmt.name == "modelopt":
-        if "pre_quant_scale" in parts:
-            raise UserError(f"{name}: a pre_quant_scale (AWQ-style input scaling), which reap does not read")
-        if values.dtype == torch.uint8:
-            if "scale_2" not in parts:
-                raise UserError(f"{name}: an NVFP4 weight without weight_scale_2; the checkpoint is incomplete")
-            return dequantize_nvfp4_modelopt(values, scale, parts["scale_2"], fmt.quant.group_size, dtype, name)
-        return (values.to(dtype) * scale.to(dtype)).to(dtype)  # ModelOpt FP8QTensor.dequantize
-    raise AssertionError(f"no dequantization for format {fmt.name}")  # pragma: no cover - registry error
+        return parts["values"].to(dtype)
+    if fmt.dequant is None:  # pragma: no cover - registry error
+        raise AssertionError(f"{name}: format {fmt.name!r} stores a scale but has no dequantization: give its "
+                             "Format entry in reap.formats (FORMATS) a dequant function")
+    return fmt.dequant(fmt, parts, dtype, config, name)
 
 
 def _need(scheme, name: str, kind: str):
@@ -296,20 +387,10 @@ def companion_problem(fmt: Format, base: str, parts: dict[str, Any]) -> str | No
     :class:`reap.io.checkpoint.TensorInfo`), or None: the companions its format needs are present and shaped
     consistently with its values (the same leading dims, the expert axis of fused experts included)."""
     v = parts.get("values")
-    if v is None or fmt.name == "dense":
+    if v is None or fmt.companions is None:
         return None
-    have, vshape = set(parts), tuple(v.shape)
-    if fmt.name == "mxfp4":
-        required = ("scale",) if v.name.endswith("_blocks") else ()
-    elif fmt.name == "fp8-block":
-        required = ("scale",) if v.dtype in FP8_DTYPES else ()
-    elif fmt.name == "compressed-tensors":
-        if v.name.endswith(".weight_packed"):
-            required = ("scale", "shape") if v.dtype == "I32" else ("scale", "global_scale")
-        else:
-            required = ("scale",) if v.dtype in (*FP8_DTYPES, "I8") else ()
-    else:  # modelopt
-        required = ("scale", "scale_2") if v.dtype == "U8" else ("scale",) if v.dtype in FP8_DTYPES else ()
+    have = set(parts)
+    required = fmt.companions(v)
     if not required:
         return None
     kind = "int" if v.dtype in ("I32", "I8") else "float"
@@ -319,26 +400,11 @@ def companion_problem(fmt: Format, base: str, parts: dict[str, Any]) -> str | No
     missing = [p for p in required if p not in have]
     if missing:
         return f"{base} has no {'/'.join(missing)} beside its values {v.name}"
-    s = tuple(parts["scale"].shape)
+    if fmt.scale_problem is None:  # pragma: no cover - registry error
+        raise AssertionError(f"format {fmt.name!r} names companions but cannot check them: give its Format entry in "
+                             "reap.formats (FORMATS) a scale_problem function")
 
     def bad(what: str) -> str:
-        return f"{base}: {what} {list(s)} does not fit its values {v.name} {list(vshape)}"
+        return f"{base}: {what} {list(parts['scale'].shape)} does not fit its values {v.name} {list(v.shape)}"
 
-    if fmt.name == "mxfp4":
-        return bad("scales") if s != vshape[:-1] else None
-    lead = vshape[:-2]
-    if fmt.name == "fp8-block":
-        return bad("scale") if len(s) != len(vshape) or s[:-2] != lead else None
-    if v.dtype == "U8":  # NVFP4 (compressed-tensors or ModelOpt): an FP8 scale per group of 16 values (8 bytes)
-        group = (scheme.group if scheme is not None else None) or 16
-        return bad("weight_scale") if s != (*vshape[:-1], vshape[-1] * 2 // group) else None
-    if "shape" in have and tuple(parts["shape"].shape) != (len(vshape),):
-        return f"{base}: weight_shape {list(parts['shape'].shape)} does not describe its {len(vshape)}-d values"
-    strategy = scheme.strategy if scheme is not None else ""
-    if strategy in ("group", "channel") and s[:-1] != vshape[:-1]:
-        return bad("weight_scale")
-    if "zero_point" in have and tuple(parts["zero_point"].shape)[:-2] != s[:-2]:
-        return f"{base}: weight_zero_point {list(parts['zero_point'].shape)} does not fit its scale {list(s)}"
-    if strategy == "block" and (len(s) != len(vshape) or s[:-2] != lead):
-        return bad("weight_scale")
-    return None
+    return fmt.scale_problem(fmt, base, parts, scheme, bad)

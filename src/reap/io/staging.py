@@ -11,19 +11,9 @@ ever published.
   run beside the same target, and reported; leftovers of a running process or another host are reported only.
 * :func:`check_free_space`, :func:`write_text`, :func:`check_complete`: bytes needed against bytes free before the
   first byte is written; side files written, flushed and size-checked; no empty or short file in an output.
-* :func:`check_output_dir`: an output that is, holds or lies inside an input, or exists non-empty, is refused;
-  with ``--overwrite`` an existing one is replaced only if reap wrote everything in it (:func:`foreign_entries`).
 
-What ``--overwrite`` may replace: an empty folder, or a previous reap output: a folder whose ``reap_report.json`` is
-reap's (a JSON object with ``"tool": "reap"`` and its ``layers``) and every file of which reap wrote: a file the
-report's ``files`` list names (every file of the output, listed when it was published), or one that ``reap report``
-writes into a pruned folder later (the pictures, the summary, the card). Anything else (a file the list does not
-name, a symbolic link, a folder holding none of reap's files, an empty folder reap did not make) is the user's, and
-the whole output is refused, naming it: reap never deletes a file it did not write. A report of a reap before the
-``files`` list: its fixed names, the shards its index names, and the files the source it names holds at the same
-path (the tokenizer and side files it copied). The check runs when the options are checked, again under the lock,
-and again on the old folder itself after it was renamed away from ``--out`` (so nothing can be added to it through
-that name any more), before the new output takes its place; only then is the old one deleted.
+What an existing ``--out`` holds and whether reap may replace it (``--overwrite``) is :mod:`reap.io.outputs`'s;
+:func:`atomic_directory` asks it again just before publishing.
 """
 
 from __future__ import annotations
@@ -36,15 +26,14 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from reap.core.errors import UserError
-from reap.core.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME
+from reap.io.outputs import OWNER_NAME, check_still_replaceable
 
-OWNER_NAME = ".reap-staging.json"
 _BLOCK = 4096  # file systems allocate whole blocks: a per-file allowance in the space estimate
 
 
@@ -224,11 +213,11 @@ def atomic_directory(target: Path, durable: bool = True, overwrite: bool = True)
     The staging name starts with a dot and says ``incomplete`` and the owner's process id, so an interrupted run
     never leaves a directory that looks like a finished model, and the next run can tell it is stale. Just before
     the rename the target is checked again: without ``overwrite`` it must still be absent or empty, with
-    ``overwrite`` absent, empty or a previous reap output (:func:`foreign_entries` finds nothing in it). An existing
-    target is first renamed aside (``.NAME.old-*``) and checked once more there, then the staging folder takes its
-    name, and only then is the old folder deleted; if the check fails the old folder goes back where it was and
-    nothing is published. With ``durable``, the rename is flushed too (the caller flushes the contents before
-    leaving the block).
+    ``overwrite`` absent, empty or a previous reap output (:func:`reap.io.outputs.foreign_entries` finds nothing
+    in it). An existing target is first renamed aside (``.NAME.old-*``) and checked once more there, then the
+    staging folder takes its name, and only then is the old folder deleted; if the check fails the old folder goes
+    back where it was and nothing is published. With ``durable``, the rename is flushed too (the caller flushes the
+    contents before leaving the block).
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -237,13 +226,13 @@ def atomic_directory(target: Path, durable: bool = True, overwrite: bool = True)
     try:
         (tmp / OWNER_NAME).write_text(json.dumps(owner_record()) + "\n")
         yield tmp
-        _check_still_replaceable(target, target, overwrite)
+        check_still_replaceable(target, target, overwrite)
         (tmp / OWNER_NAME).unlink(missing_ok=True)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
             try:  # again where nothing can be added through --out's name any more
-                _check_still_replaceable(old, target, overwrite)
+                check_still_replaceable(old, target, overwrite)
             except BaseException:
                 os.replace(old, target)
                 old = None
@@ -262,26 +251,6 @@ def atomic_directory(target: Path, durable: bool = True, overwrite: bool = True)
         fsync_dir(target.parent)  # the rename itself survives a crash (a no-op where directories cannot be synced)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_still_replaceable(folder: Path, target: Path, overwrite: bool) -> None:
-    """UserError unless ``folder`` (the target, or the target renamed aside) is absent, empty, or with
-    ``overwrite`` reap's own output: something may have been written there since --out was checked."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"--out {target} appeared while reap was writing it (another program wrote it); "
-                        "nothing was published: choose another --out or pass --overwrite")
-    if folder.is_symlink() or not folder.is_dir():
-        raise UserError(f"--out {target} became a file or a link while reap was writing it; nothing was published and "
-                        "nothing deleted: choose another --out")
-    found = foreign_entries(folder)
-    if found:
-        raise UserError(f"--out {target} changed while reap was writing it: it holds files reap did not write "
-                        f"({_listing(found)}); nothing was published and nothing deleted: choose another --out or "
-                        "remove them")
 
 
 def fsync_dir(path: Path) -> None:
@@ -349,128 +318,3 @@ def check_complete(folder: Path, copied: Mapping[str, int]) -> None:
             raise OSError(errno.EIO, f"copied {size} of {copied[rel]} bytes (is the disk full?)", str(p))
         if rel not in copied and size == 0:
             raise OSError(errno.EIO, "the file is empty after writing it (is the disk full?)", str(p))
-
-
-def check_output_dir(out: Path, inputs: Iterable[Path], overwrite: bool) -> Path:
-    """Refuse an output that is, or is inside, or contains an input, or exists non-empty: without ``overwrite``
-    always, with it unless reap wrote everything in it (:func:`foreign_entries`; the module docstring says the rule)."""
-    out = Path(out).expanduser().resolve()
-    for src in inputs:
-        src = Path(src).resolve()
-        if out == src or src in out.parents:
-            raise UserError(f"--out {out} is the input model directory or inside it; choose a directory elsewhere")
-        if out in src.parents:
-            raise UserError(f"--out {out} contains the input model {src}; choose a directory that does not")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} exists and is a file; choose a new directory")
-        if any(out.iterdir()):
-            foreign = foreign_entries(out)
-            if foreign:
-                raise UserError(
-                    f"--out {out}{_cwd_note(out)} holds files reap did not write ({_listing(foreign)}); reap replaces "
-                    "only its own output or an empty folder, even with --overwrite: choose another --out or remove them")
-            if not overwrite:
-                raise UserError(f"--out {out} exists and is not empty (a previous reap output); choose a new directory "
-                                "or pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise UserError(f"the parent of --out ({out.parent}) does not exist; create it first")
-    return out
-
-
-def _cwd_note(path: Path) -> str:
-    try:
-        return " (the current directory)" if Path.cwd().resolve() == path else ""
-    except OSError:  # the current directory was deleted
-        return ""
-
-
-def _listing(names: list[str], most: int = 6) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-# -- what --overwrite may replace -------------------------------------------------------------------------------
-def reap_report(folder: Path) -> dict[str, Any] | None:
-    """``folder``'s ``reap_report.json`` if reap wrote it (a regular file holding a JSON object with
-    ``"tool": "reap"`` and a ``layers`` object), else None."""
-    path = Path(folder) / REPORT_NAME
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("tool") != "reap" or not isinstance(data.get("layers"), dict):
-        return None
-    return data
-
-
-def output_files(folder: Path) -> list[str]:
-    """Every file under ``folder`` (relative POSIX paths, sorted), the staging owner record left out: what a pruned
-    output records as its ``files`` in ``reap_report.json``."""
-    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
-                  if p.is_file() and p.name != OWNER_NAME)
-
-
-class _Owned:
-    """Which paths of a previous output reap wrote, from its report (see the module docstring)."""
-
-    def __init__(self, folder: Path, report: Mapping[str, Any]):
-        later = {REPORT_NAME, CARD_NAME, *GENERATED}  # what `reap report DIR` (re)writes into a pruned folder
-        files = report.get("files")
-        self.source: Path | None = None
-        if isinstance(files, list) and all(isinstance(f, str) for f in files):
-            self.files = later | set(files)
-        else:  # a reap before the list: the names it always writes, the shards its index names, copies of the source
-            self.files = later | {"config.json", "model.safetensors.index.json", "hf_quant_config.json", STATS_NAME}
-            try:
-                weight_map = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
-                self.files |= {v for v in weight_map.values() if isinstance(v, str)}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                pass
-            source = report.get("source")
-            if isinstance(source, str) and source and Path(source).is_dir():
-                self.source = Path(source)
-        self.dirs = {"/".join(parts[:i]) for f in self.files for parts in [f.split("/")] for i in range(1, len(parts))}
-
-    def file(self, rel: str) -> bool:
-        return rel in self.files or (self.source is not None and (self.source / rel).is_file()
-                                     and not (self.source / rel).is_symlink())
-
-    def may_hold(self, rel: str) -> bool:
-        return rel in self.dirs or (self.source is not None and (self.source / rel).is_dir())
-
-
-def foreign_entries(folder: Path) -> list[str]:
-    """What in ``folder`` reap did not write (relative paths, folders with a trailing ``/``): [] for an empty folder
-    or a previous reap output, which ``--overwrite`` may replace; everything in it when it has no reap report. A
-    folder holding none of reap's files is named as a whole, symbolic links are never reap's."""
-    folder = Path(folder)
-    report = reap_report(folder)
-    if report is None:
-        return sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in os.scandir(folder))
-    owned = _Owned(folder, report)
-    found: list[str] = []
-
-    def visit(path: str, prefix: str) -> bool:
-        """Add the foreign entries under path to found; whether it holds any of reap's files."""
-        own = False
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
-            rel = prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                if owned.may_hold(rel):
-                    mark = len(found)
-                    if visit(entry.path, rel + "/"):
-                        own = True
-                        continue
-                    del found[mark:]  # none of reap's files in it: named as a whole
-                found.append(rel + "/")
-            elif entry.is_file(follow_symlinks=False) and owned.file(rel):
-                own = True
-            else:
-                found.append(rel)
-        return own
-
-    visit(str(folder), "")
-    return found

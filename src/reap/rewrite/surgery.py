@@ -6,8 +6,9 @@ its role in the layout (:mod:`reap.model.arch`, :func:`shard_contents`): kept ex
 (router rows, correction biases, fused experts) are sliced along their expert axis from the stored bytes (dtype
 kept), expert-id tables renumbered (:func:`id_remap`), every other tensor copied unchanged. The index and
 ``config.json`` (the expert-count keys, and the quantization config's module lists: :func:`pruned_config`) are
-rebuilt, other files copied, ``reap_report.json`` written (its ``files``: every file of the output), the pictures
-drawn beside the copy; the result is checked (:func:`reap.rewrite.verify.verify`) and only then renamed into place.
+rebuilt, other files copied, ``reap_report.json`` written (its ``files``: every file of the output), the report's
+pictures, summary and model card written by the job's callbacks (:class:`SideFiles`: the rewrite imports nothing of
+:mod:`reap.report`); the result is checked (:func:`reap.rewrite.verify.verify`) and only then renamed into place.
 
 The copy itself moves byte ranges, never tensors. torch comes in only through :func:`id_remap` (hash-routed
 layers) and through verify, which derives the output's layout from transformers' meta model.
@@ -21,6 +22,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,29 @@ from reap.core.errors import UserError
 from reap.core.names import CARD_NAME, GENERATED, REPORT_NAME, STATS_NAME  # the last two: never copied from a source
 from reap.selection.plan import ExpertPlan
 from reap.core.progress import Progress
-from reap.io.staging import atomic_directory, check_complete, check_free_space, estimate_bytes, output_files
+from reap.io.outputs import output_files
+from reap.io.staging import atomic_directory, check_complete, check_free_space, estimate_bytes
 from reap.rewrite.verify import verify
 from reap.io.writer import BackgroundSync, Entry, other_files, write_json, write_safetensors
+
+
+@dataclass(frozen=True)
+class SideFiles:
+    """The files an output holds beside the checkpoint that the job writes (the report's pictures, summary and model
+    card), as callbacks into the staging folder:
+
+    * ``draw(folder)``: what reads only the folder's ``reap_report.json`` (the pictures and the summary), run on a
+      thread while the shards are copied; returns the paths it wrote;
+    * ``card(folder, report, figures)``: what reads the finished shards (the model card; ``figures``: the names of
+      the pictures ``draw`` wrote), run after the checkpoint is verified, before it is published;
+    * ``sizes``: about how many bytes each of these files takes, for the free-space check.
+
+    Either callback raising fails the run: nothing is published.
+    """
+
+    draw: Callable[[Path], list[Path]]
+    card: Callable[[Path, dict[str, Any], list[str]], Any]
+    sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,16 +136,18 @@ def rewrite(
     id_remap: dict[int, list[int]] | None = None,
     overwrite: bool = True,
     log=None,
+    side_files: SideFiles | None = None,
 ) -> SurgeryResult:
-    """Write the pruned checkpoint to ``out`` (checked beforehand with checkpoint.check_output_dir).
+    """Write the pruned checkpoint to ``out`` (checked beforehand with :func:`reap.io.outputs.check_output_dir`).
 
     First the free space is checked (everything it will write against what the file system has free). Everything but
-    the shards is written first (index, config, report, other files); the pictures are drawn on a thread while the
-    shards are copied, and each finished shard is flushed to disk on another (``fsync=False`` leaves flushing to the
-    OS, as ``cp`` does). Every side file is written and flushed, a failure of any fails the run; the staging folder is
-    verified (the checkpoint, and no file short or empty) before it is renamed into place (``overwrite=False``: only
-    if the target is still absent or empty then; ``overwrite=True``: also if it is still a previous reap output,
-    :func:`reap.io.staging.foreign_entries`). ``reap_report.json`` is written again last, its ``files`` listing every
+    the shards is written first (index, config, report, other files); ``side_files.draw`` (the pictures) runs on a
+    thread while the shards are copied, ``side_files.card`` (the model card) after the verification, and each
+    finished shard is flushed to disk on another thread (``fsync=False`` leaves flushing to the OS, as ``cp`` does).
+    Every side file is written and flushed, a failure of any fails the run; the staging folder is verified (the
+    checkpoint, and no file short or empty) before it is renamed into place (``overwrite=False``: only if the target
+    is still absent or empty then; ``overwrite=True``: also if it is still a previous reap output,
+    :func:`reap.io.outputs.foreign_entries`). ``reap_report.json`` is written again last, its ``files`` listing every
     file of the output: what a later ``--overwrite`` may delete.
     """
     log = log or (lambda _msg: None)
@@ -134,7 +158,6 @@ def rewrite(
     k = plan.kept_per_layer
     total = ckpt.total_bytes
     from reap.formats import HF_QUANT_CONFIG
-    from reap.report import publish_assets, publish_card
 
     # the configs first: a module list that cannot be renumbered is an error before anything is written
     new_config = pruned_config(ckpt.config, spec, k, bool(mtp), plan)
@@ -146,9 +169,7 @@ def rewrite(
     others = other_files(ckpt.path, skip)
     copied = {rel: src.stat().st_size for src in others  # the source's model card is replaced by the new one
               if (rel := src.relative_to(ckpt.path).as_posix()) != CARD_NAME}
-    cells = spec.num_layers * spec.num_experts  # the pictures and texts grow with layers x experts
-    side = [len(json.dumps(report)) * 2 + (64 << 10), *[min(4 << 20, (256 << 10) + 200 * cells)] * 3,
-            (64 << 10) + 400 * spec.num_layers, (64 << 10) + 400 * spec.num_layers]  # report, 3 pictures, summary, card
+    side = [len(json.dumps(report)) * 2 + (64 << 10), *(side_files.sizes if side_files is not None else ())]
     need = estimate_bytes([e.nbytes for entries in contents.values() for e in entries] + list(copied.values()) + side
                           + [(ckpt.path / INDEX_NAME).stat().st_size if (ckpt.path / INDEX_NAME).is_file() else 0,
                              (ckpt.path / CONFIG_NAME).stat().st_size, stats_bytes(spec) if stats is not None else 0])
@@ -179,12 +200,13 @@ def rewrite(
 
         def draw() -> None:
             try:
-                assets.extend(publish_assets(tmp, stats, log=log, strict=True))
+                assets.extend(side_files.draw(tmp))
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread below
                 failed.append(err)
 
         drawer = threading.Thread(target=draw, name="reap-report", daemon=True)
-        drawer.start()
+        if side_files is not None:
+            drawer.start()
         try:
             bar = Progress(total, "rewrite", unit="MiB", scale=1 << 20, enabled=progress, log=log)
             for shard in ckpt.shards:
@@ -194,14 +216,16 @@ def rewrite(
                 bar.update(sum(i.nbytes for i in ckpt.shard_tensors(shard)))
             bar.close()
         finally:
-            drawer.join()  # before the staging folder can be removed on an error
+            if side_files is not None:
+                drawer.join()  # before the staging folder can be removed on an error
         if failed:
             raise failed[0]
         if progress:
-            log("verifying the output, writing the model card" + (", flushing to disk" if fsync else ""))
+            log("verifying the output" + (", writing the model card" if side_files is not None else "")
+                + (", flushing to disk" if fsync else ""))
         verify(tmp, spec, plan, mtp_dropped=bool(mtp))
-        publish_card(tmp, report, source=ckpt.path, figures=[p.name for p in assets if p.suffix == ".png"],
-                     published_as=out, strict=True)
+        if side_files is not None:
+            side_files.card(tmp, report, [p.name for p in assets if p.suffix == ".png"])
         # the report again, now naming every file of the output: what a later --overwrite may replace
         write_json(tmp / REPORT_NAME, {**report, "files": sorted({*output_files(tmp), REPORT_NAME})})
         syncer.submit_tree(tmp)  # the small files and the folders; the shards are already (being) flushed

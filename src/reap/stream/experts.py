@@ -33,7 +33,7 @@ class ExpertsProbe:
     token_mask: torch.Tensor | None = None  # [T] bool
     grouped: bool | None = None  # None: grouped matmul where it is fast and exact enough (CUDA, 16-bit weights)
     # a list: record each call's (top_k_index, top_k_weights, hidden_states) and return zeros without running any expert (the
-    # routing of a token sample, driven by RouterDriver)
+    # routing of a token sample, driven by reap.calibrate.greedy.RouterDriver)
     capture: list | None = None
     # a list: each call's statistics terms, (T of the call, token [N], expert [N], weight [N], output [N, H]), exactly
     # what the accumulator is given (the run-time self-check rebuilds the experts module's output from them)
@@ -269,107 +269,3 @@ def reference_forward(module, hidden_states, top_k_index, top_k_weights, impleme
     finally:
         config._experts_implementation_internal = before
         module._reap_probe = probe
-
-
-# -- the model's own routing, driven on a token sample ---------------------------------------------------------
-#: attributes that hold a block's expert count (set to the kept count while its router rows are sliced)
-NUM_EXPERTS_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
-
-
-class RouterDriver:
-    """Runs a decoder layer's MoE block (transformers' own forward: router, correction bias, scaling) on a token
-    sample with some experts removed and top-k set to any k, and returns what it hands its experts module.
-
-    Removal is what the pruned checkpoint does: the block's router rows and biases (every tensor of the layer's
-    layout outside the experts module, along its expert axis) are sliced to the kept experts for the call, and its
-    expert-count attributes set to the kept count; top-k is every attribute in :data:`reap.model.arch.TOP_K_ATTRS` of
-    the block and its submodules (experts excluded) that holds the model's top-k. The experts module is not run
-    (:class:`ExpertsProbe` ``capture``). Everything is restored after each call.
-
-    ``ValueError`` (from the constructor) where the block cannot be driven that way: no top-k attribute, or a
-    router tensor that is not found.
-    """
-
-    def __init__(self, block, experts, tensors: dict[str, int], block_path: str, top_k: int, num_experts: int,
-                 extra: dict[str, int] | None = None):
-        from reap.model.arch import TOP_K_ATTRS
-
-        self.block, self.experts, self.top_k, self.E = block, experts, top_k, num_experts
-        skip = {id(m) for m in experts.modules()}
-        subs = [m for m in block.modules() if id(m) not in skip]
-        self.k_attrs = [(m, a) for m in subs for a in TOP_K_ATTRS if getattr(m, a, None) == top_k
-                        and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
-        self.e_attrs = [(m, a, 0) for m in subs for a in NUM_EXPERTS_ATTRS if getattr(m, a, None) == num_experts
-                        and isinstance(getattr(m, a), int) and not isinstance(getattr(m, a), bool)]
-        # counts of the experts and the slots after them (ZAYA's num_router_classes E + 1, LongCat-Flash's router
-        # n_routed_experts E + zero experts): attributes named for experts or classes
-        for slots in sorted(set((extra or {}).values()) - {0}):
-            self.e_attrs += [(m, a, slots) for m in subs for a, v in vars(m).items()
-                             if ("expert" in a or "classes" in a) and isinstance(v, int) and not isinstance(v, bool)
-                             and v == num_experts + slots]
-        if not self.k_attrs:
-            raise ValueError(f"{type(block).__name__} keeps its top-k in no attribute reap knows ({', '.join(TOP_K_ATTRS)})")
-        exp_prefix = next(n for n, m in block.named_modules() if m is experts)
-        self.rows = []  # (owner module, leaf name, is parameter, expert axis, slots after the experts)
-        for name, axis in tensors.items():
-            rel = name[len(block_path) + 1:] if name.startswith(block_path + ".") else None
-            if rel is None or rel == exp_prefix or rel.startswith(exp_prefix + "."):
-                continue
-            owner_path, _, leaf = rel.rpartition(".")
-            owner = block.get_submodule(owner_path) if owner_path else block
-            slots = (extra or {}).get(name, 0)
-            if leaf in owner._parameters:
-                self.rows.append((owner, leaf, True, axis, slots))
-            elif leaf in owner._buffers:
-                self.rows.append((owner, leaf, False, axis, slots))
-            else:
-                raise ValueError(f"router tensor {name} not found in {type(block).__name__}")
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, removed: torch.Tensor | None = None, k: int | None = None):
-        """x [S, H] -> (expert ids [S, k] (original numbering), weights [S, k]) as the block routes with ``removed``
-        (bool [E]) experts gone and top-k ``k`` (default: the model's)."""
-        k = self.top_k if k is None else k
-        kept = None
-        saved_rows, saved_attrs = [], []
-        if removed is not None and bool(removed.any()):
-            kept = (~removed.to(torch.bool)).nonzero().squeeze(1)
-        try:
-            for m, a in self.k_attrs:
-                saved_attrs.append((m, a, getattr(m, a)))
-                setattr(m, a, k)
-            if kept is not None:
-                for m, a, slots in self.e_attrs:
-                    saved_attrs.append((m, a, getattr(m, a)))
-                    setattr(m, a, int(kept.numel()) + slots)
-                for owner, leaf, is_param, axis, slots in self.rows:
-                    table = owner._parameters if is_param else owner._buffers
-                    t = table[leaf]
-                    saved_rows.append((table, leaf, t))
-                    rows = torch.cat([kept, torch.arange(self.E, self.E + slots, device=kept.device)]) if slots else kept
-                    sl = t.index_select(axis, rows.to(t.device))
-                    table[leaf] = torch.nn.Parameter(sl, requires_grad=False) if is_param else sl
-            captured: list = []
-            before = getattr(self.experts, "_reap_probe", None)
-            self.experts._reap_probe = ExpertsProbe(capture=captured)
-            try:
-                self.block(x[None])
-            finally:
-                if before is not None:
-                    self.experts._reap_probe = before
-                else:
-                    del self.experts._reap_probe
-        finally:
-            for table, leaf, t in saved_rows:
-                table[leaf] = t
-            for m, a, v in reversed(saved_attrs):
-                setattr(m, a, v)
-        if len(captured) != 1:
-            raise ValueError(f"the MoE block called its experts {len(captured)} times, expected once")
-        idx, w, self.inputs = captured[0]  # inputs: what the block hands its experts (its own projection, maybe)
-        if idx.shape != (x.shape[0], k):
-            raise ValueError(f"the router chose {list(idx.shape)} experts with top-k set to {k}, expected "
-                             f"{[x.shape[0], k]}: it does not take its top-k from the attributes reap sets")
-        if kept is not None:
-            idx = kept.to(idx.device)[idx]
-        return idx, w

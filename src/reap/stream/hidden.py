@@ -309,11 +309,11 @@ def where_out_of_memory(err: BaseException) -> dict:
             if isinstance(local.get("i"), int):
                 out["batch"] = local["i"]
         elif name in ("load_layer", "_prepare", "_read_layer", "_load_layer") or (
-                name == "_load" and frame.f_code.co_filename.endswith("layer_loading.py")):
+                name == "_load" and frame.f_code.co_filename.endswith("loader.py")):
             out["phase"] = "loading"
             if isinstance(local.get("layer"), int):
                 out.setdefault("layer", local["layer"])
-        elif name in ("greedy_finish", "_greedy"):
+        elif name == "_greedy":  # reap.calibrate.greedy.GreedySearch._greedy
             out["phase"] = "greedy"
         elif name in ("summed_loss", "logits", "final_output", "load_head"):
             out["phase"] = "loss"

@@ -1,12 +1,13 @@
 """Preparing a streamer's layers on the prefetch thread: reading, dequantizing, loading, the warm-up batch.
 
-A mixin of :class:`reap.stream.streamer.LayerStreamer` (its ``reader``, ``layout``, ``model``, ``layers``, streams and
-pools): on a GPU the read-ahead thread reads layer after layer onto the device (:class:`reap.stream.weights.LayerReader`)
+:class:`LayerLoader`, owned by :class:`reap.stream.streamer.LayerStreamer` (its ``loader``), holds the reader, the
+prefetch and read-ahead threads, the loads in flight and the recipes learned: on a GPU the read-ahead thread reads
+layer after layer onto the device (:class:`reap.stream.weights.LayerReader`)
 while the prefetch thread, on its own CUDA stream, dequantizes the next layer (:func:`reap.stream.weights.materialize`)
 and loads it into transformers' model: the first layer of each kind by transformers' own loader, later ones by the
 recipe learned from it (:mod:`reap.stream.load_recipe`). Meanwhile a warm-up thread runs one batch of random tokens through
 a spare layer with random weights, so that the GPU's kernels and libraries are set up before the first real batch
-(:func:`warm_up_mode`); every other caller of the base model waits for it (:meth:`LayerLoading.join_warm_up`).
+(:func:`warm_up_mode`); every other caller of the base model waits for it (:meth:`LayerLoader.join_warm_up`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -24,11 +26,57 @@ from reap.core.errors import UserError
 from reap.formats import group_parts
 from reap.stream.hidden import Batch
 from reap.stream.experts import ExpertsProbe
-from reap.stream.weights import LayerBytes, load_into, materialize, to_meta
+from reap.stream.weights import LayerBytes, LayerReader, load_into, materialize, to_meta
+
+SWITCH_INTERVAL = 2e-4  # seconds: the GIL's switch interval while a GPU streamer's prefetch thread runs
 
 
-class LayerLoading:
-    """The streamer's layer preparation (see the module docstring)."""
+class LayerLoader:
+    """A streamer's layer preparation (see the module docstring). ``model``: transformers' model on the meta device,
+    ``layers`` its decoder layers; ``stored``: the stored tensors of each layer (and of ``"base"``, ``"head"``);
+    ``share``: the node's :class:`reap.stream.ranks.WeightShare` or None; ``layer_call``: the streamer's
+    :meth:`reap.stream.streamer.LayerStreamer.layer_call_for` (the warm-up's call of a layer); ``accumulator``: makes
+    the accumulator the warm-up's statistics go to (``accumulator(num_experts, device)``; None: none taken)."""
+
+    def __init__(self, ckpt, layout, model, layers, device, dtype, opts, dist, stored: dict, share, layer_call,
+                 accumulator=None):
+        self.ckpt, self.layout, self.model, self.layers = ckpt, layout, model, layers
+        self.device, self.dtype, self.opts, self.dist = device, dtype, opts, dist
+        self.stored, self.layer_call, self.accumulator = stored, layer_call, accumulator
+        # without sharing, ranks of one node read the same files: the first read leaves the pages for the others
+        self.reader = LayerReader(ckpt, pin=device.type == "cuda", share=share,
+                                  keep_cache=opts.keep_page_cache or (dist.world > 1 and share is None))
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # the prefetch thread's Python (transformers' loader) holds the GIL while the compute thread waits for it
+        # after every synchronizing call; a short switch interval hands it back in 0.2 ms instead of 5 ms
+        self._switch = sys.getswitchinterval()
+        if self._side is not None:
+            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
+        self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")
+        self._pending: dict[int, cf.Future] = {}
+        self._reads: dict[int, cf.Future] = {}
+        self._recipes: dict[tuple, load_recipe.Recipe] = {}  # layer signature -> how transformers loaded one
+        self._recipe_tries: dict[tuple, int] = {}
+        self.warmup_seconds = 0.0
+        self._waiting_on: int | None = None  # the layer the compute thread waits for
+        self._warming: cf.Future | None = None  # the early warm-up (warm_up_early), until joined
+        self._warm_pool: cf.ThreadPoolExecutor | None = None
+        self._local = threading.local()  # .warming: this thread runs the warm-up
+
+    def close(self) -> None:
+        if self._warm_pool is not None:
+            self._warm_pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._read_pool.shutdown(wait=True, cancel_futures=True)
+        sys.setswitchinterval(self._switch)
+        self.reader.close()
+
+    def layer_bytes(self, layer: int | None = None) -> int:
+        """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
+        sizes = [sum(self.ckpt.infos[n].numel for n in names) * torch.finfo(self.dtype).bits // 8
+                 for key, names in self.stored.items() if isinstance(key, int) and (layer is None or key == layer)]
+        return max(sizes, default=0)
 
     # -- reading and materializing a layer (on the prefetch thread, on its own CUDA stream, one layer ahead)
     def prefetch(self, layer: int) -> None:
@@ -47,7 +95,7 @@ class LayerLoading:
         """Layer ``layer``'s stored tensors: on a GPU, on the device already (through the reader's pinned chunks,
         or all-gathered when the ranks share the reading); on the CPU, in its slot."""
         device = self.device if self.device.type == "cuda" else None
-        return self.reader.read_bytes(self._stored.get(layer, []), slot=layer % 2, device=device)
+        return self.reader.read_bytes(self.stored.get(layer, []), slot=layer % 2, device=device)
 
     def _prepare(self, layer: int):
         """Dequantize layer ``layer`` (its bytes on the device already) and load it into transformers' model, while
@@ -69,17 +117,17 @@ class LayerLoading:
             event.record(self._side)
         return missing, event
 
-    def _materialize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def materialize(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:func:`reap.stream.weights.materialize` for this streamer's layout, device and dtype."""
         return materialize(raw, self.layout, self.device, self.dtype, self.ckpt.config)
 
     def _load_raw(self, raw: dict[str, torch.Tensor], what: str) -> set[str]:
-        return load_into(self.model, self._materialize(raw), self.device, self.dtype, what)
+        return load_into(self.model, self.materialize(raw), self.device, self.dtype, what)
 
     def _load_layer(self, raw: dict[str, torch.Tensor], layer: int) -> set[str]:
         """Decoder layer ``layer``'s stored tensors into the model: by the recipe learned from an earlier layer of
         its kind (:mod:`reap.stream.load_recipe`), else by transformers' loader, learning the recipe from what it did."""
-        state = self._materialize(raw)
+        state = self.materialize(raw)
         names = load_recipe.normalized(state, layer)
         sig = load_recipe.signature(state, names) if load_recipe.enabled() else None
         recipe = self._recipes.get(sig)
@@ -169,8 +217,6 @@ class LayerLoading:
         are loaded and its libraries set up before the first real batch. ``spare``: before the layer is loaded,
         with random weights (returned to the meta device after), while layer 0's bytes are read; else right after
         it is loaded. A warm-up that fails is skipped: the first real batch reports the error."""
-        from reap.calibrate.stats import LayerAccumulator
-
         t0 = time.perf_counter()
         text = self.model.config.get_text_config()
         width = max(1, min(2048, self.opts.batch_tokens))
@@ -186,9 +232,10 @@ class LayerLoading:
                 moe = self.layout.moe.get(layer)
                 if moe is not None:
                     experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
-                    experts._reap_probe = ExpertsProbe(LayerAccumulator(self.layout.num_experts, self.device))
+                    experts._reap_probe = ExpertsProbe(self.accumulator(self.layout.num_experts, self.device)
+                                                       if self.accumulator is not None else None)
                 with torch.inference_mode():
-                    args, kwargs = self.layer_call_for(Batch(ids, [width] * rows), layer)
+                    args, kwargs = self.layer_call(Batch(ids, [width] * rows), layer)
                     module(*args, **kwargs)
                 if stream is not None:
                     stream.synchronize()

@@ -65,7 +65,8 @@ class MtpRunner:
                                                                              "final_norm")}
         stored = [n for n in self.st.ckpt.infos if any(n == v or n.startswith(v[: -len("weight")]) for v in
                                                        names.values())]
-        state = self.st._materialize(self.st.reader.read(stored, device=self.st.device))
+        loader = self.st.loader
+        state = loader.materialize(loader.reader.read(stored, device=self.st.device))
         missing = [v for v in names.values() if v not in state]
         if missing:
             raise UserError(f"MTP module {k}: no tensor {missing[0]}; the checkpoint's MTP module is incomplete")
@@ -86,8 +87,8 @@ class MtpRunner:
         n = self.layout.num_layers + k
         names = self.st._stored.get(n, [])
         own, main = self.layout.mtp_layer_prefix(k), f"{self.layout.mtp_disk_layers}{n}."
-        raw = self.st.reader.read(names, device=self.st.device)
-        state = self.st._materialize(raw)
+        raw = self.st.loader.reader.read(names, device=self.st.device)
+        state = self.st.loader.materialize(raw)
         state = {(main + key[len(own):] if key.startswith(own) else key): t for key, t in state.items()}
         missing = load_into(self.model, state, self.st.device, self.st.dtype, f"MTP module {k}")
         prefix = f"{self.layout.layers_path}.{n}."
@@ -101,6 +102,7 @@ class MtpRunner:
     def run(self, k: int, accumulator=None) -> None:
         """MTP module k over every batch: statistics to ``accumulator``; the store then holds its normed output."""
         from reap.stream.hidden import Batch
+        from reap.stream.observers import close_all, finish_all, start_all
         from reap.stream.weights import to_meta
 
         st = self.st
@@ -112,9 +114,11 @@ class MtpRunner:
         experts = layer.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{self.layout.num_layers + k}."):])
         experts._reap_probe = ExpertsProbe(accumulator)
         n = self.layout.num_layers + k
-        sample, hook = st.greedy_start(layer, moe, experts, n, accumulator)  # as for every MoE layer (reap.stream.streamer)
+        observed: list = []
         embed = st.model.get_input_embeddings()
         try:
+            # the observers, as for every MoE layer (reap.stream.streamer)
+            observed = start_all(st.observers, st, n, layer, moe, experts, accumulator)
             for i, b in enumerate(st.batches):
                 if k == 0:
                     out = st.final_output(i)
@@ -139,10 +143,9 @@ class MtpRunner:
                 y = layer(*args, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 st.store.put(i, fnorm(y))
-            hook = st.greedy_finish(layer, moe, experts, n, sample, hook, accumulator)
+            finish_all(observed)
         finally:
-            if hook is not None:
-                hook.remove()
+            close_all(observed)
             del experts._reap_probe
             if st.device.type == "cuda":
                 torch.cuda.current_stream(st.device).synchronize()

@@ -17,23 +17,21 @@ gates); only the experts go through reap's implementation (:mod:`reap.stream.exp
 routed tokens and feeds the statistics. Hidden states stay on the GPU when they fit, else in (pinned) CPU
 memory, else on disk.
 
-This module holds :class:`EngineOptions` and :class:`LayerStreamer` (which layer gets which stored tensors, where
-the hidden states live, the base model's calls, running a layer); its parts live beside it:
-:mod:`reap.stream.loader` (preparing layers on the prefetch thread, a mixin of the streamer), :mod:`reap.stream.weights`
-(reading a layer's bytes, dequantizing, loading), :mod:`reap.stream.hidden` (batches and the hidden
-states between layers), :mod:`reap.stream.ranks` (torchrun ranks, the device, shared reading) and :mod:`reap.calibrate.greedy`
-(the greedy re-routing search, a mixin of the streamer).
+This module holds :class:`LayerStreamer` (which layer gets which stored tensors, where the hidden states live, the
+base model's calls, running a layer); its parts live beside it: :mod:`reap.stream.loader` (preparing layers on the
+prefetch thread: the streamer's ``loader``), :mod:`reap.stream.weights` (reading a layer's bytes, dequantizing,
+loading), :mod:`reap.stream.hidden` (batches and the hidden states between layers), :mod:`reap.stream.ranks`
+(torchrun ranks, the device, shared reading) and :mod:`reap.stream.observers` (what a caller hands the streamer to
+do around each MoE layer: calibration's greedy re-routing search, :mod:`reap.calibrate.greedy`).
 
 Legend: B sequences in a batch, S padded length, H hidden, T tokens.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import resource
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -42,16 +40,14 @@ from tqdm.auto import tqdm
 
 from reap.model.arch import Layout, build_config, build_model, model_class
 from reap.io.checkpoint import Checkpoint
-from reap.stream import load_recipe
 from reap.core.errors import UserError
-from reap.calibrate.greedy import GreedySearch
-from reap.stream.loader import LayerLoading
+from reap.stream.loader import LayerLoader
 from reap.stream.hidden import Batch, HiddenStore, make_batches
 from reap.stream.experts import ExpertsProbe, use_reap_experts
 from reap.core.options import EngineOptions
+from reap.stream.observers import close_all, finish_all, start_all
 from reap.stream.selfcheck import SelfCheck
 from reap.stream.ranks import Dist, WeightShare, resolve_device
-from reap.stream.weights import LayerReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,8 +68,13 @@ class _Stop(Exception):
     """Raised by the pass-through layer that was asked for: its call has been captured."""
 
 
+def block_of(layout: Layout, module, moe, layer: int):
+    """The MoE block of decoder layer ``layer`` (``module``; the layer itself where the block is the layer)."""
+    return module.get_submodule(moe.block[len(f"{layout.layers_path}.{layer}."):]) if moe.block != \
+        f"{layout.layers_path}.{layer}" else module
+
+
 # -- the streamer ----------------------------------------------------------------------------------------
-SWITCH_INTERVAL = 2e-4  # seconds: the GIL's switch interval while a GPU streamer's prefetch thread runs
 
 
 @dataclass
@@ -81,16 +82,17 @@ class StreamStats:
     tokens: int = 0
     layer_seconds: list[float] = field(default_factory=list)  # per layer run: load + forward + statistics
     wait_seconds: list[float] = field(default_factory=list)  # of which waiting for the layer's weights
-    greedy_seconds: float = 0.0  # the greedy-rerouted search after the layers' forward (included in layer_seconds)
 
 
-class LayerStreamer(LayerLoading, GreedySearch):
+class LayerStreamer:
     """Runs sequences through the model one decoder layer at a time; see the module docstring."""
 
     def __init__(self, ckpt: Checkpoint, layout: Layout, sequences: list[list[int]] | None, opts: EngineOptions,
-                 dist: Dist | None = None):
+                 dist: Dist | None = None, observers=(), accumulator=None):
         """``sequences`` may come later (:meth:`set_sequences`): layer 0 is read and materialized in the background
-        from here on, while the caller tokenizes."""
+        from here on, while the caller tokenizes. ``observers``: :class:`reap.stream.observers.LayerObserver` run
+        around every MoE layer; ``accumulator``: makes the accumulator of the warm-up batch's statistics
+        (:class:`reap.stream.loader.LayerLoader`; None: none taken)."""
         opts = opts.resolved()
         self.ckpt, self.layout, self.opts = ckpt, layout, opts
         self.dist = dist or Dist()
@@ -112,6 +114,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
                 if b is not None:
                     sub._buffers[name] = b.to(self.device)
         self._stored = self._stored_by_layer()
+        self.observers = list(observers)
         # transformers' loader works in the calling thread (so on the prefetch thread's CUDA stream), not in a pool
         os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
         if opts.exchange not in ("auto", "read", "share"):
@@ -119,32 +122,14 @@ class LayerStreamer(LayerLoading, GreedySearch):
         share = None
         if self.dist.world > 1 and (opts.exchange == "share" or (opts.exchange == "auto" and self.device.type == "cuda")):
             share = WeightShare.for_node(self.device)
-        # without sharing, ranks of one node read the same files: the first read leaves the pages for the others
-        self.reader = LayerReader(ckpt, pin=self.device.type == "cuda", share=share,
-                                  keep_cache=opts.keep_page_cache or (self.dist.world > 1 and share is None))
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # the prefetch thread's Python (transformers' loader) holds the GIL while the compute thread waits for it
-        # after every synchronizing call; a short switch interval hands it back in 0.2 ms instead of 5 ms
-        self._switch = sys.getswitchinterval()
-        if self._side is not None:
-            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-prefetch")
-        self._read_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reap-readahead")
-        self._pending: dict[int, cf.Future] = {}
-        self._reads: dict[int, cf.Future] = {}
+        self.loader = LayerLoader(ckpt, layout, self.model, self.layers, self.device, self.dtype, opts, self.dist,
+                                  self._stored, share, self.layer_call_for, accumulator)
         self._arity: dict[int, int] = {}  # layer -> length of the tuple it returns (0: a tensor)
         self._carried: dict[tuple, object] = {}  # (batch, keyword) -> state the layers share (CARRIED_STATE)
-        self._recipes: dict[tuple, load_recipe.Recipe] = {}  # layer signature -> how transformers loaded one
-        self._recipe_tries: dict[tuple, int] = {}
         self._from_embeddings = False  # layer 0 takes its input from the base model's call (embed())
-        self.warmup_seconds = 0.0
-        self._waiting_on: int | None = None  # the layer the compute thread waits for
-        self._warming: cf.Future | None = None  # the early warm-up (warm_up_early), until joined
-        self._warm_pool: cf.ThreadPoolExecutor | None = None
-        self._local = threading.local()  # .warming: this thread runs the warm-up
-        self._load(self._stored["base"], "the embeddings and final norm")
-        self.warm_up_early()  # on a GPU: a random batch through a spare layer, beside layer 0's loading
-        self.prefetch(0)
+        self.loader._load(self._stored["base"], "the embeddings and final norm")
+        self.loader.warm_up_early()  # on a GPU: a random batch through a spare layer, beside layer 0's loading
+        self.loader.prefetch(0)
         self.batches: list[Batch] = []
         self.tokens = 0
         self.store: HiddenStore | None = None
@@ -163,6 +148,11 @@ class LayerStreamer(LayerLoading, GreedySearch):
         self.tokens = sum(sum(b.lengths) for b in self.batches)
         self.store = HiddenStore(self._offload_mode(), self.device, self.opts.workdir)
         self.stats = StreamStats(tokens=self.tokens)
+
+    @property
+    def warmup_seconds(self) -> float:
+        """How long the warm-up batch took (0: none ran)."""
+        return self.loader.warmup_seconds
 
     # -- which stored tensors belong where
     def _stored_by_layer(self) -> dict:
@@ -198,20 +188,20 @@ class LayerStreamer(LayerLoading, GreedySearch):
 
     def plan(self, placing: bool = False) -> dict:
         """What the run will hold and roughly take, sized from the memory free now: tokens, batches, hidden-state bytes
-        and where they live (``--offload auto``: :func:`reap.stream.hidden.offload_choice`), the largest layer's bytes read,
-        a batch's peak of activations (``peak_bytes``) and the greedy search's (``greedy_peak_bytes``) against the
-        memory left for them once the weights (and hidden states kept there) are placed (``room_bytes``; on the GPU:
-        free now plus what this process's allocator holds, less the embeddings and head, two layers and two layers'
-        reads), ``batch_tokens_fit`` (None when a batch fits, else the --batch-tokens to pass,
+        and where they live (``--offload auto``: :func:`reap.stream.hidden.offload_choice`), the largest layer's bytes
+        read, a batch's peak of activations (``peak_bytes``) and the observers' (the largest of their
+        :class:`reap.stream.observers.ObserverCost` peaks, each checked in its ``fits`` entry) against the memory left
+        for them once the weights (and hidden states kept there) are placed (``room_bytes``; on the GPU: free now plus
+        what this process's allocator holds, less the embeddings and head, two layers and two layers' reads),
+        ``batch_tokens_fit`` (None when a batch fits, else the --batch-tokens to pass,
         :func:`reap.stream.hidden.suggest_batch_tokens`), and a rough time (2 FLOPs per active parameter and token at an
-        assumed rate, measured on the CPU, reading every layer at an assumed 2 GB/s, and the greedy search,
-        :meth:`reap.calibrate.greedy.GreedySearch.greedy_seconds`).
+        assumed rate, measured on the CPU, reading every layer at an assumed 2 GB/s, and the observers' time), with
+        the observers' own entries (the greedy search's: :meth:`reap.calibrate.greedy.GreedySearch.cost`).
         ``placing``: the hidden states' place is being decided (an existing store's mode does not count; on the CPU
         the time is not estimated).
         """
         from reap.formats import stored_params
-        from reap.stream.hidden import (MARGIN, batch_peak_bytes, greedy_peak_bytes, host_available, offload_choice,
-                                 suggest_batch_tokens)
+        from reap.stream.hidden import MARGIN, batch_peak_bytes, host_available, offload_choice, suggest_batch_tokens
 
         elem = torch.finfo(self.dtype).bits // 8
         H, E, K = self.layout.hidden_size, self.layout.num_experts, self.layout.top_k
@@ -236,13 +226,12 @@ class LayerStreamer(LayerLoading, GreedySearch):
         read = sum(self.ckpt.infos[n].nbytes for k, v in self._stored.items() if isinstance(k, int) for n in v)
         layer_read = max((sum(self.ckpt.infos[n].nbytes for n in v) for k, v in self._stored.items()
                           if isinstance(k, int)), default=0)
-        # the greedy search: every rank runs every expert on the whole sample of each MoE layer (all ranks' tokens)
-        sample = min(self.tokens * self.dist.world, self.greedy_sample_size()) \
-            if self.opts.greedy_tokens > 0 and self.layout.moe else 0
-        greedy = self.greedy_seconds(experts, rate, bandwidth, sample)
-        eta = 2 * active * self.tokens / rate + read / 2e9 + greedy
+        # what the observers (the greedy search) add after each layer's batches
+        costs = [obs.cost(self, experts, rate, bandwidth) for obs in self.observers]
+        extra = sum(c.seconds for c in costs)
+        eta = 2 * active * self.tokens / rate + read / 2e9 + extra
 
-        # memory: a batch's activations, the greedy search's, and what is left for them
+        # memory: a batch's activations, the observers', and what is left for them
         text = self.model.config.get_text_config()
         eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
         peak = max((batch_peak_bytes(*b.ids.shape, H, elem, top_k=K,
@@ -250,8 +239,9 @@ class LayerStreamer(LayerLoading, GreedySearch):
                                      dense_intermediate=int(_global(text, "intermediate_size") or 0),
                                      heads=int(_global(text, "num_attention_heads") or 0), eager=eager)
                     for b in self.batches), default=0)
-        greedy_peak = greedy_peak_bytes(sample, E, H, elem, K)
-        layers = 2 * self.layer_bytes() + 2 * layer_read  # the layer computing, the next one loading, reads ahead
+        extra_peak = max((c.peak_bytes for c in costs), default=0)
+        # the layer computing, the next one loading, reads ahead
+        layers = 2 * self.loader.layer_bytes() + 2 * layer_read
         host = host_available()
         free = total = device_room = None
         if self.device.type == "cuda":
@@ -262,32 +252,30 @@ class LayerStreamer(LayerLoading, GreedySearch):
             on = self.store.mode
         else:
             on = self.opts.offload if self.opts.offload != "auto" else \
-                offload_choice(need, max(peak, greedy_peak), device_room, host)
+                offload_choice(need, max(peak, extra_peak), device_room, host)
         if device_room is not None:
             room = device_room - (need if on == "device" else 0)
         else:  # on the CPU the weights, the activations and hidden states kept in memory share what is available
             room = host - layers - (need if on == "cpu" else 0)
         largest = max((b.ids.numel() for b in self.batches), default=0)
-        return {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": on,
-                "store_bytes": need, "layer_bytes": layer_read, "eta_s": eta, "greedy_s": greedy, "assumed_flops": rate,
-                "assumed_bandwidth": bandwidth, "measured": self.device.type != "cuda",
-                "peak_bytes": peak, "greedy_peak_bytes": greedy_peak, "greedy_outputs_bytes": sample * E * H * elem,
-                "room_bytes": room, "largest_batch": largest,
-                "batch_tokens_fit": suggest_batch_tokens(largest, peak, room) if largest else None,
-                "greedy_fits": greedy_peak + MARGIN <= room, "memory": "GPU" if free is not None else "CPU",
-                "free_bytes": free if free is not None else host, "total_bytes": total}
-
-    def layer_bytes(self, layer: int | None = None) -> int:
-        """Bytes of one layer's weights in the compute dtype (the largest layer when ``layer`` is None)."""
-        sizes = [sum(self.ckpt.infos[n].numel for n in names) * torch.finfo(self.dtype).bits // 8
-                 for key, names in self._stored.items() if isinstance(key, int) and (layer is None or key == layer)]
-        return max(sizes, default=0)
+        out = {"tokens": self.tokens, "batches": len(self.batches), "hidden_bytes": hidden, "hidden_on": on,
+               "store_bytes": need, "layer_bytes": layer_read, "eta_s": eta, "assumed_flops": rate,
+               "assumed_bandwidth": bandwidth, "measured": self.device.type != "cuda", "peak_bytes": peak,
+               "room_bytes": room, "largest_batch": largest,
+               "batch_tokens_fit": suggest_batch_tokens(largest, peak, room) if largest else None,
+               "memory": "GPU" if free is not None else "CPU",
+               "free_bytes": free if free is not None else host, "total_bytes": total}
+        for c in costs:
+            out.update(c.plan)
+            if c.fits is not None:
+                out[c.fits] = c.peak_bytes + MARGIN <= room
+        return out
 
     # -- what transformers' base model passes each layer
     def _forward_base(self, i: int | Batch, stubs: dict[int, object]):
         """Run the text model's own forward on batch ``i`` (an index, or a batch of its own) with decoder layers j
         replaced by ``stubs[j]``."""
-        self.join_warm_up()
+        self.loader.join_warm_up()
         b = self.batches[i] if isinstance(i, int) else i
         for j, fn in stubs.items():
             self.layers[j].forward = fn
@@ -358,20 +346,22 @@ class LayerStreamer(LayerLoading, GreedySearch):
 
     @torch.inference_mode()
     def run_layer(self, layer: int, accumulator=None, desc: str | None = None) -> None:
-        """Run every batch through decoder layer ``layer``; MoE statistics go to ``accumulator``."""
+        """Run every batch through decoder layer ``layer``; MoE statistics go to ``accumulator``; the observers
+        (:mod:`reap.stream.observers`) start before the batches and finish after them."""
         t0 = time.perf_counter()
-        module = self.load_layer(layer)
+        module = self.loader.load_layer(layer)
         self.stats.wait_seconds.append(time.perf_counter() - t0)
         probes = []
         moe = self.layout.moe.get(layer)
-        sample = hook = check = None
+        check = None
+        observed: list = []
         if moe is not None:
             experts = module.get_submodule(moe.experts[len(f"{self.layout.layers_path}.{layer}."):])
             experts._reap_probe = ExpertsProbe(accumulator)
             probes.append(experts)
-            sample, hook = self.greedy_start(module, moe, experts, layer, accumulator)
+            observed = start_all(self.observers, self, layer, module, moe, experts, accumulator)
             if accumulator is not None:  # statistics are taken: checked against transformers' own first
-                check = self.selfcheck.arm(layer, self._block_of(module, moe, layer), experts)
+                check = self.selfcheck.arm(layer, block_of(self.layout, module, moe, layer), experts)
         bar = tqdm(total=self.tokens, unit="tok", unit_scale=True, file=sys.stderr, leave=False,
                    desc=desc or f"layer {layer + 1}/{self.layout.num_layers}",
                    disable=not self.opts.progress or self.dist.rank != 0)
@@ -398,18 +388,14 @@ class LayerStreamer(LayerLoading, GreedySearch):
                 bar.update(sum(b.lengths))
             if layer == 0:
                 self._from_embeddings = False
-            if sample is not None:
-                tg = time.perf_counter()
-                hook = self.greedy_finish(module, moe, experts, layer, sample, hook, accumulator)
-                self.stats.greedy_seconds += time.perf_counter() - tg
+            finish_all(observed)
         finally:
             bar.close()
             self.selfcheck.disarm(check)
-            if hook is not None:
-                hook.remove()
+            close_all(observed)
             for experts in probes:
                 del experts._reap_probe
-            self.free_layer(layer)
+            self.loader.free_layer(layer)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.layer_seconds.append(time.perf_counter() - t0)
@@ -438,7 +424,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
         """The LM head's tensors (tied to the embeddings where the model says so)."""
         head = self.model.get_output_embeddings()
         if self._stored["head"]:
-            self._load(self._stored["head"], "the LM head")
+            self.loader._load(self._stored["head"], "the LM head")
         if head.weight.device.type == "meta":
             if not getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
                 raise UserError(f"{self.ckpt.path} has no LM head tensor and config.json does not tie it to the "
@@ -459,12 +445,7 @@ class LayerStreamer(LayerLoading, GreedySearch):
             del self.text.forward
 
     def close(self) -> None:
-        if self._warm_pool is not None:
-            self._warm_pool.shutdown(wait=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._read_pool.shutdown(wait=True, cancel_futures=True)
-        sys.setswitchinterval(self._switch)
-        self.reader.close()
+        self.loader.close()
         if self.store is not None:
             self.store.close()
         self._carried.clear()

@@ -313,7 +313,7 @@ def test_batch_fit_suggests_a_smaller_batch_tokens():
 
 
 def test_memory_warnings_name_the_flags():
-    from reap.calibrate.run import memory_warnings
+    from reap.calibrate.memory import memory_warnings
     from reap.stream.hidden import MARGIN
     from reap.core.options import EngineOptions
 

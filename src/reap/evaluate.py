@@ -201,9 +201,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict[str, Any]:
 
 def _raise_out_of_memory(err: RuntimeError, engine, streamer: LayerStreamer | None, layer: int | None,
                          name: str) -> None:
-    """Raise the one-line UserError for an allocation that failed (:func:`reap.calibrate.run.out_of_memory_error`);
+    """Raise the one-line UserError for an allocation that failed (:func:`reap.calibrate.memory.out_of_memory_error`);
     return for any other error."""
-    from reap.calibrate.run import out_of_memory_error
+    from reap.calibrate.memory import out_of_memory_error
 
     oom = out_of_memory_error(err, engine, streamer=streamer, layer=layer,
                               kept=f"nothing was written (evaluating {name})")

@@ -23,8 +23,6 @@ refused). The plan line says when a batch's activations or the greedy search lik
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -39,6 +37,8 @@ from reap.core.options import CalibrateOptions
 from reap.core.progress import Progress, use_bars
 from reap.stream.ranks import Dist
 from reap.stream.streamer import LayerStreamer, peak_memory
+from reap.calibrate.checkpoints import HiddenCheckpoint
+from reap.calibrate.memory import _cuda_available, _kept, memory_warnings, out_of_memory_error
 
 #: fewer routed (token, expert) pairs per expert than this in a layer is thin calibration data
 MIN_PAIRS_PER_EXPERT = 4
@@ -47,98 +47,6 @@ MAX_NEVER_ROUTED = 0.25
 
 
 # -- calibration -----------------------------------------------------------------------------------------
-class HiddenCheckpoint:
-    """Every rank's hidden states after a layer, beside the stats file (``STATS.hidden/rank{r}-after-{L}/``), so
-    that ``--resume`` continues at the next layer with no layer replayed. A checkpoint counts once its ``done``
-    file exists; the older one is removed only when every rank has written the newer one."""
-
-    def __init__(self, stats_path: Path, dist: Dist, every: int | None):
-        self.root = stats_path.with_name(stats_path.name + ".hidden")
-        self.dist, self.every, self.auto = dist, every, every is None
-        self.written: list[Path] = []
-        self.seconds = 0.0
-
-    def _dir(self, layer: int) -> Path:
-        return self.root / f"rank{self.dist.rank}-after-{layer}"
-
-    def latest(self, below: int) -> int | None:
-        """The newest layer every rank has a complete checkpoint after, not later than ``below``."""
-        mine = [int(p.name.rpartition("-")[2]) for p in self.root.glob(f"rank{self.dist.rank}-after-*")
-                if (p / "done").exists()] if self.root.is_dir() else []
-        mine = [m for m in mine if m <= below]
-        best = max(mine, default=-1)
-        if self.dist.world > 1:
-            import torch
-            import torch.distributed as d
-
-            t = torch.tensor([best], dtype=torch.int64, device="cuda" if d.get_backend() == "nccl" else "cpu")
-            d.all_reduce(t, op=d.ReduceOp.MIN)
-            best = int(t.item())
-        return best if best >= 0 and best in mine else None
-
-    def due(self, layer: int, last: int, layer_seconds: float, nbytes: int) -> bool:
-        """Whether to write after ``layer``. Automatically: as often as keeps the writing under ~10% of the compute
-        time, the writing estimated at 1 GB/s until one has been timed."""
-        if self.every == 0 or layer == last:
-            return False
-        if self.auto:
-            write = self.seconds if self.written else nbytes / 1e9
-            self.every = max(1, math.ceil(write / (0.1 * max(layer_seconds, 1e-6))))
-        due = (layer + 1) % self.every == 0
-        if self.dist.world > 1:  # every rank must decide alike: the writing ends in a barrier
-            import torch
-            import torch.distributed as d
-
-            flag = torch.tensor([int(due)], dtype=torch.int64,
-                                device="cuda" if d.get_backend() == "nccl" else "cpu")
-            d.all_reduce(flag, op=d.ReduceOp.MAX)
-            due = bool(flag.item())
-        return due
-
-    def write(self, streamer: LayerStreamer, layer: int) -> None:
-        t0 = time.perf_counter()
-        path = self._dir(layer)
-        shutil.rmtree(path, ignore_errors=True)
-        streamer.store.save(path, len(streamer.batches))
-        (path / "meta.json").write_text(json.dumps({"arity": streamer._arity, "batches": [
-            list(b.ids.shape) for b in streamer.batches]}))
-        (path / "done").write_text("")
-        self.dist.barrier()
-        for old in self.written:
-            shutil.rmtree(old, ignore_errors=True)
-        self.written = [path]
-        self.seconds = time.perf_counter() - t0
-
-    def matches(self, streamer: LayerStreamer, layer: int) -> bool:
-        """Whether the checkpoint after ``layer`` holds this run's batches (on every rank): a run resumed with another
-        --batch-tokens (after running out of memory, say) replays the layers instead."""
-        meta = json.loads((self._dir(layer) / "meta.json").read_text())
-        same = meta["batches"] == [list(b.ids.shape) for b in streamer.batches]
-        if self.dist.world > 1:
-            import torch
-            import torch.distributed as d
-
-            flag = torch.tensor([int(same)], dtype=torch.int64, device="cuda" if d.get_backend() == "nccl" else "cpu")
-            d.all_reduce(flag, op=d.ReduceOp.MIN)
-            same = bool(flag.item())
-        return same
-
-    def restore(self, streamer: LayerStreamer, layer: int) -> None:
-        path = self._dir(layer)
-        meta = json.loads((path / "meta.json").read_text())
-        if meta["batches"] != [list(b.ids.shape) for b in streamer.batches]:
-            raise UserError(f"--resume: the hidden states in {path} were made with other batches (a different "
-                            "--batch-tokens or data); start fresh with --overwrite")
-        streamer.store.restore(path, len(streamer.batches))
-        streamer._arity = {int(k): v for k, v in meta["arity"].items()}
-        self.written = [path]
-
-    def remove(self) -> None:
-        self.dist.barrier()
-        if self.dist.rank == 0:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
 def _data_meta(data) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(data).items()}
 
@@ -199,95 +107,6 @@ def _check_replaceable_stats(out: Path) -> None:
     if why is not None:
         raise UserError(f"--out {out} is not a reap stats file ({why}); --overwrite replaces only a stats file reap "
                         "wrote: choose another --out or remove it")
-
-
-def out_of_memory_error(err: BaseException, engine, *, streamer: LayerStreamer | None = None, layer: int | None = None,
-                        name: str = "layer", kept: str = "") -> UserError | None:
-    """The one-line UserError for an allocation that failed (a CUDA out-of-memory error, the CPU allocator's), or None
-    for any other error: where (the layer, the batch; read off the traceback, on the prefetch thread too, or
-    ``layer``), how much was asked and free, and what to pass (a smaller --batch-tokens, --offload cpu, a smaller
-    --greedy-memory for the greedy search); ``kept``: what the run kept. ``name``: what ``layer`` counts ('MTP
-    module')."""
-    from reap.stream.hidden import describe_out_of_memory, out_of_memory, where_out_of_memory
-
-    kind = out_of_memory(err)
-    if kind is None:
-        return None
-    where = where_out_of_memory(err)
-    at = layer
-    if "layer" in where:  # a decoder layer's own frame
-        at, name = where["layer"], "layer"
-    batches = streamer.batches if streamer is not None else []
-    if at is None:
-        what = "before the first layer ran (loading the model's embeddings)" if streamer is None else \
-            "before the first layer ran"
-    elif where["phase"] == "loading":
-        what = f"loading {name} {at}'s weights"
-    elif where["phase"] == "greedy":
-        what = f"in {name} {at}'s greedy search (every expert's output on its sample)"
-    elif where["phase"] == "loss":
-        what = "computing the loss after the last layer"
-    elif "batch" in where and where["batch"] < len(batches):
-        b = batches[where["batch"]]
-        what = (f"in {name} {at}, batch {where['batch'] + 1} of {len(batches)} ({b.ids.shape[0]} x {b.ids.shape[1]} "
-                "padded tokens)")
-    else:
-        what = f"in {name} {at}"
-    hidden_on = streamer.store.mode if streamer is not None and streamer.store is not None else engine.offload
-    line = describe_out_of_memory(err, kind=kind, what=what, batch_tokens=engine.batch_tokens, hidden_on=hidden_on,
-                                  batches=batches, kept=kept, device=streamer.device if streamer is not None else None,
-                                  greedy_memory=engine.greedy_memory if where["phase"] == "greedy" else None)
-    return UserError(line)
-
-
-def memory_warnings(plan: dict, engine) -> list[str]:
-    """What :meth:`LayerStreamer.plan` shows will likely not fit, each with what to pass instead."""
-    from reap.core.humanize import human_bytes
-    from reap.stream.hidden import MARGIN
-
-    out = []
-    memory, room = plan["memory"], plan["room_bytes"]
-    total = f" of {human_bytes(plan['total_bytes'])}" if plan.get("total_bytes") else ""
-    beside = " and the hidden states" if plan["hidden_on"] == ("device" if memory == "GPU" else "cpu") else ""
-    left = (f"{human_bytes(max(0, room))} of {memory} memory is left for them ({human_bytes(plan['free_bytes'])} free "
-            f"now{total}, less the layers' weights{beside})")
-    offload = " or --offload cpu" if memory == "GPU" and plan["hidden_on"] == "device" else \
-        " or --offload disk" if memory == "CPU" and plan["hidden_on"] == "cpu" else ""
-    fit = plan["batch_tokens_fit"]
-    if fit is not None:
-        fix = (f"pass --batch-tokens {fit} (now {engine.batch_tokens}){offload}" if fit else
-               f"not even 16 tokens fit: free {memory} memory (another process may hold it"
-               + (": nvidia-smi shows it)" if memory == "GPU" else ")") + (f", pass{offload[3:]}" if offload else "")
-               + (", or use a larger GPU" if memory == "GPU" else ""))
-        out.append(f"the batches likely do not fit: the largest ({plan['largest_batch']} padded tokens) peaks at "
-                   f"~{human_bytes(plan['peak_bytes'])} of activations, but {left}; {fix}")
-    if not plan["greedy_fits"] and plan["greedy_peak_bytes"]:
-        # the outputs [S, E, H] are what --greedy-memory bounds; the rest of the search's peak stays
-        rest = plan["greedy_peak_bytes"] - plan["greedy_outputs_bytes"]
-        gib = int((room - MARGIN - rest) / (1 << 30) * 4) / 4
-        fix = (f"pass --greedy-memory {gib:g} (now {engine.greedy_memory:g} GiB) or --greedy-tokens 0 (no greedy "
-               "search)" if gib >= 0.25 else "pass --greedy-tokens 0 (no greedy search)")
-        out.append(f"the greedy search likely does not fit: every expert's output on its sample with its work arrays "
-                   f"takes ~{human_bytes(plan['greedy_peak_bytes'])}, but {left}; {fix}")
-    return out
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _kept(out: Path | None, stats, rows: int) -> str:
-    """What a calibration that ran out of memory kept, and how to continue it."""
-    if out is None:
-        return "nothing was kept (the statistics were in memory only)"
-    done = sorted(stats.completed) if stats is not None else []
-    if not done:
-        return f"no layer was finished, so {out} was not written"
-    nxt = next((i for i in range(rows) if i not in done), rows)
-    return (f"{out} keeps {plural(len(done), 'finished layer')} of {rows}: run the command again with --resume (and "
-            f"one of those) to continue at layer {nxt}")
 
 
 def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print, layout: Layout | None = None):

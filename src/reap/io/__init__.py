@@ -1,1 +1,1 @@
-"""Files as bytes: a checkpoint's shards, index and tensors for reading (checkpoint), streamed safetensors writing (writer), output locks, staging folders, free space and atomic publication (staging). No torch."""
+"""Files as bytes, no torch: a checkpoint's shards, index and tensors for reading (checkpoint), safetensors header and shard checks (headers), streamed safetensors writing (writer), output locks, staging folders, free space and atomic publication (staging), what an existing --out holds and whether reap may replace it (outputs)."""

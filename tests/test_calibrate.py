@@ -263,6 +263,13 @@ def test_resume_replays_no_layer(tiny_fp32, tmp_path, texts, monkeypatch):
     out.unlink()
     calibrate(CalibrateOptions(**{**opts.__dict__, "overwrite": True}))
     assert not (tmp_path / "stats.safetensors.hidden").exists()  # removed by default
+    # a file reap did not write under STATS.hidden stays, with its folder; reap's stale checkpoints go
+    stale = tmp_path / "stats.safetensors.hidden" / "rank0-after-0"
+    stale.mkdir(parents=True)
+    (stale / "done").write_text("")
+    (tmp_path / "stats.safetensors.hidden" / "notes.txt").write_text("mine")
+    calibrate(CalibrateOptions(**{**opts.__dict__, "overwrite": True}))
+    assert (tmp_path / "stats.safetensors.hidden" / "notes.txt").read_text() == "mine" and not stale.exists()
 
 
 @pytest.mark.slow

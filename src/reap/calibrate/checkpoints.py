@@ -103,4 +103,17 @@ class HiddenCheckpoint:
     def remove(self) -> None:
         self.dist.barrier()
         if self.dist.rank == 0:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self.clear()
+
+    def clear(self) -> None:
+        """Delete what reap wrote under ``STATS.hidden`` (its ``rank*-after-*`` checkpoints), then the folder if
+        that left it empty: a file someone else put there stays, and so does the folder around it."""
+        if not self.root.is_dir() or self.root.is_symlink():
+            return
+        for path in self.root.glob("rank*-after-*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+        try:
+            self.root.rmdir()
+        except OSError:  # not empty: files reap did not write
+            pass

@@ -23,7 +23,6 @@ refused). The plan line says when a batch's activations or the greedy search lik
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -200,7 +199,7 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
             start_layer += 1
         hidden = HiddenCheckpoint(out, dist, opts.checkpoint_every) if out is not None else None
         if hidden is not None and not start_layer and dist.rank == 0:
-            shutil.rmtree(hidden.root, ignore_errors=True)  # a fresh run: an old run's hidden states are stale
+            hidden.clear()  # a fresh run: an old run's hidden states are stale (and only those are deleted)
         restored = hidden.latest(start_layer - 1) if hidden is not None and start_layer else None
         if restored is not None and not hidden.matches(streamer, restored):
             if dist.rank == 0:

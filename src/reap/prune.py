@@ -73,8 +73,8 @@ def prune_model(opts: PruneOptions, log=print) -> SurgeryResult | None:
     from reap.model.validate import derive_checked
 
     ckpt = Checkpoint(opts.model)
+    out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)  # before the layout: no torch for a wrong --out
     spec = derive_checked(ckpt, keep_mtp=not opts.drop_mtp)
-    out = check_output_dir(opts.out, [ckpt.path], opts.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return _prune_checked(opts, ckpt, spec, out, log)
     with OutputLock(out, log).acquire():

@@ -155,8 +155,9 @@ def reap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
             inv[order] = torch.arange(order.numel(), device=order.device)
             out = (y[inv] * weights.reshape(-1, 1)).view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
         else:  # pairs that are not routed add nothing
-            every = y.new_zeros(index.numel(), y.shape[-1])  # [T'*K, H]
-            every[slot] = y * gate[:, None]
+            weighted = y * gate[:, None]  # [N, H] in the dtype of the path above (float32 for float32 weights)
+            every = weighted.new_zeros(index.numel(), y.shape[-1])  # [T'*K, H]
+            every[slot] = weighted
             out = every.view(-1, K, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
     else:  # one pass in expert order, the summation order of transformers' eager experts
         out = torch.zeros(x.shape[0], y.shape[-1], dtype=hidden_states.dtype, device=x.device)

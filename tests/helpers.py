@@ -214,6 +214,15 @@ def removed_in_memory(original_dir: Path, pruned_dir: Path, kept: dict[int, list
     return original.eval(), small_model.eval()
 
 
+def snapshot(path: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file and folder under path (dotfiles included): (size, mtime_ns, bytes)."""
+    snap = {}
+    for p in sorted(path.rglob("*")):
+        st = p.stat()
+        snap[p.relative_to(path).as_posix()] = (st.st_size, st.st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+    return snap
+
+
 def stored_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, read with safetensors (the index must list exactly what is stored)."""
     import json

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import snapshot
 from typer.testing import CliRunner
 
 from reap.cli import app
@@ -22,15 +23,6 @@ PRUNE = ["--ratio", "0.3", "--method", "random", "-q"]
 
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def snapshot(path: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every file and folder under path (dotfiles included): (size, mtime_ns, bytes)."""
-    snap = {}
-    for p in sorted(path.rglob("*")):
-        st = p.stat()
-        snap[p.relative_to(path).as_posix()] = (st.st_size, st.st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-    return snap
 
 
 def assert_refused(res, *needles: str) -> str:

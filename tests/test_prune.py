@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import snapshot
 from typer.testing import CliRunner
 
 import reap
@@ -60,15 +61,6 @@ def select_rows(raw: bytes, shape: list[int], dtype: str, rows: list[int]) -> by
     row = len(raw) // shape[0]
     assert row * shape[0] == len(raw) and row == math.prod(shape[1:]) * ITEMSIZE[dtype]
     return b"".join(raw[r * row : (r + 1) * row] for r in rows)
-
-
-def snapshot(path: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every file and folder under path (dotfiles included): (size, mtime_ns, bytes)."""
-    snap = {}
-    for p in sorted(path.rglob("*")):
-        st = p.stat()
-        snap[p.relative_to(path).as_posix()] = (st.st_size, st.st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-    return snap
 
 
 def cli(*args: str):

@@ -104,13 +104,18 @@ def _record(probe: ExpertsProbe | None, T: int, token: torch.Tensor, ids: torch.
         probe.terms.append((T, token.detach(), ids.detach(), gate.detach(), y.detach()))
 
 
+def routed(index: torch.Tensor, weights: torch.Tensor, E: int) -> torch.Tensor:
+    """[T*K] bool: which (token, slot) pairs are routed to an expert (see :func:`routed_pairs`)."""
+    return (index.reshape(-1) < E) & (weights.reshape(-1) != 0)
+
+
 def routed_pairs(index: torch.Tensor, weights: torch.Tensor, E: int) -> torch.Tensor | None:
     """Positions (in ``index.reshape(-1)``) of the pairs that are routed to an expert, or None when all are.
 
     Not routed: an id >= E (a slot that is not an expert: transformers' eager experts skip it) and a weight of exactly
     0 (a zero-computation expert or skip class mapped onto a real expert with weight 0, as LongCat-Flash and ZAYA
     do): such a pair adds nothing to the output and is not traffic of that expert."""
-    valid = (index.reshape(-1) < E) & (weights.reshape(-1) != 0)  # [T*K]
+    valid = routed(index, weights, E)  # [T*K]
     if bool(valid.all()):
         return None
     return valid.nonzero().squeeze(1)
@@ -215,7 +220,7 @@ def wrapped_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         return torch.zeros_like(hidden_states)
     T, K = top_k_index.shape
     mask = probe.token_mask if probe is not None else None
-    valid = (top_k_index.reshape(-1) < self.num_experts) & (top_k_weights.reshape(-1) != 0)  # [T*K]
+    valid = routed(top_k_index, top_k_weights, self.num_experts)  # [T*K]
     if mask is not None and mask.numel() == T:
         valid &= mask.repeat_interleave(K)
     slot = valid.nonzero().squeeze(1)  # [N]

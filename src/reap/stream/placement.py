@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _global(config, key: str):
-    """``config.key``, the global value of a heterogeneous (per-layer) config included (its guard would raise)."""
-    if hasattr(config, "_getattr_without_heterogeneous_validation"):
-        return config._getattr_without_heterogeneous_validation(key, None)
-    return getattr(config, key, None)
+from reap.model.moe_types import config_value
 
 
 def plan(st, placing: bool = False) -> dict:
@@ -68,8 +63,8 @@ def plan(st, placing: bool = False) -> dict:
     eager = getattr(st.model.config, "_attn_implementation", None) == "eager"
     peak = max((batch_peak_bytes(*b.ids.shape, H, elem, top_k=K,
                                  expert_intermediate=st.layout.expert_intermediate,
-                                 dense_intermediate=int(_global(text, "intermediate_size") or 0),
-                                 heads=int(_global(text, "num_attention_heads") or 0), eager=eager)
+                                 dense_intermediate=int(config_value(text, "intermediate_size") or 0),
+                                 heads=int(config_value(text, "num_attention_heads") or 0), eager=eager)
                 for b in st.batches), default=0)
     extra_peak = max((c.peak_bytes for c in costs), default=0)
     # the layer computing, the next one loading, reads ahead

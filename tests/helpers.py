@@ -131,14 +131,14 @@ def hooked_stats(model_dir: Path, sequences, num_experts: int | None = None,
     weights), and each (token, expert) pair's output is the experts module's own forward for that single expert
     with weight 1. ``batches`` (lists of sequence indices) runs right-padded batches as given, counting real tokens
     only; by default one sequence at a time. Returns [L, E] float64 tables of count, gate_sum, ean_sum, reap_sum,
-    max_norm, ean_sq_sum."""
+    max_norm, ean_sq_sum, max_abs (the largest |element| of a pair's output)."""
     model = load_causal_lm(model_dir, dtype=torch.float32, experts_implementation="eager")
     experts = {name: m for name, m in model.named_modules()
                if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "num_experts"))}
     L = model.config.get_text_config().num_hidden_layers
     E = num_experts or next(iter(experts.values())).num_experts
     acc = {f: torch.zeros(L, E, dtype=torch.float64) for f in ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm",
-                                                                 "ean_sq_sum")}
+                                                                 "ean_sq_sum", "max_abs")}
     calls: list = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, kw, n=name: calls.append((n, mod, args, kw)), with_kwargs=True)
              for name, m in experts.items()]
@@ -176,6 +176,7 @@ def hooked_stats(model_dir: Path, sequences, num_experts: int | None = None,
                 acc["reap_sum"][layer].index_add_(0, e, w * norm)
                 acc["max_norm"][layer].scatter_reduce_(0, e, norm, reduce="amax")
                 acc["ean_sq_sum"][layer].index_add_(0, e, norm * norm)
+                acc["max_abs"][layer].scatter_reduce_(0, e, f.double().abs().amax(dim=-1), reduce="amax")
     return acc
 
 

@@ -26,7 +26,7 @@ def hand_stats() -> ExpertStats:
     stats = ExpertStats(2, E)
     for layer, (idx, gate, norm) in PAIRS.items():  # all values exact in float32
         acc = LayerAccumulator(E)
-        acc.add(torch.tensor(idx), torch.tensor(gate), torch.tensor(norm))
+        acc.add(torch.tensor(idx), torch.tensor(gate), torch.tensor(norm), torch.tensor(norm) / 2)  # max |f_h|
         stats.set_layer(layer, acc)
     return stats
 
@@ -139,22 +139,22 @@ def test_registry_entries():
 def test_version_1_file_loads_and_names_what_it_lacks(tmp_path):
     stats = hand_stats()
     path = tmp_path / "v1.safetensors"
-    tensors = {f: getattr(stats, f) for f in FIELDS if f != "ean_sq_sum"}
+    tensors = {f: getattr(stats, f) for f in FIELDS[:5]}  # what version 1 wrote
     tensors["completed"] = torch.ones(2, dtype=torch.int64)
     save_file(tensors, str(path), metadata={"format": "reap-stats", "version": "1", "meta": "{}"})
     old = ExpertStats.load(path)
-    assert old.missing == {"ean_sq_sum", "greedy_rank"} and old.version == "1"
+    assert old.missing == {"ean_sq_sum", "greedy_rank", "max_abs"} and old.version == "1"
     for name in ("reap", "frequency", "weighted-ean", "max-activation", "reap-prior"):
         assert torch.equal(old.scores(name), stats.scores(name)), name
     with pytest.raises(UserError) as ei:
         old.scores("ean-sq")
     msg = str(ei.value)
     assert "ean-sq" in msg and "ean_sq_sum" in msg and "reap calibrate" in msg and "\n" not in msg
-    # re-saved, it is a version-2 file that still lacks the field
+    # re-saved, it is a current-version file that still lacks the fields
     again = tmp_path / "again.safetensors"
     old.save(again)
     back = ExpertStats.load(again)
-    assert back.missing == {"ean_sq_sum", "greedy_rank"} and back.version == "2"
+    assert back.missing == {"ean_sq_sum", "greedy_rank", "max_abs"} and back.version == "3"
     with pytest.raises(UserError):
         back.scores("ean-sq")
 

@@ -124,11 +124,13 @@ def _experts_of(model):
 
 @torch.no_grad()
 def engine_stats(engine: EngineMtp, seqs) -> dict[str, torch.Tensor]:
-    """count / gate_sum / ean_sum / reap_sum / max_norm [E] of the MTP module's experts: hooks on transformers' own
-    experts module record (tokens, chosen experts, weights); each pair's output is that module run for one expert."""
+    """count / gate_sum / ean_sum / reap_sum / max_norm / max_abs [E] of the MTP module's experts: hooks on
+    transformers' own experts module record (tokens, chosen experts, weights); each pair's output is that module run
+    for one expert."""
     experts = _experts_of(engine.layer_model)
     E = experts.num_experts
-    acc = {f: torch.zeros(E, dtype=torch.float64) for f in ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm")}
+    acc = {f: torch.zeros(E, dtype=torch.float64) for f in ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm",
+                                                              "max_abs")}
     calls = []
     hook = experts.register_forward_pre_hook(lambda m, a, kw: calls.append((a, kw)), with_kwargs=True)
     for s in seqs:
@@ -146,6 +148,8 @@ def engine_stats(engine: EngineMtp, seqs) -> dict[str, torch.Tensor]:
             acc["reap_sum"].index_add_(0, e, w * norm)
             acc["max_norm"] = torch.maximum(acc["max_norm"], torch.zeros(E, dtype=torch.float64).scatter_reduce_(
                 0, e, norm, "amax", include_self=True))
+            acc["max_abs"] = torch.maximum(acc["max_abs"], torch.zeros(E, dtype=torch.float64).scatter_reduce_(
+                0, e, f.double().abs().amax(dim=-1), "amax", include_self=True))
     return acc
 
 

@@ -31,10 +31,12 @@ def _random_pairs(n: int, num_experts: int, dtype: torch.dtype, seed: int, skip:
     return idx, gate, norm
 
 
-def _reference(idx, gate, norm, num_experts: int) -> dict[str, list[float]]:
+def _reference(idx, gate, norm, num_experts: int, peak=None) -> dict[str, list[float]]:
     """Plain python loop over pairs, python floats (double precision)."""
     ref = {f: [0.0] * num_experts for f in FIELDS}
-    for e, g, n in zip(idx.tolist(), gate.double().tolist(), norm.double().tolist()):
+    peaks = peak.double().tolist() if peak is not None else [0.0] * len(idx)
+    for e, g, n, p in zip(idx.tolist(), gate.double().tolist(), norm.double().tolist(), peaks):
+        ref["max_abs"][e] = max(ref["max_abs"][e], p)
         ref["count"][e] += 1
         ref["gate_sum"][e] += g
         ref["ean_sum"][e] += n
@@ -48,10 +50,12 @@ def _reference(idx, gate, norm, num_experts: int) -> dict[str, list[float]]:
 def test_add_matches_python_loop(dtype):
     num_experts = 9
     idx, gate, norm = _random_pairs(3000, num_experts, dtype, seed=1, skip=(2, 7))
+    peak = (norm.double() * torch.rand(3000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)).to(dtype)
     acc = LayerAccumulator(num_experts)
-    acc.add(idx, gate, norm)
+    acc.add(idx, gate, norm, peak)
     got = acc.to_dict()
-    ref = _reference(idx, gate, norm, num_experts)
+    ref = _reference(idx, gate, norm, num_experts, peak)
+    assert acc.peaks and got["max_abs"].max() > 0
     for f in FIELDS:
         assert got[f].dtype == torch.float64 and got[f].shape == (num_experts,)
         assert torch.allclose(got[f], torch.tensor(ref[f], dtype=torch.float64), rtol=1e-12, atol=0), f
@@ -142,8 +146,17 @@ def _all_reduce_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         idx, gate, norm = _random_pairs(1000, 8, torch.float32, seed=3, skip=(6,))
         half = slice(0, 500) if rank == 0 else slice(500, 1000)
         acc = LayerAccumulator(8)
-        acc.add(idx[half], gate[half], norm[half])
+        if rank == 0:  # rank 1 brings no peaks: the merged accumulator has none (MIN), while its maxima still merge
+            acc.add(idx[half], gate[half], norm[half], norm[half] / 3)
+        else:
+            acc.add(idx[half], gate[half], norm[half])
         acc.all_reduce()
+        torch.save({"peaks": acc.peaks}, f"{out_dir}/peaks{rank}.pt")
+        if world == 2:  # both with peaks: max_abs merges by MAX
+            both = LayerAccumulator(8)
+            both.add(idx[half], gate[half], norm[half], norm[half] / 3)
+            both.all_reduce()
+            torch.save({"max_abs": both.max_abs.clone(), "peaks": both.peaks}, f"{out_dir}/both{rank}.pt")
         torch.save(acc.to_dict(), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -153,7 +166,7 @@ def test_all_reduce_two_processes_gloo(tmp_path):
     mp.spawn(_all_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     idx, gate, norm = _random_pairs(1000, 8, torch.float32, seed=3, skip=(6,))
     single = LayerAccumulator(8)
-    single.add(idx, gate, norm)
+    single.add(idx, gate, norm, norm / 3)
     want = single.to_dict()
     # sanity: each half alone differs from the whole, so the reduction did something
     half = LayerAccumulator(8)
@@ -165,13 +178,20 @@ def test_all_reduce_two_processes_gloo(tmp_path):
             assert torch.allclose(got[f], want[f], rtol=1e-12, atol=0), (rank, f)
         assert torch.equal(got["max_norm"], want["max_norm"])
         assert got["count"][6].item() == 0.0
+        assert torch.load(tmp_path / f"peaks{rank}.pt") == {"peaks": False}
+        both = torch.load(tmp_path / f"both{rank}.pt")
+        assert both["peaks"] and torch.equal(both["max_abs"], want["max_abs"])
+    first = LayerAccumulator(8)
+    first.add(idx[:500], gate[:500], norm[:500], norm[:500] / 3)
+    assert not torch.equal(first.max_abs, single.max_abs)  # rank 0's maxima alone are not the whole's: MAX merged
 
 
 def _filled_stats(num_layers=3, num_experts=5, seed=0, layers=(0, 2), meta=None) -> ExpertStats:
     stats = ExpertStats(num_layers, num_experts, meta=meta)
     for layer in layers:
         acc = LayerAccumulator(num_experts)
-        acc.add(*_random_pairs(200, num_experts, torch.float32, seed=seed + layer, skip=(1,)))
+        idx, gate, norm = _random_pairs(200, num_experts, torch.float32, seed=seed + layer, skip=(1,))
+        acc.add(idx, gate, norm, norm / 4)
         stats.set_layer(layer, acc)
     return stats
 
@@ -209,7 +229,7 @@ def test_saved_file_layout(tmp_path):
     _filled_stats(meta={"x": 1}).save(path)
     with safe_open(str(path), framework="pt") as fh:
         md = fh.metadata()
-        assert md["format"] == "reap-stats" and md["version"] == "2"
+        assert md["format"] == "reap-stats" and md["version"] == "3"
         assert json.loads(md["meta"]) == {"x": 1}
         assert set(fh.keys()) == {*FIELDS, "completed"}
         mask = fh.get_tensor("completed")
@@ -353,7 +373,7 @@ def test_greedy_error_in_the_stats_file(tmp_path):
     stats = ExpertStats(3, 4, meta={"top_k": 1})
     for layer, (order, errors) in enumerate([([2, 0, 1], [0.01, 0.05, 0.4]), ([3, 1, 0], [0.02, 0.03, 0.9])]):
         acc = LayerAccumulator(4)
-        acc.add(torch.arange(4), torch.ones(4), torch.ones(4))
+        acc.add(torch.arange(4), torch.ones(4), torch.ones(4), torch.ones(4))
         acc.greedy_order, acc.greedy_note, acc.greedy_sample = GreedyOrder(order, errors), None, 64
         stats.set_layer(layer, acc)
     acc = LayerAccumulator(4)
@@ -365,7 +385,7 @@ def test_greedy_error_in_the_stats_file(tmp_path):
     path = tmp_path / "s.safetensors"
     stats.save(path)
     with safe_open(str(path), framework="pt") as fh:
-        assert "greedy_error" in fh.keys() and fh.metadata()["version"] == "2"
+        assert "greedy_error" in fh.keys() and fh.metadata()["version"] == "3"
     back = ExpertStats.load(path)
     assert back.greedy_curve(0) == stats.greedy_curve(0) and back.greedy_order(1) == [3, 1, 0]
     assert "greedy_error" not in back.missing and back.missing == set()

@@ -13,7 +13,7 @@ from test_criteria import hand_stats
 from reap.core.errors import UserError
 from reap.selection.plan import Routing
 from reap.selection.choose import (choose_experts, experts_to_drop, n_to_drop, plan_from_scores, protect, read_keep_file,
-                            scores_for, select, super_experts)
+                            scores_for, select)
 
 
 def kept(e: int, ratio: float, top_k: int, multiple_of: int = 1, n_group: int = 1, topk_group: int = 1) -> int:
@@ -193,18 +193,7 @@ def test_read_keep_file_missing_or_a_directory(tmp_path):
 
 
 # -- super experts ----------------------------------------------------------------------------------------------
-def test_super_experts_threshold():
-    m = torch.tensor([[1.0] * 47 + [50.0],  # one outlier
-                      [1.0] * 48,  # all equal: none exceeds the threshold
-                      [1.0] * 46 + [9.0, 10.0],  # 10 > P99.5 (9.765) and > 1.0: one
-                      [0.5] * 47 + [4.0]], dtype=torch.float64)  # 4 > P99.5 but 4/10 > 0.5? 0.4 < 0.5 -> still one
-    got = super_experts(m)
-    assert got.sum(1).tolist() == [1, 0, 1, 1]
-    assert got[0, 47] and got[2, 47] and not got[2, 46]
-    assert not super_experts(torch.zeros(2, 8)).any()  # layers never routed
-    # the max / 10 floor: a layer whose maxima are all tiny but one that is only a little larger is not special
-    m2 = torch.tensor([[10.0] * 8 + [0.1] * 1000], dtype=torch.float64)
-    assert not super_experts(m2).any()  # 10 == P99.5 (no expert strictly above)
+# the definition itself (Su et al.'s Eq. 6 over the model's max |f_h|): tests/test_super_experts.py
 
 
 def test_more_super_experts_than_kept_is_a_one_line_error():
@@ -232,7 +221,7 @@ def test_protect_keeps_protected_and_order():
 
 def test_select_with_protection_and_multiple_of():
     stats = hand_stats()
-    stats.max_norm[0] = torch.tensor([1.0, 1.0, 0.0, 100.0], dtype=torch.float64)  # expert 3 is super
+    stats.max_abs[0] = torch.tensor([1.0, 1.0, 0.0, 100.0], dtype=torch.float64)  # expert 3 is super
     plain = select(stats, "reap", 0.5, top_k=1)
     assert (plain.kept(0), plain.pruned(0)) == ([0, 1], [2, 3])
     prot = select(stats, "reap", 0.5, top_k=1, protect_super=True)

@@ -3,8 +3,10 @@
 Calibration streams prompts through the model layer by layer. For every routed (token x, expert j) pair
 we know g_j(x), the routing weight the model applies to expert j's output, and ||f_j(x)||, the L2 norm of
 that output. A :class:`LayerAccumulator` sums these on the compute device (float64, no host sync per
-batch): tokens routed, sum of g, sum of ||f||, sum of g ||f||, max ||f|| and (stats format version 2) sum
-of ||f||^2. :class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors (version 1
+batch): tokens routed, sum of g, sum of ||f||, sum of g ||f||, max ||f||, (stats format version 2) sum
+of ||f||^2 and (version 3) ``max_abs``, the largest magnitude of any element of f, max_x max_h |f_j(x)_h| (the
+"maximum output magnitude of down_proj" by which :func:`reap.selection.choose.super_experts` finds super experts).
+:class:`ExpertStats` holds the final [L, E] tables, saves/loads them as safetensors (version 1 and 2
 files still load; the fields they lack are listed in ``ExpertStats.missing``) and turns them into scores
 through the criterion registry in :mod:`reap.selection.criteria` (``reap``, ``ean``, ``frequency``, ...; ``METHODS``
 is re-exported here). Beside the sums, the greedy re-routing search's results per layer: its removal order
@@ -32,16 +34,18 @@ from reap.core.errors import UserError
 
 # Shape legend: N routed (token, expert) pairs, E experts, L layers.
 
-FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm", "ean_sq_sum")
+FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "max_norm", "ean_sq_sum", "max_abs")
 _SUM_FIELDS = ("count", "gate_sum", "ean_sum", "reap_sum", "ean_sq_sum")
+_MAX_FIELDS = ("max_norm", "max_abs")
 RANK_FIELDS = ("greedy_rank",)  # per-layer results, not sums: never merged, NaN until computed
 #: optional per-layer results written only where computed (absent in older files, never listed in ``missing``):
 #: ``greedy_error`` [L, E], column i = the layer's relative output error after the greedy search's first i + 1 removals
 CURVE_FIELDS = ("greedy_error",)
 _REQUIRED = FIELDS[:5]  # version 1 had exactly these; later fields are optional on load
 _FORMAT = "reap-stats"
-_VERSION = "2"  # 2 added ean_sq_sum and greedy_rank (and later the optional greedy_error, which older readers skip)
-_READS = ("1", "2")
+# 2 added ean_sq_sum and greedy_rank (and later the optional greedy_error, which older readers skip); 3 added max_abs
+_VERSION = "3"
+_READS = ("1", "2", "3")
 _FIX = "rerun `reap calibrate` to produce it"
 
 
@@ -73,9 +77,13 @@ class LayerAccumulator:
         self.reap_sum = zeros()  # [E]
         self.max_norm = zeros()  # [E]; norms are >= 0, so 0 is the identity of max
         self.ean_sq_sum = zeros()  # [E]
+        self.max_abs = zeros()  # [E] max |f_h| over the routed pairs and the H output elements (>= 0, like max_norm)
+        self.peaks = True  # every add so far that had pairs brought their peaks (else max_abs is unknown: missing)
 
-    def add(self, expert_idx: Tensor, gate: Tensor, norm: Tensor) -> None:
-        """Accumulate N routed pairs: ``expert_idx`` [N] long, ``gate`` [N] and ``norm`` [N] of any float dtype.
+    def add(self, expert_idx: Tensor, gate: Tensor, norm: Tensor, peak: Tensor | None = None) -> None:
+        """Accumulate N routed pairs: ``expert_idx`` [N] long, ``gate`` [N] and ``norm`` [N] of any float dtype,
+        ``peak`` [N] each pair's largest output magnitude max_h |f_h| (reap's experts implementation always passes
+        it; an accumulator given pairs without it has no ``max_abs``, which the stats then list as missing).
 
         Inputs are cast to float64 *before* any arithmetic, so bf16/fp32 inputs do not lose precision in
         the products or the sums. Inputs may have any shape with N elements; they are flattened.
@@ -88,8 +96,15 @@ class LayerAccumulator:
                 f"expert_idx, gate and norm must have the same number of elements, "
                 f"got {idx.numel()}, {g.numel()}, {nrm.numel()}"
             )
+        if peak is not None and peak.numel() != idx.numel():
+            raise ValueError(f"peak must have one element per pair ({idx.numel()}), got {peak.numel()}")
         if idx.numel() == 0:
             return
+        if peak is None:
+            self.peaks = False
+        else:
+            top = peak.reshape(-1).to(device=self.device, dtype=torch.float64)  # [N]
+            self.max_abs.scatter_reduce_(0, idx, top, reduce="amax", include_self=True)
         self.count.index_add_(0, idx, torch.ones_like(g))
         self.gate_sum.index_add_(0, idx, g)
         self.ean_sum.index_add_(0, idx, nrm)
@@ -98,7 +113,8 @@ class LayerAccumulator:
         self.ean_sq_sum.index_add_(0, idx, nrm * nrm)
 
     def all_reduce(self) -> None:
-        """Combine accumulators across ranks: SUM for the four sums, MAX for ``max_norm``.
+        """Combine accumulators across ranks: SUM for the five sums, MAX for ``max_norm`` and ``max_abs`` (and
+        whether every rank had the peaks: MIN).
 
         A no-op when torch.distributed is unavailable, not initialized, or has world size 1.
         """
@@ -109,7 +125,13 @@ class LayerAccumulator:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         for i, f in enumerate(_SUM_FIELDS):
             setattr(self, f, sums[i].clone())
-        dist.all_reduce(self.max_norm, op=dist.ReduceOp.MAX)
+        maxima = torch.stack([getattr(self, f) for f in _MAX_FIELDS] +  # [3, E]: the two maxima, then peaks (0/1)
+                             [torch.full_like(self.max_abs, 1.0 if self.peaks else 0.0)])
+        maxima[-1].neg_()  # MAX of -peaks = -(MIN of peaks)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        for i, f in enumerate(_MAX_FIELDS):
+            setattr(self, f, maxima[i].clone())
+        self.peaks = bool(maxima[-1][0] < -0.5)  # -MIN of the ranks' peaks: -1 where every rank had them
 
     def to_dict(self) -> dict[str, Tensor]:
         """The accumulators as CPU float64 tensors [E], keyed by FIELDS."""
@@ -120,9 +142,9 @@ class ExpertStats:
     """Per-layer, per-expert statistics, float64 [L, E] each, plus JSON metadata and the set of completed
     layers.
 
-    ``missing`` names the fields the source did not have (a version-1 file has no ``ean_sq_sum``); they are
-    held as zeros, are not written back by :meth:`save`, and a criterion that needs one raises a UserError
-    (:meth:`require`).
+    ``missing`` names the fields the source did not have (a version-1 file has no ``ean_sq_sum``, files before
+    version 3 no ``max_abs``); they are held as zeros, are not written back by :meth:`save`, and a criterion that
+    needs one raises a UserError (:meth:`require`; for ``max_abs``: :func:`reap.selection.choose.super_experts`).
     """
 
     def __init__(self, num_layers: int, num_experts: int, meta: dict[str, Any] | None = None):
@@ -151,10 +173,11 @@ class ExpertStats:
         self.reap_sum: Tensor
         self.max_norm: Tensor
         self.ean_sq_sum: Tensor
+        self.max_abs: Tensor
 
-    def require(self, fields: tuple[str, ...], what: str) -> None:
+    def require(self, fields: tuple[str, ...], what: str, instead: str = "choose another criterion") -> None:
         """UserError naming ``what`` (e.g. "criterion 'ean-sq'") if any of ``fields`` is missing, or (for
-        ``greedy_rank``) not computed for every completed layer."""
+        ``greedy_rank``) not computed for every completed layer; the line ends with ``instead``, the other way out."""
         lacking = [f for f in fields if f in self.missing]
         where = f"stats file {self.source}" if self.source else "these statistics"
         if lacking:
@@ -162,14 +185,14 @@ class ExpertStats:
                    else "not computed by that calibration")
             raise UserError(
                 f"{what} needs {', '.join(lacking)}, which {where} lacks ({why}); rerun `reap calibrate` with this "
-                "reap to produce it, or choose another criterion"
+                f"reap to produce it, or {instead}"
             )
         for f in set(fields) & set(RANK_FIELDS):
             done = sorted(self.completed)
             bad = [layer for layer in done if torch.isnan(getattr(self, f)[layer]).any()]
             if bad:
                 raise UserError(f"{what} needs {f} for every layer, {where} lacks it for layers {bad[:5]}; "
-                                "rerun `reap calibrate` with this reap to produce it, or choose another criterion")
+                                f"rerun `reap calibrate` with this reap to produce it, or {instead}")
 
     def set_greedy_order(self, layer: int, order: list[int], errors: list[float] | None = None) -> None:
         """Record ``layer``'s greedy removal order (expert ids, first removed first; see
@@ -223,6 +246,8 @@ class ExpertStats:
             raise ValueError(f"accumulator has {acc.num_experts} experts, stats have {self.num_experts}")
         for f, t in acc.to_dict().items():
             getattr(self, f)[layer] = t
+        if not getattr(acc, "peaks", True):  # never discarded: an earlier layer (a resumed old file) may lack it too
+            self.missing.add("max_abs")
         self.completed.add(layer)
         if hasattr(acc, "greedy_order"):  # the calibrator ran the greedy search (or said why not) for this layer
             greedy = self.meta.setdefault("greedy", {"sample_tokens": {}, "fallback": {}})

@@ -7,8 +7,9 @@
 * :func:`choose_experts` drops a layer's lowest scores (ties: the higher index first); :func:`plan_from_scores`
   does it per layer, per expert group when the model has groups, into a plan.
 * :func:`read_keep_file` reads ``{"<layer>": [kept ids]}`` into a plan.
-* :func:`super_experts` finds the experts whose largest output norm is an outlier in their layer ("super
-  experts": max ||f|| > max(99.5th percentile, max / 10) of the layer's per-expert maxima); :func:`protect`
+* :func:`super_experts` finds the super experts as Su et al. define them: the experts whose largest output
+  magnitude (max |f_h|, ``max_abs``) is an outlier of the whole model's per-expert maxima (above their 99.5th
+  percentile and a tenth of their maximum), in the first three quarters of the decoder layers; :func:`protect`
   raises their scores so that no cut reaches them.
 * :func:`select` puts these together for a stats file (the criteria study, the tests).
 
@@ -31,8 +32,9 @@ from reap.selection.plan import ExpertPlan, Routing, check_plan, layer_list
 if TYPE_CHECKING:
     from torch import Tensor
 
-SUPER_QUANTILE = 0.995  # an expert is "super" if its max norm exceeds this quantile of the layer's maxima ...
-SUPER_FRACTION = 0.1  # ... and this fraction of the layer's largest max norm
+SUPER_QUANTILE = 0.995  # an expert is "super" if its max |f_h| exceeds this quantile of the model's expert maxima,
+SUPER_FRACTION = 0.1  # ... and this fraction of the largest of them,
+SUPER_DEPTH = 0.75  # ... in a decoder layer below round(0.75 x the decoder layers) (the authors' include_layers)
 
 
 # -- how many --------------------------------------------------------------------------------------------------
@@ -154,19 +156,55 @@ def read_keep_file(path: str | Path, routing: Routing, layers: list[int]) -> Exp
 
 
 # -- super experts ---------------------------------------------------------------------------------------------
-def super_experts(max_norm: Tensor) -> Tensor:
-    """bool [L, E]: experts whose max output norm exceeds max(99.5th percentile, max / 10) of their layer.
+def super_experts(stats, layers=None, *, strict: bool = True) -> Tensor | None:
+    """bool [L, E]: the super experts, as Su et al. define them ("Unveiling Super Experts in Mixture-of-Experts
+    Large Language Models", 2025, Eq. 6; the authors' profiling code, ZunhaiSu/Super-Experts-Profilling).
 
-    ``max_norm`` is [L, E] (``ExpertStats.max_norm``); the percentile is over the layer's E per-expert maxima
-    (linear interpolation, as torch.quantile). Layers with no routed tokens have none.
+    a[l, e] = the largest magnitude of any output element of expert e in layer l over the calibration tokens
+    routed to it: max over routed x and h of |f_e(x)_h|, f before the routing weight (the down_proj output; with a
+    post-expert norm, after it), ``ExpertStats.max_abs``; 0 for an expert never routed. A = {a[l, e] : l in L, every
+    e} is ONE set across the model (not per layer: a layer's own 99.5th percentile of E maxima always lies below
+    its largest, which would make the top expert of every layer "super"). Expert e of a layer l in L is super iff
+
+        a[l, e] > P99.5(A)  and  a[l, e] > max(A) / 10
+
+    with P99.5 by linear interpolation (torch.quantile, numpy.percentile), computed exactly at selection time from
+    the [L, E] maxima (no histogram: the definition's percentile is over these L x E maxima, not over activation
+    values). L, the layers that form the massive activations (experts in the final layers can have outliers of
+    their own that form none): as the authors' code (``include_layers=0.75``), the decoder layers below
+    round(0.75 x their count) (Python's round, as theirs) that routed tokens (dense layers and MTP modules left out),
+    or ``layers`` where given. A model without
+    a heavy tail still gets about 0.5% of the experts of L (at least its largest); the max / 10 condition is what
+    leaves only the real outliers where there are some.
+
+    ``stats``: an :class:`reap.calibrate.stats.ExpertStats` (``max_abs``; a file written before it was recorded is
+    a one-line UserError saying to recalibrate, or, with ``strict=False``, None) or an [L, E] table of a itself.
+    (CerebrasResearch/reap's ``get_super_expert_indices`` reads the same two thresholds over all layers' signed
+    maxima and then drops the last quarter of the layers; the authors' profiling hook takes |output[0]|, the first
+    row of each down_proj call. reap takes every routed row, magnitudes, and the authors' choice of layers.)
     """
     import torch
 
-    m = max_norm.to(torch.float64)
-    q = torch.quantile(m, SUPER_QUANTILE, dim=1, keepdim=True)  # [L, 1]
-    top = m.max(dim=1, keepdim=True).values  # [L, 1]
-    thr = torch.maximum(q, SUPER_FRACTION * top)
-    return (m > thr) & (top > 0)
+    if isinstance(stats, torch.Tensor):
+        a, rows = stats.to(torch.float64), stats.shape[0]
+    else:
+        if "max_abs" in stats.missing:
+            if not strict:
+                return None
+            stats.require(("max_abs",), "--protect-super-experts", instead="leave out --protect-super-experts")
+        a = stats.max_abs.to(torch.float64)
+        rows = stats.num_layers - int((getattr(stats, "meta", None) or {}).get("mtp_layers") or 0)
+    if layers is None:
+        layers = range(round(SUPER_DEPTH * rows))
+    pool = [layer for layer in layers if 0 <= layer < a.shape[0] and bool((a[layer] > 0).any())]  # routed MoE layers
+    protected = torch.zeros(a.shape, dtype=torch.bool)
+    if not pool:
+        return protected
+    values = a[pool]  # [|L|, E]
+    top = values.max()
+    threshold = torch.maximum(torch.quantile(values.reshape(-1), SUPER_QUANTILE), SUPER_FRACTION * top)
+    protected[pool] = values > threshold
+    return protected
 
 
 def check_super_fit(protected: Tensor, keep: int, layers=None) -> None:
@@ -215,7 +253,6 @@ def scores_for(stats, criterion: str, *, protect_super: bool = False, seed: int 
     scores = stats.scores(criterion, seed)
     protected = torch.zeros_like(scores, dtype=torch.bool)
     if protect_super:
-        stats.require(("max_norm",), "super-expert protection")
-        protected = super_experts(stats.max_norm)
+        protected = super_experts(stats)  # a stats file without max_abs: one line, recalibrate
         scores = protect(scores, protected)
     return scores, protected

@@ -7,7 +7,8 @@ module dispatches to the function registered under ``config._experts_implementat
 by expert; one grouped matmul per projection on CUDA in 16-bit, else a loop over the experts that were hit),
 with the module's own flags and gate (``has_gate``, ``has_bias``, ``is_transposed``, ``_apply_gate``,
 ``act_fn``, a post-expert norm), and, when an :class:`ExpertsProbe` is attached to the module, hands every
-routed pair's weight (the one the model applies) and output norm (before weighting) to its accumulator.
+routed pair's weight (the one the model applies), output norm and largest output magnitude max_h |f_h| (both
+before weighting) to its accumulator.
 
 Padding: the probe's ``token_mask`` (real positions of the batch, flattened) restricts the work to real tokens;
 padded rows get a zero output.
@@ -97,9 +98,10 @@ def _record(probe: ExpertsProbe | None, T: int, token: torch.Tensor, ids: torch.
     if probe is None:
         return
     if probe.accumulator is not None:
-        # ||f_j(x)|| in float32 (on GPU without an fp32 copy of y)
+        # ||f_j(x)|| in float32 (on GPU without an fp32 copy of y); max_h |f_j(x)_h| exact in y's own dtype
         norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32) if y.is_cuda else y.float().norm(dim=-1)
-        probe.accumulator.add(ids, gate, norms)
+        peaks = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1).float()
+        probe.accumulator.add(ids, gate, norms, peaks)
     if probe.terms is not None:
         probe.terms.append((T, token.detach(), ids.detach(), gate.detach(), y.detach()))
 

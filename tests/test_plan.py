@@ -19,15 +19,21 @@ def test_plan_views_agree_with_an_independent_listing():
     assert ExpertPlan.keeping(8, {int(k): v for k, v in plan.to_json().items()}, "reap") == plan
 
 
-def test_a_merge_has_no_single_source_and_is_refused():
-    merged = OutputExpert(((0, 0.5), (3, 0.5)))
-    assert not merged.is_copy and OutputExpert.kept(3).source == 3
+def test_a_merge_has_an_anchor_and_its_weights_are_checked():
+    merged = OutputExpert(((0, 0.5), (3, 0.5)), (None, (1, 0)))
+    assert not merged.is_copy and OutputExpert.kept(3).source == 3 and merged.anchor == 0
+    assert merged.permutation(1) == (1, 0) and merged.permutation(0) is None
     with pytest.raises(ValueError):
         merged.source
     plan = ExpertPlan(8, {0: (merged, OutputExpert.kept(5))})
-    assert plan.pruned(0) == [1, 2, 4, 6, 7]  # sources a merge reads are not pruned
-    with pytest.raises(UserError, match="merges experts"):
-        check_plan(plan, QWEN, [0])
+    assert plan.kept(0) == [0, 5] and plan.pruned(0) == [1, 2, 3, 4, 6, 7]  # merged-in experts are gone as experts
+    assert plan.merges(0) == {0: merged}
+    assert check_plan(plan, QWEN, [0]) is plan
+    for bad, match in [(OutputExpert(((0, 0.7), (3, 0.5))), "sum to 1"), (OutputExpert(((0, 1.5), (3, -0.5))),
+                                                                         "positive"),
+                       (OutputExpert(((0, 0.5), (5, 0.5))), "more than once")]:
+        with pytest.raises(UserError, match=match):
+            check_plan(ExpertPlan(8, {0: (bad, OutputExpert.kept(5))}), QWEN, [0])
 
 
 @pytest.mark.parametrize("layers,match", [

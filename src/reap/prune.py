@@ -87,7 +87,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
     layers, routing = spec.moe_layers, Routing.of(spec)
     if (opts.keep_file is None) == (opts.ratio is None):
         raise UserError("pass either --ratio R (choose experts by --method) or --keep KEEP.json, not both or neither")
-    stats, scores, extra = None, None, {}
+    stats, scores, extra, recovery, router_rows = None, None, {}, None, {}
     if opts.keep_file is None:
         from reap.selection.criteria import get_criterion
 
@@ -136,9 +136,10 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
                 cal = opts.calibration
                 if method != "greedy-rerouted":  # the search's order is read by that criterion only
                     cal = replace(cal, engine=replace(cal.engine, greedy_tokens=0))
+                recovery = _recovery(opts, spec, routing, n_drop, log)
                 stats, summary = calibrate(replace(cal, model=str(ckpt.path), out=None,
                                                    strict=opts.strict or cal.strict, drop_mtp=opts.drop_mtp), ckpt,
-                                           log=log, layout=spec)
+                                           log=log, layout=spec, observers=[recovery] if recovery else [])
                 log(f"calibrated {summary['tokens']} tokens in {summary['seconds']:.1f}s")
             else:
                 raise UserError(f"--method {method} needs calibration: pass --dataset DATA (e.g. a .jsonl file) "
@@ -149,8 +150,10 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             if opts.protect_super:
                 from reap.selection.choose import protect, super_experts
 
-                scores = protect(scores, super_experts(stats.max_norm))
+                scores = protect(scores, super_experts(stats))
         plan = plan_from_scores(scores, routing, layers, n_drop, method, opts.multiple_of)
+        if recovery is not None:
+            plan, router_rows = _recovered_plan(plan, recovery, extra, log)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if opts.recipe is not None:
@@ -168,7 +171,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
         log(f"expert-id tables (hash routing) in {len(remap)} layers renumbered; a pruned expert's tokens go to the "
             "kept expert with the most similar router row (reap_report.json id_remap)")
     result = rewrite(ckpt, spec, plan, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
-                     id_remap=remap, overwrite=opts.overwrite, log=log,
+                     id_remap=remap, overwrite=opts.overwrite, log=log, router_rows=router_rows,
                      side_files=report_files(ckpt.path, out, spec, stats, log))
     if spec.mtp_layers:
         rows = ", ".join(map(str, range(spec.num_layers, spec.stat_layers)))
@@ -182,6 +185,49 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             + (f"; config {', '.join(keys)} set to 0" if keys else "") + "): its experts would not match the pruned "
             "expert count; serve without MTP speculative decoding" + (" (--drop-mtp)" if opts.drop_mtp else ""))
     return result
+
+
+def _recovery(opts: PruneOptions, spec: Layout, routing, n_drop: int, log):
+    """The recovery observer calibration runs for --merge / --refit-router (None without them)."""
+    if opts.merge is None and not opts.refit_router:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--merge and --refit-router run in one process for now: run without torchrun")
+    hashed = [layer for layer, moe in spec.moe.items() if moe.id_tables]
+    if opts.refit_router and hashed:
+        raise UserError(f"--refit-router: layers {hashed[0]}.. route by expert-id tables (hash routing), not by router "
+                        "rows: prune without --refit-router")
+    from reap.recover.observer import Recovery, RecoverSpec
+
+    spec_ = RecoverSpec(opts.merge, opts.refit_router, opts.method, routing, n_drop, opts.multiple_of,
+                        opts.protect_super, opts.seed, opts.recover_tokens)
+    return Recovery(spec_, log=log)
+
+
+def _recovered_plan(plan: ExpertPlan, recovery, extra: dict[str, Any], log) -> tuple[ExpertPlan, dict[int, Any]]:
+    """The plan with the recovery's merges (its kept experts must be the plan's), its re-fit router rows, and what
+    it did in the report's ``recovery``."""
+    for layer in plan.moe_layers:
+        got = [out.anchor for out in recovery.layers.get(layer, ())]
+        if got != plan.kept(layer):  # pragma: no cover - the observer chooses with the same function
+            raise AssertionError(f"layer {layer}: recovery kept {got}, the plan keeps {plan.kept(layer)}")
+    merged = ExpertPlan(plan.num_experts, {layer: recovery.layers[layer] for layer in plan.moe_layers}, plan.method)
+    spec = recovery.spec
+    records = {str(layer): r for layer, r in sorted(recovery.records.items())}
+    n_merged = sum(len(merged.merges(layer)) for layer in merged.moe_layers)
+    folded = sum(len(out.sources) - 1 for layer in merged.moe_layers for out in merged.merges(layer).values())
+    refit = sorted(recovery.router_rows)
+    extra["recovery"] = {"merge": spec.merge, "refit_router": spec.refit, "tokens": spec.tokens,
+                         "seconds": round(recovery.seconds, 3), "merged_experts": n_merged, "folded_experts": folded,
+                         "refit_layers": refit, "layers": records}
+    if spec.merge is not None:
+        log(f"--merge {spec.merge}: {folded} pruned experts merged into {n_merged} kept experts "
+            f"({len([layer for layer in merged.moe_layers if merged.merges(layer)])} of {len(merged.moe_layers)} "
+            "layers); each merge kept only where it lowered the layer's output error on the sample")
+    if spec.refit:
+        log(f"--refit-router: router rows re-fit in {len(refit)} of {len(merged.moe_layers)} layers (the others kept "
+            "their rows: no gain on the held-out part of the sample)")
+    return merged, dict(recovery.router_rows)
 
 
 def report_files(source: Path, out: Path, spec: Layout, stats, log) -> SideFiles:
@@ -206,15 +252,16 @@ def _selection_notes(stats, spec: Layout, method: str, opts: PruneOptions, n_dro
     from reap.selection.choose import check_super_fit, super_experts
 
     notes: dict[str, Any] = {}
-    sup = super_experts(stats.max_norm)
-    found = {str(layer): [int(e) for e in sup[layer].nonzero().squeeze(1).tolist()] for layer in spec.moe_layers
-             if bool(sup[layer].any())}
+    sup = super_experts(stats, strict=opts.protect_super)  # None: a stats file from before max_abs
+    found = None if sup is None else {str(layer): [int(e) for e in sup[layer].nonzero().squeeze(1).tolist()]
+                                      for layer in spec.moe_layers if bool(sup[layer].any())}
     notes["super_experts"] = found
     notes["protect_super_experts"] = bool(opts.protect_super)
     if opts.protect_super:
         check_super_fit(sup, spec.num_experts - n_drop, spec.moe_layers)
-        log(f"--protect-super-experts: {sum(len(v) for v in found.values())} super experts (max ||f|| above "
-            "max(99.5th percentile, max/10) of their layer) are never pruned")
+        log(f"--protect-super-experts: {sum(len(v) for v in found.values())} super experts (largest output magnitude "
+            "above the 99.5th percentile and a tenth of the maximum over every expert of the first 3/4 of the layers, "
+            "Su et al. 2025) are never pruned")
     if method == "greedy-rerouted":
         fallback = {layer: why for layer, why in greedy_fallback_layers(stats).items() if layer in spec.moe_layers}
         if fallback:

@@ -108,11 +108,13 @@ def _check_replaceable_stats(out: Path) -> None:
                         "wrote: choose another --out or remove it")
 
 
-def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print, layout: Layout | None = None):
+def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print, layout: Layout | None = None,
+              observers=()):
     """Stream the calibration data through the model; return (ExpertStats, summary dict).
 
     With ``opts.out`` the statistics are written after every layer (rank 0 only), so ``resume`` can pick
-    up at the next layer. ``layout``: the checkpoint's (validated) layout, when the caller has it.
+    up at the next layer. ``layout``: the checkpoint's (validated) layout, when the caller has it. ``observers``:
+    the caller's layer observers (:mod:`reap.stream.observers`), run after the greedy search on every MoE layer.
     """
     from reap.data.tokens import calibration_sequences, load_tokenizer
     from reap.calibrate.greedy import GreedySearch
@@ -176,7 +178,8 @@ def calibrate(opts: CalibrateOptions, ckpt: Checkpoint | None = None, log=print,
     greedy = GreedySearch()
     try:
         # layer 0 loads while the data is tokenized; the greedy search runs after each MoE layer's batches
-        streamer = LayerStreamer(ckpt, spec, None, engine, dist, observers=[greedy], accumulator=LayerAccumulator)
+        streamer = LayerStreamer(ckpt, spec, None, engine, dist, observers=[greedy, *observers],
+                                 accumulator=LayerAccumulator)
     except RuntimeError as err:  # torch.OutOfMemoryError among them
         oom = out_of_memory_error(err, engine, kept=_kept(out, stats if opts.resume else None, rows))
         if oom is None:

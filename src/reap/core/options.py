@@ -37,6 +37,8 @@ METHODS = ("reap", "ean", "frequency", "weighted-frequency", "random", "weighted
 DEFAULT_METHOD = "greedy-rerouted"
 #: the criteria that read no statistics (reap.selection.criteria: ``needs_data=False``)
 NO_DATA_METHODS = ("random",)
+#: --merge (reap.recover.methods.MERGE_METHODS; a test holds the two lists equal)
+MERGE_METHODS = ("fold", "ream")
 METHOD_HELP = ("greedy-rerouted (default), reap, frequency, weighted-frequency, ean, weighted-ean, ean-mean, ean-sq, "
                "max-activation, reap-prior or random (docs/criteria.md).")
 #: --offload, --weight-exchange and --dtype (reap.stream.streamer.DTYPES, and auto)
@@ -128,11 +130,13 @@ class EngineOptions:
     trust_remote_code: bool = flag("--trust-remote-code", "", "Allow the model's own Python code (its tokenizer, say; "
                                    "off by default).", default=False)
     # greedy re-routing order (the default criterion): per MoE layer a strided sample of at most this many of its
-    # input tokens (0: not computed), with every expert's output on them ([S, E, H]) within greedy_memory GiB
+    # input tokens (0: not computed); the search keeps C >= K+1 expert outputs per token ([S, C, H]) and its float64
+    # arrays within greedy_memory GiB (reap.calibrate.greedy_order.greedy_sample_tokens)
     greedy_tokens: int = flag("--greedy-tokens", "N", "Tokens per MoE layer in the sample the greedy-rerouted search "
                               "runs on (every ceil(T/N)-th; 0: skip the search).", default=65536)
-    greedy_memory: float = flag("--greedy-memory", "GIB", "Memory for every expert's output on the greedy sample "
-                                "(tokens x experts x hidden); fewer tokens are sampled where N would not fit.",
+    greedy_memory: float = flag("--greedy-memory", "GIB", "Memory for the greedy search: its sample, top-k+1 to "
+                                "2(top-k+1) expert outputs per sampled token, its float64 arrays; fewer tokens are "
+                                "sampled where N would not fit (MiniMax-M2 width: ~43K tokens in 4 GiB).",
                                 default=4.0)
 
     def __post_init__(self) -> None:
@@ -205,9 +209,18 @@ class PruneOptions:
     multiple_of: int = flag("--multiple-of", "N", "Round the kept experts per layer down to a multiple of N (e.g. 8 "
                             "for expert parallelism on 8 GPUs).", default=1)
     # never prune super experts (reap.selection.choose.super_experts)
-    protect_super: bool = flag("--protect-super-experts", "", "Never prune an expert whose max output norm exceeds "
-                               "max(99.5th percentile, max/10) of its layer.", default=False)
+    protect_super: bool = flag("--protect-super-experts", "", "Never prune a super expert: largest output magnitude "
+                               "above the 99.5th percentile and a tenth of the maximum of every expert's in the first "
+                               "3/4 of the layers (Su et al. 2025).", default=False)
     stats: Path | None = flag("--stats", "STATS", "Reuse a stats file from `reap calibrate`.", default=None)
+    # recovery (reap.recover): merge pruned experts into kept ones, re-fit the kept router rows; both need --dataset
+    merge: str | None = flag("--merge", "METHOD", "Merge pruned experts into kept ones where that lowers each layer's "
+                             "output error on a sample: fold or ream (docs/criteria.md); needs --dataset.", default=None)
+    refit_router: bool = flag("--refit-router", "", "Re-fit the kept router rows to the unpruned layer's output "
+                              "(kept only where a held-out part of the sample improves); needs --dataset.",
+                              default=False)
+    recover_tokens: int = flag("--recover-tokens", "N", "Tokens per layer in the sample --merge and --refit-router "
+                               "work on.", default=4096)
     calibration: CalibrateOptions | None = None  # when calibrating here (its model and out are ignored)
     seed: int = flag("--seed", "S", "Seed for --shuffle and --method random.", default=0)
     # thin calibration statistics (reap.calibrate.run.thin_data) are an error, not a warning
@@ -243,6 +256,14 @@ class PruneOptions:
             why = "--keep names the experts itself" if self.keep_file is not None else \
                 f"--method {self.method} uses no data"
             raise UserError(f"{' and '.join(unused)} would be ignored: {why}; drop it or choose a saliency --method")
+        recovering = [f for f, on in (("--merge", self.merge is not None), ("--refit-router", self.refit_router)) if on]
+        if self.merge is not None:
+            check_choice("--merge", self.merge, MERGE_METHODS)
+        _whole("--recover-tokens", self.recover_tokens, 16, "a number of tokens", 4096)
+        if recovering and self.calibration is None:
+            raise UserError(f"{' and '.join(recovering)} work on each layer's inputs while it is calibrated: pass "
+                            "--dataset DATA (not --stats or --keep)" + ("" if uses_data else
+                            f", with a saliency --method (--method {self.method} reads no data)"))
         if self.keep_file is not None:
             return
         if not uses_data and self.protect_super:

@@ -48,6 +48,7 @@ from reap.formats.kernels import (  # noqa: F401 - the public names of the packa
     dequantize_nvfp4_ct,
     dequantize_nvfp4_modelopt,
     dequantize_scaled,
+    quantize_blocks,
 )
 from reap.formats.schemes import CT_FORMATS, MODELOPT_ALGOS, Quantization, parse_compressed_tensors, parse_modelopt
 
@@ -82,6 +83,10 @@ class Format:
     #: ``scale_problem(fmt, base, parts, scheme, bad)``: what is wrong with the scale's (and its companions')
     #: shapes against the values, or None; ``bad(what)`` words the usual mismatch
     scale_problem: Callable[..., str | None] | None = field(default=None, compare=False, hash=False, repr=False)
+    #: ``quantize(fmt, weight, config)``: {part: tensor} storing a float ``weight`` (a merged expert) as this format
+    #: does; None where reap cannot write the format's values (merging into it is refused)
+    quantize: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, compare=False, hash=False,
+                                                                     repr=False)
 
     def split(self, stored: str) -> tuple[str, str] | None:
         """``stored`` -> (base name, part) when it is a part of this format, else None."""
@@ -128,6 +133,12 @@ def _dequant_fp8_block(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch
         raise UserError(f"{name}: a weight_scale_inv companion on a {values.dtype} tensor; the checkpoint is broken")
     block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
     return dequantize_blocks(values, parts["scale"], dtype, (int(block[0]), int(block[1])))
+
+
+def _quant_fp8_block(fmt: Format, weight: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+    values, scale = quantize_blocks(weight, (int(block[0]), int(block[1])))
+    return {"values": values, "scale": scale}
 
 
 def _dequant_mxfp4(fmt: Format, parts: dict[str, torch.Tensor], dtype: torch.dtype, config: dict[str, Any],
@@ -230,7 +241,7 @@ def _scales_per_scheme(fmt: Format, base: str, parts: dict[str, Any], scheme, ba
 DENSE = Format("dense", (), "unquantized bf16/fp16/fp32")
 FP8_BLOCK = Format("fp8-block", _parts(("_scale_inv", "", "scale")),
                    "FP8 e4m3 with one float32 scale per weight_block_size block (weight_scale_inv)",
-                   dequant=_dequant_fp8_block, companions=lambda v: ("scale",) if v.dtype in FP8_DTYPES else (),
+                   dequant=_dequant_fp8_block, quantize=_quant_fp8_block, companions=lambda v: ("scale",) if v.dtype in FP8_DTYPES else (),
                    scale_problem=_scales_fp8_block)
 MXFP4 = Format("mxfp4", _parts(("_blocks", "", "values"), ("_scales", "", "scale")),
                "MXFP4: FP4 e2m1 pairs in uint8 _blocks, a power-of-two _scales byte per 32 values",

@@ -52,6 +52,27 @@ def dequantize_blocks(weight: "torch.Tensor", scale_inv: "torch.Tensor", dtype: 
     return (w * scale).to(dtype)
 
 
+def quantize_blocks(weight: "torch.Tensor", block_size: tuple[int, int] = (128, 128),
+                    dtype: "torch.dtype | None" = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The inverse of :func:`dequantize_blocks` as DeepSeek-V3 and MiniMax-M2 quantize: weight [..., O, I] ->
+    (FP8 values [..., O, I], float32 scale_inv [..., ceil(O/bo), ceil(I/bi)]), each block's scale its largest
+    magnitude over the FP8 maximum (448 for e4m3), so the block's largest value is exact up to FP8 rounding; an
+    all-zero block gets scale 1."""
+    import torch
+
+    dtype = dtype or torch.float8_e4m3fn
+    *lead, out_f, in_f = weight.shape
+    bo, bi = (int(b) for b in block_size)
+    so, si = -(-out_f // bo), -(-in_f // bi)
+    w = torch.nn.functional.pad(weight.float(), (0, si * bi - in_f, 0, so * bo - out_f))  # whole blocks
+    blocks = w.view(*lead, so, bo, si, bi)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., so, si]
+    scale = torch.where(amax > 0, amax / torch.finfo(dtype).max, torch.ones_like(amax))
+    q = (blocks / scale.view(*lead, so, 1, si, 1)).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+    q = q.reshape(*lead, so * bo, si * bi)[..., :out_f, :in_f].to(dtype)
+    return q.contiguous(), scale.float().contiguous()
+
+
 def dequantize_mxfp4(blocks: "torch.Tensor", scales: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
     """MXFP4 (the released gpt-oss experts) -> dense weights, as transformers' ``convert_moe_packed_tensors``.
 

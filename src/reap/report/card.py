@@ -39,7 +39,8 @@ def _selection_rows(report: dict) -> list[str]:
     if sup is not None:
         n = sum(len(v) for v in sup.values())
         state = "never pruned (--protect-super-experts)" if report.get("protect_super_experts") else "not protected"
-        rows.append(f"| Super experts | {n} (max output norm > max(99.5th percentile, max/10) of the layer), {state} |")
+        rows.append(f"| Super experts | {n} (largest output magnitude above the 99.5th percentile and a tenth of the "
+                    f"largest of all experts' in the first 3/4 of the layers, Su et al. 2025), {state} |")
     fb = report.get("greedy_fallback")
     if fb:
         rows.append(f"| Greedy fallback | {fb['criterion']} in layers {', '.join(sorted(fb['layers'], key=int))} |")
@@ -90,6 +91,11 @@ def reproduce_command(report: dict[str, Any], out_dir: str | Path | None = None)
                 parts += ["--text-field", str(data["text_field"])]
             if cal.get("dtype"):
                 parts += ["--dtype", str(cal["dtype"])]
+        rec = report.get("recovery") or {}
+        if rec.get("merge"):
+            parts += ["--merge", str(rec["merge"])]
+        if rec.get("refit_router"):
+            parts.append("--refit-router")
     return shlex.join(parts)
 
 
@@ -177,6 +183,14 @@ def model_card(
     elif report.get("dropped_mtp_tensors"):
         lines.append(f"| Multi-token prediction | left out ({report['dropped_mtp_tensors']} tensors, `--drop-mtp`): "
                      "serve without MTP speculative decoding |")
+    rec = report.get("recovery") or {}
+    if rec.get("merge"):
+        lines.append(f"| Merged experts | `--merge {rec['merge']}`: {rec.get('folded_experts', 0)} pruned experts merged "
+                     f"into {rec.get('merged_experts', 0)} kept ones (neurons aligned; each merge kept only where it "
+                     "lowered its layer's output error on the sample; sources and weights in reap_report.json) |")
+    if rec.get("refit_router"):
+        lines.append(f"| Router | `--refit-router`: kept rows re-fit in {len(rec.get('refit_layers') or [])} MoE layers "
+                     "(the others: no gain on held-out sample tokens) |")
     cal = report.get("calibration") or {}
     if cal:
         data = cal.get("data") or {}

@@ -137,6 +137,7 @@ def rewrite(
     overwrite: bool = True,
     log=None,
     side_files: SideFiles | None = None,
+    router_rows: dict[int, Any] | None = None,
 ) -> SurgeryResult:
     """Write the pruned checkpoint to ``out`` (checked beforehand with :func:`reap.io.outputs.check_output_dir`).
 
@@ -148,11 +149,19 @@ def rewrite(
     checkpoint, and no file short or empty) before it is renamed into place (``overwrite=False``: only if the target
     is still absent or empty then; ``overwrite=True``: also if it is still a previous reap output,
     :func:`reap.io.outputs.foreign_entries`). ``reap_report.json`` is written again last, its ``files`` listing every
-    file of the output: what a later ``--overwrite`` may delete.
+    file of the output: what a later ``--overwrite`` may delete. Merged experts of the plan and ``router_rows``
+    (layer -> re-fit router rows [K', H]) are computed from the stored tensors and written in the checkpoint's format
+    (:mod:`reap.rewrite.merged`).
     """
     log = log or (lambda _msg: None)
     start = time.perf_counter()
-    contents, removed_params, mtp = shard_contents(ckpt, spec, plan, id_remap or {})
+    recovered = None
+    if router_rows or any(plan.merges(layer) for layer in plan.moe_layers):
+        from reap.rewrite.merged import Recovered, check_recovery
+
+        check_recovery(ckpt, spec, plan, router_rows or {})
+        recovered = Recovered(ckpt, spec, plan, router_rows or {})
+    contents, removed_params, mtp = shard_contents(ckpt, spec, plan, id_remap or {}, recovered)
     names = output_shard_names(ckpt.shards, contents)
     written = sum(e.nbytes for entries in contents.values() for e in entries)
     k = plan.kept_per_layer
@@ -261,14 +270,15 @@ def output_shard_names(shards: list[str], contents: dict[str, list[Entry]]) -> d
     return names
 
 
-def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan,
-                   id_remap: dict[int, list[int]]) -> tuple[dict[str, list[Entry]], int, int]:
+def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan, id_remap: dict[int, list[int]],
+                   recovered=None) -> tuple[dict[str, list[Entry]], int, int]:
     """What each output shard holds, in the input's order, by each stored tensor's role (:class:`reap.model.arch.Role`):
     a kept expert's tensors renamed to its new index, tensors holding every expert (router rows, correction
     biases, fused experts, quantization companions included) sliced along their expert axis from the stored bytes,
     expert-id tables renumbered (``id_remap``: layer -> new id of each old id), multi-token-prediction tensors
     left out, everything else as it is. Also the number of parameters removed (for the index's
-    ``total_parameters``: parameters, not buffers or scales) and of MTP tensors left out."""
+    ``total_parameters``: parameters, not buffers or scales) and of MTP tensors left out. ``recovered``
+    (:class:`reap.rewrite.merged.Recovered`): merged experts and re-fit router rows computed instead of copied."""
     from reap.formats import stored_params
 
     new_id = plan.new_ids()
@@ -288,7 +298,9 @@ def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan,
                 ids = new_id[role.layer]
                 if role.expert in ids:
                     s, e = role.span
-                    entries.append(Entry.copy_of(info, ckpt.path, info.name[:s] + str(ids[role.expert]) + info.name[e:]))
+                    new_name = info.name[:s] + str(ids[role.expert]) + info.name[e:]
+                    merged = recovered.expert_entry(info, role, new_name) if recovered is not None else None
+                    entries.append(merged or Entry.copy_of(info, ckpt.path, new_name))
                 else:
                     removed += params
             elif role.kind == "rows":
@@ -296,7 +308,8 @@ def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan,
                 # experts, a skip class, shared-expert gates), as they are
                 rows = list(plan.kept(role.layer)) + list(range(spec.num_experts, spec.num_experts + role.extra))
                 removed += params - params * len(rows) // (spec.num_experts + role.extra)
-                entries.append(Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
+                refit = recovered.router_entry(info, role) if recovered is not None else None
+                entries.append(refit or Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
             elif role.kind == "ids":
                 entries.append(_remapped_ids(ckpt, info, id_remap.get(role.layer)))
             elif role.kind == "shape":  # a fused weight's weight_shape: its expert count becomes K

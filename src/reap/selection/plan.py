@@ -62,9 +62,13 @@ class Routing:
 
 @dataclass(frozen=True)
 class OutputExpert:
-    """One expert of the pruned layer: (source expert id, weight) pairs. A kept expert is ``((id, 1.0),)``."""
+    """One expert of the pruned layer: (source expert id, weight) pairs, the first the *anchor* (the kept expert
+    whose router row and place it takes). A kept expert is ``((id, 1.0),)``; a merge is sum_j weight_j x source_j
+    with each source's intermediate neurons permuted by ``aligned[j]`` first (``aligned[j][n]``: the source neuron
+    that goes to neuron n; None: as it is)."""
 
     sources: tuple[tuple[int, float], ...]
+    aligned: tuple[tuple[int, ...] | None, ...] = ()
 
     @classmethod
     def kept(cls, expert: int) -> OutputExpert:
@@ -75,11 +79,19 @@ class OutputExpert:
         return len(self.sources) == 1 and self.sources[0][1] == 1.0
 
     @property
+    def anchor(self) -> int:
+        return self.sources[0][0]
+
+    @property
     def source(self) -> int:
         """The one source expert (a copy); ValueError for a merge."""
         if not self.is_copy:
             raise ValueError(f"output expert merges {len(self.sources)} sources; it has no single source")
         return self.sources[0][0]
+
+    def permutation(self, j: int) -> tuple[int, ...] | None:
+        """Source ``j``'s (position in ``sources``) neuron permutation, or None."""
+        return self.aligned[j] if j < len(self.aligned) else None
 
 
 @dataclass(frozen=True)
@@ -112,13 +124,18 @@ class ExpertPlan:
         return counts.pop()
 
     def kept(self, layer: int) -> list[int]:
-        """Source expert of each output expert of ``layer``, in output order."""
-        return [out.source for out in self.layers[layer]]
+        """The anchor (the source expert whose router row it keeps) of each output expert of ``layer``, in output
+        order."""
+        return [out.anchor for out in self.layers[layer]]
 
     def pruned(self, layer: int) -> list[int]:
-        """Source experts of ``layer`` that no output expert reads, ascending."""
-        used = {e for out in self.layers[layer] for e, _ in out.sources}
+        """Source experts of ``layer`` that are no output expert's anchor (merged into one, or dropped), ascending."""
+        used = set(self.kept(layer))
         return [e for e in range(self.num_experts) if e not in used]
+
+    def merges(self, layer: int) -> dict[int, OutputExpert]:
+        """Output index -> output expert, for the output experts of ``layer`` that are merges."""
+        return {i: out for i, out in enumerate(self.layers[layer]) if not out.is_copy}
 
     @property
     def keep(self) -> dict[int, list[int]]:
@@ -150,11 +167,16 @@ def check_plan(plan: ExpertPlan, routing: Routing, layers: Iterable[int], *, mul
         if layer not in layers:
             raise error(f"{where} names layer {layer!r}, which is not an MoE layer of the model "
                         f"({layer_list(layers)})")
-        merged = [out for out in outputs if not out.is_copy]
-        if merged:
-            raise error(f"{where}: layer {layer} merges experts {[e for e, _ in merged[0].sources]}; reap writes kept "
-                        "experts only (one source, weight 1)")
-        ids = [out.source for out in outputs]
+        sources = [e for out in outputs for e, _ in out.sources]
+        for out in outputs:  # a merge: its weights positive and summing to 1, each source in one output expert
+            total = sum(w for _, w in out.sources)
+            if not out.is_copy and (any(not w > 0 for _, w in out.sources) or abs(total - 1) > 1e-6):
+                raise error(f"{where}: layer {layer} merges experts {[e for e, _ in out.sources]} with weights "
+                            f"{[w for _, w in out.sources]}; they must be positive and sum to 1")
+        if len(set(sources)) != len(sources):
+            dup = next(i for i in sources if sources.count(i) > 1)
+            raise error(f"{where}: layer {layer} lists expert {dup} more than once")
+        ids = [out.anchor for out in outputs]
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < routing.num_experts]
         if bad:
             raise error(f"{where}: layer {layer} names expert {bad[0]}, but the model has experts "

@@ -128,7 +128,8 @@ def run(fixture: str, docs: int, ratios: list[float]) -> None:
             rows_ = {} if rec is None else rec.router_rows
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "out"
-                rewrite(ckpt, spec, plan, out, {}, progress=False, router_rows=rows_)
+                rewrite(ckpt, spec, plan, out, {}, progress=False, router_rows=rows_,
+                        neuron_columns=rec.columns if rec is not None else None)
                 got = loss(out, sets)
             records = rec.records if rec is not None else {}
             row = {"fixture": fixture, "docs": docs, "variant": name, "ratio": r, **got,

@@ -205,6 +205,7 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", ["fold", "ream"])
 def test_prune_with_merge_and_refit_end_to_end(tiny_fp32, data, tmp_path, merge):
     """`reap prune --merge M --refit-router`: the output loads in transformers; the report records each merge and
@@ -251,3 +252,94 @@ def test_merging_into_a_format_reap_cannot_quantize_is_refused(tiny_bf16, tmp_pa
     ckpt, spec, plan, _, _ = _merge_plan(src)
     with pytest.raises(UserError, match="--merge writes merged experts"):
         check_recovery(ckpt, spec, plan, {})
+
+
+@pytest.mark.slow
+def test_mtp_modules_are_recovered_like_decoder_layers(tmp_path, data):
+    """A DeepSeek-V3 checkpoint with an MTP module: the module is a layer of the recovery like every other (report
+    row num_layers), and where its router was re-fit the stored MTP router rows are the new ones, not a slice."""
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.validate import derive_checked
+    from reap.testing.tiny import add_mtp_modules, make_tiny_model
+
+    plain = make_tiny_model(tmp_path / "plain", seed=2, family="deepseek_v3")
+    src = add_mtp_modules(plain, tmp_path / "mtp", seed=5)
+    out = tmp_path / "out"
+    res = cli("prune", src, "--ratio", "0.5", "--dataset", data, "--device", "cpu", "--max-length", "128",
+              "--merge", "fold", "--refit-router", "--recover-tokens", "512", "--out", out)
+    assert res.exit_code == 0, res.output
+    spec = derive_checked(Checkpoint(src))
+    rec = json.loads((out / "reap_report.json").read_text())["recovery"]
+    mtp = spec.num_layers
+    assert str(mtp) in rec["layers"] and "refit" in rec["layers"][str(mtp)], rec["layers"].keys()
+    before, after = stored_tensors(src), stored_tensors(out)
+    router = next(n for n, r in spec.roles.items() if r.layer == mtp and r.kind == "rows" and
+                  r.model == spec.moe[mtp].router)
+    kept = rec["layers"][str(mtp)]["kept"]
+    sliced = before[router][kept]
+    assert torch.equal(after[router], sliced) == (mtp not in rec["refit_layers"])
+
+
+def test_fused_interleaved_experts_merge_as_in_memory(gpt_oss, tmp_path):
+    """gpt-oss stores every expert of a layer in one tensor, gate and up interleaved ([E, H, 2I]): the written merge
+    equals the merge of the loaded model's experts in transformers' layout (neurons read off its gate)."""
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.validate import derive_checked
+    from reap.rewrite.surgery import rewrite
+    from reap.selection.plan import ExpertPlan, OutputExpert
+
+    model, mods = experts_of(gpt_oss)
+    ckpt = Checkpoint(gpt_oss)
+    spec = derive_checked(ckpt)
+    E, I = spec.num_experts, spec.expert_intermediate
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(I, generator=g)
+    layers = {layer: tuple([OutputExpert(((0, 0.25), (E - 1, 0.75)), (None, tuple(perm.tolist())))]
+                           + [OutputExpert.kept(e) for e in range(1, E // 2)]) for layer in spec.moe_layers}
+    plan = ExpertPlan(E, layers, "hand")
+    columns = {layer: (W.neurons(mods[0]).columns, True) for layer in spec.moe_layers}
+    rewrite(ckpt, spec, plan, tmp_path / "out", {}, progress=False, neuron_columns=columns)
+    merged_model, info = load_causal_lm(tmp_path / "out", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _, out_mods = experts_of(tmp_path / "out")
+    for src, out in zip(mods, out_mods):
+        cells = W.neurons(src)
+        want = W.merged([(W.expert_weights(src, 0), 0.25),
+                         (W.permuted(W.expert_weights(src, E - 1), perm, cells, True), 0.75)])
+        got = W.expert_weights(out, 0)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(W.expert_weights(out, 1)["up"], W.expert_weights(src, 1)["up"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lr", [0.05, 50.0])
+def test_the_refit_never_raises_the_held_out_error(tiny_fp32, lr):
+    """On a real block (MiniMax-M2's sigmoid router and correction bias), whatever the step size: the rows kept are
+    the stored ones or rows with a lower held-out error, and the sample, routed again with them, says the same."""
+    from reap.calibrate.greedy import RouterDriver
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.validate import derive_checked
+    from reap.recover.refit import fit, router_leaf
+    from reap.recover.sample import LayerSample
+    from reap.stream.experts import use_reap_experts
+
+    spec = derive_checked(Checkpoint(tiny_fp32))
+    model = load_causal_lm(tiny_fp32, dtype=torch.float32)
+    use_reap_experts(model)
+    moe = spec.moe[0]
+    block = model.get_submodule(moe.block)
+    driver = RouterDriver(block, block.experts, moe.tensors, moe.block, spec.top_k, spec.num_experts, moe.extra)
+    xs = torch.randn(640, spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    removed = torch.zeros(spec.num_experts, dtype=torch.bool)
+    removed[torch.randperm(spec.num_experts, generator=torch.Generator().manual_seed(5))[: spec.num_experts // 2]] = True
+    with torch.inference_mode():
+        sample = LayerSample(driver, block.experts, xs, removed)
+        sample.use_router(router_leaf(driver, moe.router, moe.block))
+        before = sample.totals()
+        result = fit(sample, sample.leaf, steps=40, lr=lr)
+        after = sample.totals()
+    assert result.before[1] == pytest.approx(before[1], rel=1e-6)
+    assert after[1] <= before[1] + 1e-12 and after[1] == pytest.approx(result.after[1], rel=1e-4)
+    kept = (~removed).nonzero().squeeze(1)
+    if not result.improved:
+        assert torch.equal(result.rows, block.gate.weight.detach()[kept].float())

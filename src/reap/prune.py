@@ -172,6 +172,7 @@ def _prune_checked(opts: PruneOptions, ckpt: Checkpoint, spec: Layout, out: Path
             "kept expert with the most similar router row (reap_report.json id_remap)")
     result = rewrite(ckpt, spec, plan, out, report, progress=opts.progress, stats=stats, fsync=opts.fsync,
                      id_remap=remap, overwrite=opts.overwrite, log=log, router_rows=router_rows,
+                     neuron_columns=recovery.columns if recovery is not None else None,
                      side_files=report_files(ckpt.path, out, spec, stats, log))
     if spec.mtp_layers:
         rows = ", ".join(map(str, range(spec.num_layers, spec.stat_layers)))

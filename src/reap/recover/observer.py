@@ -74,14 +74,21 @@ class Recovery:
     log: Any = print
     layers: dict[int, tuple[OutputExpert, ...]] = field(default_factory=dict)
     router_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> (up-projection columns by neuron [I, c], the module is transposed): for fused experts on disk
+    columns: dict[int, tuple] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
     # -- the observer protocol
     def cost(self, streamer, expert_params: float, flops: float, bandwidth: float) -> ObserverCost:
+        """Its peak after a layer's batches: the sample's pair outputs [S, K, H] and references in float32, the
+        similarity's expert outputs, the re-fit's kept outputs (bounded by their budgets). Its time is not
+        estimated (docs/criteria.md has measurements)."""
+        from reap.recover.refit import REFIT_BYTES
+
         layout = streamer.layout
-        elem = 4
-        peak = self.spec.tokens * (layout.top_k + 2) * layout.hidden_size * elem
+        peak = self.spec.tokens * (layout.top_k + 3) * layout.hidden_size * 4 + SIMILARITY_BYTES
+        peak += REFIT_BYTES if self.spec.refit else 0
         return ObserverCost(0.0, peak, {"recover_peak_bytes": peak})
 
     def start(self, streamer, layer: int, module, moe, experts, accumulator) -> _Layer | None:
@@ -192,6 +199,7 @@ class Recovery:
             record["merge"] = f"not merged: {err}"
             return None
         transposed = bool(experts.is_transposed)
+        self.columns[state.layer] = (cells.columns, transposed)
         pruned = [e for e in range(E) if e not in set(kept)]
         t0 = time.perf_counter()
         sim, gated = self._similarity(sample, driver, E)
@@ -213,9 +221,14 @@ class Recovery:
             router = (owner._parameters.get(name) if name in owner._parameters else owner._buffers[name]).float()
         before = sample.totals()
         taken = []
+        floor = 1e-9 * max(float(sample.err.sum()), 1e-30)  # a gain below rounding is no gain
         for d, cands in proposals:
             best = None
+            if not mass[d] > 0:  # an expert the sample never routed to adds nothing to a merge
+                continue
             for k in cands:
+                if not mass[k] > 0:
+                    continue
                 perm = W.align(feat(k), feat(d))
                 parts = members[k] + [(d, float(mass[d]), perm)]
                 total = sum(m for _, m, _ in parts)
@@ -228,7 +241,7 @@ class Recovery:
                 rows = [None] if router is None else [None, sum(router[j] * (m / total) for j, m, _ in parts)]
                 for row in rows:
                     fit_d, held_d, change = sample.delta(k, merged, row)
-                    if fit_d < 0 and (best is None or fit_d < best[0]):
+                    if fit_d < -floor and (best is None or fit_d < best[0]):
                         best = (fit_d, k, perm, change)
             if best is not None:
                 sample.accept(best[3])

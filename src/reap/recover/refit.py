@@ -24,6 +24,10 @@ from reap.recover.sample import LayerSample, driver_routing, pair_outputs, prune
 from reap.stream.experts import routed
 
 
+#: bytes of kept experts' outputs the fit holds ([S, K', H] float32): fewer tokens where K' x H is large
+REFIT_BYTES = 1 << 30
+
+
 @dataclass
 class RouterFit:
     """The outcome: ``rows`` [K', H] float32 (the fitted rows, or the stored ones where not improved), the relative
@@ -44,8 +48,8 @@ def router_leaf(driver, router_name: str, block_path: str):
 
 
 def fit(sample: LayerSample, leaf: tuple, steps: int = 200, tokens: int = 4096, lr: float = 0.05) -> RouterFit:
-    """Fit the kept rows of the router weight ``leaf`` ((owner, name)) on ``sample`` (at most ``tokens`` of it:
-    every kept expert's output on them is held, [S, K', H] float32). ``lr``: Adam's step relative to the rows'
+    """Fit the kept rows of the router weight ``leaf`` ((owner, name)) on ``sample`` (at most ``tokens`` of it, fewer
+    where every kept expert's output on them, [S, K', H] float32, would pass :data:`REFIT_BYTES`). ``lr``: Adam's step relative to the rows'
     root mean square. Leaves ``sample`` routed with the rows returned."""
     driver, xs = sample.driver, sample.xs
     kept = torch.as_tensor(sample.kept, device=xs.device)
@@ -54,7 +58,8 @@ def fit(sample: LayerSample, leaf: tuple, steps: int = 200, tokens: int = 4096, 
     E = driver.E
     slots = stored[E:].float()  # rows after the experts (not fitted)
     rows0 = sample.rows if sample.rows is not None else stored[kept].float()  # merged rows, maybe
-    S = min(xs.shape[0], tokens)
+    H = sample.y0.shape[-1]
+    S = min(xs.shape[0], tokens, max(64, REFIT_BYTES // max(1, kept.numel() * H * 4)))  # [S, K', H] float32 held
     pick = torch.linspace(0, xs.shape[0] - 1, S, device=xs.device).round().long().unique()  # [S] spread
     with torch.inference_mode(False):  # tensors autograd may save (calibration runs in inference mode)
         x, xe, y0, held = (t.clone() for t in (xs[pick], sample.xe[pick], sample.y0[pick], sample.held[pick]))

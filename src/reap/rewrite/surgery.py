@@ -138,6 +138,7 @@ def rewrite(
     log=None,
     side_files: SideFiles | None = None,
     router_rows: dict[int, Any] | None = None,
+    neuron_columns: dict[int, Any] | None = None,
 ) -> SurgeryResult:
     """Write the pruned checkpoint to ``out`` (checked beforehand with :func:`reap.io.outputs.check_output_dir`).
 
@@ -151,7 +152,8 @@ def rewrite(
     :func:`reap.io.outputs.foreign_entries`). ``reap_report.json`` is written again last, its ``files`` listing every
     file of the output: what a later ``--overwrite`` may delete. Merged experts of the plan and ``router_rows``
     (layer -> re-fit router rows [K', H]) are computed from the stored tensors and written in the checkpoint's format
-    (:mod:`reap.rewrite.merged`).
+    (:mod:`reap.rewrite.merged`; ``neuron_columns``: layer -> (which up-projection columns feed each neuron, whether
+    the experts module is transposed), for experts stored fused).
     """
     log = log or (lambda _msg: None)
     start = time.perf_counter()
@@ -160,7 +162,7 @@ def rewrite(
         from reap.rewrite.merged import Recovered, check_recovery
 
         check_recovery(ckpt, spec, plan, router_rows or {})
-        recovered = Recovered(ckpt, spec, plan, router_rows or {})
+        recovered = Recovered(ckpt, spec, plan, router_rows or {}, neuron_columns or {})
     contents, removed_params, mtp = shard_contents(ckpt, spec, plan, id_remap or {}, recovered)
     names = output_shard_names(ckpt.shards, contents)
     written = sum(e.nbytes for entries in contents.values() for e in entries)
@@ -308,8 +310,9 @@ def shard_contents(ckpt: Checkpoint, spec: Layout, plan: ExpertPlan, id_remap: d
                 # experts, a skip class, shared-expert gates), as they are
                 rows = list(plan.kept(role.layer)) + list(range(spec.num_experts, spec.num_experts + role.extra))
                 removed += params - params * len(rows) // (spec.num_experts + role.extra)
-                refit = recovered.router_entry(info, role) if recovered is not None else None
-                entries.append(refit or Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
+                new = None if recovered is None else \
+                    (recovered.router_entry(info, role) or recovered.fused_entry(info, role))
+                entries.append(new or Entry.rows_of(info, ckpt.path, rows, axis=role.axis))
             elif role.kind == "ids":
                 entries.append(_remapped_ids(ckpt, info, id_remap.get(role.layer)))
             elif role.kind == "shape":  # a fused weight's weight_shape: its expert count becomes K

@@ -12,7 +12,8 @@ evaluated by transformers itself (float32, eager experts) on two held-out sets c
 
 Calibration: the first ``--docs`` documents of calibration.jsonl.gz, truncated to 1024 tokens, float32, CPU.
 
-    PYTHONPATH=src python benchmarks/recovery_study.py --fixture mini-m2 --docs 64 [--ratios 0.3,0.5]
+    PYTHONPATH=src python benchmarks/recovery_study.py --fixture mini-m2 --docs 64 [--ratios 0.3,0.5] \
+        [--eval-tokens 32768] [--tokens 4096] [--steps 200]
     PYTHONPATH=src python benchmarks/recovery_study.py --summary      # the markdown table from the results
 """
 
@@ -35,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "benchmarks" / "results" / "recovery_study.jsonl"
 DATA = ROOT / "benchmarks" / "data"
-EVAL_TOKENS, SEQ_LEN = 32768, 512
+EVAL_TOKENS, SEQ_LEN = 32768, 512  # --eval-tokens sets the first
+ARGS = None
 VARIANTS = (("prune", None, False), ("prune+refit", None, True), ("fold", "fold", False),
             ("fold+refit", "fold", True), ("ream", "ream", False), ("ream+refit", "ream", True))
 
@@ -57,6 +59,7 @@ def eval_texts() -> list[str]:
 
 
 def windows(tok, texts: list[str], eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    EVAL_TOKENS = ARGS.eval_tokens
     stream: list[int] = []
     for t in texts:
         stream += tok(t, add_special_tokens=False)["input_ids"] + [eos]
@@ -109,14 +112,16 @@ def run(fixture: str, docs: int, ratios: list[float]) -> None:
             if merge is None and not refit:
                 continue
             observers[(r, name)] = Recovery(RecoverSpec(merge, refit, "greedy-rerouted", routing,
-                                                        experts_to_drop(routing, r)), log=lambda *_: None)
+                                                        experts_to_drop(routing, r), tokens=ARGS.tokens,
+                                                        refit_steps=ARGS.steps), log=lambda *_: None)
     opts = CalibrateOptions(model=str(path), data=DataOptions(dataset=str(SHARED / "data" / "calibration.jsonl.gz"),
                                                               samples=docs, max_length=1024),
                             engine=EngineOptions(device="cpu", dtype="float32", progress=False))
     t0 = time.perf_counter()
     stats, summary = calibrate(opts, ckpt, layout=spec, observers=list(observers.values()), log=lambda *_: None)
     cal_s = time.perf_counter() - t0
-    rows = [{"fixture": fixture, "docs": docs, "variant": "original", "ratio": 0.0, **loss(path, sets)}]
+    rows = [{"fixture": fixture, "docs": docs, "variant": "original", "ratio": 0.0, **loss(path, sets),
+             "eval_tokens": ARGS.eval_tokens}]
     print(json.dumps(rows[-1]), flush=True)
     scores = stats.scores("greedy-rerouted")
     for r in ratios:
@@ -133,6 +138,7 @@ def run(fixture: str, docs: int, ratios: list[float]) -> None:
                 got = loss(out, sets)
             records = rec.records if rec is not None else {}
             row = {"fixture": fixture, "docs": docs, "variant": name, "ratio": r, **got,
+                   "eval_tokens": ARGS.eval_tokens, "recover_tokens": ARGS.tokens, "refit_steps": ARGS.steps,
                    "merged": sum(len(out_.sources) - 1 for l in plan.moe_layers for out_ in plan.merges(l).values()),
                    "refit_layers": len(rows_),
                    "recover_s": round(rec.seconds, 2) if rec is not None else 0.0,
@@ -163,11 +169,16 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--ratios", default="0.3,0.5")
     p.add_argument("--summary", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--tokens", type=int, default=4096, help="--recover-tokens")
+    p.add_argument("--steps", type=int, default=200, help="router re-fit steps")
+    p.add_argument("--threads", type=int, default=2)
+    global ARGS
+    a = ARGS = p.parse_args()
     if a.summary:
         summary()
     else:
-        torch.set_num_threads(2)
+        torch.set_num_threads(a.threads)
         run(a.fixture, a.docs, [float(x) for x in a.ratios.split(",")])
 
 

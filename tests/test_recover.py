@@ -234,6 +234,7 @@ def test_recovery_options_refused_in_one_line(tiny_fp32, data, tmp_path):
         (["--keep", tmp_path / "k.json", "--refit-router"], "--dataset"),
         (["--ratio", "0.5", "--merge", "average", "--dataset", data], "unknown --merge"),
         (["--ratio", "0.5", "--merge", "fold", "--recover-tokens", "0", "--dataset", data], "--recover-tokens"),
+        (["--ratio", "0.5", "--refit-router", "--protect-super-experts", "--dataset", data], "--protect-super"),
     ]:
         out = tmp_path / "out"
         res = cli("prune", tiny_fp32, "--out", out, *args)

@@ -221,6 +221,11 @@ def _recovered_plan(plan: ExpertPlan, recovery, extra: dict[str, Any], log) -> t
     extra["recovery"] = {"merge": spec.merge, "refit_router": spec.refit, "tokens": spec.tokens,
                          "seconds": round(recovery.seconds, 3), "merged_experts": n_merged, "folded_experts": folded,
                          "refit_layers": refit, "layers": records}
+    skipped = {layer: r["skipped"] for layer, r in records.items() if r.get("skipped")}
+    if skipped:
+        first = next(iter(skipped.values()))
+        log(f"note: {plural(len(skipped), 'MoE layer')} {sorted(map(int, skipped))[:8]} kept their cut as it is: {first} "
+            "(reap_report.json recovery.layers says why for each)")
     if spec.merge is not None:
         log(f"--merge {spec.merge}: {folded} pruned experts merged into {n_merged} kept experts "
             f"({len([layer for layer in merged.moe_layers if merged.merges(layer)])} of {len(merged.moe_layers)} "

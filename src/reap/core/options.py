@@ -260,6 +260,9 @@ class PruneOptions:
         if self.merge is not None:
             check_choice("--merge", self.merge, MERGE_METHODS)
         _whole("--recover-tokens", self.recover_tokens, 16, "a number of tokens", 4096)
+        if recovering and self.protect_super:
+            raise UserError(f"--protect-super-experts pools the statistics of every layer, which {recovering[0]} (run "
+                            "on each layer while it is calibrated) does not have yet: drop one of them")
         if recovering and self.calibration is None:
             raise UserError(f"{' and '.join(recovering)} work on each layer's inputs while it is calibrated: pass "
                             "--dataset DATA (not --stats or --keep)" + ("" if uses_data else

@@ -70,6 +70,10 @@ class _Layer:
 
 @dataclass
 class Recovery:
+    """The observer (see the module docstring). After the run: ``layers`` (layer -> output experts, merges
+    included), ``router_rows`` (layer -> rows [K', H] float32 to write), ``columns`` (what the rewrite needs for fused
+    experts), ``records`` (per layer: kept, errors before and after, merges, re-fit, seconds, or why it was skipped)."""
+
     spec: RecoverSpec
     log: Any = print
     layers: dict[int, tuple[OutputExpert, ...]] = field(default_factory=dict)
@@ -140,12 +144,9 @@ class Recovery:
         return plan.kept(state.layer), scores[state.layer]
 
     def _recover(self, state: _Layer) -> None:
-        from reap.calibrate.greedy import RouterDriver
         from reap.stream.experts import is_wrapped
-        from reap.stream.streamer import block_of
 
-        st, layer, moe, experts = state.streamer, state.layer, state.moe, state.experts
-        spec, E, K = self.spec, st.layout.num_experts, st.layout.top_k
+        layer, moe, experts = state.layer, state.moe, state.experts
         kept, scores = self._kept(state)
         self.layers[layer] = tuple(OutputExpert.kept(e) for e in kept)
         record: dict[str, Any] = {"kept": kept}
@@ -157,6 +158,23 @@ class Recovery:
         if why is not None:
             record["skipped"] = why
             return
+        try:
+            self._recover_layer(state, kept, scores, record)
+        except torch.OutOfMemoryError:  # the run's memory: reported as such (reap.calibrate.run)
+            raise
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as err:  # a block reap cannot drive
+            self.layers[layer] = tuple(OutputExpert.kept(e) for e in kept)
+            self.router_rows.pop(layer, None)
+            self.columns.pop(layer, None)
+            record.clear()
+            record.update({"kept": kept, "skipped": f"its MoE block cannot be driven ({str(err).splitlines()[0]})"})
+
+    def _recover_layer(self, state: _Layer, kept: list[int], scores: torch.Tensor, record: dict) -> None:
+        from reap.calibrate.greedy import RouterDriver
+        from reap.stream.streamer import block_of
+
+        st, layer, moe, experts = state.streamer, state.layer, state.moe, state.experts
+        spec, E, K = self.spec, st.layout.num_experts, st.layout.top_k
         block = block_of(st.layout, state.module, moe, layer)
         driver = RouterDriver(block, experts, moe.tensors, moe.block, K, E, moe.extra)
         removed = torch.ones(E, dtype=torch.bool, device=st.device)

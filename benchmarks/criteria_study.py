@@ -17,6 +17,10 @@ The criteria themselves are reap's (:mod:`reap.selection.criteria`, :mod:`reap.s
     reap calibrate ../shared/fixtures/F --dataset ../shared/data/calibration.jsonl.gz --samples N --max-length 1024 \
         --device cpu --dtype float32 --out benchmarks/results/criteria/F.docsN.stats.safetensors
     PYTHONPATH=src python benchmarks/criteria_study.py tool --fixture F --docs N --criteria greedy-rerouted,reap
+    # the greedy sample's size (issue 28): `reap calibrate --greedy-tokens N` for each N, then the same eval of
+    # greedy-rerouted (and reap, once: it does not depend on N), one jsonl line per run and ratio
+    PYTHONPATH=src python benchmarks/criteria_study.py sample --fixture F --docs 64 --tokens 672,2400,8000 \
+        --out benchmarks/results/greedy_sample_cpu.jsonl
 
 Protocol (the same for every number): calibration = the first ``--docs`` documents of calibration.jsonl.gz in
 file order, no special tokens, truncated to 1024 tokens, one document per sequence, float32; eval = the first
@@ -454,6 +458,55 @@ def cmd_tool(args) -> None:
         path.write_text(json.dumps(table, indent=1) + "\n")
 
 
+def cmd_sample(args) -> None:
+    """The greedy sample's size against the held-out loss: per ``--tokens`` N, `reap calibrate` (in process, the
+    protocol above, ``--greedy-tokens N``, CPU float32), then the eval of greedy-rerouted's choice at each ratio; REAP
+    from the first run's statistics (the same for every N). Appends one json line per (criterion, tokens, ratio) to
+    ``--out``: loss, sampled tokens, routed pairs per expert (N x K / E), calibration and greedy seconds."""
+    from reap.calibrate.run import calibrate
+    from reap.core.options import CalibrateOptions, DataOptions, EngineOptions
+    from reap.selection.choose import n_to_drop, plan_from_scores
+    from reap.selection.plan import Routing
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.fixture)
+    install_masks(model)
+    inputs, targets = eval_windows(tok, tok.eos_token_id if tok.eos_token_id is not None else 0)
+    k, e = model.config.num_experts_per_tok, num_experts(model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.stats_dir).mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(int(t) for t in args.tokens.split(",")):
+        path = Path(args.stats_dir) / f"{args.fixture}.docs{args.docs}.greedy{n}.stats.safetensors"
+        path.unlink(missing_ok=True)
+        engine = EngineOptions(device="cpu", dtype="float32", progress=False, greedy_tokens=n)
+        data = DataOptions(dataset=str(SHARED / "data" / "calibration.jsonl.gz"), samples=args.docs, max_length=MAX_LEN)
+        t0 = time.perf_counter()
+        stats, summary = calibrate(CalibrateOptions(model=str(SHARED / "fixtures" / args.fixture), out=path,
+                                                    engine=engine, data=data), log=lambda m: None)
+        seconds = time.perf_counter() - t0
+        sampled = sorted({int(v) for v in (stats.meta.get("greedy") or {}).get("sample_tokens", {}).values()}) or None
+        layers = sorted(stats.completed)
+        for name in ("greedy-rerouted", "reap") if i == 0 else ("greedy-rerouted",):
+            scores = stats.scores(name)
+            for ratio in RATIOS:
+                keep = plan_from_scores(scores, Routing(args.fixture, e, 1), layers, n_to_drop(e, ratio), name).keep
+                set_keep(model, keep)
+                loss = eval_loss(model, inputs, targets)
+                row = {"fixture": args.fixture, "docs": args.docs, "calib_tokens": summary["tokens"], "criterion": name,
+                       "greedy_tokens": n if name == "greedy-rerouted" else None,
+                       "sampled_tokens": sampled if name == "greedy-rerouted" else None,
+                       "pairs_per_expert": round(min(sampled) * k / e, 1) if name == "greedy-rerouted" and sampled
+                       else None, "ratio": ratio,
+                       "loss": round(loss, 5), "calibrate_s": round(seconds, 1),
+                       "greedy_s": summary.get("greedy_seconds"), "threads": args.threads,
+                       "keep": {str(a): b for a, b in keep.items()}}
+                with out.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{args.fixture} docs={args.docs} {name:16s} tokens={n:6d} ratio {ratio}: {loss:.4f} "
+                      f"(calibrate {seconds:.0f} s, greedy {summary.get('greedy_seconds')} s)", flush=True)
+
+
 def overlap(keep_a: dict, keep_b: dict, num_experts: int) -> float:
     """Mean over layers of |pruned_a & pruned_b| / |pruned_b| (1.0: the same experts pruned)."""
     fr = []
@@ -502,7 +555,7 @@ def cmd_summary(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("stats", "table", "greedy", "eval-keep", "summary", "tool"):
+    for name in ("stats", "table", "greedy", "eval-keep", "summary", "tool", "sample"):
         s = sub.add_parser(name)
         s.add_argument("--fixture", required=name != "summary")
         s.add_argument("--docs", type=int, default=256)
@@ -511,11 +564,15 @@ def main(argv=None) -> None:
             s.add_argument("--criteria", required=True)
         if name == "greedy":
             s.add_argument("--tokens", type=int, default=65536, help="sample size: every ceil(T / N)-th token")
+        if name == "sample":
+            s.add_argument("--tokens", required=True, help="greedy sample sizes, comma-separated")
+            s.add_argument("--out", required=True, help="the jsonl the rows are appended to")
+            s.add_argument("--stats-dir", default="/tmp/reap-greedy-sample", help="where the stats files go")
         if name == "eval-keep":
             s.add_argument("keep", nargs="+")
     args = p.parse_args(argv)
     {"stats": cmd_stats, "table": cmd_table, "greedy": cmd_greedy, "eval-keep": cmd_eval_keep,
-     "summary": cmd_summary, "tool": cmd_tool}[args.cmd](args)
+     "summary": cmd_summary, "tool": cmd_tool, "sample": cmd_sample}[args.cmd](args)
 
 
 if __name__ == "__main__":

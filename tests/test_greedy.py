@@ -1,6 +1,9 @@
 """The greedy re-routing criterion end to end: the model's own router driven with experts removed
 (reap.calibrate.greedy.RouterDriver) against the pruned checkpoint's router, the routed greedy against the table
-greedy and a brute force, calibration storing the order, prune using it, fallbacks, old stats files, --multiple-of."""
+greedy and a brute force, the search on C cached outputs per token (OutputCache) against the full-output search,
+its memory sizing, calibration storing the order, prune using it, fallbacks, old stats files, --multiple-of.
+
+Legend: S sampled tokens, E experts, K top-k, H hidden, C cached outputs per token."""
 
 from __future__ import annotations
 
@@ -93,6 +96,240 @@ def test_routed_greedy_without_renormalization_equals_brute_force():
 
     want = _brute(w, w, f, e - K, renormalize=False)
     assert greedy_routed_order(route, f, K, renormalize=False) == want
+
+
+# -- the search on C cached outputs per token == the full-output search --------------------------------------------
+def _reference_routed_order(route, outputs, k, renormalize=True):
+    """The full-output search as it was before the cache (every expert's output on the sample [S, E, H], the
+    squared errors summed from the output vectors themselves): (order, cumulative relative errors)."""
+    s, e, h = outputs.shape
+    removed = torch.zeros(e, dtype=torch.bool)
+    every = torch.arange(s)
+    ids, w = route(removed, every)
+    ids, w = ids.clone(), w.to(torch.float64).clone()
+    y0 = torch.empty(s, h, dtype=torch.float64)
+    contrib = torch.empty(s, k, dtype=torch.float64)
+
+    def update(r_, first=False):
+        i, wr = ids[r_], w[r_]
+        fr = outputs[r_].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
+        wk, fk = wr[:, :k], fr[:, :k]
+        num = (wk[..., None] * fk).sum(1)
+        y = num / wk.sum(1, keepdim=True) if renormalize else num
+        if first:
+            y0[r_] = y
+        cur = ((y0[r_] - y) ** 2).sum(-1, keepdim=True)
+        num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
+        if renormalize:
+            num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
+        contrib[r_] = ((y0[r_][:, None] - num_i) ** 2).sum(-1) - cur
+
+    update(every, first=True)
+    reference = float((y0 ** 2).sum())
+    order, errors, total = [], [], 0.0
+    for _ in range(e - k):
+        cost = torch.zeros(e, dtype=torch.float64).index_add_(0, ids[:, :k].reshape(-1), contrib.reshape(-1))
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))
+        removed[j] = True
+        order.append(j)
+        total = max(0.0, total + float(cost[j]))
+        errors.append(total / reference)
+        hit = (ids == j).any(1).nonzero().squeeze(1)
+        if hit.numel() and len(order) < e - k:
+            new_ids, new_w = route(removed, hit)
+            ids[hit], w[hit] = new_ids, new_w.to(torch.float64)
+            update(hit)
+    return order, errors
+
+
+def _router(kind, t, e, k, gen):
+    """(route, initial top-C ids) of a random router: sigmoid + correction bias (M2), softmax, sigmoid without
+    renormalization, or one whose ranking moves with every removal (experts that left a token's K+1 come back)."""
+    logits = torch.randn(t, e, generator=gen) * 2
+    bias = torch.randn(e, generator=gen) * 0.3
+    drift = torch.randn(e, generator=gen)
+
+    def scores(removed):
+        masked = logits.masked_fill(removed, float("-inf"))
+        w = torch.softmax(masked, -1) if kind == "softmax" else torch.sigmoid(logits)
+        choice = w + bias if kind in ("m2", "moving") else w
+        if kind == "moving":  # the choice shifts with the number of removed experts
+            choice = choice + drift * 0.15 * int(removed.sum())
+        return w, choice.masked_fill(removed, float("-inf"))
+
+    def route(removed, rows):
+        w, choice = scores(removed)
+        idx = torch.topk(choice[rows], k + 1, dim=-1).indices  # sorted: the next choice last
+        return idx, w[rows].gather(1, idx)
+
+    def top(c):
+        return torch.topk(scores(torch.zeros(e, dtype=torch.bool))[1], c, dim=-1).indices
+
+    return route, top
+
+
+@pytest.mark.parametrize("kind", ["m2", "softmax", "sigmoid", "moving"])
+@pytest.mark.parametrize("extra", [0, 1, 5])  # C = K+1+extra: at C = K+1 every re-routed token computes a pair
+def test_cached_search_equals_full_output_search(kind, extra):
+    from reap.calibrate.greedy_order import OutputCache
+
+    gen = torch.Generator().manual_seed(7 + extra)
+    t, e, h, k = 90, 12, 6, 3
+    route, top = _router(kind, t, e, k, gen)
+    f = torch.randn(t, e, h, generator=gen, dtype=torch.float64) * torch.rand(e, 1, generator=gen, dtype=torch.float64)
+    renorm = kind != "sigmoid"
+    want_order, want_errors = _reference_routed_order(route, f, k, renormalize=renorm)
+    asked = []
+
+    def compute(rows, ids):  # an independent lookup of the pairs, recorded
+        asked.append((rows.clone(), ids.clone()))
+        return f[rows, ids]
+
+    c = k + 1 + extra
+    cache = OutputCache(compute, top(c), e, chunk=50)
+    got = greedy_routed_order(route, cache, k, renormalize=renorm, chunk=16)
+    assert list(got) == want_order
+    assert got.errors == pytest.approx(want_errors, rel=1e-9, abs=1e-13)
+    assert cache.values.shape == (t, c, h) and cache.slots.shape == (t, c)
+    fill = -(-t * c // 50)
+    assert all(r.numel() <= 50 for r, _ in asked[:fill])  # the fill in calls of at most `chunk` pairs
+    # steps computed pairs on the fly: many of them with a shallow cache
+    assert cache.calls > fill + (3 if extra <= 1 else 0) and cache.computed == sum(r.numel() for r, _ in asked)
+    assert cache.computed < t * e  # fewer pairs than every expert's output on the sample
+    # every slot holds its expert's output, and the full tensor still works as `outputs`
+    assert torch.equal(cache.values, f[torch.arange(t)[:, None], cache.slots])
+    full = greedy_routed_order(route, f, k, renormalize=renorm)
+    assert list(full) == want_order and full.errors == pytest.approx(want_errors, rel=1e-9, abs=1e-13)
+
+
+def test_cached_search_refuses_a_cache_below_k_plus_1():
+    from reap.calibrate.greedy_order import OutputCache
+
+    gen = torch.Generator().manual_seed(0)
+    route, top = _router("m2", 10, 6, 2, gen)
+    f = torch.randn(10, 6, 3, generator=gen)
+    with pytest.raises(ValueError, match="fewer than top-k"):
+        greedy_routed_order(route, OutputCache(lambda r, i: f[r, i], top(2), 6), 2)
+
+
+@pytest.mark.parametrize("family", ["minimax_m2", "gpt_oss", "mixtral"])
+def test_cached_search_on_a_real_model_equals_full_output_search(family, tmp_path):
+    """The model's own router (RouterDriver) and its experts (PairOutputs, reap's experts on (token, expert) pairs
+    sorted by expert) on a tiny checkpoint, float64: the order and errors of the full-output search run on every
+    expert's output computed by transformers' own experts forward."""
+    from reap.calibrate.greedy import RouterDriver
+    from reap.calibrate.greedy_order import OutputCache, PairOutputs
+    from reap.io.checkpoint import Checkpoint
+    from reap.model.derive import derive
+    from reap.stream.experts import reference_forward, use_reap_experts
+    from reap.testing.tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "m", family=family, seed=3)
+    spec = derive(Checkpoint(src))
+    E, k, layer = spec.num_experts, spec.top_k, spec.moe_layers[0]
+    moe = spec.moe[layer]
+    model = load_causal_lm(src, dtype=torch.float64).eval()
+    use_reap_experts(model)
+    block, experts = model.get_submodule(moe.block), model.get_submodule(moe.experts)
+    x = torch.randn(400, spec.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    driver = RouterDriver(block, experts, moe.tensors, moe.block, k, E)
+
+    def route(removed, rows):
+        ids_a, _ = driver(x[rows], removed, k)
+        ids_b, w_b = driver(x[rows], removed, k + 1)
+        pos = torch.argsort((ids_b[:, :, None] != ids_a[:, None, :]).all(-1).to(torch.int8), dim=1, stable=True)
+        return ids_b.gather(1, pos), w_b.gather(1, pos)
+
+    with torch.no_grad():
+        driver(x)
+        xe = driver.inputs.reshape(x.shape[0], -1)
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype)
+        full = torch.stack([reference_forward(experts, xe, torch.full((x.shape[0], 1), e), ones, "eager")
+                            for e in range(E)], 1)
+        want_order, want_errors = _reference_routed_order(route, full, k)
+        for c in (k + 1, min(E, 2 * (k + 1))):
+            cache = OutputCache(PairOutputs(experts, xe, E), driver(x, None, c)[0], E, chunk=333)
+            got = greedy_routed_order(route, cache, k)
+            assert list(got) == want_order, c
+            assert got.errors == pytest.approx(want_errors, rel=1e-9, abs=1e-12)
+            torch.testing.assert_close(cache.values, full[torch.arange(x.shape[0])[:, None], cache.slots])
+            assert cache.computed < x.shape[0] * E or c == E
+
+
+def test_calibration_searches_with_the_cache_and_equals_the_full_output_search(tiny_fp32, tmp_path, monkeypatch):
+    """Through `reap calibrate` (every MoE layer, the model's own routing and experts): the search it runs, with
+    the fewest cached outputs (C = K+1), gives the order and errors of the full-output search on the same routing
+    and every expert's output computed for it."""
+    import reap.calibrate.greedy_order as go
+
+    real = go.greedy_routed_order
+    seen = []
+
+    def spy(route, cache, top_k, renormalize=True, **kw):
+        got = real(route, cache, top_k, renormalize=renormalize, **kw)
+        s = cache.values.shape[0]
+        rows = torch.arange(s).repeat_interleave(cache.num_experts)
+        full = cache.compute(rows, torch.arange(cache.num_experts).repeat(s)).view(s, cache.num_experts, -1)
+        want_order, want_errors = _reference_routed_order(route, full, top_k, renormalize=renormalize)
+        seen.append((list(got), want_order, got.errors, want_errors, tuple(cache.slots.shape), cache.calls))
+        return got
+
+    monkeypatch.setattr(go, "greedy_routed_order", spy)
+    monkeypatch.setattr(go, "greedy_cache_slots", lambda num_experts, hidden, elem, tokens, memory, top_k: top_k + 1)
+    stats_path = tmp_path / "s.safetensors"
+    res = cli("calibrate", tiny_fp32, "--dataset", _jsonl(tmp_path / "d.jsonl"), "--out", stats_path, "--device",
+              "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    stats = ExpertStats.load(stats_path)
+    assert len(seen) == len(stats.completed) > 0
+    for got, want, errors, want_errors, shape, calls in seen:
+        assert got == want and errors == pytest.approx(want_errors, rel=1e-6, abs=1e-9)
+        assert shape[1] == stats.meta["top_k"] + 1 and calls > 2  # steps computed pairs on the fly
+
+
+# -- memory sizing -----------------------------------------------------------------------------------------------
+def test_greedy_sample_at_minimax_m2_width_fits_32k_tokens_in_4_gib():
+    from reap.calibrate.greedy_order import greedy_cache_slots, greedy_sample_tokens
+    from reap.stream.hidden import greedy_peak_bytes
+
+    E, H, K, I, bf16, gib = 256, 3072, 8, 1536, 2, 1 << 30
+    tokens = greedy_sample_tokens(E, H, bf16, 65536, 4 * gib, K)
+    assert 32768 <= tokens < 65536  # before the cache: 4 GiB / (E x H x 2) = 2,730 tokens
+    for asked in (tokens, 32768, 8192):
+        c = greedy_cache_slots(E, H, bf16, asked, 4 * gib, K)
+        assert K + 1 <= c <= 2 * (K + 1)
+        peak = greedy_peak_bytes(asked, c, H, bf16, K, I, 4 * gib)
+        # the cache [S, C, H] bf16, the sample [S, H] and the unpruned outputs [S, H] float64 alone
+        assert asked * (c * H * bf16 + H * bf16 + H * 8) < peak <= 4 * gib
+    assert greedy_cache_slots(E, H, bf16, tokens, 4 * gib, K) == K + 1  # the tokens first, then a deeper cache
+    assert greedy_cache_slots(E, H, bf16, 8192, 4 * gib, K) == 2 * (K + 1)
+    # the fixtures' width (E 64, H 192, fp32): the whole default sample with the deepest cache
+    assert greedy_sample_tokens(64, 192, 4, 65536, 4 * gib, 8) == 65536
+    assert greedy_cache_slots(64, 192, 4, 65536, 4 * gib, 8) == 18
+    assert greedy_sample_tokens(E, H, bf16, 65536, 64 << 10, K) == 0  # 64 KiB hold no token's search
+
+
+def test_greedy_plan_entries_at_minimax_m2_width():
+    """GreedySearch.cost: the sample and cache the search will use, its peak within --greedy-memory, a time that
+    grows with the sample."""
+    from types import SimpleNamespace as NS
+
+    from reap.calibrate.greedy import GreedySearch
+
+    layout = NS(num_experts=256, top_k=8, hidden_size=3072, expert_intermediate=1536, moe=dict.fromkeys(range(62)))
+    params = 62 * 256 * 3 * 3072 * 1536
+
+    def plan(tokens, memory=4.0):
+        st = NS(layout=layout, opts=NS(greedy_tokens=tokens, greedy_memory=memory), dtype=torch.bfloat16,
+                device=torch.device("cuda"), tokens=10 ** 8, dist=NS(world=1))
+        return GreedySearch().cost(st, params, 250e12, 2e12)
+
+    small, big = plan(2048), plan(65536)
+    assert big.plan["greedy_sample"] >= 32768 and big.plan["greedy_slots"] == 9 and big.peak_bytes <= 4 << 30
+    assert small.plan["greedy_sample"] == 2048 and small.plan["greedy_slots"] == 18
+    assert big.plan["greedy_outputs_bytes"] == big.peak_bytes and 0 < small.seconds < big.seconds
+    assert plan(65536, memory=5e-5).plan["greedy_sample"] == 0 and plan(65536, memory=5e-5).seconds == 0
 
 
 # -- the router driven with experts removed == the pruned checkpoint's router -------------------------------------

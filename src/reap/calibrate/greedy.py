@@ -3,12 +3,13 @@
 For each MoE layer (and MTP module) that calibration runs, :class:`GreedySearch`, a layer observer that calibration
 hands the streamer (:mod:`reap.stream.observers`), keeps a strided sample of the MoE block's input tokens while the
 batches go through (a forward pre-hook), then, after the layer, drives the block's own router with experts removed
-(:class:`RouterDriver`), runs every expert on the sample and hands both to
+(:class:`RouterDriver`), computes each sampled token's top-C experts' outputs once
+(:class:`reap.calibrate.greedy_order.OutputCache`; the pairs later steps need beyond them on the fly) and hands both to
 :func:`reap.calibrate.greedy_order.greedy_routed_order`; the removal order (or why ``weighted-ean`` stands in for the
 layer) goes on the layer's accumulator. With several ranks every rank searches the same sample, all ranks' tokens
 together. What the search adds to the run's time and memory enters the streamer's plan (:meth:`GreedySearch.cost`).
 
-Legend: S sampled tokens, E experts, K top-k, H hidden.
+Legend: S sampled tokens, E experts, K top-k, H hidden, C expert outputs cached per sampled token, N pairs.
 """
 
 from __future__ import annotations
@@ -51,46 +52,78 @@ class GreedySearch:
     # -- what it adds to the run (the streamer's plan)
     @staticmethod
     def sample_size(streamer) -> int:
-        """Tokens per layer in the greedy sample (all ranks together): ``greedy_tokens``, fewer where every expert's
-        output on them would not fit ``greedy_memory`` GiB."""
+        """Tokens per layer in the greedy sample (all ranks together): ``greedy_tokens``, fewer where the search
+        would not fit ``greedy_memory`` GiB with K+1 expert outputs cached per token
+        (:func:`reap.calibrate.greedy_order.greedy_sample_tokens`)."""
         from reap.calibrate.greedy_order import greedy_sample_tokens
 
-        elem = torch.empty((), dtype=streamer.dtype).element_size()
-        return greedy_sample_tokens(streamer.layout.num_experts, streamer.layout.hidden_size, elem,
-                                    streamer.opts.greedy_tokens, streamer.opts.greedy_memory * (1 << 30))
+        layout = streamer.layout
+        return greedy_sample_tokens(layout.num_experts, layout.hidden_size, _elem(streamer.dtype),
+                                    streamer.opts.greedy_tokens, streamer.opts.greedy_memory * (1 << 30),
+                                    layout.top_k)
 
     @staticmethod
-    def estimated_seconds(streamer, expert_params: float, flops: float, bandwidth: float, sample: int) -> float:
-        """A rough time of the greedy search over the whole run, per rank: every expert on the sample of every MoE
-        layer (2 FLOPs per parameter of ``expert_params``, all layers' experts, and sampled token at ``flops``), and
-        the search itself, bound by memory (``bandwidth`` bytes/s): it costs its [rows, K+1, H] float64 arrays ~30
-        times over (25 to 38 measured on a CPU), for the sample's rows and again, after each removal, for the rows
-        whose K+1 choices held the removed expert (about (K+1)/E' of them, E' the experts left); plus a few
-        milliseconds of routing and synchronizing per removal step on a GPU (not measured)."""
+    def cache_slots(streamer, sample: int) -> int:
+        """C, the expert outputs cached per token of a ``sample``-token search within ``greedy_memory`` GiB."""
+        from reap.calibrate.greedy_order import greedy_cache_slots
+
         layout = streamer.layout
-        E, K, H = layout.num_experts, layout.top_k, layout.hidden_size
+        return greedy_cache_slots(layout.num_experts, layout.hidden_size, _elem(streamer.dtype), sample,
+                                  streamer.opts.greedy_memory * (1 << 30), layout.top_k)
+
+    @classmethod
+    def estimated_seconds(cls, streamer, expert_params: float, flops: float, bandwidth: float, sample: int) -> float:
+        """A rough time of the greedy search over the whole run, per rank, per MoE layer summed:
+
+        * the cache fill: each token's top-C experts (2 FLOPs per expert parameter and pair at ``flops``, or, where
+          longer, every expert's weights read once per call at ``bandwidth`` bytes/s);
+        * the pairs computed on the fly: a step with E' experts left re-routes ~S(K+1)/E' tokens, each needing its
+          new next choice, which is about its (K+1)E/E'-th original choice: beyond the cache once E' < (K+1)E/C; one
+          call per such step (its compute, or the weights of min(E', pairs) experts read);
+        * the search's float64 work, bound by memory: [rows, K+1, H] float64 ~6 times over (4 to 8 measured on a CPU;
+          the full-output search before it: 27 to 41), for the sample's rows and again, after each removal, for the
+          ~S(K+1)/E' rows re-routed;
+        * on a GPU, a few milliseconds of routing, launching and synchronizing per removal step (not measured).
+        """
+        from reap.stream.hidden import greedy_pair_bytes, greedy_work_limit
+
+        layout = streamer.layout
+        E, K, H, L = layout.num_experts, layout.top_k, layout.hidden_size, len(layout.moe)
         if sample <= 0 or not layout.moe or not 0 < K < E:
             return 0.0
-        rows = sample * (1 + (K + 1) * sum(1 / left for left in range(K + 1, E + 1)))
-        search = rows * (K + 1) * H * 8 * 30 / bandwidth + (E - K) * (3e-3 if streamer.device.type == "cuda" else 0.0)
-        return 2 * expert_params * sample / flops + len(layout.moe) * search
+        elem, C = _elem(streamer.dtype), cls.cache_slots(streamer, sample)
+        per_expert = expert_params / (L * E)  # one expert of one layer
+        chunk = max(1, greedy_work_limit(streamer.opts.greedy_memory * (1 << 30))
+                    // greedy_pair_bytes(H, layout.expert_intermediate, elem))
+
+        def call(pairs: float, experts: float) -> float:
+            return max(2 * per_expert * pairs / flops, experts * per_expert * elem / bandwidth)
+
+        fill = sum(call(min(chunk, sample * C - lo), E) for lo in range(0, sample * C, chunk))
+        steps = [(left, sample * (K + 1) / left) for left in range(K + 1, E + 1)]  # (E', rows re-routed)
+        late = sum(call(hit, min(left, hit)) for left, hit in steps if (K + 1) * E > C * left)
+        rows = sample + sum(hit for _, hit in steps)
+        search = rows * (K + 1) * H * 8 * 6 / bandwidth
+        overhead = (E - K) * (3e-3 if streamer.device.type == "cuda" else 0.0)
+        return L * (fill + late + search + overhead)
 
     def cost(self, streamer, expert_params: float, flops: float, bandwidth: float) -> ObserverCost:
-        """The search's time and peak (:func:`reap.stream.hidden.greedy_peak_bytes`): every rank runs every expert
-        on the whole sample of each MoE layer (all ranks' tokens). Plan entries: ``greedy_s``,
-        ``greedy_peak_bytes``, ``greedy_outputs_bytes`` (every expert's output on the sample, what
-        ``--greedy-memory`` bounds) and ``greedy_fits``."""
+        """The search's time and peak (:func:`reap.stream.hidden.greedy_peak_bytes`): every rank searches the whole
+        sample of each MoE layer (all ranks' tokens). Plan entries: ``greedy_s``, ``greedy_peak_bytes``,
+        ``greedy_outputs_bytes`` (what ``--greedy-memory`` bounds: the whole peak), ``greedy_sample`` (tokens),
+        ``greedy_slots`` (C) and ``greedy_fits``."""
         from reap.stream.hidden import greedy_peak_bytes
 
         layout = streamer.layout
-        E, K, H = layout.num_experts, layout.top_k, layout.hidden_size
-        elem = torch.finfo(streamer.dtype).bits // 8
         sample = min(streamer.tokens * streamer.dist.world, self.sample_size(streamer)) \
             if streamer.opts.greedy_tokens > 0 and layout.moe else 0
+        slots = self.cache_slots(streamer, sample) if sample else 0
         seconds = self.estimated_seconds(streamer, expert_params, flops, bandwidth, sample)
-        peak = greedy_peak_bytes(sample, E, H, elem, K)
-        return ObserverCost(seconds, peak, {"greedy_s": seconds, "greedy_peak_bytes": peak,
-                                            "greedy_outputs_bytes": sample * E * H * elem}, fits="greedy_fits")
+        peak = greedy_peak_bytes(sample, slots, layout.hidden_size, _elem(streamer.dtype), layout.top_k,
+                                 layout.expert_intermediate, streamer.opts.greedy_memory * (1 << 30))
+        plan = {"greedy_s": seconds, "greedy_peak_bytes": peak, "greedy_outputs_bytes": peak, "greedy_sample": sample,
+                "greedy_slots": slots}
+        return ObserverCost(seconds, peak, plan, fits="greedy_fits")
 
     # -- the observer
     def start(self, streamer, layer: int, module, moe, experts, accumulator) -> _Layer | None:
@@ -137,8 +170,8 @@ class GreedySearch:
 
     def _greedy(self, state: _Layer) -> tuple[list[int] | None, str | None]:
         """(removal order, None), or (None, why weighted-ean stands in for this layer)."""
-        from reap.calibrate.greedy_order import greedy_routed_order
-        from reap.stream.experts import expert_outputs, is_wrapped, pair_outputs
+        from reap.calibrate.greedy_order import ExpertsFailed, OutputCache, PairOutputs, greedy_routed_order
+        from reap.stream.hidden import greedy_pair_bytes, greedy_work_limit
         from reap.stream.streamer import block_of
 
         st, layer, module, moe, experts, sample = (state.streamer, state.layer, state.module, state.moe,
@@ -154,8 +187,8 @@ class GreedySearch:
             # config (not the block) names: the driven router cannot tell it from an expert
             return None, f"its router has slots beyond the experts (skip or zero-computation classes){fallback}"
         if sample.size == 0 and st.dist.world == 1:
-            return None, (f"--greedy-memory {st.opts.greedy_memory:g} GiB holds no token's {E} expert outputs"
-                          f"{fallback}")
+            return None, (f"--greedy-memory {st.opts.greedy_memory:g} GiB holds no sampled token's search ({K + 1} "
+                          f"expert outputs and its float64 arrays){fallback}")
         xs = sample.rows if sample.size else None
         if st.dist.world > 1:  # every rank greedy-searches the same sample (all ranks' tokens): the same order
             import torch.distributed as d
@@ -189,8 +222,25 @@ class GreedySearch:
                               "removing an expert rescales every token's output; the greedy error model assumes "
                               f"renormalized (or independent sigmoid) weights{fallback}")
 
-        # a bar of its own: the layer's token bar stands at 100% meanwhile (every expert run, then each removal)
-        bar = tqdm(total=2 * E - K, unit="step", file=sys.stderr, leave=False,
+        # the expert outputs: each token's top-C under the model's routing (C from --greedy-memory), computed in
+        # calls of at most `chunk` pairs; the pairs a removal step needs beyond them on the fly (OutputCache)
+        S = state.size = xs.shape[0]
+        memory, elem = st.opts.greedy_memory * (1 << 30), _elem(st.dtype)
+        C = self.cache_slots(st, S)
+        work = greedy_work_limit(memory)  # the pairs of a call of the fill, the tokens costed at once
+        chunk = max(1, work // greedy_pair_bytes(spec.hidden_size, spec.expert_intermediate, elem))
+        rows = max(1, work // ((K + 3) * spec.hidden_size * (8 + elem)))
+        ids_c = ids_n
+        if C > K + 1:
+            try:
+                ids_c, _ = driver(xs, None, C)
+            except torch.OutOfMemoryError:
+                raise
+            except (ValueError, RuntimeError, TypeError, KeyError, IndexError):  # a router that takes no top-C:
+                C = K + 1  # the top-(K+1) it took; the rest on the fly
+        fills = -(-S * C // chunk)
+        # a bar of its own: the layer's token bar stands at 100% meanwhile (the cache's fill, then each removal)
+        bar = tqdm(total=fills + E - K, unit="step", file=sys.stderr, leave=False,
                    desc=(f"layer {layer + 1}/{spec.num_layers}" if layer < spec.num_layers else
                          f"MTP module {layer - spec.num_layers}") + ": greedy search",
                    disable=not st.opts.progress or st.dist.rank != 0)
@@ -205,32 +255,21 @@ class GreedySearch:
             pos = torch.argsort(last.to(torch.int8), dim=1, stable=True)  # the top-k first, the next choice last
             return ids_b.gather(1, pos), w_b.gather(1, pos)
 
-        # every expert's output on the sample [S, E, H] (model dtype), one expert at a time
-        S = state.size = xs.shape[0]
-        outputs = None
-        grouped = experts._reap_probe.grouped if experts._reap_probe.grouped is not None else False
+        pairs = PairOutputs(experts, xe, E, bar)
         try:
-            for e in range(E):
-                bar.update()
-                counts = torch.zeros(E, dtype=torch.long, device=xs.device)
-                counts[e] = S
-                ids = torch.full((S,), e, dtype=torch.long, device=xs.device)
-                y = pair_outputs(experts, xe, ids) if is_wrapped(experts) else expert_outputs(experts, xe, ids,
-                                                                                                  counts, grouped)
-                if outputs is None:
-                    outputs = y.new_empty(S, E, y.shape[-1])
-                outputs[:, e] = y
-        except torch.OutOfMemoryError:  # the run's memory (--greedy-memory): reported as such (reap.calibrate.run)
-            bar.close()
-            raise
-        except (RuntimeError, ValueError, TypeError) as err:  # an experts module reap's replay does not fit
-            bar.close()
-            return None, f"its experts could not be run on the sample ({str(err).splitlines()[0]}){fallback}"
-        try:
-            order = greedy_routed_order(route, outputs, K, renormalize=renorm)
-        finally:
-            bar.close()
-        return order, None
+            try:
+                cache = OutputCache(pairs, ids_c, E, chunk=chunk)
+                pairs.bar = None
+                return greedy_routed_order(route, cache, K, renormalize=renorm, chunk=rows), None
+            finally:
+                bar.close()
+        except ExpertsFailed as err:  # an experts module reap's replay does not fit
+            return None, f"its experts could not be run on the sample ({err}){fallback}"
+
+
+def _elem(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
 
 
 # -- the model's own routing, driven on a token sample ---------------------------------------------------------

@@ -3,10 +3,12 @@
 :class:`TokenSample` keeps a strided sample of a layer's MoE inputs; :func:`greedy_rerouted_order` (routing from
 tables of weights and choice scores) and :func:`greedy_routed_order` (routing asked of the model itself at every
 step, as :mod:`reap.calibrate.greedy` does) return a :class:`GreedyOrder`, the order with the relative output error
-after each removal, which :meth:`reap.calibrate.stats.ExpertStats.set_layer` stores. :func:`greedy_sample_tokens`
-sizes the sample to a memory budget.
+after each removal, which :meth:`reap.calibrate.stats.ExpertStats.set_layer` stores. :class:`OutputCache` holds the
+expert outputs :func:`greedy_routed_order` needs, C per token, computing the others when a step needs them through
+:class:`PairOutputs` (reap's experts on (token, expert) pairs);
+:func:`greedy_sample_tokens` and :func:`greedy_cache_slots` size the sample and the cache to a memory budget.
 
-Legend: T (or S) sampled tokens, E experts, K top-k, H hidden.
+Legend: T (or S) sampled tokens, E experts, K top-k, H hidden, C cached slots per token, R rows (tokens) of a step.
 """
 
 from __future__ import annotations
@@ -152,50 +154,200 @@ def _mix(w: Tensor, choice: Tensor, f: Tensor, removed: Tensor, k: int):
     return y, wr, fr, idx
 
 
-def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None = None, renormalize: bool = True,
+# -- the routed search: the model's own routing at every step, expert outputs held C per token ------------------------
+class OutputCache:
+    """The expert outputs :func:`greedy_routed_order` needs, C per sampled token: ``values`` [S, C, H] (the model's
+    dtype) and the expert each slot holds, ``slots`` [S, C] (int64).
+
+    Filled from ``ids`` [S, C] (each token's initial slot experts, distinct per token: its top-C under the model's
+    routing) with calls of ``compute(rows [N], experts [N]) -> [N, H]`` (the outputs f_expert(x_row) before weighting,
+    one grouped call; it sorts by expert itself) of at most ``chunk`` pairs each. :meth:`ensure` then computes, in one
+    call, the pairs a removal step needs that no slot holds, into slots whose expert was removed (first) or is no
+    longer among the token's wanted experts. ``computed``: pairs computed in all; ``calls``: calls of ``compute``.
+    """
+
+    def __init__(self, compute, ids: Tensor, num_experts: int, chunk: int | None = None):
+        s, c = ids.shape
+        self.compute, self.num_experts = compute, num_experts
+        self.slots = ids.to(torch.long).clone()  # [S, C]
+        self.computed = self.calls = 0
+        rows = torch.arange(s, device=ids.device).repeat_interleave(c)  # [S*C] token of each pair, row-major
+        flat, values = self.slots.reshape(-1), None
+        step = max(1, chunk or flat.numel())
+        for lo in range(0, flat.numel(), step):
+            y = self._run(rows[lo : lo + step], flat[lo : lo + step])  # [n, H]
+            if values is None:
+                values = y.new_empty(s * c, y.shape[-1])
+            values[lo : lo + step] = y
+        self.values = values.view(s, c, -1)  # [S, C, H]
+
+    def _run(self, rows: Tensor, experts: Tensor) -> Tensor:
+        self.calls, self.computed = self.calls + 1, self.computed + rows.numel()
+        return self.compute(rows, experts)
+
+    def ensure(self, rows: Tensor, ids: Tensor, removed: Tensor) -> None:
+        """Hold every pair (rows[r], ids[r, m]): rows [R], ids [R, M] (distinct per row, M <= C), removed bool [E]."""
+        sl = self.slots[rows]  # [R, C]
+        held = sl[:, None, :] == ids[:, :, None]  # [R, M, C]
+        missing = ~held.any(-1)  # [R, M]
+        need = missing.any(1).nonzero().squeeze(1)  # [R'] rows with a pair to compute
+        if not need.numel():
+            return
+        sl, held, missing, ids, c = sl[need], held[need], missing[need], ids[need], sl.shape[1]
+        # a row's free slots (not wanted), those of removed experts first, then the lower slot; there are at least as
+        # many as its missing pairs (C >= M); the n-th missing pair goes to the n-th free slot
+        kind = torch.where(held.any(1), 2, torch.where(removed[sl], 0, 1))  # [R', C]
+        free = torch.argsort(kind * c + torch.arange(c, device=sl.device), dim=1)  # [R', C]
+        r, m = missing.nonzero(as_tuple=True)  # [N] the missing pairs
+        nth = (missing.cumsum(1) - 1)[r, m]  # [N]
+        slot = free[r, nth]  # [N]
+        token, expert = rows[need][r], ids[r, m]  # [N]
+        y = self._run(token, expert)  # [N, H]
+        self.values[token, slot] = y.to(self.values.dtype)
+        self.slots[token, slot] = expert
+
+    def take(self, rows: Tensor, ids: Tensor, out: Tensor | None = None) -> Tensor:
+        """The held outputs of (rows[r], ids[r, m]): [R, M, H] (every pair held: :meth:`ensure` first), written into
+        ``out`` ([R*M, H] of the cache's dtype) where given."""
+        pos = (self.slots[rows][:, None, :] == ids[:, :, None]).to(torch.long).argmax(-1)  # [R, M] slot of each
+        return _gather(self.values, rows, pos, out)
+
+
+class ExpertsFailed(Exception):
+    """The experts module could not be run on (token, expert) pairs of the sample (its first line of error)."""
+
+
+class PairOutputs:
+    """``(rows [N], experts [N]) -> [N, H]``: the expert outputs f_expert(xe[row]) before weighting, through reap's
+    experts implementation (:func:`reap.stream.experts.expert_outputs`, one grouped matmul per projection where the
+    layer's own forward uses one: CUDA, 16-bit) or, for a wrapped experts module, its own forward
+    (:func:`reap.stream.experts.pair_outputs`), with the pairs sorted by expert; ``xe`` [S, H] the experts' input on
+    the sample. ``bar``: a progress bar to advance per call (the cache's fill), or None."""
+
+    def __init__(self, experts, xe: torch.Tensor, num_experts: int, bar=None):
+        from reap.stream.experts import _grouped_mm_fn, is_wrapped
+
+        self.experts, self.xe, self.E, self.bar = experts, xe, num_experts, bar
+        self.wrapped = is_wrapped(experts)
+        probe = getattr(experts, "_reap_probe", None)
+        want = probe.grouped if probe is not None else None
+        self.grouped = _grouped_mm_fn() is not None and (want if want is not None else (
+            xe.is_cuda and xe.dtype in (torch.bfloat16, torch.float16)))
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from reap.stream.experts import expert_outputs, pair_outputs
+
+        if self.bar is not None and self.bar.n < self.bar.total:
+            self.bar.update()
+        order = torch.argsort(ids, stable=True)  # [N] by expert
+        ids_s = ids[order]
+        x = self.xe[rows[order]]  # [N, H]
+        try:
+            y = pair_outputs(self.experts, x, ids_s) if self.wrapped else \
+                expert_outputs(self.experts, x, ids_s, torch.bincount(ids_s, minlength=self.E), self.grouped)
+        except torch.OutOfMemoryError:  # the run's memory (--greedy-memory): reported as such (reap.calibrate.run)
+            raise
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ExpertsFailed(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        out = torch.empty_like(y)
+        out[order] = y
+        return out
+
+
+class _FullOutputs:
+    """Every expert's output on the sample, [S, E, H], behind :class:`OutputCache`'s methods: every pair held."""
+
+    def __init__(self, outputs: Tensor):
+        self.values, self.num_experts = outputs, outputs.shape[1]
+
+    def ensure(self, rows: Tensor, ids: Tensor, removed: Tensor) -> None:  # every pair is held
+        pass
+
+    def take(self, rows: Tensor, ids: Tensor, out: Tensor | None = None) -> Tensor:
+        return _gather(self.values, rows, ids, out)
+
+
+def _gather(values: Tensor, rows: Tensor, pos: Tensor, out: Tensor | None) -> Tensor:
+    """values [S, P, H] at (rows[r], pos[r, m]) -> [R, M, H], into ``out`` [R*M, H] where given (a buffer used again
+    spares the CPU fresh pages)."""
+    s, p, h = values.shape
+    flat = (rows[:, None] * p + pos).reshape(-1)  # [R*M]
+    got = torch.index_select(values.reshape(s * p, h), 0, flat, out=out) if out is not None else \
+        values.reshape(s * p, h)[flat]
+    return got.view(*pos.shape, h)
+
+
+def greedy_routed_order(route, outputs, top_k: int, n_steps: int | None = None, renormalize: bool = True,
                         chunk: int | None = None) -> GreedyOrder:
     """:func:`greedy_rerouted_order` with the routing asked of the model itself at every step.
 
     ``route(removed, rows)`` (``removed`` bool [E], ``rows`` long [R] sample positions) returns (ids [R, K+1],
     weights [R, K+1]) for those tokens: the first K columns the token's top-k with the removed experts gone, the
     last its next choice, the weights as the model computes them for those K+1 (with ``renormalize`` the MoE
-    output is sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs`` [S, E, H]: every expert's
-    output on the S sample tokens. Each step removes the expert whose removal (its tokens moving to their next
-    choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower id. After a removal only the tokens
-    that had the removed expert among their K+1 are routed and costed again (routing is per token). Without
-    renormalization the weights of a step's candidates are those of the step's routing (a softmax over the kept
-    experts that loses one more changes its normalizer slightly; that change is ignored). Returns a
+    output is sum w_i f_i / sum w_i over the chosen, else sum w_i f_i). ``outputs``: the expert outputs on the S
+    sample tokens, an :class:`OutputCache` (C >= K+1 per token; the pairs a step needs that it lacks are computed
+    then, one call per step) or every expert's output, a tensor [S, E, H]. Each step removes the expert whose
+    removal (its tokens moving to their next choice) least increases sum_t ||y_unpruned - y||^2; ties to the lower
+    id. After a removal only the tokens that had the removed expert among their K+1 are routed and costed again
+    (routing is per token). Without renormalization the weights of a step's candidates are those of the step's
+    routing (a softmax over the kept experts that loses one more changes its normalizer slightly; that change is
+    ignored). ``chunk``: tokens costed at once (their [chunk, K+1, H] float64 outputs). Returns a
     :class:`GreedyOrder`: the order, with the relative error after each step (the sum of the steps' costs over
     sum_t ||y_unpruned||^2) in ``errors``.
     """
-    s, e, h = outputs.shape
+    cache = outputs if isinstance(outputs, OutputCache) else _FullOutputs(outputs)
+    s, e, h = cache.values.shape[0], cache.num_experts, cache.values.shape[-1]
     n_steps = _greedy_steps(e, top_k, n_steps)
     k = top_k
-    chunk = chunk or max(1, (1 << 28) // ((k + 1) * h * 8))  # float64 [chunk, K+1, H] within ~256 MiB
-    dev = outputs.device
+    if isinstance(cache, OutputCache) and cache.slots.shape[1] < k + 1:
+        raise ValueError(f"the output cache holds {cache.slots.shape[1]} experts per token, fewer than top-k + 1 = "
+                         f"{k + 1}")
+    chunk = chunk or max(1, (1 << 28) // ((k + 2) * h * 8))  # float64 [chunk, K+2, H] within ~256 MiB
+    dev = cache.values.device
     removed = torch.zeros(e, dtype=torch.bool, device=dev)
     every = torch.arange(s, device=dev)
     ids, w = route(removed, every)
     ids, w = ids.to(dev), w.to(dev, torch.float64)  # [S, K+1] the current routing
-    y0 = torch.empty(s, h, dtype=torch.float64, device=dev)
+    cache.ensure(every, ids, removed)
+    y0 = torch.empty(s, h, dtype=torch.float64, device=dev)  # the unpruned outputs
+    work = torch.empty(min(chunk, s), k + 2, h, dtype=torch.float64, device=dev)  # a chunk's outputs and y0
+    source = cache.values.new_empty(min(chunk, s) * (k + 1), h)  # the same gathered in the cache's dtype
     contrib = torch.empty(s, k, dtype=torch.float64, device=dev)  # [S, K] error change if position i is removed
 
     def update(rows: Tensor, first: bool = False) -> None:
+        # removing position i of a token's top-k moves its weight to the next choice n (position K): the output moves
+        # by d_i = v_i / W_i, v_i = sum_m c_im f_m over the K+1 outputs (renormalized: v_i = w_n (f_n - y) -
+        # w_i (f_i - y), W_i = W - w_i + w_n, sum_m c_im = 0; else v_i = w_n f_n - w_i f_i, W_i = 1), and the squared
+        # error ||e - d_i||^2 (e = y0 - y, the current error) by ||d_i||^2 - 2 <e, d_i>: all from the dot products of
+        # the K+1 outputs and y0 ([t, K+2, K+2], one read of them in float64). With sum c = 0, ||v||^2 comes from the
+        # squared distances of the outputs (-1/2 c^T D c), exact where W_i is tiny (a token's dominant expert removed)
         for lo in range(0, rows.numel(), chunk):
             r_ = rows[lo : lo + chunk]
-            i, wr = ids[r_], w[r_]
-            fr = outputs[r_].gather(1, i[..., None].expand(-1, -1, h)).to(torch.float64)  # [t, K+1, H]
-            wk, fk = wr[:, :k], fr[:, :k]
-            num = (wk[..., None] * fk).sum(1)  # [t, H]
-            y = num / wk.sum(1, keepdim=True) if renormalize else num
+            t = r_.numel()
+            wr = w[r_]  # [t, K+1]
+            wk, wn = wr[:, :k], wr[:, k:]  # [t, K], [t, 1]
+            big_w = wk.sum(1, keepdim=True) if renormalize else torch.ones_like(wn)  # [t, 1]
+            buf = work[:t]  # [t, K+2, H]: the K+1 outputs, then y0
+            buf[:, : k + 1] = cache.take(r_, ids[r_], out=source[: t * (k + 1)])
             if first:
-                y0[r_] = y
-            ref = y0[r_]
-            cur = ((ref - y) ** 2).sum(-1, keepdim=True)  # [t, 1]
-            num_i = num[:, None] - wk[..., None] * fk + wr[:, k, None, None] * fr[:, k, None]  # [t, K, H]
+                y0[r_] = torch.bmm(wk[:, None], buf[:, :k]).squeeze(1) / big_w
+            buf[:, k + 1] = y0[r_]
+            dots = torch.bmm(buf, buf.transpose(1, 2))  # [t, K+2, K+2]
+            f, a = dots[:, : k + 1, : k + 1], dots[:, : k + 1, k + 1]  # <f_a, f_b> [t, K+1, K+1], <f_a, y0> [t, K+1]
+            ey = a - torch.bmm(f[:, :, :k], wk[..., None]).squeeze(-1) / big_w  # [t, K+1] <e, f_a>
+            c, eye = torch.zeros_like(f[:, :k]), torch.arange(k, device=dev)  # c [t, K, K+1]: the coefficients c_im
+            c[:, :, k] = wn
             if renormalize:
-                num_i = num_i / (wk.sum(1, keepdim=True) - wk + wr[:, k, None])[..., None]
-            contrib[r_] = ((ref[:, None] - num_i) ** 2).sum(-1) - cur
+                wi = big_w - wk + wn  # [t, K]
+                c[:, :, :k] = -((wn - wk) / big_w)[..., None] * wk[:, None]  # -(w_n - w_i) w_m / W
+                c[:, eye, eye] = -wk * wi / big_w  # -w_i - (w_n - w_i) w_i / W
+                diag = f.diagonal(dim1=1, dim2=2)  # [t, K+1]
+                quad = -0.5 * (torch.bmm(c, diag[:, :, None] + diag[:, None, :] - 2 * f) * c).sum(-1)  # [t, K]
+            else:
+                wi = big_w
+                c[:, eye, eye] = -wk
+                quad = (torch.bmm(c, f) * c).sum(-1)
+            contrib[r_] = quad / wi ** 2 - 2 * (c * ey[:, None]).sum(-1) / wi
 
     update(every, first=True)
     reference = float((y0 ** 2).sum())
@@ -213,11 +365,35 @@ def greedy_routed_order(route, outputs: Tensor, top_k: int, n_steps: int | None 
         if hit.numel() and len(order) < n_steps:
             new_ids, new_w = route(removed, hit)
             ids[hit], w[hit] = new_ids.to(dev), new_w.to(dev, torch.float64)
+            cache.ensure(hit, ids[hit], removed)
             update(hit)
     return GreedyOrder(order, _relative_errors(increases, reference))
 
 
-def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float) -> int:
-    """How many tokens a layer's greedy sample holds: at most ``max_tokens``, and every expert's output on them
-    ([S, E, H] of ``elem_bytes``) within ``memory_bytes``."""
-    return max(0, min(int(max_tokens), int(memory_bytes // max(1, num_experts * hidden * elem_bytes))))
+# -- sizing to --greedy-memory ---------------------------------------------------------------------------------------
+def greedy_sample_tokens(num_experts: int, hidden: int, elem_bytes: int, max_tokens: int, memory_bytes: float,
+                         top_k: int) -> int:
+    """How many tokens a layer's greedy sample holds: at most ``max_tokens``, and the search's memory with the
+    smallest cache, K+1 outputs per token (:func:`reap.stream.hidden.greedy_peak_bytes`: the sample, the cache
+    [S, K+1, H] of ``elem_bytes``, the float64 arrays and the work chunks), within ``memory_bytes``."""
+    from reap.stream.hidden import greedy_token_bytes, greedy_work_limit
+
+    room = memory_bytes - greedy_work_limit(memory_bytes)
+    fit = int(room // greedy_token_bytes(min(top_k + 1, num_experts), hidden, elem_bytes, top_k))
+    return max(0, min(int(max_tokens), fit))
+
+
+def greedy_cache_slots(num_experts: int, hidden: int, elem_bytes: int, tokens: int, memory_bytes: float,
+                       top_k: int) -> int:
+    """C, the expert outputs cached per sampled token: K+1 (what every step reads), up to 2(K+1) (at most E) where
+    ``tokens`` leave room in ``memory_bytes``. Deeper slots hold each token's next choices before a removal needs
+    them, which saves the early steps' expert calls (each reads the weights of most experts left)."""
+    from reap.stream.hidden import greedy_token_bytes, greedy_work_limit
+
+    least = min(top_k + 1, num_experts)
+    most = max(least, min(num_experts, 2 * (top_k + 1)))
+    if tokens <= 0:
+        return most
+    room = (memory_bytes - greedy_work_limit(memory_bytes)) // tokens - greedy_token_bytes(least, hidden, elem_bytes,
+                                                                                           top_k)
+    return int(max(least, min(most, least + room // (hidden * elem_bytes + 8))))

@@ -32,7 +32,7 @@ def out_of_memory_error(err: BaseException, engine, *, streamer: LayerStreamer |
     elif where["phase"] == "loading":
         what = f"loading {name} {at}'s weights"
     elif where["phase"] == "greedy":
-        what = f"in {name} {at}'s greedy search (every expert's output on its sample)"
+        what = f"in {name} {at}'s greedy search (its sample's cached expert outputs)"
     elif where["phase"] == "loss":
         what = "computing the loss after the last layer"
     elif "batch" in where and where["batch"] < len(batches):
@@ -70,12 +70,12 @@ def memory_warnings(plan: dict, engine) -> list[str]:
         out.append(f"the batches likely do not fit: the largest ({plan['largest_batch']} padded tokens) peaks at "
                    f"~{human_bytes(plan['peak_bytes'])} of activations, but {left}; {fix}")
     if not plan["greedy_fits"] and plan["greedy_peak_bytes"]:
-        # the outputs [S, E, H] are what --greedy-memory bounds; the rest of the search's peak stays
+        # the search's outputs are what --greedy-memory bounds; the rest of its peak stays
         rest = plan["greedy_peak_bytes"] - plan["greedy_outputs_bytes"]
         gib = int((room - MARGIN - rest) / (1 << 30) * 4) / 4
         fix = (f"pass --greedy-memory {gib:g} (now {engine.greedy_memory:g} GiB) or --greedy-tokens 0 (no greedy "
                "search)" if gib >= 0.25 else "pass --greedy-tokens 0 (no greedy search)")
-        out.append(f"the greedy search likely does not fit: every expert's output on its sample with its work arrays "
+        out.append(f"the greedy search likely does not fit: its sample, cached expert outputs and work arrays "
                    f"takes ~{human_bytes(plan['greedy_peak_bytes'])}, but {left}; {fix}")
     return out
 

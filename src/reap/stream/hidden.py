@@ -11,7 +11,8 @@
   that would fit (:func:`suggest_batch_tokens`), and the one line an out-of-memory error becomes
   (:func:`out_of_memory`, :func:`where_out_of_memory`, :func:`describe_out_of_memory`).
 
-Legend: B sequences in a batch, S padded length.
+Legend: B sequences in a batch, S padded length (in the greedy search's helpers: sampled tokens), K top-k, H hidden,
+C expert outputs cached per sampled token.
 """
 
 from __future__ import annotations
@@ -218,13 +219,40 @@ def batch_peak_bytes(rows: int, width: int, hidden: int, elem: int, *, top_k: in
     return base + max(attention, experts, dense)
 
 
-def greedy_peak_bytes(sample: int, num_experts: int, hidden: int, elem: int, top_k: int = 1) -> int:
-    """The greedy search's peak (:mod:`reap.calibrate.greedy`): every expert's output on the sample [S, E, H], the sample, and
-    the search's float64 work arrays (its [chunk, K+1, H] gathers within ~256 MiB each, ~6 alive at once)."""
+#: the greedy search's work chunks (expert calls of its cache fill, float64 gathers of its steps): at most this many
+#: bytes at once, or an eighth of --greedy-memory where that is less
+GREEDY_WORK_BYTES = 512 << 20
+
+
+def greedy_work_limit(memory_bytes: float) -> int:
+    """The bytes the greedy search's work chunks may take at once within a ``memory_bytes`` budget."""
+    return int(min(GREEDY_WORK_BYTES, memory_bytes // 8))
+
+
+def greedy_token_bytes(slots: int, hidden: int, elem: int, top_k: int) -> int:
+    """What the greedy search (:mod:`reap.calibrate.greedy`) holds per sampled token: its input [H] (the model's dtype,
+    ``elem`` bytes), its C = ``slots`` cached expert outputs [C, H] with their expert ids (int64), its unpruned MoE
+    output [H] and its routing (K+1 ids and weights, K error changes) in float64."""
+    return slots * (hidden * elem + 8) + hidden * (elem + 8) + (top_k + 1) * 16 + top_k * 8
+
+
+def greedy_pair_bytes(hidden: int, intermediate: int, elem: int) -> int:
+    """The transient bytes per (token, expert) pair that the greedy search computes at once: the pair's input, its up
+    (and gate) projection and activation (``intermediate``, the hidden size where unknown), its output and the
+    output's un-sorted copy."""
+    return (3 * hidden + 3 * (intermediate or hidden)) * elem
+
+
+def greedy_peak_bytes(sample: int, slots: int, hidden: int, elem: int, top_k: int, intermediate: int = 0,
+                      memory_bytes: float = 4 << 30) -> int:
+    """The greedy search's peak, what ``--greedy-memory`` (``memory_bytes``) bounds: per token
+    (:func:`greedy_token_bytes`) the sample, the cache of expert outputs [S, C, H] and the float64 arrays, plus the
+    work chunks (:func:`greedy_work_limit`, less where the sample needs less: its S x C pairs computed at once, its
+    [S, K+1, H] float64 gathers with their source)."""
     if sample <= 0:
         return 0
-    work = 6 * min(sample * (top_k + 1) * hidden * 8, 256 << 20)
-    return sample * num_experts * hidden * elem + sample * hidden * (elem + 16) + work
+    need = sample * max(slots * greedy_pair_bytes(hidden, intermediate, elem), (top_k + 3) * hidden * (8 + elem))
+    return sample * greedy_token_bytes(slots, hidden, elem, top_k) + min(greedy_work_limit(memory_bytes), need)
 
 
 def offload_choice(hidden_bytes: int, peak_bytes: int, device_room: int | None, host_available: int) -> str:

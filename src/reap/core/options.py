@@ -209,9 +209,9 @@ class PruneOptions:
     multiple_of: int = flag("--multiple-of", "N", "Round the kept experts per layer down to a multiple of N (e.g. 8 "
                             "for expert parallelism on 8 GPUs).", default=1)
     # never prune super experts (reap.selection.choose.super_experts)
-    protect_super: bool = flag("--protect-super-experts", "", "Never prune a super expert: largest output magnitude "
-                               "above the 99.5th percentile and a tenth of the maximum of every expert's in the first "
-                               "3/4 of the layers (Su et al. 2025).", default=False)
+    protect_super: bool = flag("--protect-super-experts", "", "Never prune a super expert (Su et al. 2025): one whose "
+                               "largest output magnitude is above both the 99.5th percentile and a tenth of the "
+                               "maximum of those of all experts in the first 3/4 of the layers.", default=False)
     stats: Path | None = flag("--stats", "STATS", "Reuse a stats file from `reap calibrate`.", default=None)
     # recovery (reap.recover): merge pruned experts into kept ones, re-fit the kept router rows; both need --dataset
     merge: str | None = flag("--merge", "METHOD", "Merge pruned experts into kept ones where that lowers each layer's "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,15 +141,8 @@ class GreedySearch:
         size = -(-self.sample_size(streamer) // streamer.dist.world)
         if size <= 0:
             return state
-        sample = state.sample = TokenSample(size, stride=max(1, -(-streamer.tokens // size)))
-
-        def pre(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            x = x.reshape(-1, x.shape[-1])
-            mask = experts._reap_probe.token_mask
-            sample.add(x[mask] if mask is not None and mask.numel() == x.shape[0] else x)
-
-        state.hook = block_of(streamer.layout, module, moe, layer).register_forward_pre_hook(pre, with_kwargs=True)
+        state.sample = TokenSample(size, stride=max(1, -(-streamer.tokens // size)))
+        state.hook = sample_inputs(block_of(streamer.layout, module, moe, layer), experts, state.sample)
         return state
 
     def finish(self, state: _Layer) -> None:
@@ -272,6 +266,20 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def sample_inputs(block, experts, sample):
+    """Offer every real token of the MoE block's input to ``sample`` (a
+    :class:`reap.calibrate.greedy_order.TokenSample`) as the layer's batches go through: a forward pre-hook on the
+    block (returned, to remove), the padding left out by the experts probe's token mask."""
+
+    def pre(mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x = x.reshape(-1, x.shape[-1])
+        mask = experts._reap_probe.token_mask
+        sample.add(x[mask] if mask is not None and mask.numel() == x.shape[0] else x)
+
+    return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+
 # -- the model's own routing, driven on a token sample ---------------------------------------------------------
 #: attributes that hold a block's expert count (set to the kept count while its router rows are sliced)
 NUM_EXPERTS_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")
@@ -326,19 +334,17 @@ class RouterDriver:
             else:
                 raise ValueError(f"router tensor {name} not found in {type(block).__name__}")
 
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, removed: torch.Tensor | None = None, k: int | None = None):
-        """x [S, H] -> (expert ids [S, k] (original numbering), weights [S, k]) as the block routes with ``removed``
-        (bool [E]) experts gone and top-k ``k`` (default: the model's)."""
-        k = self.top_k if k is None else k
-        kept = None
+    @contextmanager
+    def pruned(self, kept: torch.Tensor | None, k: int | None = None, replace: dict | None = None):
+        """The block as the pruned checkpoint has it, restored on exit: only the ``kept`` experts (None: every one;
+        their rows and the slots after them of every router tensor, expert-count attributes set to match) and top-k
+        ``k`` (default: the model's). ``replace``: {(owner module, leaf name): tensor} put in place of a row tensor
+        instead of its slice (any tensor, a gradient's included; its kept rows, then its slots)."""
         saved_rows, saved_attrs = [], []
-        if removed is not None and bool(removed.any()):
-            kept = (~removed.to(torch.bool)).nonzero().squeeze(1)
         try:
             for m, a in self.k_attrs:
                 saved_attrs.append((m, a, getattr(m, a)))
-                setattr(m, a, k)
+                setattr(m, a, self.top_k if k is None else k)
             if kept is not None:
                 for m, a, slots in self.e_attrs:
                     saved_attrs.append((m, a, getattr(m, a)))
@@ -347,10 +353,31 @@ class RouterDriver:
                     table = owner._parameters if is_param else owner._buffers
                     t = table[leaf]
                     saved_rows.append((table, leaf, t))
+                    given = (replace or {}).get((owner, leaf))
+                    if given is not None:
+                        table[leaf] = given.to(t.dtype)
+                        continue
                     rows = torch.cat([kept, torch.arange(self.E, self.E + slots, device=kept.device)]) if slots else kept
-                    sl = t.index_select(axis, rows.to(t.device))
+                    with torch.no_grad():
+                        sl = t.index_select(axis, rows.to(t.device))
                     table[leaf] = torch.nn.Parameter(sl, requires_grad=False) if is_param else sl
-            captured: list = []
+            yield self.block
+        finally:
+            for table, leaf, t in saved_rows:
+                table[leaf] = t
+            for m, a, v in reversed(saved_attrs):
+                setattr(m, a, v)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, removed: torch.Tensor | None = None, k: int | None = None):
+        """x [S, H] -> (expert ids [S, k] (original numbering), weights [S, k]) as the block routes with ``removed``
+        (bool [E]) experts gone and top-k ``k`` (default: the model's)."""
+        k = self.top_k if k is None else k
+        kept = None
+        if removed is not None and bool(removed.any()):
+            kept = (~removed.to(torch.bool)).nonzero().squeeze(1)
+        captured: list = []
+        with self.pruned(kept, k):
             before = getattr(self.experts, "_reap_probe", None)
             self.experts._reap_probe = ExpertsProbe(capture=captured)
             try:
@@ -360,11 +387,6 @@ class RouterDriver:
                     self.experts._reap_probe = before
                 else:
                     del self.experts._reap_probe
-        finally:
-            for table, leaf, t in saved_rows:
-                table[leaf] = t
-            for m, a, v in reversed(saved_attrs):
-                setattr(m, a, v)
         if len(captured) != 1:
             raise ValueError(f"the MoE block called its experts {len(captured)} times, expected once")
         idx, w, self.inputs = captured[0]  # inputs: what the block hands its experts (its own projection, maybe)

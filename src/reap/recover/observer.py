@@ -96,6 +96,7 @@ class Recovery:
         return ObserverCost(0.0, peak, {"recover_peak_bytes": peak})
 
     def start(self, streamer, layer: int, module, moe, experts, accumulator) -> _Layer | None:
+        from reap.calibrate.greedy import sample_inputs
         from reap.calibrate.greedy_order import TokenSample
         from reap.stream.streamer import block_of
 
@@ -104,14 +105,7 @@ class Recovery:
         size = self.spec.tokens
         sample = TokenSample(size, stride=max(1, -(-streamer.tokens // size)))
         state = _Layer(streamer, layer, module, moe, experts, accumulator, sample)
-
-        def pre(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            x = x.reshape(-1, x.shape[-1])
-            mask = experts._reap_probe.token_mask
-            sample.add(x[mask] if mask is not None and mask.numel() == x.shape[0] else x)
-
-        state.hook = block_of(streamer.layout, module, moe, layer).register_forward_pre_hook(pre, with_kwargs=True)
+        state.hook = sample_inputs(block_of(streamer.layout, module, moe, layer), experts, sample)
         return state
 
     def close(self, state: _Layer) -> None:

@@ -36,10 +36,11 @@ def pair_outputs(experts, weights: dict[int, dict[str, Tensor]], x: Tensor, ids:
 
 @contextmanager
 def pruned_block(driver, kept: Tensor, router_leaf: tuple, rows: Tensor):
-    """The block of ``driver`` (a :class:`reap.calibrate.greedy.RouterDriver`) with only the ``kept`` experts, its
-    router weight (``router_leaf``: (owner, leaf) of it) given by ``rows`` [K' (+ slots), H] (any tensor, gradient
-    included), every other row tensor sliced; yields a list the (ids, weights) of each call go to, undetached."""
-    saved_rows, saved_attrs, calls = [], [], []
+    """The block of ``driver`` (a :class:`reap.calibrate.greedy.RouterDriver`) pruned to the ``kept`` experts
+    (:meth:`~reap.calibrate.greedy.RouterDriver.pruned`), its router weight (``router_leaf``: (owner, leaf)) given by
+    ``rows`` [K' (+ slots), H] (any tensor, gradient included); yields a list the (ids, weights) of each call of the
+    experts module go to, undetached (the experts themselves are not run)."""
+    copies, calls = [], []
     try:
         if torch.is_grad_enabled():  # the router's other tensors, loaded in inference mode: normal copies for autograd
             skip = {id(m) for m in driver.experts.modules()}
@@ -49,41 +50,27 @@ def pruned_block(driver, kept: Tensor, router_leaf: tuple, rows: Tensor):
                 for table in (owner._parameters, owner._buffers):
                     for leaf, t in list(table.items()):
                         if t is not None and t.is_inference():
-                            saved_rows.append((table, leaf, t))
+                            copies.append((table, leaf, t))
                             with torch.inference_mode(False):
                                 c = t.detach().clone()
                             table[leaf] = torch.nn.Parameter(c, requires_grad=False) if table is owner._parameters else c
-        for m, a, slots in driver.e_attrs:
-            saved_attrs.append((m, a, getattr(m, a)))
-            setattr(m, a, int(kept.numel()) + slots)
-        for owner, leaf, is_param, axis, slots in driver.rows:
-            table = owner._parameters if is_param else owner._buffers
-            t = table[leaf]
-            if not any(tb is table and lf == leaf for tb, lf, _ in saved_rows):
-                saved_rows.append((table, leaf, t))
-            if (owner, leaf) == router_leaf:
-                table[leaf] = rows.to(t.dtype)
-            else:
-                with torch.no_grad():
-                    sl = t.index_select(axis, kept.to(t.device))
-                table[leaf] = torch.nn.Parameter(sl, requires_grad=False) if is_param else sl
-        before = getattr(driver.experts, "_reap_probe", None)
-        driver.experts._reap_probe = ExpertsProbe(capture=[])
-        def pre(mod, args, kwargs):  # experts(hidden_states, top_k_index, top_k_weights), by position or name
-            given = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
-            calls.append((given["top_k_index"], given["top_k_weights"]))
+        with driver.pruned(kept, replace={router_leaf: rows}):
+            before = getattr(driver.experts, "_reap_probe", None)
+            driver.experts._reap_probe = ExpertsProbe(capture=[])
 
-        hook = driver.experts.register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            yield calls
-        finally:
-            hook.remove()
-            driver.experts._reap_probe = before
+            def pre(mod, args, kwargs):  # experts(hidden_states, top_k_index, top_k_weights), by position or name
+                given = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
+                calls.append((given["top_k_index"], given["top_k_weights"]))
+
+            hook = driver.experts.register_forward_pre_hook(pre, with_kwargs=True)
+            try:
+                yield calls
+            finally:
+                hook.remove()
+                driver.experts._reap_probe = before
     finally:
-        for table, leaf, t in reversed(saved_rows):
+        for table, leaf, t in reversed(copies):
             table[leaf] = t
-        for m, a, v in reversed(saved_attrs):
-            setattr(m, a, v)
 
 
 def driver_routing(driver, kept: Tensor, leaf: tuple, rows: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
